@@ -1,0 +1,50 @@
+# gannorm_kernels: `make demo` (the main job) and `make test` (set-up, build, every test).
+# Both create .venv and build the extension when needed; a second run reuses both.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(abspath $(VENV))/bin/python
+# An nvcc on PATH may be a wrapper outside the toolkit; the toolkit's usual home is explicit.
+CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+export CUDA_HOME
+
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh csrc/emu/*)
+PYTEST_FLAGS ?= -q
+
+.PHONY: all setup build test demo bench cmake-check gpu-check clean
+
+all: test
+
+$(VENV)/.requirements: requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+setup: $(VENV)/.requirements
+
+# Editable install: builds gannorm_kernels._C (CUDA, when nvcc is present) and ._emu in place;
+# ninja's object cache under build/ makes a rebuild compile only what changed.
+$(VENV)/.built: $(VENV)/.requirements $(BUILD_INPUTS)
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	@touch $@
+
+build: $(VENV)/.built
+
+# The CMake build of the same sources (only where nvcc exists), so CMakeLists.txt cannot rot.
+cmake-check: $(VENV)/.requirements
+	@if [ -z "$(CUDA_HOME)" ]; then echo "cmake-check: no CUDA toolkit, nothing to build"; exit 0; fi; \
+	mkdir -p build; cmake -S . -B build/cmake -DPython3_EXECUTABLE=$(PY) > build/cmake.log 2>&1 || { cat build/cmake.log; exit 1; }; \
+	cmake --build build/cmake -j $$(nproc) >> build/cmake.log 2>&1 || { tail -50 build/cmake.log; exit 1; }; \
+	$(PY) -c "import glob, importlib.util, torch; path = glob.glob('build/cmake/_C*.so')[0]; \
+	spec = importlib.util.spec_from_file_location('_C', path); spec.loader.exec_module(importlib.util.module_from_spec(spec)); \
+	print('cmake-check: built and loaded', path, '->', torch.ops.gannorm_cuda.weight_norm_fwd.default._schema)"
+
+test: build cmake-check
+	$(PY) -m pytest $(PYTEST_FLAGS) tests bench --benchmark-disable
+
+demo: build
+	$(PY) examples/demo.py
+
+clean:
+	rm -rf build gannorm_kernels/*.so gannorm_kernels/_build_info.py *.egg-info $(VENV)/.built

@@ -1,0 +1,97 @@
+// Shared by every kernel family (included by the .cu files only): the accumulation type,
+// deterministic block reductions, the launch macro (real `<<<>>>` under nvcc, the host
+// emulator under GANNORM_EMU) and argument checks. Kept free of torch/extension.h so the .cu
+// files compile quickly.
+#pragma once
+
+#include "ops.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#ifdef GANNORM_EMU
+#include "emu/cuda_emu.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#endif
+
+GANNORM_NAMESPACE_BEGIN
+
+#ifdef GANNORM_EMU
+#define GANNORM_LAUNCH(kernel, grid, block, ...)                   \
+  do {                                                             \
+    ::gannorm::record_launch();                                    \
+    ::cuda_emu::launch((grid), (block), [&] { kernel(__VA_ARGS__); }); \
+  } while (0)
+#define GANNORM_DEVICE_GUARD(tensor) (void)(tensor)
+#else
+#define GANNORM_LAUNCH(kernel, grid, block, ...)                                          \
+  do {                                                                                    \
+    ::gannorm::record_launch();                                                           \
+    kernel<<<(grid), (block), 0, ::c10::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);     \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                       \
+  } while (0)
+#define GANNORM_DEVICE_GUARD(tensor) const ::c10::cuda::CUDAGuard device_guard_((tensor).device())
+#endif
+
+// fp32 math for fp16/bf16/fp32 data, fp64 for fp64 (so gradcheck sees full precision).
+template <typename scalar_t> struct AccumulateType { using type = float; };
+template <> struct AccumulateType<double> { using type = double; };
+template <typename scalar_t> using acc_t = typename AccumulateType<scalar_t>::type;
+
+__device__ __forceinline__ float sqrt_acc(float x) { return sqrtf(x); }
+__device__ __forceinline__ double sqrt_acc(double x) { return sqrt(x); }
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Butterfly sum: every lane ends with the same total, summed in the same order every run.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
+  return x;
+}
+
+// Sum over every thread of a block whose size is a multiple of 32 (at most 1024); every
+// thread gets the total. Deterministic: a fixed tree, no atomics. Safe to call repeatedly.
+template <typename T>
+__device__ __forceinline__ T block_sum(T x) {
+  __shared__ T warp_totals[32];
+  const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const int n_warps = (blockDim.x * blockDim.y * blockDim.z) / kWarpSize;
+  x = warp_sum(x);
+  __syncthreads();  // the previous call's readers are done with warp_totals
+  if (tid % kWarpSize == 0) warp_totals[tid / kWarpSize] = x;
+  __syncthreads();
+  // Each warp folds the partials itself: no third barrier, no broadcast.
+  const int lane = tid % kWarpSize;
+  return warp_sum(lane < n_warps ? warp_totals[lane] : T(0));
+}
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble, name,
+              " must be float16, bfloat16, float32 or float64, got ", s);
+}
+
+inline void check_device(const at::Tensor& t, const char* name) {
+#ifdef GANNORM_EMU
+  TORCH_CHECK(t.is_cpu(), name, " must be a CPU tensor for the emulated CUDA kernels, got ", t.device());
+#else
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+#endif
+}
+
+// Kernels index with 32-bit ints: weights are far below 2^31 elements.
+inline void check_int32_indexable(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() < (int64_t(1) << 31), name, " has ", t.numel(),
+              " elements; the kernels index with 32-bit integers (at most 2^31 - 1)");
+}
+
+GANNORM_NAMESPACE_END

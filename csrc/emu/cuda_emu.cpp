@@ -1,0 +1,228 @@
+// The fiber scheduler behind cuda_emu.h. See the header for the model.
+#include "cuda_emu.h"
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace cuda_emu {
+
+thread_local dim3 thread_idx, block_idx, block_dim, grid_dim;
+
+namespace {
+
+// Kernels keep small frames; 64 KiB is far more than a CUDA thread's default stack (1 KiB).
+constexpr size_t kStackBytes = 64 * 1024;
+constexpr int kWarpSize = 32;
+
+enum class Wait { kNone, kBlock, kWarp };
+
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack;
+  dim3 index;
+  Wait wait = Wait::kNone;
+  uint64_t wait_generation = 0;
+  bool done = false;
+};
+
+// One per OS thread: runs the blocks handed to that thread, one block at a time.
+struct BlockRunner {
+  const std::function<void()>* body = nullptr;
+  std::vector<Fiber> fibers;
+  ucontext_t scheduler;
+  int current = -1;
+  int alive = 0;
+  int block_arrived = 0;
+  uint64_t block_generation = 0;
+  std::vector<int> warp_arrived, warp_alive;
+  std::vector<uint64_t> warp_generation;
+  std::vector<uint64_t> warp_slots;
+  std::exception_ptr error;
+
+  Fiber& self() { return fibers[current]; }
+  int warp_of(int t) const { return t / kWarpSize; }
+
+  void yield() { swapcontext(&self().context, &scheduler); }
+
+  // Releases a barrier when its last live participant arrives (or the last straggler exits).
+  void maybe_release_block() {
+    if (block_arrived > 0 && block_arrived == alive) {
+      block_arrived = 0;
+      ++block_generation;
+    }
+  }
+  void maybe_release_warp(int w) {
+    if (warp_arrived[w] > 0 && warp_arrived[w] == warp_alive[w]) {
+      warp_arrived[w] = 0;
+      ++warp_generation[w];
+    }
+  }
+
+  void block_barrier() {
+    Fiber& f = self();
+    const uint64_t generation = block_generation;
+    ++block_arrived;
+    maybe_release_block();
+    if (block_generation != generation) return;
+    f.wait = Wait::kBlock;
+    f.wait_generation = generation;
+    yield();
+    f.wait = Wait::kNone;
+  }
+
+  void warp_barrier() {
+    Fiber& f = self();
+    const int w = warp_of(current);
+    const uint64_t generation = warp_generation[w];
+    ++warp_arrived[w];
+    maybe_release_warp(w);
+    if (warp_generation[w] != generation) return;
+    f.wait = Wait::kWarp;
+    f.wait_generation = generation;
+    yield();
+    f.wait = Wait::kNone;
+  }
+
+  bool runnable(int t) const {
+    const Fiber& f = fibers[t];
+    if (f.done) return false;
+    switch (f.wait) {
+      case Wait::kBlock: return block_generation != f.wait_generation;
+      case Wait::kWarp: return warp_generation[warp_of(t)] != f.wait_generation;
+      default: return true;
+    }
+  }
+
+  void run_block(dim3 block, dim3 block_index);
+};
+
+thread_local BlockRunner* current_runner = nullptr;
+
+void fiber_entry() {
+  BlockRunner& r = *current_runner;
+  try {
+    (*r.body)();
+  } catch (...) {
+    if (!r.error) r.error = std::current_exception();
+  }
+  const int t = r.current;
+  r.fibers[t].done = true;
+  --r.alive;
+  --r.warp_alive[r.warp_of(t)];
+  r.maybe_release_block();
+  r.maybe_release_warp(r.warp_of(t));
+  // Returning resumes `uc_link`, the scheduler.
+}
+
+void BlockRunner::run_block(dim3 block, dim3 block_index) {
+  const int n = static_cast<int>(block.x * block.y * block.z);
+  const int n_warps = (n + kWarpSize - 1) / kWarpSize;
+  if (static_cast<int>(fibers.size()) < n) fibers.resize(n);
+  warp_arrived.assign(n_warps, 0);
+  warp_alive.assign(n_warps, 0);
+  warp_generation.assign(n_warps, 0);
+  warp_slots.assign(static_cast<size_t>(n_warps) * kWarpSize, 0);
+  alive = n;
+  block_arrived = 0;
+  block_generation = 0;
+  block_idx = block_index;
+
+  for (int t = 0; t < n; ++t) {
+    Fiber& f = fibers[t];
+    if (!f.stack) f.stack.reset(new char[kStackBytes]);
+    f.index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+    f.wait = Wait::kNone;
+    f.done = false;
+    ++warp_alive[warp_of(t)];
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.get();
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = &scheduler;
+    makecontext(&f.context, fiber_entry, 0);
+  }
+
+  while (alive > 0) {
+    bool progressed = false;
+    for (int t = 0; t < n; ++t) {
+      if (!runnable(t)) continue;
+      current = t;
+      thread_idx = fibers[t].index;
+      swapcontext(&scheduler, &fibers[t].context);
+      progressed = true;
+    }
+    if (!progressed) {
+      throw std::runtime_error(
+          "cuda_emu: deadlock: live threads wait at barriers no other thread can reach "
+          "(a __syncthreads or shuffle inside a divergent branch?)");
+    }
+  }
+  current = -1;
+}
+
+}  // namespace
+
+void syncthreads() { current_runner->block_barrier(); }
+
+void syncwarp() { current_runner->warp_barrier(); }
+
+uint64_t warp_exchange(uint64_t bits, int src_lane) {
+  BlockRunner& r = *current_runner;
+  const int t = r.current;
+  const int base = r.warp_of(t) * kWarpSize;
+  r.warp_slots[t] = bits;
+  r.warp_barrier();
+  const uint64_t out = r.warp_slots[base + (src_lane & (kWarpSize - 1))];
+  r.warp_barrier();  // nobody overwrites a slot before every lane has read
+  return out;
+}
+
+void launch(dim3 grid, dim3 block, const std::function<void()>& block_body) {
+  const int64_t n_blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+  const int64_t n_threads = static_cast<int64_t>(block.x) * block.y * block.z;
+  if (n_blocks == 0) return;
+  if (n_threads < 1 || n_threads > 1024) {
+    throw std::runtime_error("cuda_emu: a block must have 1 to 1024 threads, got " +
+                             std::to_string(n_threads));
+  }
+  // Blocks are independent (kernels use no atomics), so any split over OS threads gives the
+  // same result; a few threads keep the emulated tests quick on small machines.
+  const int64_t n_workers = std::min<int64_t>(
+      n_blocks, std::max(1u, std::min(4u, std::thread::hardware_concurrency())));
+  std::vector<std::exception_ptr> errors(n_workers);
+  auto work = [&](int64_t worker) {
+    BlockRunner runner;
+    runner.body = &block_body;
+    current_runner = &runner;
+    block_dim = block;
+    grid_dim = grid;
+    try {
+      for (int64_t b = worker; b < n_blocks; b += n_workers) {
+        runner.run_block(block, dim3(b % grid.x, (b / grid.x) % grid.y, b / (int64_t(grid.x) * grid.y)));
+        if (runner.error) std::rethrow_exception(runner.error);
+      }
+    } catch (...) {
+      errors[worker] = std::current_exception();
+    }
+    current_runner = nullptr;
+  };
+  if (n_workers == 1) {
+    work(0);
+  } else {
+    std::vector<std::thread> threads;
+    for (int64_t w = 0; w < n_workers; ++w) threads.emplace_back(work, w);
+    for (auto& th : threads) th.join();
+  }
+  for (auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+}  // namespace cuda_emu

@@ -1,0 +1,56 @@
+// Operator schemas and registration. Compiled twice: into the CUDA extension
+// (gannorm_kernels._C, ops under torch.ops.gannorm_cuda, CUDA dispatch key) and into its host
+// emulation (gannorm_kernels._emu, ops under torch.ops.gannorm_emu, CPU dispatch key), from the
+// same kernel sources.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "ops.h"
+
+#ifdef GANNORM_EMU
+#define GANNORM_OPS_NAMESPACE gannorm_emu
+#define GANNORM_DISPATCH_KEY CPU
+#else
+#define GANNORM_OPS_NAMESPACE gannorm_cuda
+#define GANNORM_DISPATCH_KEY CUDA
+#endif
+
+// TORCH_LIBRARY pastes its namespace argument; expand the macros first.
+#define GANNORM_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define GANNORM_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+#define GANNORM_PYINIT_NAME(name) GANNORM_PYINIT_NAME_(name)
+#define GANNORM_PYINIT_NAME_(name) PyInit_##name
+#define GANNORM_STR(x) GANNORM_STR_(x)
+#define GANNORM_STR_(x) #x
+
+GANNORM_NAMESPACE_BEGIN
+
+namespace {
+std::atomic<int64_t> launches{0};
+}
+
+void record_launch() { launches.fetch_add(1, std::memory_order_relaxed); }
+
+int64_t launch_count() { return launches.load(std::memory_order_relaxed); }
+
+GANNORM_NAMESPACE_END
+
+GANNORM_LIBRARY(GANNORM_OPS_NAMESPACE, m) {
+  m.def("weight_norm_fwd(Tensor v, Tensor g, int dim) -> (Tensor, Tensor)");
+  m.def("weight_norm_bwd(Tensor grad_w, Tensor v, Tensor g, Tensor norms, int dim) -> (Tensor, Tensor)");
+  // Kernel launches since the library was loaded (for the launch-budget tests).
+  m.def("launch_count() -> int", &gannorm::launch_count);
+}
+
+GANNORM_LIBRARY_IMPL(GANNORM_OPS_NAMESPACE, GANNORM_DISPATCH_KEY, m) {
+  m.impl("weight_norm_fwd", &gannorm::weight_norm_fwd);
+  m.impl("weight_norm_bwd", &gannorm::weight_norm_bwd);
+}
+
+// Importing the module from Python runs the registrations above; it has no Python functions.
+extern "C" PyObject* GANNORM_PYINIT_NAME(TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, GANNORM_STR(TORCH_EXTENSION_NAME), nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

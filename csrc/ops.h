@@ -1,0 +1,31 @@
+// The launchers each kernel family exports; ops.cpp registers them as torch operators. Each
+// checks its arguments, allocates its outputs and launches its kernels. Host code only.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+
+// The same sources build two libraries (the CUDA extension and its host emulation) that can
+// be loaded into one process: give their symbols different names.
+#ifdef GANNORM_EMU
+#define GANNORM_NAMESPACE_BEGIN namespace gannorm { inline namespace emu {
+#else
+#define GANNORM_NAMESPACE_BEGIN namespace gannorm { inline namespace cuda {
+#endif
+#define GANNORM_NAMESPACE_END } }
+
+GANNORM_NAMESPACE_BEGIN
+
+// Returns (w, norms): norms are the per-channel ||v|| in fp32 (fp64 for fp64 v).
+std::tuple<at::Tensor, at::Tensor> weight_norm_fwd(const at::Tensor& v, const at::Tensor& g, int64_t dim);
+// Returns (grad_v, grad_g).
+std::tuple<at::Tensor, at::Tensor> weight_norm_bwd(const at::Tensor& grad_w, const at::Tensor& v,
+                                                   const at::Tensor& g, const at::Tensor& norms, int64_t dim);
+
+// Every kernel launch is counted, so tests can hold each op to its launch budget.
+void record_launch();
+int64_t launch_count();
+
+GANNORM_NAMESPACE_END
