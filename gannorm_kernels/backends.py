@@ -1,0 +1,163 @@
+"""Backend names, where each one can run (and why not), and the rule that picks one.
+
+| name      | runs on                                        |
+| --------- | ---------------------------------------------- |
+| reference | any device: plain PyTorch, the ground truth    |
+| triton    | CUDA tensors; CPU tensors under TRITON_INTERPRET=1 |
+| cuda      | CUDA tensors, with the compiled extension `_C` |
+| cuda-emu  | CPU tensors: the CUDA kernels under host emulation (`_emu`) |
+| auto      | CUDA tensor: cuda if it was built, else triton; CPU tensor: reference |
+
+The choice: the `backend=` argument; where that is "auto", the GANNORM_BACKEND environment
+variable; else the auto rule. An explicit backend runs or raises; it never falls back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda", "cuda-emu")
+CHOICES = BACKENDS + ("auto",)
+ENV_VAR = "GANNORM_BACKEND"
+
+# Where the compiled kernels of each C++ backend live, as torch.ops namespaces.
+OPS_NAMESPACE = {"cuda": "gannorm_cuda", "cuda-emu": "gannorm_emu"}
+_EXTENSION_MODULE = {"cuda": "gannorm_kernels._C", "cuda-emu": "gannorm_kernels._emu"}
+
+_imports: dict[str, tuple[object, str | None]] = {}
+
+
+def _import(module_name: str):
+    """Imports an optional part once: (module, None) or (None, why it cannot be imported)."""
+    if module_name not in _imports:
+        try:
+            _imports[module_name] = (importlib.import_module(module_name), None)
+        except Exception as error:  # an ImportError, or an OSError from a broken .so
+            _imports[module_name] = (None, f"{type(error).__name__}: {error}")
+    return _imports[module_name]
+
+
+def build_info():
+    """What setup.py built (gannorm_kernels/_build_info.py), or None for an unbuilt checkout."""
+    module, _ = _import("gannorm_kernels._build_info")
+    return module
+
+
+def extension_error(backend: str) -> str | None:
+    """Why the compiled library of `backend` ("cuda" or "cuda-emu") cannot be used, or None.
+
+    An extension that was built but does not load is an error to report, never a reason for
+    `auto` to quietly pick something else.
+    """
+    info = build_info()
+    if info is None:
+        return ("the package was not built (no gannorm_kernels/_build_info.py): "
+                "run `pip install --no-build-isolation .`")
+    built, reason = ((info.CUDA_EXTENSION, info.CUDA_EXTENSION_REASON) if backend == "cuda"
+                     else (info.EMU_EXTENSION, info.EMU_EXTENSION_REASON))
+    if not built:
+        return f"the {backend} kernels were not built: {reason}"
+    _, error = _import(_EXTENSION_MODULE[backend])
+    return None if error is None else f"the {backend} kernels were built but do not load: {error}"
+
+
+def unavailable_reason(backend: str, device_type: str) -> str | None:
+    """Why `backend` cannot run on tensors of `device_type` here, or None when it can."""
+    check_name(backend)
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
+    if backend in ("reference", "auto"):
+        return None
+    if backend == "triton":
+        module, error = _import("gannorm_kernels.triton")
+        if error is not None:
+            return f"triton cannot be imported ({error})"
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu":
+            return None if module.INTERPRETED else (
+                "triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1 "
+                "before triton is first imported")
+        return f"triton does not run {device_type} tensors"
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"it runs CUDA tensors only, not {device_type} ones (use 'cuda-emu' for CPU tensors)"
+        return extension_error("cuda")
+    # cuda-emu
+    if device_type != "cpu":
+        return f"it runs CPU tensors only, not {device_type} ones (use 'cuda' for CUDA tensors)"
+    return extension_error("cuda-emu")
+
+
+def check_name(backend) -> None:
+    if backend not in CHOICES:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(map(repr, CHOICES))}")
+
+
+def requested(backend: str) -> str:
+    """The backend asked for: the argument, or GANNORM_BACKEND where the argument is "auto"."""
+    check_name(backend)
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "auto")
+        if env not in CHOICES:
+            raise ValueError(f"{ENV_VAR}={env!r} is not a backend: expected one of {', '.join(CHOICES)}")
+        return env
+    return backend
+
+
+def auto(device_type: str) -> str:
+    """The auto rule. A CUDA tensor gets the compiled kernels when they were built (and raises
+    if they were built but do not load), else triton; anything else gets the reference."""
+    if device_type != "cuda":
+        return "reference"
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device is available")
+    info = build_info()
+    if info is not None and info.CUDA_EXTENSION:
+        reason = unavailable_reason("cuda", "cuda")
+        if reason is not None:
+            raise RuntimeError(f"backend 'auto' would use 'cuda' on this CUDA tensor, but {reason}")
+        return "cuda"
+    return "triton" if unavailable_reason("triton", "cuda") is None else "reference"
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend that runs an op on tensors of `device`; raises if it cannot run."""
+    name = requested(backend)
+    if name == "auto":
+        return auto(device.type)
+    reason = unavailable_reason(name, device.type)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} cannot run on this {device.type} tensor: {reason}")
+    return name
+
+
+def check_installed(backend: str) -> None:
+    """For registration time: the name is known and its kernels exist in this install (the
+    device is checked when the op runs, since modules are often moved after being built)."""
+    name = requested(backend)
+    if name == "triton":
+        _, error = _import("gannorm_kernels.triton")
+        if error is not None:
+            raise RuntimeError(f"backend 'triton' is not available: triton cannot be imported ({error})")
+    elif name in OPS_NAMESPACE:
+        error = extension_error(name)
+        if error is not None:
+            raise RuntimeError(f"backend {name!r} is not available: {error}")
+
+
+def loaded_ops_namespaces() -> list[str]:
+    """The torch.ops namespaces of the compiled backends that load here (importing them)."""
+    return [ns for backend, ns in OPS_NAMESPACE.items() if extension_error(backend) is None]
+
+
+def kernels(backend: str):
+    """The namespace holding `backend`'s launchers: the same names and signatures for every
+    kernel backend (e.g. `weight_norm_fwd(v, g, dim)`)."""
+    if backend == "triton":
+        return _import("gannorm_kernels.triton")[0]
+    _import(_EXTENSION_MODULE[backend])
+    return getattr(torch.ops, OPS_NAMESPACE[backend])

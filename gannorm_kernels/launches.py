@@ -1,0 +1,92 @@
+"""Counting what would be GPU kernel launches, so tests and benchmarks can hold each op to its
+launch budget on machines without a GPU.
+
+``count_launches()`` adds up
+- this package's own kernel launches (Triton launches, counted by the launcher, and compiled
+  ones, counted by the extension's launch macro, emulated or real), and
+- every ATen operator that would be a kernel on a GPU, seen through a TorchDispatchMode:
+  composite operators are decomposed first, views and bare allocations count zero, and the
+  package's Python operators are looked into, so a stray copy inside one of them counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch._library.custom_ops import OPDEFS
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import backends
+
+# Allocations launch nothing; everything else that is not a view is a kernel on a GPU.
+_NOT_KERNELS = {
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided",
+    "aten::detach", "aten::lift_fresh", "aten::alias",
+}
+_OUR_COMPILED_NAMESPACES = tuple(backends.OPS_NAMESPACE.values())
+
+
+def package_launch_count() -> int:
+    """Kernel launches this package has made so far (Triton + compiled, emulated or real)."""
+    total = 0
+    triton_mod, _ = backends._imports.get("gannorm_kernels.triton", (None, None))
+    if triton_mod is not None:
+        total += triton_mod.launch_count()
+    for backend, namespace in backends.OPS_NAMESPACE.items():
+        module, _ = backends._imports.get(backends._EXTENSION_MODULE[backend], (None, None))
+        if module is not None:
+            total += getattr(torch.ops, namespace).launch_count()
+    return total
+
+
+@dataclass
+class LaunchCount:
+    """Launches seen inside a ``count_launches()`` block."""
+
+    ours: int = 0
+    aten_ops: list = field(default_factory=list)
+
+    @property
+    def aten(self) -> int:
+        return len(self.aten_ops)
+
+    @property
+    def total(self) -> int:
+        return self.ours + self.aten
+
+
+class _AtenKernelCounter(TorchDispatchMode):
+    def __init__(self, record: LaunchCount):
+        super().__init__()
+        self.record = record
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        opdef = OPDEFS.get(name)
+        if opdef is not None:  # one of our Python operators: count what it runs
+            with self:
+                return opdef._init_fn(*args, **kwargs)
+        if name.split("::")[0] in _OUR_COMPILED_NAMESPACES:  # counted by the launch macro
+            return func(*args, **kwargs)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+            with self:
+                return func.decompose(*args, **kwargs)
+        if not func.is_view and name not in _NOT_KERNELS:
+            self.record.aten_ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Counts kernel launches (ours and ATen's) in the block: ``with count_launches() as n: ...``;
+    then ``n.ours``, ``n.aten``, ``n.aten_ops`` and ``n.total``."""
+    record = LaunchCount()
+    start = package_launch_count()
+    try:
+        with _AtenKernelCounter(record):
+            yield record
+    finally:
+        record.ours = package_launch_count() - start

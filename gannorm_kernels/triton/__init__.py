@@ -1,0 +1,11 @@
+"""Triton kernels, one file per family. The launchers here have the same names, signatures and
+results as the compiled ops (torch.ops.gannorm_cuda.*), so the dispatch layer treats every
+kernel backend alike.
+
+CPU tensors run under Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported.
+"""
+
+from .common import INTERPRETED, launch_count
+from .weight_norm import weight_norm_bwd, weight_norm_fwd
+
+__all__ = ["INTERPRETED", "launch_count", "weight_norm_fwd", "weight_norm_bwd"]

@@ -1,0 +1,50 @@
+"""Helpers shared by the Triton launchers: accumulation dtype, block sizes, launch counting."""
+
+import torch
+import triton
+import triton.language as tl
+from torch.utils._python_dispatch import _disable_current_modes
+from triton.runtime.interpreter import InterpretedFunction
+
+_launches = 0
+
+
+def launch(kernel, grid, *args, **constexprs):
+    """Launches `kernel` on `grid`, counted for the launch-budget tests."""
+    global _launches
+    _launches += 1
+    if INTERPRETED:
+        # The interpreter's host copies of the arguments are no GPU work: hide them from
+        # dispatch modes (the launch counter, torch.compile's fake tensors do not get here).
+        with _disable_current_modes():
+            kernel[grid](*args, **constexprs)
+    else:
+        kernel[grid](*args, **constexprs)
+
+
+def launch_count() -> int:
+    """Triton kernel launches made by this package since import."""
+    return _launches
+
+
+def acc_dtype(dtype: torch.dtype):
+    """fp32 math for fp16/bf16/fp32 data, fp64 for fp64 data (gradcheck precision)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def block_size(n: int, lo: int, hi: int) -> int:
+    """The power of two covering n, clamped to [lo, hi]."""
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+# True when kernels are built for the interpreter (they then run CPU tensors).
+INTERPRETED = isinstance(_probe, InterpretedFunction)
