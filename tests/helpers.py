@@ -1,0 +1,78 @@
+"""Shared by the tests: which backends run here, and the tolerance rule."""
+
+import pytest
+import torch
+
+from gannorm_kernels import backends
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def backend_device(backend: str) -> str:
+    """Where each backend's tests run: cuda on the GPU, cuda-emu and the reference on the CPU,
+    triton on the GPU when there is one, else on the CPU under the interpreter."""
+    if backend == "cuda":
+        return "cuda"
+    if backend == "triton":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+def backend_params(names):
+    """pytest params for `names`; one that cannot run here is skipped with the reason."""
+    params = []
+    for name in names:
+        device = backend_device(name)
+        reason = backends.unavailable_reason(name, device)
+        mark = pytest.mark.skipif(reason is not None, reason=f"backend {name!r} on {device}: {reason}")
+        params.append(pytest.param(name, id=name, marks=mark))
+    return params
+
+
+ALL_BACKENDS = backend_params(backends.BACKENDS)
+KERNEL_BACKENDS = backend_params(("triton", "cuda", "cuda-emu"))
+
+
+def assert_close_to_reference(actual, ref64, same_dtype, what, scale=None):
+    """flash-attention's bound, elementwise: |actual - ref64| <= 2 |same_dtype - ref64| + atol.
+
+    ref64 is the reference evaluated in fp64 on the same (rounded) inputs, same_dtype the
+    reference evaluated in actual's dtype. atol allows, at `scale`, one rounding to actual's
+    dtype plus four roundings of the fp32 (fp64 for fp64) math inside the kernels, whose
+    summation order differs from the reference's; `scale` is by default the largest reference
+    value or, for an output that is a difference of larger terms (and may cancel to ~0), the
+    size of those terms. NaN or inf where the reference is finite fails.
+    """
+    assert actual.shape == ref64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
+    assert actual.dtype == same_dtype.dtype, f"{what}: dtype {actual.dtype} != {same_dtype.dtype}"
+    ref = ref64.detach().to("cpu", torch.float64)
+    got = actual.detach().to("cpu", torch.float64)
+    same = same_dtype.detach().to("cpu", torch.float64)
+    if scale is None:
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+    compute_eps = torch.finfo(torch.float64 if actual.dtype == torch.float64 else torch.float32).eps
+    atol = (torch.finfo(actual.dtype).eps + 4 * compute_eps) * max(scale, torch.finfo(actual.dtype).tiny)
+    error = (got - ref).abs()
+    bound = 2 * (same - ref).abs() + atol
+    bad = ~(error <= bound)  # NaN fails too
+    if bad.any():
+        worst = (error - bound).nan_to_num(float("inf")).argmax()
+        raise AssertionError(
+            f"{what} ({actual.dtype}): {int(bad.sum())} of {bad.numel()} elements exceed "
+            f"2 |same dtype - fp64| + atol (atol {atol:.3g} at scale {scale:.3g}); worst at flat index {int(worst)}: "
+            f"got {got.flatten()[worst].item():.8g}, fp64 reference {ref.flatten()[worst].item():.8g}, "
+            f"same-dtype reference {same.flatten()[worst].item():.8g}")
+
+
+def assert_as_accurate_as(actual, theirs, ref64, what, ulps=1):
+    """Norm-wise: ||actual - ref64|| <= 2 ||theirs - ref64|| + ulps eps ||ref64||, where
+    `theirs` is the same computation by torch's own ops in actual's dtype. For quantities that
+    pass through several steps (training trajectories), where elementwise bounds would be
+    chance; `ulps` > 1 there allows for rounding differences of earlier steps propagating."""
+    ref = ref64.detach().to("cpu", torch.float64)
+    error = (actual.detach().to("cpu", torch.float64) - ref).norm().item()
+    their_error = (theirs.detach().to("cpu", torch.float64) - ref).norm().item()
+    allowed = 2 * their_error + ulps * torch.finfo(actual.dtype).eps * ref.norm().item()
+    assert error <= allowed, (
+        f"{what}: ||ours - fp64|| = {error:.3g} exceeds 2 ||torch - fp64|| + {ulps} eps ||fp64|| "
+        f"= {allowed:.3g} (torch's error {their_error:.3g})")

@@ -1,0 +1,89 @@
+"""The backend names, the choice rule, availability reasons, info(), and the build itself."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gannorm_kernels as gk
+from gannorm_kernels import backends
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_auto_rule_on_cpu_is_reference(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert backends.resolve("auto", torch.device("cpu")) == "reference"
+
+
+def test_explicit_backend_is_kept_or_refused(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert backends.resolve("reference", torch.device("cpu")) == "reference"
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on this cpu tensor: it runs CUDA tensors only"):
+        backends.resolve("cuda", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        backends.resolve("tpu", torch.device("cpu"))
+
+
+def test_env_var_applies_only_to_auto(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.requested("auto") == "reference"
+    assert backends.requested("triton") == "triton"
+
+
+def test_device_bound_backends_give_reasons():
+    assert "CUDA tensors only" in backends.unavailable_reason("cuda", "cpu")
+    assert backends.unavailable_reason("cuda-emu", "cuda") is not None
+    if torch.cuda.is_available():
+        assert "CPU tensors only" in backends.unavailable_reason("cuda-emu", "cuda")
+
+
+def nvcc_available():
+    """The rule setup.py follows: a CUDA build of torch and a CUDA toolkit."""
+    if torch.version.cuda is None:
+        return False
+    from torch.utils import cpp_extension
+    home = cpp_extension.CUDA_HOME
+    return (home is not None and (Path(home) / "bin" / "nvcc").is_file()) or Path("/usr/local/cuda/bin/nvcc").is_file()
+
+
+def test_extension_is_built_where_nvcc_exists():
+    """Where the toolkit exists (this machine, CI), the CUDA extension and its emulation must be
+    built and load, so their tests run instead of being skipped."""
+    report = gk.info()
+    if not nvcc_available():
+        pytest.skip("no CUDA toolkit here: the extension is not expected")
+    assert report["cuda_extension_built"], report["cuda_extension_error"]
+    assert report["emu_extension_built"]
+    assert report["cuda_extension_archs"], "the build must record its archs"
+
+
+def test_every_backend_without_a_gpu_runs_here():
+    """On a machine without a GPU the reference, triton (interpreted) and cuda-emu backends
+    must all run, or the kernel tests would quietly skip them."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: triton runs there")
+    assert backends.unavailable_reason("triton", "cpu") is None
+    if nvcc_available():
+        assert backends.unavailable_reason("cuda-emu", "cpu") is None
+
+
+def test_info_keys():
+    report = gk.info()
+    for key in ("gannorm_kernels", "torch", "triton", "cuda_available", "cuda_extension_built",
+                "cuda_extension_archs", "nvcc", "emu_extension_built", "backends", "auto"):
+        assert key in report, key
+    assert isinstance(report["cuda_extension_built"], bool)
+    assert set(report["backends"]) == set(backends.BACKENDS)
+    assert report["backends"]["reference"]["cpu"] is None
+    assert report["auto"]["cpu"] == "reference"
+
+
+def test_info_command_prints_the_report():
+    result = subprocess.run([sys.executable, "-m", "gannorm_kernels.info"], capture_output=True, text=True,
+                            check=True, cwd=ROOT)
+    assert "cuda_extension_built:" in result.stdout
+    assert "cuda-emu" in result.stdout
+    assert "RuntimeWarning" not in result.stderr

@@ -1,0 +1,480 @@
+"""Weight norm: every backend against the fp64 reference, gradients, opcheck, torch.compile,
+launch budgets, and the drop-in contract with torch.nn.utils.parametrizations.weight_norm."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, assert_as_accurate_as, assert_close_to_reference,
+                     backend_device)
+from torch import nn
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+from torch.nn.utils import parametrizations
+
+import gannorm_kernels as gk
+from gannorm_kernels import backends, reference
+from gannorm_kernels.launches import count_launches
+from gannorm_kernels.ops.weight_norm import normalize_dim
+
+# (shape, dim): sizes of 1, odd sizes, channels longer than a block, every layout the kernels
+# have (rows with and without outer dims, columns, the whole tensor) and negative dims.
+CASES = [
+    ((7,), 0),
+    ((7,), None),
+    ((1, 1), 0),
+    ((1, 1), 1),
+    ((5, 33), 0),
+    ((5, 33), 1),
+    ((5, 33), None),
+    ((5, 33), -2),
+    ((17, 3, 3, 3), 0),
+    ((17, 3, 3, 3), 1),
+    ((17, 3, 3, 3), 3),
+    ((17, 3, 3, 3), None),
+    ((4, 6, 5), 1),
+    ((4, 6, 5), 2),
+    ((3, 2, 2, 3, 2), 2),
+    ((3, 1500), 0),
+    ((3, 1500), None),
+    ((40, 130), 1),
+]
+
+
+def case_id(case):
+    shape, dim = case
+    return f"{'x'.join(map(str, shape))}-dim{dim}"
+
+
+def g_shape(shape, dim):
+    """torch's layout for g: v's shape with every dim but `dim` set to 1 (a scalar for None)."""
+    d = normalize_dim(dim, len(shape))
+    return () if d == -1 else tuple(s if i == d else 1 for i, s in enumerate(shape))
+
+
+def make_inputs(shape, dim, dtype, device, seed=0):
+    """v, g and an upstream gradient, drawn in fp64 and rounded to `dtype`."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(shape, generator=gen, dtype=torch.float64)
+    g = torch.rand(g_shape(shape, dim), generator=gen, dtype=torch.float64) + 0.5
+    grad_w = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return (t.to(device=device, dtype=dtype) for t in (v, g, grad_w))
+
+
+def term_scales(v, g, grad_w, dim):
+    """The sizes of the terms each output is built from, for the tolerance:
+    w = (g/n) v, grad_v = (g/n) (grad_w - v <grad_w, v> / n^2), grad_g = <grad_w, v> / n."""
+    v, g, grad_w = (t.detach().double().abs() for t in (v, g, grad_w))
+    if dim == -1:
+        dims = list(range(v.dim()))
+    else:
+        dims = [d for d in range(v.dim()) if d != dim]
+
+    def channel_sum(x):
+        return x.sum(dim=dims, keepdim=True) if dims else x
+
+    n = channel_sum(v * v).sqrt().clamp_min(1e-300)
+    gain = g.reshape(n.shape) / n
+    return {"w": (gain * v).max().item(), "grad_v": (gain * grad_w).max().item(),
+            "grad_g": (channel_sum(grad_w * v) / n).max().item()}
+
+
+def run(fn, v, g, grad_w):
+    """w and its gradients in v and g."""
+    v = v.detach().clone().requires_grad_()
+    g = g.detach().clone().requires_grad_()
+    w = fn(v, g)
+    w.backward(grad_w)
+    return w, v.grad, g.grad
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_matches_fp64_reference(backend, dtype, case):
+    shape, dim = case
+    v, g, grad_w = make_inputs(shape, dim, dtype, backend_device(backend))
+    d = normalize_dim(dim, len(shape))
+    ours = run(lambda v, g: gk.functional.weight_norm(v, g, dim, backend=backend), v, g, grad_w)
+    ref64 = run(lambda v, g: reference.weight_norm(v, g, d), v.double(), g.double(), grad_w.double())
+    same = run(lambda v, g: reference.weight_norm(v, g, d), v, g, grad_w)
+    scales = term_scales(v, g, grad_w, d)
+    for what, a, r, s in zip(("w", "grad_v", "grad_g"), ours, ref64, same):
+        assert_close_to_reference(a, r, s, what, scale=scales[what])
+
+
+@pytest.mark.parametrize("dim", [0, 1, None])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_zero_direction_gives_zero_not_nan(backend, dim):
+    v, g, grad_w = make_inputs((6, 5), dim, torch.float32, backend_device(backend))
+    if dim == 0:
+        v[2] = 0
+        zero = (slice(2, 3), slice(None))
+    elif dim == 1:
+        v[:, 3] = 0
+        zero = (slice(None), slice(3, 4))
+    else:
+        v.zero_()
+        zero = (slice(None), slice(None))
+    w, grad_v, grad_g = run(lambda v, g: gk.functional.weight_norm(v, g, dim, backend=backend), v, g, grad_w)
+    for t in (w, grad_v, grad_g):
+        assert torch.isfinite(t).all()
+    assert (w[zero] == 0).all()
+    assert (grad_v[zero] == 0).all()
+    if dim is None:
+        assert grad_g.item() == 0
+    else:
+        assert (grad_g.flatten()[2 if dim == 0 else 3] == 0).all()
+    # the other channels are untouched by the zero one
+    ref = reference.weight_norm(v.double(), g.double(), normalize_dim(dim, 2))
+    torch.testing.assert_close(w.double(), ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", [((3, 5), 0), ((3, 5), 1), ((2, 3, 4), 1), ((4, 3), None), ((6,), 0)],
+                         ids=case_id)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradcheck_fp64(backend, case):
+    shape, dim = case
+    v, g, _ = make_inputs(shape, dim, torch.float64, backend_device(backend))
+    v.requires_grad_()
+    g.requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, g: gk.functional.weight_norm(v, g, dim, backend=backend), (v, g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend, dtype):
+    device = backend_device(backend)
+    for shape, dim in [((4, 3, 2), 0), ((4, 3, 2), 1), ((5, 6), 1), ((5, 6), -1)]:
+        v, g, grad_w = make_inputs(shape, dim, dtype, device)
+        g = g.flatten() if dim == -1 else g
+        torch.library.opcheck(torch.ops.gannorm_kernels.weight_norm_fwd,
+                              (v.requires_grad_(), g.requires_grad_(), dim, backend))
+        _, norms = torch.ops.gannorm_kernels.weight_norm_fwd(v.detach(), g.detach(), dim, backend)
+        args = (grad_w, v.detach(), g.detach(), norms, dim)
+        torch.library.opcheck(torch.ops.gannorm_kernels.weight_norm_bwd, args + (backend,))
+        if backend in backends.OPS_NAMESPACE:  # the compiled operators themselves
+            ops = getattr(torch.ops, backends.OPS_NAMESPACE[backend])
+            torch.library.opcheck(ops.weight_norm_fwd, (v.detach(), g.detach(), dim))
+            torch.library.opcheck(ops.weight_norm_bwd, args)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(4 * 4 * 4, 1))
+    device = backend_device(backend)
+    gk.weight_norm(model[0], dim=1, backend=backend)
+    gk.weight_norm(model[3], backend=backend)
+    model = model.to(device)
+    compiled_model = copy.deepcopy(model)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    compiled = torch.compile(compiled_model, fullgraph=True,
+                             backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    x = torch.randn(2, 3, 6, 6, device=device)
+    y, y_compiled = model(x), compiled(x)
+    y.sum().backward()
+    y_compiled.sum().backward()
+    torch.testing.assert_close(y_compiled, y, rtol=1e-6, atol=1e-6)
+    for (name, p), p_compiled in zip(model.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(p_compiled.grad, p.grad, rtol=1e-6, atol=1e-6, msg=name)
+    forward_graph, backward_graph = graphs
+    if backend != "reference":  # our operators are in the graphs, opaque to the compiler
+        assert forward_graph.count("gannorm_kernels.weight_norm_fwd") == 2
+        assert backward_graph.count("gannorm_kernels.weight_norm_bwd") == 2
+
+
+# The design (csrc/weight_norm.cu, triton/weight_norm.py): one launch each way, for every dim;
+# the budget (issue): at most 1 forward, 2 backward.
+FORWARD_LAUNCHES, BACKWARD_LAUNCHES = 1, 1
+FORWARD_BUDGET, BACKWARD_BUDGET = 1, 2
+
+
+@pytest.mark.parametrize("dim", [0, 1, 3, None])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_launch_budget(backend, dim):
+    shape = (8, 5, 3, 3)
+    v, g, grad_w = make_inputs(shape, dim, torch.float32, backend_device(backend))
+    v.requires_grad_()
+    g.requires_grad_()
+    with count_launches() as forward:
+        w = gk.functional.weight_norm(v, g, dim, backend=backend)
+    with count_launches() as backward:
+        w.backward(grad_w)
+    assert (forward.ours, forward.aten_ops) == (FORWARD_LAUNCHES, [])
+    assert (backward.ours, backward.aten_ops) == (BACKWARD_LAUNCHES, [])
+    assert FORWARD_LAUNCHES <= FORWARD_BUDGET and BACKWARD_LAUNCHES <= BACKWARD_BUDGET
+
+    # torch's own op, counted the same way, for the record: it fuses dims 0 and last only.
+    tv, tg = v.detach().clone().requires_grad_(), g.detach().clone().requires_grad_()
+    with count_launches() as torch_forward:
+        tw = torch._weight_norm(tv, tg, -1 if dim is None else dim)
+    with count_launches() as torch_backward:
+        tw.backward(grad_w)
+    print(f"weight_norm dim={dim}: ours {forward.total}/{backward.total}, "
+          f"torch {torch_forward.total}/{torch_backward.total} launches (forward/backward)")
+    assert forward.total <= torch_forward.total and backward.total <= torch_backward.total
+
+
+def test_launch_counter_sees_aten_kernels():
+    """The counter itself: views and allocations are free, arithmetic and copies are not."""
+    x = torch.randn(4, 3)
+    with count_launches() as n:
+        y = x.t().contiguous()  # a copy
+        z = torch.empty_like(y)  # free
+        (y * 2).sum()
+    assert n.aten_ops == ["clone", "mul", "sum"] or n.aten_ops == ["copy_", "mul", "sum"], n.aten_ops
+    assert z.shape == y.shape
+
+
+# ---- the module API: a drop-in for torch.nn.utils.parametrizations.weight_norm ----
+
+MODULES = {
+    "Linear": (lambda: nn.Linear(5, 7), (3, 5)),
+    "Conv1d": (lambda: nn.Conv1d(3, 4, 3), (2, 3, 9)),
+    "Conv2d": (lambda: nn.Conv2d(3, 4, 3), (2, 3, 7, 7)),
+    "Conv3d": (lambda: nn.Conv3d(2, 3, 2), (2, 2, 4, 4, 4)),
+    "ConvTranspose1d": (lambda: nn.ConvTranspose1d(3, 4, 3), (2, 3, 5)),
+    "ConvTranspose2d": (lambda: nn.ConvTranspose2d(3, 4, 3), (2, 3, 5, 5)),
+    "ConvTranspose3d": (lambda: nn.ConvTranspose3d(2, 3, 2), (2, 2, 3, 3, 3)),
+    "Embedding": (lambda: nn.Embedding(6, 4), None),
+}
+
+
+def module_input(kind, device):
+    shape = MODULES[kind][1]
+    if shape is None:
+        return torch.tensor([[0, 2, 5], [1, 1, 3]], device=device)
+    return torch.randn(shape, device=device)
+
+
+def twin_modules(kind, dim, backend):
+    """(torch's weight norm, ours) on equal copies of one module."""
+    torch.manual_seed(0)
+    theirs = MODULES[kind][0]()
+    ours = copy.deepcopy(theirs)
+    parametrizations.weight_norm(theirs, dim=dim)
+    gk.weight_norm(ours, dim=dim, backend=backend)
+    device = backend_device(backend)
+    return theirs.to(device), ours.to(device)
+
+
+TRAJECTORY_ULPS = 8
+
+
+@pytest.mark.parametrize("dim", [0, 1, None])
+@pytest.mark.parametrize("kind", list(MODULES))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_matches_torch_parametrization(backend, kind, dim):
+    theirs, ours = twin_modules(kind, dim, backend)
+    their_state, our_state = theirs.state_dict(), ours.state_dict()
+    assert list(our_state) == list(their_state)
+    for key in their_state:
+        assert our_state[key].shape == their_state[key].shape, key
+        assert torch.equal(our_state[key], their_state[key]), key
+    # Train ours, torch's and torch's in fp64 side by side: values, gradients and parameters
+    # stay as close to the fp64 run as torch's own fp32 run does, step after step (within a
+    # few units of roundoff: each run's rounding of earlier steps propagates).
+    theirs64 = copy.deepcopy(theirs).double()
+    models = (ours, theirs, theirs64)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    torch.manual_seed(1)
+    for step in range(3):
+        x = module_input(kind, backend_device(backend))
+        outputs = [m(x if i < 2 or not x.is_floating_point() else x.double()) for i, m in enumerate(models)]
+        assert_as_accurate_as(outputs[0], outputs[1], outputs[2], f"step {step} output", TRAJECTORY_ULPS)
+        for out in outputs:
+            out.square().mean().backward()
+        for (name, p), p_theirs, p64 in zip(*(m.named_parameters() for m in models[:1]),
+                                            theirs.parameters(), theirs64.parameters()):
+            assert_as_accurate_as(p.grad, p_theirs.grad, p64.grad, f"step {step} {name}.grad", TRAJECTORY_ULPS)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+    for (name, p), p_theirs, p64 in zip(ours.named_parameters(), theirs.parameters(), theirs64.parameters()):
+        assert_as_accurate_as(p, p_theirs, p64, f"{name} after 3 steps", TRAJECTORY_ULPS)
+    assert_as_accurate_as(ours.weight, theirs.weight, theirs64.weight, "weight after 3 steps", TRAJECTORY_ULPS)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_state_dict_moves_both_ways(backend):
+    theirs, ours = twin_modules("Conv2d", 0, backend)
+    with torch.no_grad():  # make the two differ, then load each into the other
+        theirs.parametrizations.weight.original1.mul_(2).add_(0.5)
+        theirs.parametrizations.weight.original0.add_(1)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    torch.testing.assert_close(ours.weight, theirs.weight)
+    fresh = copy.deepcopy(theirs)
+    with torch.no_grad():
+        fresh.parametrizations.weight.original0.zero_()
+    fresh.load_state_dict(ours.state_dict(), strict=True)
+    torch.testing.assert_close(fresh.weight, ours.weight)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_loads_legacy_weight_g_weight_v_checkpoint(backend):
+    torch.manual_seed(0)
+    legacy = nn.Linear(5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        nn.utils.weight_norm(legacy)
+    with torch.no_grad():
+        legacy.weight_g.mul_(3)
+    state = legacy.state_dict()
+    assert {"weight_g", "weight_v"} <= set(state)
+    ours = gk.weight_norm(nn.Linear(5, 4), backend=backend).to(backend_device(backend))
+    ours.load_state_dict(state, strict=True)
+    legacy.weight_v.grad = None
+    legacy(torch.zeros(1, 5))  # the legacy hook recomputes .weight on forward
+    torch.testing.assert_close(ours.weight.cpu(), legacy.weight.detach())
+
+
+def test_repr_and_structure():
+    m = gk.weight_norm(nn.Linear(3, 2), dim=None, backend="reference")
+    plist = m.parametrizations.weight
+    assert isinstance(plist[0], gk.WeightNorm)
+    assert plist[0].dim == -1
+    assert "backend='reference'" in repr(m)
+    assert plist.original0.shape == torch.Size([]) and plist.original1.shape == (2, 3)
+
+
+def test_env_var_chooses_backend(monkeypatch):
+    monkeypatch.setenv("GANNORM_BACKEND", "cuda-emu")
+    if backends.unavailable_reason("cuda-emu", "cpu") is not None:
+        pytest.skip("cuda-emu is not built here")
+    m = gk.weight_norm(nn.Linear(3, 2))  # backend="auto" defers to GANNORM_BACKEND
+    with count_launches() as n:
+        m.weight
+    assert n.ours == 1
+    monkeypatch.setenv("GANNORM_BACKEND", "reference")
+    with count_launches() as n:
+        m.weight
+    assert n.ours == 0 and n.aten > 0
+    # an explicit argument wins over the variable
+    m2 = gk.weight_norm(nn.Linear(3, 2), backend="cuda-emu")
+    with count_launches() as n:
+        m2.weight
+    assert n.ours == 1
+
+
+# ---- adaptive weight norm ----
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_adaptive_weight_norm_per_channel(backend):
+    m = gk.adaptive_weight_norm(nn.Conv2d(3, 5, 3), init_scale=0.25, backend=backend).to(backend_device(backend))
+    g = m.parametrizations.weight.original0
+    assert g.shape == (5, 1, 1, 1) and torch.all(g == 0.25)
+    row_norms = m.weight.detach().flatten(1).norm(dim=1)
+    torch.testing.assert_close(row_norms, torch.full_like(row_norms, 0.25))
+    assert list(m.state_dict()) == ["bias", "parametrizations.weight.original0", "parametrizations.weight.original1"]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_adaptive_weight_norm_per_layer(backend):
+    m = gk.adaptive_weight_norm(nn.Linear(6, 4), per="layer", backend=backend).to(backend_device(backend))
+    g = m.parametrizations.weight.original0
+    assert g.numel() == 1 and g.item() == pytest.approx(0.1)
+    assert m.weight.detach().norm().item() == pytest.approx(0.1, rel=1e-6)
+
+
+def test_scale_param_groups_give_scales_their_own_lr():
+    torch.manual_seed(0)
+    model = nn.Sequential(gk.adaptive_weight_norm(nn.Linear(4, 4), backend="reference"), nn.ReLU(),
+                          gk.adaptive_weight_norm(nn.Linear(4, 1), per="layer", backend="reference"),
+                          nn.Linear(1, 1))
+    groups = gk.scale_param_groups(model, scale_lr=0.5)
+    scales = [model[0].parametrizations.weight.original0, model[2].parametrizations.weight.original0]
+    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in scales] and groups[1]["lr"] == 0.5
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.parameters()} - {id(p) for p in scales}
+    # only the scales move when the default lr is 0
+    opt = torch.optim.SGD(groups, lr=0.0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model(torch.randn(8, 4)).square().mean().backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved == name.endswith("original0"), name
+    with pytest.raises(ValueError, match="no adaptive_weight_norm"):
+        gk.scale_param_groups(nn.Linear(2, 2), scale_lr=0.1)
+
+
+def test_adaptive_weight_norm_bad_arguments():
+    with pytest.raises(ValueError, match="per must be"):
+        gk.adaptive_weight_norm(nn.Linear(2, 2), per="row")
+    with pytest.raises(ValueError, match="init_scale"):
+        gk.adaptive_weight_norm(nn.Linear(2, 2), init_scale=0)
+    with pytest.raises(ValueError, match="scale_lr"):
+        gk.scale_param_groups(nn.Linear(2, 2), scale_lr=-1)
+
+
+# ---- bad input: errors that name the problem ----
+
+def test_unknown_parameter_name():
+    with pytest.raises(ValueError, match="no parameter or buffer named 'wieght'.*weight, bias"):
+        gk.weight_norm(nn.Linear(2, 2), name="wieght")
+
+
+def test_non_float_weight():
+    m = nn.Module()
+    m.weight = nn.Parameter(torch.ones(3, 2, dtype=torch.long), requires_grad=False)
+    with pytest.raises(TypeError, match="weight must be float16.*torch.int64"):
+        gk.weight_norm(m)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        gk.weight_norm(nn.Linear(2, 2), backend="cudnn")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        gk.functional.weight_norm(torch.ones(2, 2), torch.ones(2, 1), backend="fast")
+
+
+def test_backend_that_cannot_run_here_raises():
+    m = nn.Linear(2, 2)  # a CPU module
+    if backends.extension_error("cuda") is not None:  # not built: refused at registration
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            gk.weight_norm(m, backend="cuda")
+        return
+    gk.weight_norm(m, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on this cpu tensor"):
+        m(torch.ones(1, 2))
+
+
+def test_bad_env_var(monkeypatch):
+    monkeypatch.setenv("GANNORM_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="GANNORM_BACKEND='fastest'"):
+        gk.functional.weight_norm(torch.ones(2, 2), torch.ones(2, 1))
+
+
+def test_functional_argument_errors():
+    v = torch.randn(4, 3)
+    with pytest.raises(TypeError, match="v must be float16"):
+        gk.functional.weight_norm(v.long(), torch.ones(4, 1))
+    with pytest.raises(TypeError, match="g must have v's dtype"):
+        gk.functional.weight_norm(v, torch.ones(4, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"g must have one element per channel of dim 0 .* \(4\)"):
+        gk.functional.weight_norm(v, torch.ones(3, 1))
+    with pytest.raises(IndexError, match="dim=2 is out of range for a 2-d weight"):
+        gk.functional.weight_norm(v, torch.ones(4, 1), dim=2)
+    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
+        gk.functional.weight_norm([1.0], torch.ones(1))
+    with pytest.raises(IndexError, match="dim=-3 is out of range"):
+        gk.weight_norm(nn.Linear(2, 2), dim=-3)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_double_backward_is_refused_clearly(backend):
+    v, g, _ = make_inputs((3, 4), 0, torch.float64, backend_device(backend))
+    v.requires_grad_()
+    g.requires_grad_()
+    w = gk.functional.weight_norm(v, g, 0, backend=backend)
+    with pytest.raises(NotImplementedError, match="do not support double backward.*backend='reference'"):
+        torch.autograd.grad(w.square().sum(), v, create_graph=True)
+    # first-order gradients through the same graph are fine
+    (grad_v,) = torch.autograd.grad(w.square().sum(), v)
+    assert torch.isfinite(grad_v).all()
