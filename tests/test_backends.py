@@ -1,5 +1,8 @@
 """The backend names, the choice rule, availability reasons, info(), and the build itself."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +90,26 @@ def test_info_command_prints_the_report():
     assert "cuda_extension_built:" in result.stdout
     assert "cuda-emu" in result.stdout
     assert "RuntimeWarning" not in result.stderr
+
+
+def test_build_without_cuda_says_why(tmp_path):
+    """GANNORM_NO_CUDA=1 (like a machine without nvcc) installs the Triton and reference paths,
+    and both the build and info() say why the compiled backends are missing."""
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    shutil.copytree(ROOT / "gannorm_kernels", tmp_path / "gannorm_kernels",
+                    ignore=shutil.ignore_patterns("*.so", "_build_info.py", "__pycache__"))
+    env = {**os.environ, "GANNORM_NO_CUDA": "1"}
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    assert "not building the CUDA extension: GANNORM_NO_CUDA=1" in build.stdout
+    assert not list((tmp_path / "gannorm_kernels").glob("*.so"))
+    probe = ("import json, gannorm_kernels as gk; r = gk.info(); "
+             "print(json.dumps([r['cuda_extension_built'], r['cuda_extension_error'], r['backends']['cuda-emu']['cpu'], r['auto']['cpu']]))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    built, error, emu_reason, auto_cpu = json.loads(out.stdout)
+    assert built is False and "GANNORM_NO_CUDA=1" in error
+    assert "were not built" in emu_reason
+    assert auto_cpu == "reference"
