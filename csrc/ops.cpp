@@ -40,6 +40,12 @@ GANNORM_NAMESPACE_END
 GANNORM_LIBRARY(GANNORM_OPS_NAMESPACE, m) {
   m.def("weight_norm_fwd(Tensor v, Tensor g, int dim) -> (Tensor, Tensor)");
   m.def("weight_norm_bwd(Tensor grad_w, Tensor v, Tensor g, Tensor norms, int dim) -> (Tensor, Tensor)");
+  m.def("spectral_norm_fwd(Tensor weight, Tensor(a!) u, Tensor(b!) v, Tensor? sigma, int dim, "
+        "int n_power_iterations, float eps, bool training) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("spectral_norm_bwd(Tensor grad_out, Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim, "
+        "float eps) -> Tensor");
+  m.def("spectral_norm_vector_fwd(Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("spectral_norm_vector_bwd(Tensor grad_out, Tensor weight, Tensor sigma, float eps) -> Tensor");
   // Kernel launches since the library was loaded (for the launch-budget tests).
   m.def("launch_count() -> int", &gannorm::launch_count);
 }
@@ -47,6 +53,10 @@ GANNORM_LIBRARY(GANNORM_OPS_NAMESPACE, m) {
 GANNORM_LIBRARY_IMPL(GANNORM_OPS_NAMESPACE, GANNORM_DISPATCH_KEY, m) {
   m.impl("weight_norm_fwd", &gannorm::weight_norm_fwd);
   m.impl("weight_norm_bwd", &gannorm::weight_norm_bwd);
+  m.impl("spectral_norm_fwd", &gannorm::spectral_norm_fwd);
+  m.impl("spectral_norm_bwd", &gannorm::spectral_norm_bwd);
+  m.impl("spectral_norm_vector_fwd", &gannorm::spectral_norm_vector_fwd);
+  m.impl("spectral_norm_vector_bwd", &gannorm::spectral_norm_vector_bwd);
 }
 
 // Importing the module from Python runs the registrations above; it has no Python functions.

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 // The same sources build two libraries (the CUDA extension and its host emulation) that can
@@ -23,6 +24,18 @@ std::tuple<at::Tensor, at::Tensor> weight_norm_fwd(const at::Tensor& v, const at
 // Returns (grad_v, grad_g).
 std::tuple<at::Tensor, at::Tensor> weight_norm_bwd(const at::Tensor& grad_w, const at::Tensor& v,
                                                    const at::Tensor& g, const at::Tensor& norms, int64_t dim);
+
+// Returns (out, sigma, u_used, v_used). Training runs n_power_iterations on the buffers u and v
+// (updated in place); eval uses them as they are, and `sigma` when given (cached).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_fwd(
+    const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, const std::optional<at::Tensor>& sigma,
+    int64_t dim, int64_t n_power_iterations, double eps, bool training);
+at::Tensor spectral_norm_bwd(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& u_used,
+                             const at::Tensor& v_used, const at::Tensor& sigma, int64_t dim, double eps);
+// 1-d weights: (weight / max(||weight||, eps), that denominator).
+std::tuple<at::Tensor, at::Tensor> spectral_norm_vector_fwd(const at::Tensor& weight, double eps);
+at::Tensor spectral_norm_vector_bwd(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& sigma,
+                                    double eps);
 
 // Every kernel launch is counted, so tests can hold each op to its launch budget.
 void record_launch();

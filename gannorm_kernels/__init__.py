@@ -6,6 +6,9 @@ Public API:
 - ``adaptive_weight_norm(module, ..., init_scale=0.1, per="channel")`` and
   ``scale_param_groups(model, scale_lr)``: weight norm with a constant initial magnitude and
   its own learning rate.
+- ``spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=None, *,
+  backend="auto")``: a drop-in for ``torch.nn.utils.parametrizations.spectral_norm``;
+  ``sigmas(model)`` reads the last sigma of each.
 - ``functional``: the ops on plain tensors.
 - ``info()``: versions, the compiled extension and each backend's availability.
 
@@ -16,15 +19,27 @@ __version__ = "0.1.0"
 
 from . import backends, functional  # noqa: E402
 from .info import info  # noqa: E402
-from .nn import AdaptiveWeightNorm, WeightNorm, adaptive_weight_norm, scale_param_groups, weight_norm  # noqa: E402
+from .nn import (  # noqa: E402
+    AdaptiveWeightNorm,
+    SpectralNorm,
+    WeightNorm,
+    adaptive_weight_norm,
+    scale_param_groups,
+    sigmas,
+    spectral_norm,
+    weight_norm,
+)
 
 __all__ = [
     "AdaptiveWeightNorm",
+    "SpectralNorm",
     "WeightNorm",
     "adaptive_weight_norm",
     "backends",
     "functional",
     "info",
     "scale_param_groups",
+    "sigmas",
+    "spectral_norm",
     "weight_norm",
 ]

@@ -30,3 +30,51 @@ def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
     norm = torch.where(nonzero, sumsq, torch.ones_like(sumsq)).sqrt()
     scale = torch.where(nonzero, g.to(x.dtype).reshape(sumsq.shape) / norm, torch.zeros_like(sumsq))
     return (x * scale).to(v.dtype)
+
+
+def spectral_weight_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """The matrix spectral norm works on, as torch builds it: `dim` moved first, the rest flattened."""
+    if dim != 0:
+        weight = weight.permute(dim, *(d for d in range(weight.dim()) if d != dim))
+    return weight.flatten(1)
+
+
+@torch.no_grad()
+def spectral_power_method(weight_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n_power_iterations: int,
+                          eps: float) -> None:
+    """torch's own power iteration, op for op (parametrizations._SpectralNorm._power_method):
+    u = normalize(W v), then v = normalize(W^T u), written into the buffers u and v."""
+    for _ in range(n_power_iterations):
+        torch.nn.functional.normalize(torch.mv(weight_mat, v), dim=0, eps=eps, out=u)
+        torch.nn.functional.normalize(torch.mv(weight_mat.H, u), dim=0, eps=eps, out=v)
+
+
+def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int, n_power_iterations: int,
+                  eps: float, training: bool):
+    """(weight / sigma, sigma) with sigma = u^T W v, W the weight as a matrix along `dim`.
+
+    Training first runs `n_power_iterations` of the power method on u and v, in fp32 (fp64
+    for fp64 weights), and writes them back into the buffers in place; eval uses the buffers
+    as they are. u and v are constants for the gradient, as in torch. A |sigma| <= eps is
+    replaced by eps (torch would divide by ~0).
+    """
+    compute = _compute_dtype(weight.dtype)
+    weight_mat = spectral_weight_matrix(weight, dim).to(compute)
+    u_used = u.detach().to(compute).clone()
+    v_used = v.detach().to(compute).clone()
+    if training:
+        spectral_power_method(weight_mat.detach(), u_used, v_used, n_power_iterations, eps)
+        with torch.no_grad():
+            u.copy_(u_used)
+            v.copy_(v_used)
+    sigma = torch.dot(u_used, torch.mv(weight_mat, v_used))
+    denominator = torch.where(sigma.abs() > eps, sigma, torch.full_like(sigma, eps))
+    return (weight.to(compute) / denominator).to(weight.dtype), sigma
+
+
+def vector_normalize(weight: torch.Tensor, eps: float):
+    """1-D weights, as torch's spectral norm treats them: (weight / max(||weight||, eps), that
+    denominator)."""
+    x = weight.to(_compute_dtype(weight.dtype))
+    denominator = torch.linalg.vector_norm(x).clamp_min(eps)
+    return (x / denominator).to(weight.dtype), denominator

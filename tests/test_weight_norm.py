@@ -162,6 +162,7 @@ def test_opcheck(backend, dtype):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()  # each test compiles afresh (dynamo's recompile limit is per code object)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(4 * 4 * 4, 1))
     device = backend_device(backend)

@@ -2,12 +2,9 @@
 but `dim` (dim=None or -1: the whole tensor, as in torch).
 
 `torch.ops.gannorm_kernels.weight_norm_fwd(v, g, dim, backend) -> (w, norms)` and its
-backward `weight_norm_bwd` run the chosen kernel backend (triton, cuda, cuda-emu); fake
-kernels and the autograd formula make them traceable by torch.compile, which is where
-`weight_norm` uses them. In eager mode `weight_norm` calls the same launchers through a
-torch.autograd.Function instead: a Python torch.library operator costs about 40 us of host
-time per call, more than the kernels of a typical GAN layer take on a GPU. The `reference`
-backend is plain PyTorch, called directly.
+backward `weight_norm_bwd` run the chosen kernel backend (triton, cuda, cuda-emu); see
+`ops/__init__.py` for how they are registered and how eager calls bypass them. The
+`reference` backend is plain PyTorch, called directly.
 
 Launch budget (held by tests): forward 1, backward 1, for every dim.
 """
@@ -17,8 +14,11 @@ from __future__ import annotations
 import torch
 
 from .. import backends, reference
+from . import below_autograd, define, no_double_backward
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NO_DOUBLE_BACKWARD = ("weight_norm's kernel backends do not support double backward (differentiating "
+                       "its gradient again); use backend='reference' for that")
 
 
 def normalize_dim(dim: int | None, ndim: int) -> int:
@@ -61,85 +61,57 @@ def check_weight_norm_args(v, g, dim) -> int:
     return dim
 
 
-@torch.library.custom_op("gannorm_kernels::weight_norm_fwd", mutates_args=())
-def weight_norm_fwd(v: torch.Tensor, g: torch.Tensor, dim: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w, norms): the weight and the per-channel ||v|| (fp32; fp64 for fp64 v)."""
+def _weight_norm_fwd_kernel(v, g, dim, backend):
     return backends.kernels(backend).weight_norm_fwd(v, g, dim)
 
 
-@weight_norm_fwd.register_fake
 def _weight_norm_fwd_fake(v, g, dim, backend=None):
     return v.new_empty(v.shape), v.new_empty((_channels(v.shape, dim),), dtype=_acc_dtype(v.dtype))
 
 
-@torch.library.custom_op("gannorm_kernels::weight_norm_bwd", mutates_args=())
-def weight_norm_bwd(grad_w: torch.Tensor, v: torch.Tensor, g: torch.Tensor, norms: torch.Tensor, dim: int,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_v, grad_g) for weight_norm_fwd."""
+def _weight_norm_bwd_kernel(grad_w, v, g, norms, dim, backend):
     return backends.kernels(backend).weight_norm_bwd(grad_w, v, g, norms, dim)
 
 
-@weight_norm_bwd.register_fake
 def _weight_norm_bwd_fake(grad_w, v, g, norms, dim, backend=None):
     return v.new_empty(v.shape), g.new_empty(g.shape)
 
 
-# The compiled ops (the same launchers without the backend argument) share the fake kernels.
-for _namespace in backends.loaded_ops_namespaces():
-    torch.library.register_fake(f"{_namespace}::weight_norm_fwd")(_weight_norm_fwd_fake)
-    torch.library.register_fake(f"{_namespace}::weight_norm_bwd")(_weight_norm_bwd_fake)
-
-
-def _setup_context(ctx, inputs, output):
-    v, g, dim, backend = inputs
-    _, norms = output
-    ctx.save_for_backward(v, g, norms)
-    ctx.dim, ctx.backend = dim, backend
-    ctx.mark_non_differentiable(norms)
-    ctx.set_materialize_grads(False)  # no zero tensor (and launch) for the norms' gradient
-
-
-def _backward(ctx, grad_w, _grad_norms):
-    if grad_w is None:
-        return None, None, None, None
-    v, g, norms = ctx.saved_tensors
-    grad_v, grad_g = weight_norm_bwd(grad_w, v, g, norms, ctx.dim, ctx.backend)
-    return grad_v, grad_g, None, None
-
-
-_NO_DOUBLE_BACKWARD = ("weight_norm's kernel backends do not support double backward (differentiating "
-                       "its gradient again); use backend='reference' for that")
-
-
-def _double_backward(ctx, *grads):
-    raise NotImplementedError(_NO_DOUBLE_BACKWARD)
-
-
-def _no_context(ctx, inputs, output):
-    pass
-
-
-weight_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
-weight_norm_bwd.register_autograd(_double_backward, setup_context=_no_context)
-
-
 class _WeightNormFunction(torch.autograd.Function):
-    """The eager path: the same launchers and formula as the operators, without their cost."""
+    """The autograd formula, for eager calls (`traced=False`: launchers called directly) and as
+    the operator's Autograd kernel (`traced=True`: the operators, so torch.compile sees them)."""
 
     @staticmethod
-    def forward(ctx, v, g, dim, backend):
-        w, norms = backends.kernels(backend).weight_norm_fwd(v, g, dim)
+    def forward(ctx, traced, v, g, dim, backend):
+        if traced:
+            w, norms = below_autograd(weight_norm_fwd, v, g, dim, backend)
+        else:
+            w, norms = _weight_norm_fwd_kernel(v, g, dim, backend)
         ctx.save_for_backward(v, g, norms)
-        ctx.dim, ctx.backend = dim, backend
-        return w
+        ctx.traced, ctx.dim, ctx.backend = traced, dim, backend
+        ctx.mark_non_differentiable(norms)
+        ctx.set_materialize_grads(False)
+        return w, norms
 
     @staticmethod
-    def backward(ctx, grad_w):
-        if torch.is_grad_enabled():  # create_graph=True: this gradient is not differentiable
+    def backward(ctx, grad_w, _grad_norms):
+        if grad_w is None:
+            return None, None, None, None, None
+        if not ctx.traced and torch.is_grad_enabled():  # create_graph=True: not differentiable
             raise NotImplementedError(_NO_DOUBLE_BACKWARD)
         v, g, norms = ctx.saved_tensors
-        grad_v, grad_g = backends.kernels(ctx.backend).weight_norm_bwd(grad_w, v, g, norms, ctx.dim)
-        return grad_v, grad_g, None, None
+        run = weight_norm_bwd if ctx.traced else _weight_norm_bwd_kernel
+        grad_v, grad_g = run(grad_w, v, g, norms, ctx.dim, ctx.backend)
+        return None, grad_v, grad_g, None, None
+
+# (w, norms): the weight and the per-channel ||v|| (fp32; fp64 for fp64 v).
+weight_norm_fwd = define("weight_norm_fwd(Tensor v, Tensor g, int dim, str backend) -> (Tensor, Tensor)",
+                         _weight_norm_fwd_kernel, _weight_norm_fwd_fake,
+                         lambda *args: _WeightNormFunction.apply(True, *args))
+# (grad_v, grad_g).
+weight_norm_bwd = define(
+    "weight_norm_bwd(Tensor grad_w, Tensor v, Tensor g, Tensor norms, int dim, str backend) -> (Tensor, Tensor)",
+    _weight_norm_bwd_kernel, _weight_norm_bwd_fake, no_double_backward("weight_norm_bwd", _NO_DOUBLE_BACKWARD))
 
 
 def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int | None = 0, *, backend: str = "auto") -> torch.Tensor:
@@ -163,4 +135,4 @@ def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int | None = 0, *, backen
         return reference.weight_norm(v, g, dim)
     if torch.compiler.is_compiling():
         return weight_norm_fwd(v, g, dim, name)[0]
-    return _WeightNormFunction.apply(v, g, dim, name)
+    return _WeightNormFunction.apply(False, v, g, dim, name)[0]

@@ -6,6 +6,16 @@ CPU tensors run under Triton's interpreter: set TRITON_INTERPRET=1 before triton
 """
 
 from .common import INTERPRETED, launch_count
+from .spectral_norm import spectral_norm_bwd, spectral_norm_fwd, spectral_norm_vector_bwd, spectral_norm_vector_fwd
 from .weight_norm import weight_norm_bwd, weight_norm_fwd
 
-__all__ = ["INTERPRETED", "launch_count", "weight_norm_fwd", "weight_norm_bwd"]
+__all__ = [
+    "INTERPRETED",
+    "launch_count",
+    "spectral_norm_bwd",
+    "spectral_norm_fwd",
+    "spectral_norm_vector_bwd",
+    "spectral_norm_vector_fwd",
+    "weight_norm_bwd",
+    "weight_norm_fwd",
+]

@@ -1,0 +1,347 @@
+"""Spectral normalization in Triton: power iteration, sigma and W / sigma in three launches.
+
+The weight is the matrix torch's spectral norm uses: rows along `dim` (h = size(dim)), columns
+the other dims flattened in order (w = numel / h). In memory it is (A, h, B) with A the
+product of the sizes before `dim` and B of those after; column j = a * B + b. One power
+iteration (torch: u = normalize(W v); v = normalize(W^T u)) and then sigma = u^T W v and
+W / sigma take, with x = W v and t = W^T u:
+  _rows   x = W v, and per program the partial sum of x^2          (reads W once)
+  _cols   t = W^T u with u = x / max(||x||, eps) summed from the partials; writes u; per
+          program the partial sum of t^2                           (reads W once)
+  _scale  sigma = ||t||^2 / max(||t||, eps) (= u^T W v, since v = t / max(||t||, eps));
+          out = W / sigma; writes v                                (reads W, writes out)
+Each further iteration adds a _rows and a _cols launch (the next _rows normalises t itself).
+Eval: sigma = u^T W v from the buffers: _rows (partials of u * x) + _scale, or _scale alone
+with the sigma cached by the module while the weight is unchanged.
+Backward, with u, v, sigma of the forward held constant (as torch does):
+  _dot_partials  partial sums of <G, W>
+  _backward      dW = (G - <G, W> / sigma * u v^T) / sigma
+1-D weights (torch: F.normalize): _dot_partials of <w, w> + _scale; backward alike.
+Launches: training forward 2 n + 1, eval 1 (cached sigma) or 2, backward 2, 1-D 2 / 2.
+Bytes (N = numel, s = element size): training forward >= (3 + 1) N s (three reads of W, one
+write); backward >= 3 N s (reads G twice and W, writes dW) + N s; eval 2 N s (+ N s uncached).
+Every reduction sums per-program partials in a fixed order: deterministic, no atomics.
+A |sigma| <= eps divides by eps instead (torch would divide by ~0).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import acc_dtype, block_size, launch, torch_acc_dtype
+
+# _scale modes
+_TRAIN, _EVAL, _CACHED, _VECTOR = 0, 1, 2, 3
+_PARTIALS_BLOCK = 256
+_MAX_REDUCE_PROGRAMS = 512
+
+
+@triton.jit
+def _sum_partials(ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    total = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, n, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        total += tl.load(ptr + offsets, mask=offsets < n, other=0.0).to(ACC)
+    return tl.sum(total, axis=0)
+
+
+@triton.jit
+def _matrix_offsets(i, j, h, B, OUTER: tl.constexpr):
+    # Element (i, j) of the matrix view; without OUTER (dim 0) rows are contiguous runs of B.
+    if OUTER:
+        a = j // B
+        return (a * h + i) * B + (j - a * B)
+    else:
+        return i * B + j
+
+
+@triton.jit
+def _rows(
+    x_ptr,             # (h,) out, ACC: W v
+    partials_ptr,      # (programs,) out, ACC: sum of x^2 (EVAL: of u * x) per program
+    w_ptr,             # weight, (A, h, B)
+    v_ptr,             # (w,): the v buffer, or t (ACC) when V_FROM_T
+    t_partials_ptr,    # (n_t_partials,) ACC: partial sums of t^2, when V_FROM_T
+    u_ptr,             # (h,) the u buffer, when EVAL
+    h, w, B, n_t_partials, eps,
+    OUTER: tl.constexpr, V_FROM_T: tl.constexpr, EVAL: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_mask = i < h
+    v_denominator = 1.0
+    if V_FROM_T:  # v = t / max(||t||, eps), normalised on the fly
+        v_denominator = tl.maximum(tl.sqrt(_sum_partials(t_partials_ptr, n_t_partials, BLOCK_P, ACC)), eps)
+    x = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
+    for start in range(0, w, BLOCK_J):
+        j = start + tl.arange(0, BLOCK_J)
+        j_mask = j < w
+        v = tl.load(v_ptr + j, mask=j_mask, other=0.0).to(ACC)
+        if V_FROM_T:
+            v = v / v_denominator
+        tile = tl.load(w_ptr + _matrix_offsets(i[:, None], j[None, :], h, B, OUTER),
+                       mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
+        x += tile * v[None, :]
+    x_rows = tl.sum(x, axis=1)
+    if EVAL:
+        u = tl.load(u_ptr + i, mask=i_mask, other=0.0).to(ACC)
+        tl.store(partials_ptr + pid, tl.sum(u * x_rows, axis=0))
+    else:
+        tl.store(x_ptr + i, x_rows, mask=i_mask)
+        tl.store(partials_ptr + pid, tl.sum(x_rows * x_rows, axis=0))
+
+
+@triton.jit
+def _cols(
+    t_ptr,             # (w,) out, ACC: W^T u
+    t_partials_ptr,    # (programs,) out, ACC: sum of t^2 per program
+    u_buffer_ptr,      # (h,) out: the u buffer, updated in place
+    u_used_ptr,        # (h,) out, ACC: u as used, for backward
+    w_ptr,             # weight, (A, h, B)
+    x_ptr,             # (h,) ACC: W v from _rows
+    x_partials_ptr,    # (n_x_partials,) ACC
+    h, w, B, n_x_partials, eps,
+    OUTER: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    j = pid * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_mask = j < w
+    u_denominator = tl.maximum(tl.sqrt(_sum_partials(x_partials_ptr, n_x_partials, BLOCK_P, ACC)), eps)
+    t = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
+    for start in range(0, h, BLOCK_I):
+        i = start + tl.arange(0, BLOCK_I)
+        i_mask = i < h
+        u = tl.load(x_ptr + i, mask=i_mask, other=0.0) / u_denominator
+        tile = tl.load(w_ptr + _matrix_offsets(i[:, None], j[None, :], h, B, OUTER),
+                       mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
+        t += tile * u[:, None]
+    t_cols = tl.sum(t, axis=0)
+    tl.store(t_ptr + j, t_cols, mask=j_mask)
+    tl.store(t_partials_ptr + pid, tl.sum(t_cols * t_cols, axis=0))
+    # the programs share out the writing of u
+    for start in range(pid * BLOCK_J, h, tl.num_programs(0) * BLOCK_J):
+        i = start + tl.arange(0, BLOCK_J)
+        i_mask = i < h
+        u = tl.load(x_ptr + i, mask=i_mask, other=0.0) / u_denominator
+        tl.store(u_used_ptr + i, u, mask=i_mask)
+        tl.store(u_buffer_ptr + i, u.to(u_buffer_ptr.dtype.element_ty), mask=i_mask)
+
+
+@triton.jit
+def _copy(dst_ptr, src_ptr, n, pid, programs, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    for start in range(pid * BLOCK, n, programs * BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < n
+        tl.store(dst_ptr + offsets, tl.load(src_ptr + offsets, mask=mask, other=0.0).to(ACC), mask=mask)
+
+
+@triton.jit
+def _scale(
+    out_ptr,           # weight's shape and dtype, out: W / sigma
+    sigma_ptr,         # (1,) out, ACC
+    v_buffer_ptr,      # (w,) out (TRAIN): the v buffer, updated in place
+    v_used_ptr,        # (w,) out, ACC (not VECTOR): v as used, for backward
+    u_used_ptr,        # (h,) out, ACC (EVAL, CACHED): u as used
+    w_ptr,             # weight
+    partials_ptr,      # (n_partials,) ACC: of t^2 (TRAIN), u * x (EVAL), w^2 (VECTOR)
+    t_ptr,             # (w,) ACC (TRAIN)
+    u_src_ptr,         # (h,) the u buffer (EVAL, CACHED)
+    v_src_ptr,         # (w,) the v buffer (EVAL, CACHED)
+    sigma_in_ptr,      # (1,) ACC (CACHED)
+    numel, h, w, n_partials, eps,
+    MODE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    if MODE == 2:
+        sigma = tl.load(sigma_in_ptr).to(ACC)
+    else:
+        total = _sum_partials(partials_ptr, n_partials, BLOCK_P, ACC)
+        if MODE == 0:
+            t_denominator = tl.maximum(tl.sqrt(total), eps)
+            sigma = total / t_denominator
+        elif MODE == 1:
+            sigma = total
+        else:
+            sigma = tl.maximum(tl.sqrt(total), eps)
+    denominator = tl.where(tl.abs(sigma) > eps, sigma, eps)
+    for start in range(pid * BLOCK, numel, programs * BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        weight = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        tl.store(out_ptr + offsets, (weight / denominator).to(out_ptr.dtype.element_ty), mask=mask)
+    if pid == 0:
+        tl.store(sigma_ptr, sigma)
+    if MODE == 0:
+        for start in range(pid * BLOCK, w, programs * BLOCK):
+            j = start + tl.arange(0, BLOCK)
+            j_mask = j < w
+            v = tl.load(t_ptr + j, mask=j_mask, other=0.0) / t_denominator
+            tl.store(v_used_ptr + j, v, mask=j_mask)
+            tl.store(v_buffer_ptr + j, v.to(v_buffer_ptr.dtype.element_ty), mask=j_mask)
+    elif MODE != 3:
+        _copy(u_used_ptr, u_src_ptr, h, pid, programs, BLOCK, ACC)
+        _copy(v_used_ptr, v_src_ptr, w, pid, programs, BLOCK, ACC)
+
+
+@triton.jit
+def _dot_partials(
+    partials_ptr,      # (programs,) out, ACC: per program, the sum of a * b over its chunks
+    a_ptr, b_ptr,      # (numel,) each
+    numel,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    total = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(pid * BLOCK, numel, tl.num_programs(0) * BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        b = tl.load(b_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        total += a * b
+    tl.store(partials_ptr + pid, tl.sum(total, axis=0))
+
+
+@triton.jit
+def _backward(
+    grad_w_ptr,        # weight's shape and dtype, out
+    grad_out_ptr,      # weight's shape and dtype: G
+    w_ptr,             # weight
+    u_ptr, v_ptr,      # (h,), (w,) ACC: the forward's u and v (not VECTOR)
+    sigma_ptr,         # (1,) ACC
+    partials_ptr,      # (n_partials,) ACC: of <G, W>
+    numel, h, B, n_partials, eps,
+    VECTOR: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    sigma = tl.load(sigma_ptr).to(ACC)
+    above_eps = tl.abs(sigma) > eps
+    denominator = tl.where(above_eps, sigma, eps)
+    # dW = (G - c P) / sigma with c = <G, W> / sigma and P = u v^T (VECTOR: W / sigma); a sigma
+    # below eps was replaced by the constant eps, whose gradient is G / eps.
+    c = tl.where(above_eps, _sum_partials(partials_ptr, n_partials, BLOCK_P, ACC) / denominator, 0.0)
+    for start in range(pid * BLOCK, numel, tl.num_programs(0) * BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        g = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        if VECTOR:
+            projection = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC) / denominator
+        else:
+            row_major = offsets // B
+            i = row_major % h
+            j = (row_major // h) * B + (offsets - row_major * B)
+            projection = (tl.load(u_ptr + i, mask=mask, other=0.0) * tl.load(v_ptr + j, mask=mask, other=0.0))
+        grad = (g - c * projection) / denominator
+        tl.store(grad_w_ptr + offsets, grad.to(grad_w_ptr.dtype.element_ty), mask=mask)
+
+
+def matrix_layout(shape, dim: int):
+    """(A, h, B): the weight as (sizes before dim, size(dim), sizes after dim)."""
+    A = 1
+    for s in shape[:dim]:
+        A *= s
+    B = 1
+    for s in shape[dim + 1:]:
+        B *= s
+    return A, shape[dim], B
+
+
+def _elementwise_grid(numel: int, block: int):
+    return (max(1, min(triton.cdiv(numel, block), 4096)),)
+
+
+def spectral_norm_fwd(weight, u, v, sigma, dim: int, n_power_iterations: int, eps: float, training: bool):
+    """Returns (out, sigma, u_used, v_used) like torch.ops.gannorm_cuda.spectral_norm_fwd;
+    training updates the buffers u and v in place."""
+    weight, u, v = weight.contiguous(), u.contiguous(), v.contiguous()
+    A, h, B = matrix_layout(weight.shape, dim)
+    w = A * B
+    numel = weight.numel()
+    device, acc = weight.device, acc_dtype(weight.dtype)
+    acc_torch = torch_acc_dtype(weight.dtype)
+    out = torch.empty_like(weight)
+    sigma_out = torch.empty((), dtype=acc_torch, device=device)
+    u_used = torch.empty(h, dtype=acc_torch, device=device)
+    v_used = torch.empty(w, dtype=acc_torch, device=device)
+    block_i = block_size(h, 2, 16)
+    block_j = block_size(w, 16, 128)
+    rows_grid = triton.cdiv(h, block_i)
+    cols_block_i, cols_block_j = block_size(h, 2, 32), block_size(w, 16, 64)
+    cols_grid = triton.cdiv(w, cols_block_j)
+    scale_block = block_size(numel, 16, 1024)
+    scale_grid = _elementwise_grid(max(numel, h, w), scale_block)
+    common = dict(ACC=acc, BLOCK_P=_PARTIALS_BLOCK)
+    outer = A > 1
+    x = torch.empty(h, dtype=acc_torch, device=device)
+    x_partials = torch.empty(rows_grid, dtype=acc_torch, device=device)
+    if training:
+        t = torch.empty(w, dtype=acc_torch, device=device)
+        t_partials = torch.empty(cols_grid, dtype=acc_torch, device=device)
+        for iteration in range(n_power_iterations):
+            first = iteration == 0
+            launch(_rows, (rows_grid,), x, x_partials, weight, v if first else t, t_partials, u,
+                   h, w, B, cols_grid, eps, OUTER=outer, V_FROM_T=not first, EVAL=False,
+                   BLOCK_I=block_i, BLOCK_J=block_j, **common)
+            launch(_cols, (cols_grid,), t, t_partials, u, u_used, weight, x, x_partials,
+                   h, w, B, rows_grid, eps, OUTER=outer, BLOCK_I=cols_block_i, BLOCK_J=cols_block_j, **common)
+        launch(_scale, scale_grid, out, sigma_out, v, v_used, u_used, weight, t_partials, t, u, v, sigma_out,
+               numel, h, w, cols_grid, eps, MODE=_TRAIN, BLOCK=scale_block, **common)
+    elif sigma is None:
+        launch(_rows, (rows_grid,), x, x_partials, weight, v, x_partials, u, h, w, B, 0, eps,
+               OUTER=outer, V_FROM_T=False, EVAL=True, BLOCK_I=block_i, BLOCK_J=block_j, **common)
+        launch(_scale, scale_grid, out, sigma_out, v, v_used, u_used, weight, x_partials, x, u, v, sigma_out,
+               numel, h, w, rows_grid, eps, MODE=_EVAL, BLOCK=scale_block, **common)
+    else:
+        launch(_scale, scale_grid, out, sigma_out, v, v_used, u_used, weight, x_partials, x, u, v,
+               sigma.to(acc_torch).reshape(()), numel, h, w, 0, eps, MODE=_CACHED, BLOCK=scale_block, **common)
+    return out, sigma_out, u_used, v_used
+
+
+def _dot_partials_of(a, b):
+    numel = a.numel()
+    block = block_size(numel, 16, 2048)
+    grid = max(1, min(triton.cdiv(numel, block), _MAX_REDUCE_PROGRAMS))
+    partials = torch.empty(grid, dtype=torch_acc_dtype(a.dtype), device=a.device)
+    launch(_dot_partials, (grid,), partials, a, b, numel, ACC=acc_dtype(a.dtype), BLOCK=block)
+    return partials
+
+
+def spectral_norm_bwd(grad_out, weight, u_used, v_used, sigma, dim: int, eps: float):
+    """Returns grad_weight like torch.ops.gannorm_cuda.spectral_norm_bwd."""
+    grad_out, weight = grad_out.contiguous(), weight.contiguous()
+    _, h, B = matrix_layout(weight.shape, dim)
+    grad_weight = torch.empty_like(weight)
+    partials = _dot_partials_of(grad_out, weight)
+    block = block_size(weight.numel(), 16, 1024)
+    launch(_backward, _elementwise_grid(weight.numel(), block), grad_weight, grad_out, weight, u_used, v_used,
+           sigma, partials, weight.numel(), h, B, partials.numel(), eps, VECTOR=False,
+           ACC=acc_dtype(weight.dtype), BLOCK=block, BLOCK_P=_PARTIALS_BLOCK)
+    return grad_weight
+
+
+def spectral_norm_vector_fwd(weight, eps: float):
+    """1-D weights: (weight / max(||weight||, eps), that denominator), like torch's F.normalize."""
+    weight = weight.contiguous()
+    numel = weight.numel()
+    acc_torch = torch_acc_dtype(weight.dtype)
+    out = torch.empty_like(weight)
+    sigma = torch.empty((), dtype=acc_torch, device=weight.device)
+    partials = _dot_partials_of(weight, weight)
+    block = block_size(numel, 16, 1024)
+    launch(_scale, _elementwise_grid(numel, block), out, sigma, weight, weight, weight, weight, partials, weight,
+           weight, weight, sigma, numel, 0, 0, partials.numel(), eps, MODE=_VECTOR, ACC=acc_dtype(weight.dtype),
+           BLOCK=block, BLOCK_P=_PARTIALS_BLOCK)
+    return out, sigma
+
+
+def spectral_norm_vector_bwd(grad_out, weight, sigma, eps: float):
+    grad_out, weight = grad_out.contiguous(), weight.contiguous()
+    grad_weight = torch.empty_like(weight)
+    partials = _dot_partials_of(grad_out, weight)
+    block = block_size(weight.numel(), 16, 1024)
+    launch(_backward, _elementwise_grid(weight.numel(), block), grad_weight, grad_out, weight, weight, weight,
+           sigma, partials, weight.numel(), 1, 1, partials.numel(), eps, VECTOR=True,
+           ACC=acc_dtype(weight.dtype), BLOCK=block, BLOCK_P=_PARTIALS_BLOCK)
+    return grad_weight

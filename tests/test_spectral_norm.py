@@ -1,0 +1,496 @@
+"""Spectral norm: every backend against the fp64 reference (training, eval, cached eval, 1-D),
+gradients, opcheck, torch.compile, launch budgets, sigmas(), and the drop-in contract with
+torch.nn.utils.parametrizations.spectral_norm (state, warm-up, update order, training
+trajectories, eval, legacy checkpoints)."""
+
+import copy
+
+import pytest
+import torch
+from functorch.compile import make_boxed_func
+from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, assert_as_accurate_as, assert_close_to_reference,
+                     backend_device)
+from torch import nn
+from torch._dynamo.backends.common import aot_autograd
+from torch.nn.utils import parametrizations
+
+import gannorm_kernels as gk
+from gannorm_kernels import backends, reference
+from gannorm_kernels.launches import count_launches
+from gannorm_kernels.ops.spectral_norm import matrix_shape
+
+EPS = 1e-12
+# (shape, dim): single rows and columns, odd sizes, rows and columns longer than a block, dims
+# 0 (rows contiguous), 1 (ConvTranspose) and inner ones.
+CASES = [
+    ((5, 7), 0),
+    ((1, 9), 0),
+    ((9, 1), 0),
+    ((4, 3, 3, 3), 0),
+    ((3, 4, 2, 2), 1),
+    ((6, 5, 3), 2),
+    ((2, 3, 2, 3, 2), 1),
+    ((17, 300), 0),
+    ((300, 17), 0),
+    ((9, 130), 1),
+]
+# (training, n_power_iterations, cached sigma)
+MODES = {"train1": (True, 1, False), "train2": (True, 2, False), "eval": (False, 1, False),
+         "eval-cached": (False, 1, True)}
+
+
+def case_id(case):
+    shape, dim = case
+    return f"{'x'.join(map(str, shape))}-dim{dim}"
+
+
+def make_inputs(shape, dim, dtype, device, seed=0):
+    """weight, unit u and v, and an upstream gradient, drawn in fp64 and rounded to `dtype`."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = matrix_shape(shape, dim)
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64)
+    u = nn.functional.normalize(torch.randn(h, generator=gen, dtype=torch.float64), dim=0)
+    v = nn.functional.normalize(torch.randn(w, generator=gen, dtype=torch.float64), dim=0)
+    grad_out = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return tuple(t.to(device=device, dtype=dtype) for t in (weight, u, v, grad_out))
+
+
+def run(backend, weight, u, v, grad_out, dim, mode):
+    """out, sigma, the buffers after the call and the weight's gradient; u and v are copied."""
+    training, n, cached = MODES[mode]
+    u, v = u.clone(), v.clone()
+    sigma = None
+    if cached:  # the sigma of these very buffers and weight, as the module would cache it
+        sigma = reference.spectral_norm(weight, u.clone(), v.clone(), dim, n, EPS, False)[1].to(
+            torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    weight = weight.detach().clone().requires_grad_()
+    out, sigma = gk.functional.spectral_norm(weight, u, v, dim, n, EPS, training, sigma=sigma, backend=backend)
+    out.backward(grad_out)
+    return out, sigma, u, v, weight.grad
+
+
+def term_scales(weight, u, v, grad_out, sigma, dim):
+    """Sizes of the terms each output is built from (see assert_close_to_reference). sigma =
+    u^T W v can cancel (eval, with u and v not yet aligned with W): its rounding error scales
+    with sum |u_i W_ij v_j|, kappa = that / |sigma| times its size, and W / sigma inherits it."""
+    weight, u, v, grad_out = (t.detach().double().abs() for t in (weight, u, v, grad_out))
+    s = abs(float(sigma))
+    kappa = torch.dot(u, reference.spectral_weight_matrix(weight, dim) @ v).item() / s
+    c = (grad_out * weight).sum().item() / s
+    return {"out": kappa * weight.max().item() / s, "sigma": kappa * s, "u": u.max().item(), "v": v.max().item(),
+            "grad": kappa * (grad_out.max().item() / s + c * u.max().item() * v.max().item() / s)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_matches_fp64_reference(backend, dtype, case, mode):
+    shape, dim = case
+    weight, u, v, grad_out = make_inputs(shape, dim, dtype, backend_device(backend))
+    ours = run(backend, weight, u, v, grad_out, dim, mode)
+    ref64 = run("reference", *(t.double() for t in (weight, u, v, grad_out)), dim, mode)
+    same = run("reference", weight, u, v, grad_out, dim, mode)
+    scales = term_scales(weight, ref64[2], ref64[3], grad_out, ref64[1], dim)
+    for what, a, r, s in zip(("out", "sigma", "u", "v", "grad"), ours, ref64, same):
+        assert_close_to_reference(a, r, s, what, scale=scales[what])
+
+
+@pytest.mark.parametrize("n", [1, 7, 2000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_vector_matches_fp64_reference(backend, dtype, n):
+    gen = torch.Generator().manual_seed(0)
+    device = backend_device(backend)
+    weight = torch.randn(n, generator=gen, dtype=torch.float64).to(device, dtype)
+    grad_out = torch.randn(n, generator=gen, dtype=torch.float64).to(device, dtype)
+
+    def run_vector(name, weight, grad_out):
+        weight = weight.detach().clone().requires_grad_()
+        out, sigma = gk.functional.spectral_norm(weight, eps=EPS, backend=name)
+        out.backward(grad_out)
+        return out, sigma, weight.grad
+
+    ours = run_vector(backend, weight, grad_out)
+    ref64 = run_vector("reference", weight.double(), grad_out.double())
+    same = run_vector("reference", weight, grad_out)
+    norm = ref64[1].item()
+    scales = {"out": weight.double().abs().max().item() / norm, "sigma": norm,
+              "grad": 2 * grad_out.double().abs().max().item() / norm}
+    for what, a, r, s in zip(("out", "sigma", "grad"), ours, ref64, same):
+        assert_close_to_reference(a, r, s, what, scale=scales[what])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_tiny_sigma_divides_by_eps(backend):
+    """A weight whose sigma is below eps is divided by eps (torch would divide by ~0)."""
+    device = backend_device(backend)
+    weight = torch.zeros(3, 4, device=device, requires_grad=True)
+    u = nn.functional.normalize(torch.ones(3, device=device), dim=0)
+    v = nn.functional.normalize(torch.ones(4, device=device), dim=0)
+    out, sigma = gk.functional.spectral_norm(weight, u, v, eps=1e-6, backend=backend)
+    out.backward(torch.ones_like(out))
+    assert torch.isfinite(out).all() and (out == 0).all()
+    torch.testing.assert_close(weight.grad, torch.full_like(weight, 1e6))
+    vector = torch.zeros(5, device=device, requires_grad=True)
+    out, sigma = gk.functional.spectral_norm(vector, eps=1e-6, backend=backend)
+    out.sum().backward()
+    assert (out == 0).all() and sigma.item() == pytest.approx(1e-6)
+    torch.testing.assert_close(vector.grad, torch.full_like(vector, 1e6))
+
+
+@pytest.mark.parametrize("case", [((3, 5), 0), ((4, 3, 2), 1), ((2, 3, 2, 2), 0)], ids=case_id)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradcheck_fp64(backend, case):
+    """In eval, u and v are fixed and sigma = u^T W v is differentiable: the whole gradient.
+    (In training, torch's formula deliberately ignores how u and v depend on W.)"""
+    shape, dim = case
+    weight, u, v, _ = make_inputs(shape, dim, torch.float64, backend_device(backend))
+    weight.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda w: gk.functional.spectral_norm(w, u, v, dim, training=False, backend=backend)[0], (weight,))
+    vector = weight.detach().flatten().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: gk.functional.spectral_norm(x, backend=backend)[0], (vector,))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend):
+    device = backend_device(backend)
+    ops = torch.ops.gannorm_kernels
+    compiled = getattr(torch.ops, backends.OPS_NAMESPACE[backend]) if backend in backends.OPS_NAMESPACE else None
+    for dtype in (torch.float32, torch.float64):
+        for shape, dim in [((4, 3, 2), 0), ((4, 3, 2), 1), ((5, 6), 0)]:
+            weight, u, v, grad_out = make_inputs(shape, dim, dtype, device)
+            for training in (True, False):
+                args = (weight.clone().requires_grad_(), u.clone(), v.clone(), None, dim, 2, EPS, training)
+                torch.library.opcheck(ops.spectral_norm_fwd, args + (backend,))
+                if compiled is not None:
+                    torch.library.opcheck(compiled.spectral_norm_fwd, (weight, u.clone(), v.clone(), None, dim, 2,
+                                                                       EPS, training))
+            _, sigma, u_used, v_used = ops.spectral_norm_fwd(weight, u.clone(), v.clone(), None, dim, 1, EPS, False,
+                                                             backend)
+            torch.library.opcheck(ops.spectral_norm_fwd, (weight, u, v, sigma, dim, 1, EPS, False, backend))
+            bwd_args = (grad_out, weight, u_used, v_used, sigma, dim, EPS)
+            torch.library.opcheck(ops.spectral_norm_bwd, bwd_args + (backend,))
+            vector = weight.flatten()
+            torch.library.opcheck(ops.spectral_norm_vector_fwd, (vector.clone().requires_grad_(), EPS, backend))
+            _, norm = ops.spectral_norm_vector_fwd(vector, EPS, backend)
+            torch.library.opcheck(ops.spectral_norm_vector_bwd, (grad_out.flatten(), vector, norm, EPS, backend))
+            if compiled is not None:
+                torch.library.opcheck(compiled.spectral_norm_bwd, bwd_args)
+                torch.library.opcheck(compiled.spectral_norm_vector_fwd, (vector, EPS))
+                torch.library.opcheck(compiled.spectral_norm_vector_bwd, (grad_out.flatten(), vector, norm, EPS))
+
+
+def discriminator(backend, n_power_iterations=1):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.2), nn.ConvTranspose2d(4, 2, 2), nn.Flatten(),
+                          nn.Linear(2 * 5 * 5, 1))
+    for layer in (model[0], model[2], model[4]):
+        gk.spectral_norm(layer, n_power_iterations=n_power_iterations, backend=backend)
+    return model.to(backend_device(backend))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()  # each test compiles afresh (dynamo's recompile limit is per code object)
+    model = discriminator(backend)
+    compiled_model = copy.deepcopy(model)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=aot_autograd(fw_compiler=record,
+                                                                                bw_compiler=record))
+    device = backend_device(backend)
+    for step in range(2):  # training: two forwards (real, fake) per backward, buffers updated each time
+        x_real, x_fake = torch.randn(2, 3, 6, 6, device=device), torch.randn(2, 3, 6, 6, device=device)
+        eager_loss = model(x_real).mean() - model(x_fake).mean()
+        compiled_loss = compiled(x_real).mean() - compiled(x_fake).mean()
+        eager_loss.backward()
+        compiled_loss.backward()
+        torch.testing.assert_close(compiled_loss, eager_loss)
+        for (name, p), p_compiled in zip(model.named_parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(p_compiled.grad, p.grad, msg=lambda m: f"step {step} {name}: {m}")
+        for (name, b), b_compiled in zip(model.named_buffers(), compiled_model.buffers()):
+            torch.testing.assert_close(b_compiled, b, msg=lambda m: f"step {step} {name}: {m}")
+    model.eval()
+    compiled_model.eval()
+    x = torch.randn(2, 3, 6, 6, device=device)
+    torch.testing.assert_close(compiled(x), model(x))
+    if backend != "reference":
+        assert sum(code.count("gannorm_kernels.spectral_norm_fwd") for code in graphs) >= 3
+        assert sum(code.count("gannorm_kernels.spectral_norm_bwd") for code in graphs) >= 3
+
+
+# The design (see the kernels' headers) and the budget (issue) in launches.
+TRAIN_LAUNCHES = {1: 3, 2: 5, 3: 7}  # 2 n + 1; budget: 3, and at most 2 per extra iteration
+BACKWARD_LAUNCHES, BACKWARD_BUDGET = 2, 2
+EVAL_CACHED_LAUNCHES, EVAL_BUDGET = 1, 1
+EVAL_UNCACHED_LAUNCHES = 2
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_launch_budget(backend, dim):
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(8, 6, 3) if dim == 1 else nn.Conv2d(6, 8, 3)
+    theirs = parametrizations.spectral_norm(copy.deepcopy(layer)).to(device)
+    for n, expected in TRAIN_LAUNCHES.items():
+        ours = gk.spectral_norm(copy.deepcopy(layer), n_power_iterations=n, backend=backend).to(device)
+        with count_launches() as forward:
+            weight = ours.weight
+        grad = torch.randn_like(weight)  # dense, as a layer's backward gives it
+        with count_launches() as backward:
+            weight.backward(grad)
+        assert (forward.ours, forward.aten_ops) == (expected, [])
+        assert expected <= 3 + 2 * (n - 1)
+        assert (backward.ours, backward.aten_ops) == (BACKWARD_LAUNCHES, [])
+    assert BACKWARD_LAUNCHES <= BACKWARD_BUDGET
+    ours.eval()
+    with torch.no_grad():
+        ours.parametrizations.weight.original.mul_(1.5)  # invalidates the cached sigma
+    with count_launches() as first_eval:
+        ours.weight
+    with count_launches() as second_eval:
+        ours.weight
+    assert (first_eval.ours, first_eval.aten_ops) == (EVAL_UNCACHED_LAUNCHES, [])
+    assert (second_eval.ours, second_eval.aten_ops) == (EVAL_CACHED_LAUNCHES, [])
+    assert EVAL_CACHED_LAUNCHES <= EVAL_BUDGET
+
+    with count_launches() as torch_forward:
+        weight = theirs.weight
+    with count_launches() as torch_backward:
+        weight.backward(grad)
+    theirs.eval()
+    with count_launches() as torch_eval:
+        theirs.weight
+    print(f"spectral_norm dim={dim}: ours {TRAIN_LAUNCHES[1]}/{BACKWARD_LAUNCHES}/{EVAL_CACHED_LAUNCHES}, torch "
+          f"{torch_forward.total}/{torch_backward.total}/{torch_eval.total} launches (train/backward/eval)")
+    assert TRAIN_LAUNCHES[1] < torch_forward.total and BACKWARD_LAUNCHES < torch_backward.total
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_vector_launch_budget(backend):
+    weight = torch.randn(9, device=backend_device(backend), requires_grad=True)
+    with count_launches() as forward:
+        out, _ = gk.functional.spectral_norm(weight, backend=backend)
+    grad = torch.randn_like(out)
+    with count_launches() as backward:
+        out.backward(grad)
+    assert (forward.ours, forward.aten_ops, backward.ours, backward.aten_ops) == (2, [], 2, [])
+
+
+# ---- the module API: a drop-in for torch.nn.utils.parametrizations.spectral_norm ----
+
+MODULES = {
+    "Linear": (lambda: nn.Linear(5, 7), (3, 5)),
+    "Conv1d": (lambda: nn.Conv1d(3, 4, 3), (2, 3, 9)),
+    "Conv2d": (lambda: nn.Conv2d(3, 4, 3), (2, 3, 7, 7)),
+    "Conv3d": (lambda: nn.Conv3d(2, 3, 2), (2, 2, 4, 4, 4)),
+    "ConvTranspose1d": (lambda: nn.ConvTranspose1d(3, 4, 3), (2, 3, 5)),
+    "ConvTranspose2d": (lambda: nn.ConvTranspose2d(3, 4, 3), (2, 3, 5, 5)),
+    "ConvTranspose3d": (lambda: nn.ConvTranspose3d(2, 3, 2), (2, 2, 3, 3, 3)),
+    "Embedding": (lambda: nn.Embedding(6, 4), None),
+}
+TRAJECTORY_ULPS = 8
+
+
+def module_input(kind, device):
+    shape = MODULES[kind][1]
+    if shape is None:
+        return torch.randint(0, 6, (2, 3), device=device)
+    return torch.randn(shape, device=device)
+
+
+def twin_modules(kind, backend, n_power_iterations=1):
+    """(torch's spectral norm, ours) on equal copies of one module, registered from the same
+    random state (the buffers' initial draws come from it)."""
+    torch.manual_seed(0)
+    theirs = MODULES[kind][0]()
+    ours = copy.deepcopy(theirs)
+    torch.manual_seed(1)
+    parametrizations.spectral_norm(theirs, n_power_iterations=n_power_iterations)
+    torch.manual_seed(1)
+    gk.spectral_norm(ours, n_power_iterations=n_power_iterations, backend=backend)
+    device = backend_device(backend)
+    return theirs.to(device), ours.to(device)
+
+
+@pytest.mark.parametrize("n_power_iterations", [1, 2])
+@pytest.mark.parametrize("kind", list(MODULES))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_matches_torch_parametrization(backend, kind, n_power_iterations):
+    theirs, ours = twin_modules(kind, backend, n_power_iterations)
+    their_state, our_state = theirs.state_dict(), ours.state_dict()
+    assert list(our_state) == list(their_state)
+    for key in their_state:  # registration: same draws, same 15 + n warm-up iterations
+        assert torch.equal(our_state[key], their_state[key]), key
+    # Train ours, torch's and torch's in fp64 side by side, two forwards (real, fake) per step
+    # as a GAN discriminator does: everything stays as close to the fp64 run as torch's does.
+    theirs64 = copy.deepcopy(theirs).double()
+    models = (ours, theirs, theirs64)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    torch.manual_seed(2)
+    device = backend_device(backend)
+    for step in range(3):
+        inputs = [module_input(kind, device) for _ in range(2)]
+        losses = []
+        for i, m in enumerate(models):
+            xs = [x.double() if i == 2 and x.is_floating_point() else x for x in inputs]
+            losses.append(m(xs[0]).square().mean() - m(xs[1]).mean())
+        assert_as_accurate_as(losses[0], losses[1], losses[2], f"step {step} loss", TRAJECTORY_ULPS)
+        for loss in losses:
+            loss.backward()
+        for (name, p), p_theirs, p64 in zip(ours.named_parameters(), theirs.parameters(), theirs64.parameters()):
+            assert_as_accurate_as(p.grad, p_theirs.grad, p64.grad, f"step {step} {name}.grad", TRAJECTORY_ULPS)
+        for (name, b), b_theirs, b64 in zip(ours.named_buffers(), theirs.buffers(), theirs64.buffers()):
+            assert_as_accurate_as(b, b_theirs, b64, f"step {step} {name}", TRAJECTORY_ULPS)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+    for m in models:
+        m.eval()
+    before = {name: b.clone() for name, b in ours.named_buffers()}
+    x = module_input(kind, device)
+    outputs = [m(x.double() if i == 2 and x.is_floating_point() else x) for i, m in enumerate(models)]
+    assert_as_accurate_as(outputs[0], outputs[1], outputs[2], "eval output", TRAJECTORY_ULPS)
+    for name, b in ours.named_buffers():  # no update in eval
+        assert torch.equal(b, before[name]), name
+
+
+@pytest.mark.parametrize("kind", ["Conv2d", "ConvTranspose2d"])
+def test_default_dim_is_torchs(kind):
+    theirs, ours = twin_modules(kind, "reference")
+    assert ours.parametrizations.weight[0].dim == theirs.parametrizations.weight[0].dim == (
+        1 if kind.startswith("ConvTranspose") else 0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_eval_reuses_sigma_until_the_weight_changes(backend):
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    layer = gk.spectral_norm(nn.Linear(6, 5), backend=backend).to(device)
+    sn = layer.parametrizations.weight[0]
+    layer.weight.sum().backward()  # a training forward (updates the buffers)
+    layer.eval()
+    u, v = sn._u.clone(), sn._v.clone()
+
+    def expected():  # torch's eval: sigma = u^T W v from the buffers
+        w = layer.parametrizations.weight.original.detach()
+        return w / torch.dot(u, w @ v)
+
+    torch.testing.assert_close(layer.weight, expected())
+    torch.optim.SGD(layer.parameters(), lr=0.5).step()  # the weight changes
+    with count_launches() as n:
+        recomputed = layer.weight
+    torch.testing.assert_close(recomputed, expected())
+    with count_launches() as n_again:
+        again = layer.weight
+    torch.testing.assert_close(again, expected())
+    assert torch.equal(sn._u, u) and torch.equal(sn._v, v)
+    if backend != "reference":
+        assert (n.ours, n_again.ours) == (EVAL_UNCACHED_LAUNCHES, EVAL_CACHED_LAUNCHES)
+    with torch.no_grad():  # so does a buffer (a checkpoint load, say)
+        sn._u.copy_(nn.functional.normalize(torch.randn_like(sn._u), dim=0))
+    u = sn._u.clone()
+    torch.testing.assert_close(layer.weight, expected())
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_sigmas(backend):
+    model = discriminator(backend)
+    vector_holder = nn.Module()
+    vector_holder.weight = nn.Parameter(torch.randn(7, device=backend_device(backend)))
+    model.append(gk.spectral_norm(vector_holder, backend=backend))
+    x = torch.randn(2, 3, 6, 6, device=backend_device(backend))
+    model[:5](x)
+    model[5].weight
+    with count_launches() as n:
+        found = gk.sigmas(model)
+    assert n.total == 0
+    assert list(found) == ["0.weight", "2.weight", "4.weight", "5.weight"]
+    for name in ("0", "2", "4"):
+        sn = model.get_submodule(name).parametrizations.weight
+        expected = torch.dot(sn[0]._u, reference.spectral_weight_matrix(sn.original, sn[0].dim) @ sn[0]._v)
+        torch.testing.assert_close(found[f"{name}.weight"], expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(found["5.weight"], vector_holder.parametrizations.weight.original.detach().norm())
+
+
+@pytest.mark.parametrize("kind", ["Conv2d", "ConvTranspose2d", "Linear"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_loads_legacy_checkpoint(backend, kind):
+    torch.manual_seed(0)
+    legacy = nn.utils.spectral_norm(MODULES[kind][0]())
+    x = module_input(kind, "cpu")
+    for _ in range(3):  # move u and v away from their initial values
+        legacy(x)
+    legacy.eval()
+    state = legacy.state_dict()
+    assert {"weight_orig", "weight_u", "weight_v"} <= set(state)
+    ours = gk.spectral_norm(MODULES[kind][0](), backend=backend).to(backend_device(backend))
+    ours.load_state_dict(state, strict=True)
+    ours.eval()
+    torch.testing.assert_close(ours(x.to(backend_device(backend))).cpu(), legacy(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_one_dimensional_weight_behaves_as_torch(backend):
+    def holder():
+        m = nn.Module()
+        m.weight = nn.Parameter(torch.linspace(-1, 2, 9))
+        return m
+
+    theirs = parametrizations.spectral_norm(holder())
+    ours = gk.spectral_norm(holder(), backend=backend).to(backend_device(backend))
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == ["parametrizations.weight.original"]
+    torch.testing.assert_close(ours.weight.cpu(), theirs.weight)
+    ours.weight.square().sum().backward()
+    theirs.weight.square().sum().backward()
+    torch.testing.assert_close(ours.parametrizations.weight.original.grad.cpu(),
+                               theirs.parametrizations.weight.original.grad)
+
+
+# ---- bad input ----
+
+def test_bad_module_arguments():
+    with pytest.raises(ValueError, match="n_power_iterations must be a positive int, got 0"):
+        gk.spectral_norm(nn.Linear(3, 2), n_power_iterations=0)
+    with pytest.raises(IndexError, match="dim=2 is out of range for a 2-d weight"):
+        gk.spectral_norm(nn.Linear(3, 2), dim=2)
+    with pytest.raises(ValueError, match="no parameter or buffer named 'kernel'"):
+        gk.spectral_norm(nn.Linear(3, 2), name="kernel")
+    with pytest.raises(ValueError, match="eps must be a positive finite number"):
+        gk.spectral_norm(nn.Linear(3, 2), eps=0.0)
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        gk.spectral_norm(nn.Linear(3, 2), backend="gpu")
+    m = nn.Module()
+    m.weight = nn.Parameter(torch.ones(3, 2, dtype=torch.int32), requires_grad=False)
+    with pytest.raises(TypeError, match="weight must be float16.*torch.int32"):
+        gk.spectral_norm(m)
+
+
+def test_bad_functional_arguments():
+    weight, u, v = torch.randn(4, 3), torch.randn(4), torch.randn(3)
+    with pytest.raises(ValueError, match=r"u must have shape \(4,\).*got \(3,\)"):
+        gk.functional.spectral_norm(weight, v, v)
+    with pytest.raises(TypeError, match="v must have the weight's dtype"):
+        gk.functional.spectral_norm(weight, u, v.double())
+    with pytest.raises(TypeError, match="u must be a torch.Tensor of 4 elements"):
+        gk.functional.spectral_norm(weight, None, v)
+    with pytest.raises(TypeError, match="sigma must be a one-element torch.float32 tensor"):
+        gk.functional.spectral_norm(weight, u, v, training=False, sigma=torch.ones(2))
+    with pytest.raises(ValueError, match="v must be contiguous"):
+        gk.functional.spectral_norm(weight, u, torch.randn(3, 2)[:, 0])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_double_backward_is_refused_clearly(backend):
+    weight, u, v, _ = make_inputs((3, 4), 0, torch.float64, backend_device(backend))
+    weight.requires_grad_()
+    out, _ = gk.functional.spectral_norm(weight, u, v, backend=backend)
+    with pytest.raises(NotImplementedError, match="do not support double backward.*backend='reference'"):
+        torch.autograd.grad(out.square().sum(), weight, create_graph=True)
