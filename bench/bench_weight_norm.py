@@ -1,42 +1,27 @@
 """Weight norm against torch's own (`torch._weight_norm`) on GAN discriminator layers:
 forward and forward+backward, every backend that runs on this device.
 
-`pytest bench/` on a GPU gives the comparison; on a CPU-only machine a small smoke set runs
-(CI: with --benchmark-disable), since CPU timings say nothing about GPU kernels. Each row's
-extra_info carries the op's launch count and the bytes its kernels must move, so a GPU run
-can say how far each timing is from the hardware limit.
+Each row's extra_info carries the op's launch count and the bytes its kernels must move, so
+a GPU run can say how far each timing is from the hardware limit (see gan_layers.py for the
+layers and the CPU smoke set).
 """
 
 import pytest
 import torch
 
+from gan_layers import DEVICE, DTYPES, LAYERS, device_name, element_bytes, layer_id, synchronize
+
 from gannorm_kernels import backends
 from gannorm_kernels.functional import weight_norm
 from gannorm_kernels.launches import count_launches
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-# (model, layer, weight shape): DCGAN 64x64, SNGAN CIFAR (ResNet, 128 ch), BigGAN-128 (ch 96).
-GAN_LAYERS = [
-    ("dcgan64", "conv1", (64, 3, 4, 4)),
-    ("dcgan64", "conv3", (256, 128, 4, 4)),
-    ("dcgan64", "conv4", (512, 256, 4, 4)),
-    ("sngan-cifar", "block.conv", (128, 128, 3, 3)),
-    ("sngan-cifar", "linear", (1, 128)),
-    ("biggan128", "block4.conv", (768, 768, 3, 3)),
-    ("biggan128", "block5.conv", (1536, 1536, 3, 3)),
-    ("biggan128", "embed", (1000, 1536)),
-]
-SMOKE_LAYERS = [GAN_LAYERS[0], GAN_LAYERS[4]]
-LAYERS = GAN_LAYERS if DEVICE == "cuda" else SMOKE_LAYERS
 DIMS = [0, 1]
-DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 BACKENDS = ["torch"] + [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
 
 
 def bytes_moved(shape, dtype, backward):
     """What the kernels must read and write at least: v -> w forward, (grad_w, v) -> grad_v backward."""
-    n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    n = element_bytes(shape, dtype)
     return 5 * n if backward else 2 * n
 
 
@@ -46,14 +31,9 @@ def make_op(backend, dim):
     return lambda v, g: weight_norm(v, g, dim, backend=backend)
 
 
-def synchronize():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dim", DIMS, ids=lambda d: f"dim{d}")
-@pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: f"{layer[0]}-{layer[1]}")
+@pytest.mark.parametrize("layer", LAYERS, ids=layer_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 def test_weight_norm(benchmark, mode, backend, layer, dim, dtype):
@@ -78,6 +58,6 @@ def test_weight_norm(benchmark, mode, backend, layer, dim, dtype):
     with count_launches() as launches:
         w = step()
     benchmark.extra_info.update(launches=launches.total, bytes=bytes_moved(shape, dtype, backward),
-                                device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu")
+                                device=device_name())
     benchmark(step)
     assert torch.isfinite(w).all()

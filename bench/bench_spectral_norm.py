@@ -1,0 +1,58 @@
+"""Spectral norm against torch.nn.utils.parametrizations.spectral_norm on GAN discriminator
+layers: a training forward (power iteration, sigma, W / sigma), training forward+backward, and
+an eval forward (weight unchanged), for every backend that runs on this device.
+
+Each row's extra_info carries the launch count and the bytes the kernels must move (training:
+three reads of W and a write; backward: G twice, W once, dW written; eval: W in, out written).
+"""
+
+import pytest
+import torch
+from gan_layers import DEVICE, DTYPES, LAYERS, device_name, element_bytes, layer_id, synchronize
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import gannorm_kernels as gk
+from gannorm_kernels import backends
+from gannorm_kernels.launches import count_launches
+
+BACKENDS = ["torch"] + [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
+MODES = {"train-forward": 4, "train-forward+backward": 8, "eval-forward": 2}  # bytes, in weights
+
+
+def layer_with_weight(shape, dtype, backend):
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.randn(shape, dtype=dtype))
+    holder = holder.to(DEVICE)
+    if backend == "torch":
+        return parametrizations.spectral_norm(holder)
+    return gk.spectral_norm(holder, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layer", LAYERS, ids=layer_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_spectral_norm(benchmark, mode, backend, layer, dtype):
+    module = layer_with_weight(layer[2], dtype, backend)
+    if mode == "eval-forward":
+        module.eval()
+    grad = torch.randn(layer[2], dtype=dtype, device=DEVICE)
+    backward = mode == "train-forward+backward"
+
+    def step():
+        weight = module.weight
+        if backward:
+            weight.backward(grad)
+        synchronize()
+        return weight
+
+    step()  # warm-up: the eval cache fills here, as in any second eval forward
+    with count_launches() as launches:
+        weight = step()
+    benchmark.extra_info.update(launches=launches.total, bytes=MODES[mode] * element_bytes(layer[2], dtype),
+                                device=device_name())
+    benchmark(step)
+    assert torch.isfinite(weight).all()
+
