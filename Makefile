@@ -12,7 +12,7 @@ export CUDA_HOME
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh csrc/emu/*)
 PYTEST_FLAGS ?= -q
 
-.PHONY: all setup build test demo bench cmake-check gpu-check clean
+.PHONY: all setup build test demo bench cmake-check static-check gpu-check clean
 
 all: test
 
@@ -40,7 +40,12 @@ cmake-check: $(VENV)/.requirements
 	spec = importlib.util.spec_from_file_location('_C', path); spec.loader.exec_module(importlib.util.module_from_spec(spec)); \
 	print('cmake-check: built and loaded', path, '->', torch.ops.gannorm_cuda.weight_norm_fwd.default._schema)"
 
-test: build cmake-check
+# Every Triton kernel configuration compiled for sm_80/sm_90 and every CUDA kernel's resources:
+# fails on a spill or a kernel that no longer compiles.
+static-check: build
+	$(PY) -m gannorm_kernels.static_check --output build/static_check.md
+
+test: build cmake-check static-check
 	$(PY) -m pytest $(PYTEST_FLAGS) tests bench --benchmark-disable
 
 demo: build

@@ -1,5 +1,7 @@
 """Helpers shared by the Triton launchers: accumulation dtype, block sizes, launch counting."""
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -7,11 +9,16 @@ from torch.utils._python_dispatch import _disable_current_modes
 from triton.runtime.interpreter import InterpretedFunction
 
 _launches = 0
+_recording = None
 
 
 def launch(kernel, grid, *args, **constexprs):
-    """Launches `kernel` on `grid`, counted for the launch-budget tests."""
+    """Launches `kernel` on `grid`, counted for the launch-budget tests (inside
+    `record_launches()`: recorded instead, not run)."""
     global _launches
+    if _recording is not None:
+        _recording.append((kernel, grid, args, constexprs))
+        return
     _launches += 1
     if INTERPRETED:
         # The interpreter's host copies of the arguments are no GPU work: hide them from
@@ -20,6 +27,19 @@ def launch(kernel, grid, *args, **constexprs):
             kernel[grid](*args, **constexprs)
     else:
         kernel[grid](*args, **constexprs)
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Inside, launchers record (kernel, grid, args, constexprs) instead of launching: with
+    meta tensors they then show the configurations they would run, without running anything
+    (the static GPU check compiles exactly those)."""
+    global _recording
+    previous, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = previous
 
 
 def launch_count() -> int:

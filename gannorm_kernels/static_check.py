@@ -1,0 +1,214 @@
+"""Static GPU check, for machines without a GPU: `python -m gannorm_kernels.static_check`
+(`make static-check`, part of `make test`).
+
+- Triton: the launchers are run on meta tensors for every GAN layer in
+  `gannorm_kernels.workloads`, every dim and dtype they support, with launches recorded
+  instead of run; each distinct (kernel, dtypes, constexprs, num_warps) is compiled for sm_80
+  and sm_90 with `triton.compile`, and the cubin's resource usage read with `cuobjdump`.
+- CUDA C++: `cuobjdump -res-usage` on the built extension, every kernel and arch.
+
+Prints one row per kernel configuration and arch: registers, shared memory, local memory
+(spills). Exits non-zero if anything fails to compile or spills. Triton's runtime specialises
+integer arguments (== 1, divisible by 16) further than this generic compile does; the register
+counts are those of the generic variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+TARGET_ARCHS = (80, 90)
+_TRITON_DTYPES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp64"}
+
+
+def _workload_launches():
+    """Every Triton launch the launchers make for the GAN layers, recorded on meta tensors."""
+    import torch
+
+    from . import triton as kernels
+    from .ops.spectral_norm import matrix_shape
+    from .triton.common import record_launches
+    from .workloads import GAN_LAYERS
+
+    def meta(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    with record_launches() as records:
+        for _, _, shape in GAN_LAYERS:
+            for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                acc = torch.float64 if dtype == torch.float64 else torch.float32
+                v = meta(*shape, dtype=dtype)
+                for dim in (0, 1, len(shape) - 1, -1):
+                    channels = 1 if dim == -1 else shape[dim]
+                    g = meta(channels, dtype=dtype)
+                    kernels.weight_norm_fwd(v, g, dim)
+                    kernels.weight_norm_bwd(v, v, g, meta(channels, dtype=acc), dim)
+                for dim in (0, 1):
+                    h, w = matrix_shape(shape, dim)
+                    u, vec = meta(h, dtype=dtype), meta(w, dtype=dtype)
+                    sigma = meta(dtype=acc)
+                    kernels.spectral_norm_fwd(v, u, vec, None, dim, 2, 1e-12, True)
+                    kernels.spectral_norm_fwd(v, u, vec, None, dim, 1, 1e-12, False)
+                    kernels.spectral_norm_fwd(v, u, vec, sigma, dim, 1, 1e-12, False)
+                    kernels.spectral_norm_bwd(v, v, meta(h, dtype=acc), meta(w, dtype=acc), sigma, dim, 1e-12)
+                flat = meta(v.numel(), dtype=dtype)
+                kernels.spectral_norm_vector_fwd(flat, 1e-12)
+                kernels.spectral_norm_vector_bwd(flat, flat, meta(dtype=acc), 1e-12)
+    return records
+
+
+def _signature(kernel, args, constexprs):
+    """Triton's signature and constexpr dict for a recorded launch."""
+    signature, values = {}, {}
+    positional = iter(args)
+    for param in kernel.params:
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            values[param.name] = constexprs[param.name]
+            continue
+        value = next(positional)
+        if hasattr(value, "dtype"):
+            signature[param.name] = "*" + _TRITON_DTYPES[str(value.dtype)]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -(2 ** 31) <= value < 2 ** 31 else "i64"
+        else:
+            signature[param.name] = "fp32"
+    return signature, values
+
+
+def _cuobjdump() -> str:
+    import triton
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def _resource_usage(binary: str):
+    """[(arch, mangled function name, {REG, STACK, SHARED, LOCAL})] from `cuobjdump -res-usage`."""
+    out = subprocess.run([_cuobjdump(), "-res-usage", binary], capture_output=True, text=True, check=True).stdout
+    rows, arch, function = [], "", None
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("arch = "):
+            arch = line.split("=", 1)[1].strip()
+        elif line.startswith("Function "):
+            function = line[len("Function "):].rstrip(":")
+        elif function and (match := _RESOURCES.search(line)):
+            rows.append((arch, function, dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, match.groups())))))
+            function = None
+    return rows
+
+
+def check_triton():
+    """Rows (kernel, config, arch, usage or error) for every recorded Triton configuration."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.interpreter import InterpretedFunction
+
+    records = _workload_launches()
+    if records and isinstance(records[0][0], InterpretedFunction):
+        raise SystemExit("static_check: TRITON_INTERPRET=1 is set; the kernels must be compiled, not interpreted")
+    seen, rows = set(), []
+    for kernel, _, args, constexprs in records:
+        constexprs = dict(constexprs)
+        num_warps = constexprs.pop("num_warps", 4)
+        signature, values = _signature(kernel, args, constexprs)
+        pointer_types = ",".join(sorted({t for t in signature.values() if t.startswith("*")}))
+        config = ", ".join(f"{k}={getattr(v, 'name', v)}" for k, v in values.items()) + f", warps={num_warps}"
+        key = (kernel.fn.__module__, kernel.fn.__name__, pointer_types, config, tuple(signature.values()))
+        if key in seen:
+            continue
+        seen.add(key)
+        for arch in TARGET_ARCHS:
+            family = kernel.fn.__module__.rsplit(".", 1)[-1]
+            label = (f"triton {family}.{kernel.fn.__name__}", f"{pointer_types}; {config}", f"sm_{arch}")
+            try:
+                compiled = triton.compile(ASTSource(kernel, signature, constexprs=values),
+                                          target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                    cubin.write(compiled.asm["cubin"])
+                    cubin.flush()
+                    (_, _, usage), = _resource_usage(cubin.name)
+                rows.append(label + (usage, None))
+            except Exception as error:  # a kernel that no longer compiles is a finding, not a crash
+                rows.append(label + (None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"))
+    return rows
+
+
+def check_cuda():
+    """Rows for every kernel and arch in the built CUDA extension (none if it is not built)."""
+    from . import backends
+
+    if backends.extension_error("cuda") is not None:
+        return [], backends.extension_error("cuda")
+    module, _ = backends._import("gannorm_kernels._C")
+    rows = []
+    usage = _resource_usage(module.__file__)
+    names = subprocess.run(["c++filt"], input="\n".join(f for _, f, _ in usage), capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    for (arch, _, resources), name in zip(usage, names):
+        # "void gannorm::cuda::(anonymous namespace)::kernel<float, true>(float*, ...)" -> kernel, <float, true>
+        name = re.sub(r"^void |gannorm::cuda::|\(anonymous namespace\)::", "", name)
+        name = name[:name.index("(")].replace("c10::BFloat16", "bf16").replace("c10::Half", "fp16")
+        kernel, _, template = name.partition("<")
+        rows.append((f"cuda {kernel}", f"<{template}" if template else "-", arch, resources, None))
+    return rows, None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-triton", action="store_true", help="only the CUDA extension")
+    parser.add_argument("--output", help="write the full table (a row per configuration and arch) here; "
+                        "stdout then gets a row per kernel")
+    args = parser.parse_args(argv)
+    rows = [] if args.skip_triton else check_triton()
+    cuda_rows, cuda_missing = check_cuda()
+    rows += cuda_rows
+    table = ["| kernel | configuration | arch | registers | shared bytes | local (spill) bytes | status |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    summary = {}
+    failures = []
+    for kernel, config, arch, usage, error in rows:
+        entry = summary.setdefault(kernel, {"configs": 0, "REG": 0, "SHARED": 0, "LOCAL": 0, "failed": 0})
+        entry["configs"] += 1
+        if error is not None:
+            entry["failed"] += 1
+            failures.append(f"{kernel} [{config}] {arch}: {error}")
+            table.append(f"| {kernel} | {config} | {arch} | | | | FAILED: {error} |")
+            continue
+        for key in ("REG", "SHARED", "LOCAL"):
+            entry[key] = max(entry[key], usage[key])
+        if usage["LOCAL"] > 0:
+            failures.append(f"{kernel} [{config}] {arch}: spills {usage['LOCAL']} bytes to local memory")
+        table.append(f"| {kernel} | {config} | {arch} | {usage['REG']} | {usage['SHARED']} | {usage['LOCAL']} | "
+                     f"{'SPILLS' if usage['LOCAL'] else 'ok'} |")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text("\n".join(table) + "\n")
+        print(f"| kernel | configurations x archs (sm_{', sm_'.join(map(str, TARGET_ARCHS))}) | max registers | "
+              "max shared bytes | max local (spill) bytes | failed |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for kernel, e in summary.items():
+            print(f"| {kernel} | {e['configs']} | {e['REG']} | {e['SHARED']} | {e['LOCAL']} | {e['failed']} |")
+    else:
+        print("\n".join(table))
+    triton_count = sum(r[0].startswith("triton") for r in rows)
+    print(f"\nstatic check: {triton_count} Triton compilations, {len(cuda_rows)} CUDA kernels"
+          + (f" (CUDA extension not checked: {cuda_missing})" if cuda_missing else "")
+          + (f"; full table in {args.output}" if args.output else "") + f"; {len(failures)} failure(s)")
+    for failure in failures:
+        print(f"  {failure}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
