@@ -51,5 +51,25 @@ test: build cmake-check static-check
 demo: build
 	$(PY) examples/demo.py
 
+HAS_GPU = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
+
+# Benchmarks on this machine's device. GPU results go to bench/results/<gpu>-<commit>.{json,md};
+# CPU-only runs time the CPU paths into build/bench-results (they say nothing about GPU speed).
+bench: build
+	$(PY) -m pytest -q bench --benchmark-json=build/bench.json $(BENCH_FLAGS)
+	@if [ "$(HAS_GPU)" = 1 ]; then $(PY) bench/report.py build/bench.json --out-dir bench/results; \
+	else $(PY) bench/report.py build/bench.json --out-dir build/bench-results; \
+	echo "make bench: no GPU here, so these are CPU timings of the reference and emulated paths; GPU numbers need a GPU (make gpu-check)"; fi
+
+# On a CUDA machine: build, every test (the cuda and triton backends on the GPU), benchmarks,
+# results under bench/results/ with the GPU's name and the commit.
+gpu-check: build
+	@if [ "$(HAS_GPU)" != 1 ]; then echo "make gpu-check: no CUDA GPU is visible here (torch.cuda.is_available() is False); run it on a CUDA machine"; exit 1; fi
+	$(PY) -m gannorm_kernels.info
+	$(PY) -m gannorm_kernels.static_check --skip-triton --output build/static_check_cuda.md
+	$(PY) -m pytest $(PYTEST_FLAGS) tests
+	$(PY) -m pytest -q bench --benchmark-json=build/bench.json
+	$(PY) bench/report.py build/bench.json --out-dir bench/results
+
 clean:
 	rm -rf build gannorm_kernels/*.so gannorm_kernels/_build_info.py *.egg-info $(VENV)/.built

@@ -2,22 +2,30 @@
 layers: a training forward (power iteration, sigma, W / sigma), training forward+backward, and
 an eval forward (weight unchanged), for every backend that runs on this device.
 
-Each row's extra_info carries the launch count and the bytes the kernels must move (training:
-three reads of W and a write; backward: G twice, W once, dW written; eval: W in, out written).
+Each row's extra_info carries the measured launch count and the bytes the kernels move
+(gannorm_kernels.perf_model: training reads W three times and writes W / sigma; backward reads
+G twice and W once and writes dW; eval reads W and writes W / sigma).
 """
 
 import pytest
 import torch
-from gan_layers import DEVICE, DTYPES, LAYERS, device_name, element_bytes, layer_id, synchronize
+from gan_layers import DEVICE, DTYPES, LAYERS, describe, layer_id, synchronize
 from torch import nn
 from torch.nn.utils import parametrizations
 
 import gannorm_kernels as gk
-from gannorm_kernels import backends
+from gannorm_kernels import backends, perf_model
 from gannorm_kernels.launches import count_launches
 
 BACKENDS = ["torch"] + [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
-MODES = {"train-forward": 4, "train-forward+backward": 8, "eval-forward": 2}  # bytes, in weights
+MODES = ["train-forward", "train-forward+backward", "eval-forward"]
+
+
+def cost(mode, shape, dtype):
+    if mode == "train-forward+backward":
+        train, backward = perf_model.spectral_norm(shape, dtype), perf_model.spectral_norm(shape, dtype, mode="backward")
+        return perf_model.Cost(train.launches + backward.launches, train.bytes + backward.bytes)
+    return perf_model.spectral_norm(shape, dtype, mode="train" if mode == "train-forward" else "eval-cached")
 
 
 def layer_with_weight(shape, dtype, backend):
@@ -33,7 +41,7 @@ def layer_with_weight(shape, dtype, backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layer", LAYERS, ids=layer_id)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", MODES)
 def test_spectral_norm(benchmark, mode, backend, layer, dtype):
     module = layer_with_weight(layer[2], dtype, backend)
     if mode == "eval-forward":
@@ -51,8 +59,7 @@ def test_spectral_norm(benchmark, mode, backend, layer, dtype):
     step()  # warm-up: the eval cache fills here, as in any second eval forward
     with count_launches() as launches:
         weight = step()
-    benchmark.extra_info.update(launches=launches.total, bytes=MODES[mode] * element_bytes(layer[2], dtype),
-                                device=device_name())
+    describe(benchmark, "spectral_norm", mode, backend, layer, dtype, cost(mode, layer[2], dtype), launches.total)
     benchmark(step)
     assert torch.isfinite(weight).all()
 

@@ -1,28 +1,22 @@
 """Weight norm against torch's own (`torch._weight_norm`) on GAN discriminator layers:
 forward and forward+backward, every backend that runs on this device.
 
-Each row's extra_info carries the op's launch count and the bytes its kernels must move, so
-a GPU run can say how far each timing is from the hardware limit (see gan_layers.py for the
-layers and the CPU smoke set).
+Each row's extra_info carries the measured launch count and the bytes the kernels move
+(gannorm_kernels.perf_model), so a GPU run can say how far each timing is from the hardware
+limit (see gan_layers.py for the layers and the CPU smoke set).
 """
 
 import pytest
 import torch
 
-from gan_layers import DEVICE, DTYPES, LAYERS, device_name, element_bytes, layer_id, synchronize
+from gan_layers import DEVICE, DTYPES, LAYERS, describe, layer_id, synchronize
 
-from gannorm_kernels import backends
+from gannorm_kernels import backends, perf_model
 from gannorm_kernels.functional import weight_norm
 from gannorm_kernels.launches import count_launches
 
 DIMS = [0, 1]
 BACKENDS = ["torch"] + [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
-
-
-def bytes_moved(shape, dtype, backward):
-    """What the kernels must read and write at least: v -> w forward, (grad_w, v) -> grad_v backward."""
-    n = element_bytes(shape, dtype)
-    return 5 * n if backward else 2 * n
 
 
 def make_op(backend, dim):
@@ -57,7 +51,7 @@ def test_weight_norm(benchmark, mode, backend, layer, dim, dtype):
 
     with count_launches() as launches:
         w = step()
-    benchmark.extra_info.update(launches=launches.total, bytes=bytes_moved(shape, dtype, backward),
-                                device=device_name())
+    describe(benchmark, "weight_norm", f"{mode} dim {dim}", backend, layer, dtype,
+             perf_model.weight_norm(shape, dtype, dim, backward), launches.total)
     benchmark(step)
     assert torch.isfinite(w).all()

@@ -18,10 +18,6 @@ def layer_id(layer):
     return f"{layer[0]}-{layer[1]}"
 
 
-def element_bytes(shape, dtype):
-    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-
-
 def synchronize():
     if DEVICE == "cuda":
         torch.cuda.synchronize()
@@ -29,3 +25,14 @@ def synchronize():
 
 def device_name():
     return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+
+
+def describe(benchmark, op, mode, backend, layer, dtype, cost, launches):
+    """extra_info of a row: what ran, its measured launches, the modelled bytes and bound."""
+    from gannorm_kernels import perf_model
+
+    bandwidth = perf_model.peak_bandwidth(device_name()) if DEVICE == "cuda" else None
+    benchmark.extra_info.update(
+        op=op, mode=mode, backend=backend, layer=layer_id(layer), shape=list(layer[2]), dtype=str(dtype),
+        launches=launches, bytes=cost.bytes, device=device_name(),
+        bound_us=cost.lower_bound_seconds(bandwidth) * 1e6 if bandwidth else None)

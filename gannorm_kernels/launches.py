@@ -20,6 +20,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import backends
 
+# Operators that make the host wait for device data (a GPU sync).
+_SYNCS = {"aten::_local_scalar_dense", "aten::equal", "aten::is_nonzero", "aten::nonzero", "aten::masked_select",
+          "aten::unique_consecutive", "aten::_unique2", "aten::repeat_interleave"}
 # Allocations launch nothing; everything else that is not a view is a kernel on a GPU.
 _NOT_KERNELS = {
     "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided",
@@ -41,12 +44,23 @@ def package_launch_count() -> int:
     return total
 
 
+def _copies_to_host(name, args, kwargs) -> bool:
+    """A device-to-host copy (`.cpu()`, `.to("cpu")`, `cpu_tensor.copy_(cuda_tensor)`)."""
+    if name == "aten::_to_copy":
+        target = kwargs.get("device")
+        return target is not None and torch.device(target).type == "cpu" and args[0].device.type != "cpu"
+    if name == "aten::copy_":
+        return args[0].device.type == "cpu" and isinstance(args[1], torch.Tensor) and args[1].device.type != "cpu"
+    return False
+
+
 @dataclass
 class LaunchCount:
     """Launches seen inside a ``count_launches()`` block."""
 
     ours: int = 0
     aten_ops: list = field(default_factory=list)
+    syncs: list = field(default_factory=list)  # ops that would make the host wait for the GPU
 
     @property
     def aten(self) -> int:
@@ -74,6 +88,8 @@ class _AtenKernelCounter(TorchDispatchMode):
         if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
             with self:
                 return func.decompose(*args, **kwargs)
+        if name in _SYNCS or _copies_to_host(name, args, kwargs):
+            self.record.syncs.append(str(func.overloadpacket.__name__))
         if not func.is_view and name not in _NOT_KERNELS:
             self.record.aten_ops.append(str(func.overloadpacket.__name__))
         return func(*args, **kwargs)
@@ -82,7 +98,8 @@ class _AtenKernelCounter(TorchDispatchMode):
 @contextlib.contextmanager
 def count_launches():
     """Counts kernel launches (ours and ATen's) in the block: ``with count_launches() as n: ...``;
-    then ``n.ours``, ``n.aten``, ``n.aten_ops`` and ``n.total``."""
+    then ``n.ours``, ``n.aten``, ``n.aten_ops``, ``n.total``, and ``n.syncs``: the operators
+    that would make the host wait for the GPU (``.item()``, device-to-host copies, ...)."""
     record = LaunchCount()
     start = package_launch_count()
     try:

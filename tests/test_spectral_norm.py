@@ -8,14 +8,14 @@ import copy
 import pytest
 import torch
 from functorch.compile import make_boxed_func
-from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, assert_as_accurate_as, assert_close_to_reference,
-                     backend_device)
+from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, assert_as_accurate_as,
+                     assert_close_to_reference, backend_device)
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torch.nn.utils import parametrizations
 
 import gannorm_kernels as gk
-from gannorm_kernels import backends, reference
+from gannorm_kernels import backends, perf_model, reference
 from gannorm_kernels.launches import count_launches
 from gannorm_kernels.ops.spectral_norm import matrix_shape
 
@@ -249,6 +249,9 @@ def test_launch_budget(backend, dim):
         assert (forward.ours, forward.aten_ops) == (expected, [])
         assert expected <= 3 + 2 * (n - 1)
         assert (backward.ours, backward.aten_ops) == (BACKWARD_LAUNCHES, [])
+        shape = tuple(weight.shape)
+        assert perf_model.spectral_norm(shape, weight.dtype, dim, "train", n).launches == expected
+    assert perf_model.spectral_norm(shape, weight.dtype, dim, "backward").launches == BACKWARD_LAUNCHES
     assert BACKWARD_LAUNCHES <= BACKWARD_BUDGET
     ours.eval()
     with torch.no_grad():
@@ -259,6 +262,8 @@ def test_launch_budget(backend, dim):
         ours.weight
     assert (first_eval.ours, first_eval.aten_ops) == (EVAL_UNCACHED_LAUNCHES, [])
     assert (second_eval.ours, second_eval.aten_ops) == (EVAL_CACHED_LAUNCHES, [])
+    assert perf_model.spectral_norm(shape, weight.dtype, dim, "eval").launches == EVAL_UNCACHED_LAUNCHES
+    assert perf_model.spectral_norm(shape, weight.dtype, dim, "eval-cached").launches == EVAL_CACHED_LAUNCHES
     assert EVAL_CACHED_LAUNCHES <= EVAL_BUDGET
 
     with count_launches() as torch_forward:
@@ -268,8 +273,9 @@ def test_launch_budget(backend, dim):
     theirs.eval()
     with count_launches() as torch_eval:
         theirs.weight
-    print(f"spectral_norm dim={dim}: ours {TRAIN_LAUNCHES[1]}/{BACKWARD_LAUNCHES}/{EVAL_CACHED_LAUNCHES}, torch "
-          f"{torch_forward.total}/{torch_backward.total}/{torch_eval.total} launches (train/backward/eval)")
+    LAUNCH_COMPARISONS[f"spectral_norm dim={dim} train / backward / eval"] = (
+        f"{TRAIN_LAUNCHES[1]} / {BACKWARD_LAUNCHES} / {EVAL_CACHED_LAUNCHES}",
+        f"{torch_forward.total} / {torch_backward.total} / {torch_eval.total}")
     assert TRAIN_LAUNCHES[1] < torch_forward.total and BACKWARD_LAUNCHES < torch_backward.total
 
 
@@ -282,6 +288,8 @@ def test_vector_launch_budget(backend):
     with count_launches() as backward:
         out.backward(grad)
     assert (forward.ours, forward.aten_ops, backward.ours, backward.aten_ops) == (2, [], 2, [])
+    assert perf_model.spectral_norm((9,), weight.dtype, mode="vector-forward").launches == forward.ours
+    assert perf_model.spectral_norm((9,), weight.dtype, mode="vector-backward").launches == backward.ours
 
 
 # ---- the module API: a drop-in for torch.nn.utils.parametrizations.spectral_norm ----

@@ -6,15 +6,15 @@ import warnings
 
 import pytest
 import torch
-from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, assert_as_accurate_as, assert_close_to_reference,
-                     backend_device)
+from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, assert_as_accurate_as,
+                     assert_close_to_reference, backend_device)
 from torch import nn
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch.nn.utils import parametrizations
 
 import gannorm_kernels as gk
-from gannorm_kernels import backends, reference
+from gannorm_kernels import backends, perf_model, reference
 from gannorm_kernels.launches import count_launches
 from gannorm_kernels.ops.weight_norm import normalize_dim
 
@@ -211,6 +211,8 @@ def test_launch_budget(backend, dim):
     assert (forward.ours, forward.aten_ops) == (FORWARD_LAUNCHES, [])
     assert (backward.ours, backward.aten_ops) == (BACKWARD_LAUNCHES, [])
     assert FORWARD_LAUNCHES <= FORWARD_BUDGET and BACKWARD_LAUNCHES <= BACKWARD_BUDGET
+    assert perf_model.weight_norm(shape, torch.float32, dim).launches == FORWARD_LAUNCHES
+    assert perf_model.weight_norm(shape, torch.float32, dim, backward=True).launches == BACKWARD_LAUNCHES
 
     # torch's own op, counted the same way, for the record: it fuses dims 0 and last only.
     tv, tg = v.detach().clone().requires_grad_(), g.detach().clone().requires_grad_()
@@ -218,8 +220,8 @@ def test_launch_budget(backend, dim):
         tw = torch._weight_norm(tv, tg, -1 if dim is None else dim)
     with count_launches() as torch_backward:
         tw.backward(grad_w)
-    print(f"weight_norm dim={dim}: ours {forward.total}/{backward.total}, "
-          f"torch {torch_forward.total}/{torch_backward.total} launches (forward/backward)")
+    LAUNCH_COMPARISONS[f"weight_norm dim={dim} forward / backward"] = (
+        f"{forward.total} / {backward.total}", f"{torch_forward.total} / {torch_backward.total}")
     assert forward.total <= torch_forward.total and backward.total <= torch_backward.total
 
 
