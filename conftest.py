@@ -18,5 +18,7 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     terminalreporter.write_line("")
     terminalreporter.write_line("kernel launches, measured (ours: every kernel backend alike; torch: its own op):")
+    width = max(map(len, comparisons))
+    ours_width = max(len(ours) for ours, _ in comparisons.values())
     for op, (ours, theirs) in sorted(comparisons.items()):
-        terminalreporter.write_line(f"  {op:<46} ours {ours:<12} torch {theirs}")
+        terminalreporter.write_line(f"  {op:<{width}}  ours {ours:<{ours_width}}  torch {theirs}")

@@ -23,8 +23,7 @@ MODES = ["train-forward", "train-forward+backward", "eval-forward"]
 
 def cost(mode, shape, dtype):
     if mode == "train-forward+backward":
-        train, backward = perf_model.spectral_norm(shape, dtype), perf_model.spectral_norm(shape, dtype, mode="backward")
-        return perf_model.Cost(train.launches + backward.launches, train.bytes + backward.bytes)
+        return perf_model.spectral_norm(shape, dtype) + perf_model.spectral_norm(shape, dtype, mode="backward")
     return perf_model.spectral_norm(shape, dtype, mode="train" if mode == "train-forward" else "eval-cached")
 
 
@@ -59,7 +58,8 @@ def test_spectral_norm(benchmark, mode, backend, layer, dtype):
     step()  # warm-up: the eval cache fills here, as in any second eval forward
     with count_launches() as launches:
         weight = step()
-    describe(benchmark, "spectral_norm", mode, backend, layer, dtype, cost(mode, layer[2], dtype), launches.total)
+    describe(benchmark, "spectral_norm", mode, backend, layer_id(layer), layer[2], dtype, cost(mode, layer[2], dtype),
+             launches.total)
     benchmark(step)
     assert torch.isfinite(weight).all()
 

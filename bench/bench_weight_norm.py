@@ -51,7 +51,10 @@ def test_weight_norm(benchmark, mode, backend, layer, dim, dtype):
 
     with count_launches() as launches:
         w = step()
-    describe(benchmark, "weight_norm", f"{mode} dim {dim}", backend, layer, dtype,
-             perf_model.weight_norm(shape, dtype, dim, backward), launches.total)
+    cost = perf_model.weight_norm(shape, dtype, dim)
+    if backward:
+        cost = cost + perf_model.weight_norm(shape, dtype, dim, backward=True)
+    describe(benchmark, "weight_norm", f"{mode} dim {dim}", backend, layer_id(layer), shape, dtype, cost,
+             launches.total)
     benchmark(step)
     assert torch.isfinite(w).all()

@@ -27,12 +27,27 @@ def device_name():
     return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
 
 
-def describe(benchmark, op, mode, backend, layer, dtype, cost, launches):
-    """extra_info of a row: what ran, its measured launches, the modelled bytes and bound."""
+def describe(benchmark, op, mode, backend, workload, shape, dtype, cost, launches, peak_bytes=None):
+    """extra_info of a row: what ran, its measured launches, the modelled bytes, flops and
+    bound, and (on a GPU) the peak memory it allocated."""
     from gannorm_kernels import perf_model
 
     bandwidth = perf_model.peak_bandwidth(device_name()) if DEVICE == "cuda" else None
+    flops = perf_model.peak_fp32(device_name()) if DEVICE == "cuda" else None
     benchmark.extra_info.update(
-        op=op, mode=mode, backend=backend, layer=layer_id(layer), shape=list(layer[2]), dtype=str(dtype),
-        launches=launches, bytes=cost.bytes, device=device_name(),
-        bound_us=cost.lower_bound_seconds(bandwidth) * 1e6 if bandwidth else None)
+        op=op, mode=mode, backend=backend, layer=workload, shape=list(shape), dtype=str(dtype),
+        launches=launches, bytes=cost.bytes, flops=cost.flops, device=device_name(), peak_bytes=peak_bytes,
+        bound_us=cost.lower_bound_seconds(bandwidth, flops) * 1e6 if bandwidth else None)
+
+
+def peak_memory(step):
+    """Bytes allocated at the peak of one call of step (GPU only; None elsewhere)."""
+    if DEVICE != "cuda":
+        step()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before

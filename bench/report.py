@@ -31,10 +31,12 @@ def markdown(data) -> str:
         info = bench["extra_info"]
         device = info.get("device", device)
         key = (info["op"], info["mode"], info["layer"], info["dtype"].replace("torch.", ""))
-        rows[key][info["backend"]] = (bench["stats"]["mean"] * 1e6, info.get("bound_us"), info["launches"])
+        rows[key][info["backend"]] = (bench["stats"]["mean"] * 1e6, info.get("bound_us"), info["launches"],
+                                      info.get("peak_bytes"))
     backends = [b for b in BACKEND_ORDER if any(b in r for r in rows.values())]
-    lines = [f"Device: {device}. Each cell: mean time in microseconds (speedup over torch; lower bound / "
-             "mean, where the GPU's bandwidth is known); launches per call in the last column.", "",
+    lines = [f"Device: {device}. Each cell: mean time in microseconds (speedup over torch's own op; lower "
+             "bound / mean, where the GPU's peaks are known; peak memory on a GPU); launches per call in the "
+             "last column. The minibatch ops compare with their naive formulation, the reference backend.", "",
              "| op | mode | layer | dtype | " + " | ".join(backends) + " | launches |",
              "| --- | --- | --- | --- | " + " | ".join("---" for _ in backends) + " | --- |"]
     for key in sorted(rows):
@@ -45,12 +47,14 @@ def markdown(data) -> str:
             if backend not in cells:
                 shown.append("")
                 continue
-            mean, bound, _ = cells[backend]
+            mean, bound, _, peak = cells[backend]
             notes = []
             if torch_mean and backend != "torch":
                 notes.append(f"{torch_mean / mean:.2f}x")
             if bound:
                 notes.append(f"{bound / mean:.2f} of bound")
+            if peak is not None:
+                notes.append(f"peak {peak / 2 ** 20:.1f} MiB")
             shown.append(f"{mean:.1f}" + (f" ({', '.join(notes)})" if notes else ""))
         launches = ", ".join(f"{b} {cells[b][2]}" for b in backends if b in cells)
         lines.append(f"| {' | '.join(map(str, key))} | " + " | ".join(shown) + f" | {launches} |")

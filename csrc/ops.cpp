@@ -46,6 +46,14 @@ GANNORM_LIBRARY(GANNORM_OPS_NAMESPACE, m) {
         "float eps) -> Tensor");
   m.def("spectral_norm_vector_fwd(Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("spectral_norm_vector_bwd(Tensor grad_out, Tensor weight, Tensor sigma, float eps) -> Tensor");
+  m.def("similarity_cosine_fwd(Tensor features, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("similarity_cosine_bwd(Tensor grad_penalty, Tensor features, Tensor s, Tensor norms, float eps) -> Tensor");
+  m.def("similarity_rbf_fwd(Tensor features, float bandwidth) -> Tensor");
+  m.def("similarity_rbf_bwd(Tensor grad_penalty, Tensor features, float bandwidth) -> Tensor");
+  m.def("minibatch_discrimination_fwd(Tensor m) -> Tensor");
+  m.def("minibatch_discrimination_bwd(Tensor grad_o, Tensor m) -> Tensor");
+  m.def("minibatch_stddev_fwd(Tensor x, int group_size, int num_channels) -> Tensor");
+  m.def("minibatch_stddev_bwd(Tensor grad_out, Tensor x, int group_size, int num_channels) -> Tensor");
   // Kernel launches since the library was loaded (for the launch-budget tests).
   m.def("launch_count() -> int", &gannorm::launch_count);
 }
@@ -57,6 +65,14 @@ GANNORM_LIBRARY_IMPL(GANNORM_OPS_NAMESPACE, GANNORM_DISPATCH_KEY, m) {
   m.impl("spectral_norm_bwd", &gannorm::spectral_norm_bwd);
   m.impl("spectral_norm_vector_fwd", &gannorm::spectral_norm_vector_fwd);
   m.impl("spectral_norm_vector_bwd", &gannorm::spectral_norm_vector_bwd);
+  m.impl("similarity_cosine_fwd", &gannorm::similarity_cosine_fwd);
+  m.impl("similarity_cosine_bwd", &gannorm::similarity_cosine_bwd);
+  m.impl("similarity_rbf_fwd", &gannorm::similarity_rbf_fwd);
+  m.impl("similarity_rbf_bwd", &gannorm::similarity_rbf_bwd);
+  m.impl("minibatch_discrimination_fwd", &gannorm::minibatch_discrimination_fwd);
+  m.impl("minibatch_discrimination_bwd", &gannorm::minibatch_discrimination_bwd);
+  m.impl("minibatch_stddev_fwd", &gannorm::minibatch_stddev_fwd);
+  m.impl("minibatch_stddev_bwd", &gannorm::minibatch_stddev_bwd);
 }
 
 // Importing the module from Python runs the registrations above; it has no Python functions.

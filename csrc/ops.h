@@ -37,6 +37,20 @@ std::tuple<at::Tensor, at::Tensor> spectral_norm_vector_fwd(const at::Tensor& we
 at::Tensor spectral_norm_vector_bwd(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& sigma,
                                     double eps);
 
+// Pairwise similarity penalties on (N, D) features. cosine: (penalty, s, norms); rbf: penalty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cosine_fwd(const at::Tensor& features, double eps);
+at::Tensor similarity_cosine_bwd(const at::Tensor& grad_penalty, const at::Tensor& features, const at::Tensor& s,
+                                 const at::Tensor& norms, double eps);
+at::Tensor similarity_rbf_fwd(const at::Tensor& features, double bandwidth);
+at::Tensor similarity_rbf_bwd(const at::Tensor& grad_penalty, const at::Tensor& features, double bandwidth);
+// Minibatch discrimination's o (N, B) from M (N, B, C), and its gradient in M.
+at::Tensor minibatch_discrimination_fwd(const at::Tensor& m);
+at::Tensor minibatch_discrimination_bwd(const at::Tensor& grad_o, const at::Tensor& m);
+// The minibatch standard-deviation layer: cat([x, stddev channels], 1), and its gradient in x.
+at::Tensor minibatch_stddev_fwd(const at::Tensor& x, int64_t group_size, int64_t num_channels);
+at::Tensor minibatch_stddev_bwd(const at::Tensor& grad_out, const at::Tensor& x, int64_t group_size,
+                                int64_t num_channels);
+
 // Every kernel launch is counted, so tests can hold each op to its launch budget.
 void record_launch();
 int64_t launch_count();

@@ -9,6 +9,10 @@ Public API:
 - ``spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=None, *,
   backend="auto")``: a drop-in for ``torch.nn.utils.parametrizations.spectral_norm``;
   ``sigmas(model)`` reads the last sigma of each.
+- ``pairwise_similarity_penalty(features, kernel="cosine" | "rbf", bandwidth=1.0)``,
+  ``MinibatchDiscrimination(in_features, num_kernels, kernel_dim)``,
+  ``MinibatchStdDev(group_size=4, num_channels=1)``: minibatch penalties with memory linear
+  in the batch.
 - ``functional``: the ops on plain tensors.
 - ``info()``: versions, the compiled extension and each backend's availability.
 
@@ -19,8 +23,11 @@ __version__ = "0.1.0"
 
 from . import backends, functional  # noqa: E402
 from .info import info  # noqa: E402
+from .ops.minibatch import pairwise_similarity_penalty  # noqa: E402
 from .nn import (  # noqa: E402
     AdaptiveWeightNorm,
+    MinibatchDiscrimination,
+    MinibatchStdDev,
     SpectralNorm,
     WeightNorm,
     adaptive_weight_norm,
@@ -32,12 +39,15 @@ from .nn import (  # noqa: E402
 
 __all__ = [
     "AdaptiveWeightNorm",
+    "MinibatchDiscrimination",
+    "MinibatchStdDev",
     "SpectralNorm",
     "WeightNorm",
     "adaptive_weight_norm",
     "backends",
     "functional",
     "info",
+    "pairwise_similarity_penalty",
     "scale_param_groups",
     "sigmas",
     "spectral_norm",

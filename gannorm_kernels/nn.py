@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import backends, reference
+from .ops import minibatch as minibatch_ops
 from .ops import spectral_norm as spectral_norm_ops
 from .ops.weight_norm import normalize_dim
 from .ops.weight_norm import weight_norm as weight_norm_op
@@ -291,3 +292,51 @@ def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
                 if isinstance(parametrization, SpectralNorm):
                     found[f"{module_name}.{tensor_name}" if module_name else tensor_name] = parametrization.last_sigma
     return found
+
+
+class MinibatchDiscrimination(nn.Module):
+    """Minibatch discrimination (Salimans et al. 2016), with a fused pairwise kernel.
+
+    Parameter ``T`` of shape (in_features, num_kernels, kernel_dim), drawn from N(0, 1).
+    ``M = x @ T``; ``o_b(x_i) = sum_{j != i} exp(-||M_ib - M_jb||_1)``; returns
+    ``cat([x, o], 1)``, (N, in_features) -> (N, in_features + num_kernels). Memory is
+    O(N num_kernels kernel_dim) instead of the usual N x N x num_kernels x kernel_dim.
+    """
+
+    def __init__(self, in_features: int, num_kernels: int, kernel_dim: int, *, backend: str = "auto") -> None:
+        super().__init__()
+        for value, what in ((in_features, "in_features"), (num_kernels, "num_kernels"), (kernel_dim, "kernel_dim")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{what} must be a positive int, got {value!r}")
+        backends.check_installed(backend)
+        self.in_features, self.num_kernels, self.kernel_dim = in_features, num_kernels, kernel_dim
+        self.backend = backend
+        self.T = nn.Parameter(torch.empty(in_features, num_kernels, kernel_dim))
+        nn.init.normal_(self.T, 0.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return minibatch_ops.minibatch_discrimination(x, self.T, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_kernels={self.num_kernels}, kernel_dim={self.kernel_dim}, "
+                f"backend={self.backend!r}")
+
+
+class MinibatchStdDev(nn.Module):
+    """The ProGAN/StyleGAN2 minibatch standard-deviation layer, fused into one kernel each way:
+    (N, C, H, W) -> (N, C + num_channels, H, W); see
+    :func:`gannorm_kernels.functional.minibatch_stddev`."""
+
+    def __init__(self, group_size: int = 4, num_channels: int = 1, *, backend: str = "auto") -> None:
+        super().__init__()
+        for value, what in ((group_size, "group_size"), (num_channels, "num_channels")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{what} must be a positive int, got {value!r}")
+        backends.check_installed(backend)
+        self.group_size, self.num_channels, self.backend = group_size, num_channels, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return minibatch_ops.minibatch_stddev(x, self.group_size, self.num_channels, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}, num_channels={self.num_channels}, backend={self.backend!r}"

@@ -1,10 +1,11 @@
 """What each op's kernels read and write, and the lower bound on GPU time that follows.
 
 The byte counts are the traffic of this package's kernels as designed (each pass over a
-weight-sized tensor counted, even where a second pass may hit L2), plus the small vectors; the
-bound is `bytes / bandwidth + launches * launch_latency`. The benchmarks report each timing as
-a fraction of it, so a GPU run says how far each kernel is from the hardware. The launch
-counts are the ones the tests hold.
+weight-sized tensor counted, even where a second pass may hit L2), plus the small vectors;
+the pairwise kernels also count their arithmetic. The bound is
+`max(bytes / bandwidth, flops / fp32 peak) + launches * launch_latency`. The benchmarks
+report each timing as a fraction of it, so a GPU run says how far each kernel is from the
+hardware. The launch counts are the ones the tests hold.
 """
 
 from __future__ import annotations
@@ -36,23 +37,56 @@ PEAK_BANDWIDTH = {
 }
 
 
+# Peak fp32 arithmetic without tensor cores, FLOP/s, likewise.
+PEAK_FP32 = {
+    "H200": 67e12,
+    "H100 PCIe": 51e12,
+    "H100": 67e12,
+    "A100": 19.5e12,
+    "L40S": 91.6e12,
+    "L4": 30.3e12,
+    "A10": 31.2e12,
+    "RTX 4090": 82.6e12,
+    "RTX 3090": 35.6e12,
+    "V100": 15.7e12,
+    "T4": 8.1e12,
+}
+
+
+def _lookup(table, device_name):
+    for key, value in table.items():  # the more specific names come first
+        if key in device_name:
+            return value
+    return None
+
+
+def peak_fp32(device_name: str) -> float | None:
+    """fp32 FLOP/s for a GPU name (GANNORM_FP32_TFLOPS overrides), or None if unknown."""
+    if os.environ.get("GANNORM_FP32_TFLOPS"):
+        return float(os.environ["GANNORM_FP32_TFLOPS"]) * 1e12
+    return _lookup(PEAK_FP32, device_name)
+
+
 def peak_bandwidth(device_name: str) -> float | None:
     """Bytes/s for a GPU name (GANNORM_BANDWIDTH_GBPS overrides), or None if unknown."""
     if os.environ.get("GANNORM_BANDWIDTH_GBPS"):
         return float(os.environ["GANNORM_BANDWIDTH_GBPS"]) * 1e9
-    for key, bandwidth in PEAK_BANDWIDTH.items():  # the more specific names come first
-        if key in device_name:
-            return bandwidth
-    return None
+    return _lookup(PEAK_BANDWIDTH, device_name)
 
 
 @dataclass(frozen=True)
 class Cost:
     launches: int
     bytes: int
+    flops: int = 0
 
-    def lower_bound_seconds(self, bandwidth: float, launch_latency: float = LAUNCH_LATENCY_S) -> float:
-        return self.bytes / bandwidth + self.launches * launch_latency
+    def lower_bound_seconds(self, bandwidth: float, fp32_flops: float | None = None,
+                            launch_latency: float = LAUNCH_LATENCY_S) -> float:
+        compute = self.flops / fp32_flops if fp32_flops else 0.0
+        return max(self.bytes / bandwidth, compute) + self.launches * launch_latency
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.launches + other.launches, self.bytes + other.bytes, self.flops + other.flops)
 
 
 def _sizes(shape, dtype):
@@ -93,3 +127,35 @@ def spectral_norm(shape, dtype, dim: int = 0, mode: str = "train", n_power_itera
         return Cost(1, 2 * n * s + vectors)
     raise ValueError(f"unknown mode {mode!r}: expected train, backward, eval, eval-cached, vector-forward or "
                      "vector-backward")
+
+
+def similarity_penalty(n: int, d: int, dtype, kernel: str, backward: bool = False) -> Cost:
+    """cosine: forward reads the features twice (norms, unit-row sums) and writes per-program
+    partial sums; backward reads them twice and writes the gradient. rbf: every pair's distance
+    (3 flops per feature), forward once, backward once per 32-column chunk of D it writes."""
+    _, s, acc = _sizes((n, d), dtype)
+    partials = -(-n // 16) * d * acc
+    if kernel == "cosine":
+        return Cost(1, 3 * n * d * s + d * acc) if backward else Cost(2, 2 * n * d * s + 2 * partials)
+    chunks = -(-d // 32)
+    if backward:
+        return Cost(1, 2 * n * d * s, 3 * n * n * d * chunks + 4 * n * n * min(d, 32) * chunks)
+    return Cost(2, n * d * s, 3 * n * n * d)
+
+
+def minibatch_discrimination(n: int, b: int, c: int, dtype, backward: bool = False) -> Cost:
+    """The pairwise part: 3 flops per (i, j, b, c) forward, 6 backward (recomputing the L1)."""
+    _, s, _ = _sizes((n, b, c), dtype)
+    if backward:
+        return Cost(1, 2 * n * b * c * s + 2 * n * b * s, 6 * n * n * b * c)
+    return Cost(1, n * b * c * s + n * b * s, 3 * n * n * b * c)
+
+
+def minibatch_stddev(shape, dtype, num_channels: int = 1, backward: bool = False) -> Cost:
+    """Forward reads x and writes cat([x, stddev]); backward reads x and the output's gradient
+    and writes x's."""
+    n, c, h, w = shape
+    size, s, _ = _sizes(shape, dtype)
+    if backward:
+        return Cost(1, 2 * size * s + n * (c + num_channels) * h * w * s)
+    return Cost(1, size * s + n * (c + num_channels) * h * w * s)

@@ -78,3 +78,45 @@ def vector_normalize(weight: torch.Tensor, eps: float):
     x = weight.to(_compute_dtype(weight.dtype))
     denominator = torch.linalg.vector_norm(x).clamp_min(eps)
     return (x / denominator).to(weight.dtype), denominator
+
+
+def pairwise_similarity_penalty(features: torch.Tensor, kernel: str, bandwidth: float, eps: float) -> torch.Tensor:
+    """Mean over ordered pairs i != j of k(f_i, f_j), features flattened to (N, D), written the
+    naive way: the whole N x N similarity matrix.
+
+    cosine: k = <f_i, f_j> / (max(||f_i||, eps) max(||f_j||, eps)) (F.normalize's guard);
+    rbf: k = exp(-||f_i - f_j||^2 / (2 bandwidth^2)).
+    """
+    f = features.flatten(1).to(_compute_dtype(features.dtype))
+    n = f.shape[0]
+    if kernel == "cosine":
+        unit = torch.nn.functional.normalize(f, dim=1, eps=eps)
+        similarity = unit @ unit.T
+    else:
+        squared_distance = (f[:, None, :] - f[None, :, :]).pow(2).sum(-1)
+        similarity = torch.exp(-squared_distance / (2 * bandwidth ** 2))
+    off_diagonal = similarity.sum() - similarity.diagonal().sum()
+    return (off_diagonal / (n * (n - 1))).to(features.dtype)
+
+
+def minibatch_discrimination_features(m: torch.Tensor) -> torch.Tensor:
+    """Salimans et al. 2016: for M of shape (N, B, C), o[i, b] = sum over j != i of
+    exp(-||M[i, b] - M[j, b]||_1), written the naive way (the N x N x B x C differences)."""
+    x = m.to(_compute_dtype(m.dtype))
+    l1 = (x[:, None, :, :] - x[None, :, :, :]).abs().sum(-1)  # (N, N, B)
+    similarity = torch.exp(-l1)
+    return (similarity.sum(1) - similarity.diagonal(dim1=0, dim2=1).T).to(m.dtype)
+
+
+def minibatch_stddev(x: torch.Tensor, group_size: int, num_channels: int) -> torch.Tensor:
+    """The ProGAN/StyleGAN2 minibatch standard-deviation layer, as StyleGAN2 writes it."""
+    n, c, h, w = x.shape
+    g = min(group_size, n)
+    f = num_channels
+    y = x.to(_compute_dtype(x.dtype)).reshape(g, -1, f, c // f, h, w)  # sample g * (n / g) + m
+    y = y - y.mean(dim=0)
+    y = y.square().mean(dim=0)
+    y = (y + 1e-8).sqrt()
+    y = y.mean(dim=[2, 3, 4])
+    y = y.reshape(-1, f, 1, 1).repeat(g, 1, h, w)
+    return torch.cat([x, y.to(x.dtype)], dim=1)

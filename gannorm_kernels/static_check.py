@@ -1,8 +1,9 @@
 """Static GPU check, for machines without a GPU: `python -m gannorm_kernels.static_check`
 (`make static-check`, part of `make test`).
 
-- Triton: the launchers are run on meta tensors for every GAN layer in
-  `gannorm_kernels.workloads`, every dim and dtype they support, with launches recorded
+- Triton: the launchers are run on meta tensors for every workload in
+  `gannorm_kernels.workloads` (GAN layers, minibatch shapes), every dim and dtype they
+  support, with launches recorded
   instead of run; each distinct (kernel, dtypes, constexprs, num_warps) is compiled for sm_80
   and sm_90 with `triton.compile`, and the cubin's resource usage read with `cuobjdump`.
 - CUDA C++: `cuobjdump -res-usage` on the built extension, every kernel and arch.
@@ -33,7 +34,7 @@ def _workload_launches():
     from . import triton as kernels
     from .ops.spectral_norm import matrix_shape
     from .triton.common import record_launches
-    from .workloads import GAN_LAYERS
+    from .workloads import GAN_LAYERS, MINIBATCH_DISCRIMINATION, MINIBATCH_FEATURES, MINIBATCH_STDDEV
 
     def meta(*shape, dtype):
         return torch.empty(shape, dtype=dtype, device="meta")
@@ -59,6 +60,23 @@ def _workload_launches():
                 flat = meta(v.numel(), dtype=dtype)
                 kernels.spectral_norm_vector_fwd(flat, 1e-12)
                 kernels.spectral_norm_vector_bwd(flat, flat, meta(dtype=acc), 1e-12)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            one = meta(dtype=dtype)
+            for n, d in MINIBATCH_FEATURES:
+                f = meta(n, d, dtype=dtype)
+                kernels.similarity_cosine_fwd(f, 1e-12)
+                kernels.similarity_cosine_bwd(one, f, meta(d, dtype=acc), meta(n, dtype=acc), 1e-12)
+                kernels.similarity_rbf_fwd(f, 1.0)
+                kernels.similarity_rbf_bwd(one, f, 1.0)
+            for n, b, c in MINIBATCH_DISCRIMINATION:
+                m = meta(n, b, c, dtype=dtype)
+                kernels.minibatch_discrimination_fwd(m)
+                kernels.minibatch_discrimination_bwd(meta(n, b, dtype=dtype), m)
+            for shape in MINIBATCH_STDDEV:
+                x = meta(*shape, dtype=dtype)
+                kernels.minibatch_stddev_fwd(x, 4, 1)
+                kernels.minibatch_stddev_bwd(meta(shape[0], shape[1] + 1, *shape[2:], dtype=dtype), x, 4, 1)
     return records
 
 

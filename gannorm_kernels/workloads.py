@@ -1,6 +1,6 @@
-"""The layers this package is built for: weight shapes of three standard GAN discriminators.
-The benchmarks time them, and the static GPU check compiles every kernel configuration the
-launchers choose for them."""
+"""The workloads this package is built for: weight shapes of three standard GAN discriminators
+and the minibatch shapes of its penalties. The benchmarks time them, and the static GPU check
+compiles every kernel configuration the launchers choose for them."""
 
 # (model, layer, weight shape)
 GAN_LAYERS = [
@@ -18,3 +18,11 @@ GAN_LAYERS = [
     ("biggan128", "block5.conv", (1536, 1536, 3, 3)),
     ("biggan128", "embed", (1000, 1536)),
 ]
+
+# Minibatch penalties: (N, D) discriminator features (a DCGAN's 512 x 4 x 4 last block, a
+# pooled 512-vector), N in {64, 256, 1024}
+MINIBATCH_FEATURES = [(n, d) for n in (64, 256, 1024) for d in (512, 8192)]
+# Minibatch discrimination (N, num_kernels, kernel_dim), Salimans et al.'s 100 x 5 and a wider one
+MINIBATCH_DISCRIMINATION = [(n, b, c) for n in (64, 256, 1024) for b, c in ((100, 5), (50, 16))]
+# Minibatch stddev inputs (N, C, H, W): StyleGAN2's 4 x 4 epilogue at 512 channels
+MINIBATCH_STDDEV = [(n, 512, 4, 4) for n in (64, 256, 1024)]

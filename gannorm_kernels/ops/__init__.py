@@ -49,3 +49,60 @@ def no_double_backward(name: str, message: str):
         return below_autograd(getattr(getattr(torch.ops, NAMESPACE), name).default, *args)
 
     return autograd
+
+
+class KernelPair:
+    """A forward operator and its backward, for ops with one differentiable input (the first)
+    and one differentiable output (the first); further outputs are saved for backward.
+
+    Convention (the compiled and Triton launchers follow it too): the backward takes
+    `(grad, input, *further forward outputs, *non-tensor arguments)`. Calling the pair runs
+    the forward with autograd: the launchers directly in eager mode, the operators when
+    torch.compile traces.
+    """
+
+    def __init__(self, forward_schema: str, backward_schema: str, forward_fake, backward_fake, no_double: str):
+        self.forward_name = forward_schema.split("(", 1)[0]
+        self.backward_name = backward_schema.split("(", 1)[0]
+        self.forward_op = define(forward_schema, self._forward_kernel, forward_fake,
+                                 lambda *args: _KernelPairFunction.apply(self, True, *args))
+        self.backward_op = define(backward_schema, self._backward_kernel, backward_fake,
+                                  no_double_backward(self.backward_name, no_double))
+        self.no_double = no_double
+
+    def _forward_kernel(self, *args):
+        return getattr(backends.kernels(args[-1]), self.forward_name)(*args[:-1])
+
+    def _backward_kernel(self, *args):
+        return getattr(backends.kernels(args[-1]), self.backward_name)(*args[:-1])
+
+    def __call__(self, *args):
+        """args: the forward's, backend last; returns its outputs as a tuple."""
+        if torch.compiler.is_compiling():
+            outputs = self.forward_op(*args)
+        else:
+            outputs = _KernelPairFunction.apply(self, False, *args)
+        return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+class _KernelPairFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pair, traced, x, *args):
+        outputs = below_autograd(pair.forward_op, x, *args) if traced else pair._forward_kernel(x, *args)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        ctx.save_for_backward(x, *outputs[1:])
+        ctx.pair, ctx.traced, ctx.args = pair, traced, args
+        ctx.mark_non_differentiable(*outputs[1:])
+        ctx.set_materialize_grads(False)
+        return outputs if len(outputs) > 1 else outputs[0]  # as the operator's schema returns
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        nones = (None,) * (len(ctx.args) + 2)
+        if grad is None:
+            return (None,) + nones
+        if not ctx.traced and torch.is_grad_enabled():  # create_graph=True: not differentiable
+            raise NotImplementedError(ctx.pair.no_double)
+        scalars = tuple(a for a in ctx.args if not isinstance(a, torch.Tensor))
+        run = ctx.pair.backward_op if ctx.traced else ctx.pair._backward_kernel
+        return (None, None, run(grad, *ctx.saved_tensors, *scalars)) + nones[2:]

@@ -1,0 +1,530 @@
+// Minibatch penalties: pairwise similarity (cosine, rbf), minibatch discrimination's pairwise
+// L1-exp features, the minibatch standard deviation. Nothing pairwise is materialised: memory
+// stays linear in the batch. Same algorithms, launch counts and formulas as
+// gannorm_kernels/triton/minibatch.py, which documents them:
+//   cosine  forward: rows (norms, per-block partial sums of unit rows) + total; backward: 1
+//   rbf     forward: pair tiles (16 x 16 threads, D staged through shared memory) + total;
+//           backward: 1 launch over (16 rows) x (32 columns of D), recomputing k tiles
+//   minibatch discrimination: forward 1 (a warp per row i, lanes over j), backward 1
+//   minibatch stddev: forward 1 (a block per group and channel group, the concatenation
+//           fused in), backward 1
+// Every sum is a fixed-order reduction: deterministic, no atomics. The loss gradient is read
+// on the device (no host sync).
+#include "common.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+
+GANNORM_NAMESPACE_BEGIN
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kRowsPerBlock = 8;  // a warp per row
+constexpr int kTile = 16;         // pairs: 16 x 16 per block
+constexpr int kChunk = 32;        // feature columns staged per step
+
+template <typename T> __device__ __forceinline__ T max_of(T a, T b) { return a > b ? a : b; }
+template <typename T> __device__ __forceinline__ T exp_acc(T x);
+template <> __device__ __forceinline__ float exp_acc<float>(float x) { return expf(x); }
+template <> __device__ __forceinline__ double exp_acc<double>(double x) { return exp(x); }
+template <typename T> __device__ __forceinline__ T abs_of(T x) { return x < T(0) ? -x : x; }
+template <typename T> __device__ __forceinline__ T sign_of(T x) { return T((x > T(0)) - (x < T(0))); }
+
+template <typename scalar_t>
+__global__ void cosine_rows_kernel(
+    acc_t<scalar_t>* __restrict__ s_partials,  // (gridDim.x, D) out: per block, the sum of its unit rows
+    acc_t<scalar_t>* __restrict__ norms,       // (N,) out
+    const scalar_t* __restrict__ f,            // (N, D)
+    int N, int D, acc_t<scalar_t> eps) {
+  using acc = acc_t<scalar_t>;
+  __shared__ acc denominators[kRowsPerBlock];
+  const int row = blockIdx.x * kRowsPerBlock + threadIdx.y;
+  acc squares = 0;
+  if (row < N) {
+    for (int d = threadIdx.x; d < D; d += kWarpSize) {
+      const acc x = static_cast<acc>(f[int64_t(row) * D + d]);
+      squares += x * x;
+    }
+  }
+  const acc norm = sqrt_acc(warp_sum(squares));
+  if (threadIdx.x == 0) {
+    if (row < N) norms[row] = norm;
+    denominators[threadIdx.y] = max_of(norm, eps);
+  }
+  __syncthreads();
+  const int tid = threadIdx.x + kWarpSize * threadIdx.y;
+  const int remaining = N - int(blockIdx.x) * kRowsPerBlock;
+  const int rows = remaining < kRowsPerBlock ? remaining : kRowsPerBlock;
+  for (int d = tid; d < D; d += kThreads) {
+    acc sum = 0;
+    for (int r = 0; r < rows; ++r) {
+      sum += static_cast<acc>(f[int64_t(blockIdx.x * kRowsPerBlock + r) * D + d]) / denominators[r];
+    }
+    s_partials[int64_t(blockIdx.x) * D + d] = sum;
+  }
+}
+
+template <typename scalar_t>
+__global__ void cosine_total_kernel(
+    scalar_t* __restrict__ penalty,                 // (1,) out
+    acc_t<scalar_t>* __restrict__ s,                // (D,) out: the sum of all unit rows
+    const acc_t<scalar_t>* __restrict__ s_partials, // (n_partials, D)
+    const acc_t<scalar_t>* __restrict__ norms,      // (N,)
+    int N, int D, int n_partials, acc_t<scalar_t> eps) {
+  using acc = acc_t<scalar_t>;
+  acc squares = 0;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    acc sum = 0;
+    for (int p = 0; p < n_partials; ++p) sum += s_partials[int64_t(p) * D + d];
+    s[d] = sum;
+    squares += sum * sum;
+  }
+  acc self_similarity = 0;
+  for (int i = threadIdx.x; i < N; i += blockDim.x) {
+    const acc unit = norms[i] / max_of(norms[i], eps);
+    self_similarity += unit * unit;
+  }
+  squares = block_sum(squares);
+  self_similarity = block_sum(self_similarity);
+  if (threadIdx.x == 0) {
+    *penalty = static_cast<scalar_t>((squares - self_similarity) / (acc(N) * acc(N - 1)));
+  }
+}
+
+template <typename scalar_t>
+__global__ void cosine_backward_kernel(
+    scalar_t* __restrict__ grad_f,              // (N, D) out
+    const scalar_t* __restrict__ grad_penalty,  // (1,)
+    const scalar_t* __restrict__ f,             // (N, D)
+    const acc_t<scalar_t>* __restrict__ s,      // (D,)
+    const acc_t<scalar_t>* __restrict__ norms,  // (N,)
+    int N, int D, acc_t<scalar_t> eps) {
+  using acc = acc_t<scalar_t>;
+  const int row = blockIdx.x * kRowsPerBlock + threadIdx.y;
+  if (row >= N) return;  // a whole warp leaves: no barrier below spans warps
+  const acc norm = norms[row];
+  const acc denominator = max_of(norm, eps);
+  const acc c = static_cast<acc>(*grad_penalty) * acc(2) / (acc(N) * acc(N - 1));
+  const scalar_t* x = f + int64_t(row) * D;
+  acc dot = 0;
+  for (int d = threadIdx.x; d < D; d += kWarpSize) dot += static_cast<acc>(x[d]) * s[d];
+  dot = warp_sum(dot);
+  // (f^ . s) where the guard leaves the norm alone; a guarded row's f^ = f / eps is linear in f
+  const acc projection = norm > eps ? dot / denominator : acc(1);
+  for (int d = threadIdx.x; d < D; d += kWarpSize) {
+    const acc unit = static_cast<acc>(x[d]) / denominator;
+    grad_f[int64_t(row) * D + d] = static_cast<scalar_t>(c / denominator * (s[d] - projection * unit));
+  }
+}
+
+// ||f_i - f_j||^2 for the block's (16 x 16) tile of pairs, thread (x = j, y = i): feature
+// columns are staged 32 at a time through shared memory. Every thread of the block calls it.
+template <typename scalar_t>
+__device__ acc_t<scalar_t> tile_squared_distance(const scalar_t* __restrict__ f, int i0, int j0, int N, int D) {
+  using acc = acc_t<scalar_t>;
+  __shared__ acc rows_i[kTile][kChunk + 1];
+  __shared__ acc rows_j[kTile][kChunk + 1];
+  const int tid = threadIdx.x + kTile * threadIdx.y;
+  acc squared = 0;
+  for (int start = 0; start < D; start += kChunk) {
+    __syncthreads();  // the previous chunk is consumed
+    for (int k = tid; k < kTile * kChunk; k += kTile * kTile) {
+      const int r = k / kChunk, d = start + k % kChunk;
+      rows_i[r][k % kChunk] = (i0 + r < N && d < D) ? static_cast<acc>(f[int64_t(i0 + r) * D + d]) : acc(0);
+      rows_j[r][k % kChunk] = (j0 + r < N && d < D) ? static_cast<acc>(f[int64_t(j0 + r) * D + d]) : acc(0);
+    }
+    __syncthreads();
+    for (int d = 0; d < kChunk; ++d) {
+      const acc diff = rows_i[threadIdx.y][d] - rows_j[threadIdx.x][d];
+      squared += diff * diff;
+    }
+  }
+  return squared;
+}
+
+template <typename scalar_t>
+__global__ void rbf_pairs_kernel(
+    acc_t<scalar_t>* __restrict__ partials,  // (gridDim.x * gridDim.y,) out: per tile, the sum of k over i != j
+    const scalar_t* __restrict__ f,          // (N, D)
+    int N, int D, acc_t<scalar_t> scale) {   // scale = 1 / (2 h^2)
+  using acc = acc_t<scalar_t>;
+  const int i = blockIdx.x * kTile + threadIdx.y, j = blockIdx.y * kTile + threadIdx.x;
+  const acc squared = tile_squared_distance(f, blockIdx.x * kTile, blockIdx.y * kTile, N, D);
+  const acc k = (i < N && j < N && i != j) ? exp_acc(-squared * scale) : acc(0);
+  const acc total = block_sum(k);
+  if (threadIdx.x == 0 && threadIdx.y == 0) partials[blockIdx.x * gridDim.y + blockIdx.y] = total;
+}
+
+template <typename scalar_t>
+__global__ void sum_to_penalty_kernel(
+    scalar_t* __restrict__ penalty,                // (1,) out: sum(partials) / (N (N - 1))
+    const acc_t<scalar_t>* __restrict__ partials,  // (n_partials,)
+    int n_partials, int N) {
+  using acc = acc_t<scalar_t>;
+  acc sum = 0;
+  for (int p = threadIdx.x; p < n_partials; p += blockDim.x) sum += partials[p];
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) *penalty = static_cast<scalar_t>(sum / (acc(N) * acc(N - 1)));
+}
+
+template <typename scalar_t>
+__global__ void rbf_backward_kernel(
+    scalar_t* __restrict__ grad_f,              // (N, D) out
+    const scalar_t* __restrict__ grad_penalty,  // (1,)
+    const scalar_t* __restrict__ f,             // (N, D)
+    int N, int D, acc_t<scalar_t> scale) {
+  using acc = acc_t<scalar_t>;
+  __shared__ acc k_tile[kTile][kTile + 1];
+  // thread (x, y): row i = block row y, output columns x and x + 16 of this block's 32
+  const int i = blockIdx.x * kTile + threadIdx.y;
+  const int o0 = blockIdx.y * kChunk + threadIdx.x, o1 = o0 + kTile;
+  const acc c = static_cast<acc>(*grad_penalty) * acc(-4) * scale / (acc(N) * acc(N - 1));
+  acc row_sum = 0, weighted0 = 0, weighted1 = 0;
+  for (int j0 = 0; j0 < N; j0 += kTile) {
+    const acc squared = tile_squared_distance(f, blockIdx.x * kTile, j0, N, D);
+    const int j = j0 + threadIdx.x;
+    __syncthreads();  // k_tile's previous readers are done
+    k_tile[threadIdx.y][threadIdx.x] = (i < N && j < N && i != j) ? exp_acc(-squared * scale) : acc(0);
+    __syncthreads();
+    for (int jj = 0; jj < kTile && j0 + jj < N; ++jj) {
+      const acc k = k_tile[threadIdx.y][jj];
+      const scalar_t* fj = f + int64_t(j0 + jj) * D;
+      row_sum += k;
+      if (o0 < D) weighted0 += k * static_cast<acc>(fj[o0]);
+      if (o1 < D) weighted1 += k * static_cast<acc>(fj[o1]);
+    }
+  }
+  if (i >= N) return;
+  const scalar_t* fi = f + int64_t(i) * D;
+  if (o0 < D) grad_f[int64_t(i) * D + o0] = static_cast<scalar_t>(c * (row_sum * static_cast<acc>(fi[o0]) - weighted0));
+  if (o1 < D) grad_f[int64_t(i) * D + o1] = static_cast<scalar_t>(c * (row_sum * static_cast<acc>(fi[o1]) - weighted1));
+}
+
+// exp(-||M_ib - M_jb||_1), 0 for j == i or out of range.
+template <typename scalar_t>
+__device__ __forceinline__ acc_t<scalar_t> l1_similarity(const scalar_t* __restrict__ m, int i, int j, int b,
+                                                         int N, int B, int C) {
+  using acc = acc_t<scalar_t>;
+  if (j >= N || j == i) return acc(0);
+  const scalar_t* mi = m + (int64_t(i) * B + b) * C;
+  const scalar_t* mj = m + (int64_t(j) * B + b) * C;
+  acc l1 = 0;
+  for (int c = 0; c < C; ++c) l1 += abs_of(static_cast<acc>(mi[c]) - static_cast<acc>(mj[c]));
+  return exp_acc(-l1);
+}
+
+template <typename scalar_t>
+__global__ void md_forward_kernel(
+    scalar_t* __restrict__ o,        // (N, B) out
+    const scalar_t* __restrict__ m,  // (N, B, C)
+    int N, int B, int C) {
+  using acc = acc_t<scalar_t>;
+  const int i = blockIdx.x * kRowsPerBlock + threadIdx.y, b = blockIdx.y;
+  if (i >= N) return;  // whole warps only
+  acc sum = 0;
+  for (int j = threadIdx.x; j < N; j += kWarpSize) sum += l1_similarity(m, i, j, b, N, B, C);
+  sum = warp_sum(sum);
+  if (threadIdx.x == 0) o[int64_t(i) * B + b] = static_cast<scalar_t>(sum);
+}
+
+// dM_ibc = -sum_{j != i} e_ijb (g_ib + g_jb) sign(M_ibc - M_jbc): a warp per row i; per chunk
+// of 32 j, the lanes compute the weights e (g_i + g_j), then each lane sums over the chunk for
+// its columns c.
+template <typename scalar_t>
+__global__ void md_backward_kernel(
+    scalar_t* __restrict__ grad_m,        // (N, B, C) out
+    const scalar_t* __restrict__ grad_o,  // (N, B)
+    const scalar_t* __restrict__ m,       // (N, B, C)
+    int N, int B, int C) {
+  using acc = acc_t<scalar_t>;
+  __shared__ acc weights[kRowsPerBlock][kWarpSize];
+  const int i = blockIdx.x * kRowsPerBlock + threadIdx.y, b = blockIdx.y;
+  if (i >= N) return;  // whole warps only; the barriers below are per warp
+  const acc g_i = static_cast<acc>(grad_o[int64_t(i) * B + b]);
+  const scalar_t* mi = m + (int64_t(i) * B + b) * C;
+  for (int c0 = 0; c0 < C; c0 += kWarpSize) {
+    const int c = c0 + threadIdx.x;
+    const acc mic = c < C ? static_cast<acc>(mi[c]) : acc(0);
+    acc grad = 0;
+    for (int j0 = 0; j0 < N; j0 += kWarpSize) {
+      const int j = j0 + threadIdx.x;
+      const acc e = l1_similarity(m, i, j, b, N, B, C);
+      __syncwarp();  // the previous chunk's weights are read
+      weights[threadIdx.y][threadIdx.x] = j < N ? e * (g_i + static_cast<acc>(grad_o[int64_t(j) * B + b])) : acc(0);
+      __syncwarp();
+      if (c < C) {
+        for (int jj = 0; jj < kWarpSize && j0 + jj < N; ++jj) {
+          grad -= weights[threadIdx.y][jj] * sign_of(mic - static_cast<acc>(m[(int64_t(j0 + jj) * B + b) * C + c]));
+        }
+      }
+    }
+    if (c < C) grad_m[(int64_t(i) * B + b) * C + c] = static_cast<scalar_t>(grad);
+  }
+}
+
+struct StddevLayout {
+  int N, C, HW, groups, G, F, span;
+};
+
+// Per (group m, channel group f): mean and variance over the group's G samples at each of the
+// span positions; the statistic is the mean of sqrt(variance + 1e-8) over the positions.
+template <typename scalar_t>
+__global__ void mbstd_forward_kernel(
+    scalar_t* __restrict__ out,      // (N, C + F, H, W) out
+    const scalar_t* __restrict__ x,  // (N, C, H, W)
+    StddevLayout L) {
+  using acc = acc_t<scalar_t>;
+  const int m = blockIdx.x, f = blockIdx.y;
+  const int64_t in_sample = int64_t(L.C) * L.HW, out_sample = int64_t(L.C + L.F) * L.HW;
+  acc total = 0;
+  for (int pos = threadIdx.x; pos < L.span; pos += blockDim.x) {
+    acc mean = 0;
+    for (int g = 0; g < L.G; ++g) {
+      const int64_t sample = int64_t(g) * L.groups + m;
+      const scalar_t value = x[sample * in_sample + int64_t(f) * L.span + pos];
+      out[sample * out_sample + int64_t(f) * L.span + pos] = value;  // the concatenation
+      mean += static_cast<acc>(value);
+    }
+    mean /= acc(L.G);
+    acc variance = 0;
+    for (int g = 0; g < L.G; ++g) {
+      const acc d = static_cast<acc>(x[(int64_t(g) * L.groups + m) * in_sample + int64_t(f) * L.span + pos]) - mean;
+      variance += d * d;
+    }
+    total += sqrt_acc(variance / acc(L.G) + acc(1e-8));
+  }
+  const acc statistic = block_sum(total) / acc(L.span);
+  for (int g = 0; g < L.G; ++g) {
+    scalar_t* row = out + (int64_t(g) * L.groups + m) * out_sample + int64_t(L.C + f) * L.HW;
+    for (int hw = threadIdx.x; hw < L.HW; hw += blockDim.x) row[hw] = static_cast<scalar_t>(statistic);
+  }
+}
+
+template <typename scalar_t>
+__global__ void mbstd_backward_kernel(
+    scalar_t* __restrict__ grad_x,          // (N, C, H, W) out
+    const scalar_t* __restrict__ grad_out,  // (N, C + F, H, W)
+    const scalar_t* __restrict__ x,         // (N, C, H, W)
+    StddevLayout L) {
+  using acc = acc_t<scalar_t>;
+  const int m = blockIdx.x, f = blockIdx.y;
+  const int64_t in_sample = int64_t(L.C) * L.HW, out_sample = int64_t(L.C + L.F) * L.HW;
+  acc statistic_grad = 0;
+  for (int g = 0; g < L.G; ++g) {
+    const scalar_t* row = grad_out + (int64_t(g) * L.groups + m) * out_sample + int64_t(L.C + f) * L.HW;
+    for (int hw = threadIdx.x; hw < L.HW; hw += blockDim.x) statistic_grad += static_cast<acc>(row[hw]);
+  }
+  // d statistic / d x_g = (x_g - mean) / (G std) / span at each position
+  const acc coefficient = block_sum(statistic_grad) / (acc(L.span) * acc(L.G));
+  for (int pos = threadIdx.x; pos < L.span; pos += blockDim.x) {
+    acc mean = 0;
+    for (int g = 0; g < L.G; ++g) mean += static_cast<acc>(x[(int64_t(g) * L.groups + m) * in_sample + int64_t(f) * L.span + pos]);
+    mean /= acc(L.G);
+    acc variance = 0;
+    for (int g = 0; g < L.G; ++g) {
+      const acc d = static_cast<acc>(x[(int64_t(g) * L.groups + m) * in_sample + int64_t(f) * L.span + pos]) - mean;
+      variance += d * d;
+    }
+    const acc std = sqrt_acc(variance / acc(L.G) + acc(1e-8));
+    for (int g = 0; g < L.G; ++g) {
+      const int64_t sample = int64_t(g) * L.groups + m;
+      const int64_t at = sample * in_sample + int64_t(f) * L.span + pos;
+      const acc upstream = static_cast<acc>(grad_out[sample * out_sample + int64_t(f) * L.span + pos]);
+      grad_x[at] = static_cast<scalar_t>(upstream + coefficient * (static_cast<acc>(x[at]) - mean) / std);
+    }
+  }
+}
+
+at::ScalarType acc_type_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_input(const at::Tensor& t, const char* name, int64_t dims) {
+  check_float(t, name);
+  check_device(t, name);
+  check_int32_indexable(t, name);
+  TORCH_CHECK(t.dim() == dims, name, " must have ", dims, " dims, got ", t.dim());
+}
+
+void check_loss_grad(const at::Tensor& grad, const at::Tensor& like) {
+  check_device(grad, "grad_penalty");
+  TORCH_CHECK(grad.numel() == 1 && grad.scalar_type() == like.scalar_type(),
+              "grad_penalty must be a one-element ", like.scalar_type(), " tensor, got ", grad.numel(), " ",
+              grad.scalar_type());
+}
+
+int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cosine_fwd(const at::Tensor& features_in, double eps) {
+  check_input(features_in, "features", 2);
+  TORCH_CHECK(features_in.size(0) >= 2, "features must have at least 2 rows (pairs), got ", features_in.size(0));
+  GANNORM_DEVICE_GUARD(features_in);
+  const at::Tensor f = features_in.contiguous();
+  const int N = f.size(0), D = f.size(1);
+  const auto acc_options = f.options().dtype(acc_type_of(f));
+  const int blocks = cdiv(N, kRowsPerBlock);
+  at::Tensor s_partials = at::empty({blocks, D}, acc_options);
+  at::Tensor norms = at::empty({N}, acc_options);
+  at::Tensor s = at::empty({D}, acc_options);
+  at::Tensor penalty = at::empty({}, f.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "similarity_cosine_fwd", [&] {
+    using acc = acc_t<scalar_t>;
+    auto rows = cosine_rows_kernel<scalar_t>;
+    GANNORM_LAUNCH(rows, dim3(blocks), dim3(kWarpSize, kRowsPerBlock), s_partials.data_ptr<acc>(),
+                   norms.data_ptr<acc>(), f.const_data_ptr<scalar_t>(), N, D, static_cast<acc>(eps));
+    auto total = cosine_total_kernel<scalar_t>;
+    GANNORM_LAUNCH(total, dim3(1), dim3(1024), penalty.data_ptr<scalar_t>(), s.data_ptr<acc>(),
+                   s_partials.const_data_ptr<acc>(), norms.const_data_ptr<acc>(), N, D, blocks, static_cast<acc>(eps));
+  });
+  return {penalty, s, norms};
+}
+
+at::Tensor similarity_cosine_bwd(const at::Tensor& grad_penalty, const at::Tensor& features_in, const at::Tensor& s,
+                                 const at::Tensor& norms, double eps) {
+  check_input(features_in, "features", 2);
+  check_loss_grad(grad_penalty, features_in);
+  GANNORM_DEVICE_GUARD(features_in);
+  const at::Tensor f = features_in.contiguous();
+  const int N = f.size(0), D = f.size(1);
+  TORCH_CHECK(s.numel() == D && norms.numel() == N && s.scalar_type() == acc_type_of(f) &&
+                  norms.scalar_type() == acc_type_of(f),
+              "s and norms must be the forward's (", D, " and ", N, " ", acc_type_of(f), " values)");
+  at::Tensor grad = at::empty(f.sizes(), f.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "similarity_cosine_bwd", [&] {
+    using acc = acc_t<scalar_t>;
+    auto kernel = cosine_backward_kernel<scalar_t>;
+    GANNORM_LAUNCH(kernel, dim3(cdiv(N, kRowsPerBlock)), dim3(kWarpSize, kRowsPerBlock), grad.data_ptr<scalar_t>(),
+                   grad_penalty.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), s.const_data_ptr<acc>(),
+                   norms.const_data_ptr<acc>(), N, D, static_cast<acc>(eps));
+  });
+  return grad;
+}
+
+at::Tensor similarity_rbf_fwd(const at::Tensor& features_in, double bandwidth) {
+  check_input(features_in, "features", 2);
+  TORCH_CHECK(features_in.size(0) >= 2, "features must have at least 2 rows (pairs), got ", features_in.size(0));
+  TORCH_CHECK(bandwidth > 0, "bandwidth must be > 0, got ", bandwidth);
+  GANNORM_DEVICE_GUARD(features_in);
+  const at::Tensor f = features_in.contiguous();
+  const int N = f.size(0), D = f.size(1);
+  const int tiles = cdiv(N, kTile);
+  at::Tensor partials = at::empty({tiles * tiles}, f.options().dtype(acc_type_of(f)));
+  at::Tensor penalty = at::empty({}, f.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "similarity_rbf_fwd", [&] {
+    using acc = acc_t<scalar_t>;
+    auto pairs = rbf_pairs_kernel<scalar_t>;
+    GANNORM_LAUNCH(pairs, dim3(tiles, tiles), dim3(kTile, kTile), partials.data_ptr<acc>(),
+                   f.const_data_ptr<scalar_t>(), N, D, static_cast<acc>(1.0 / (2.0 * bandwidth * bandwidth)));
+    auto total = sum_to_penalty_kernel<scalar_t>;
+    GANNORM_LAUNCH(total, dim3(1), dim3(kThreads), penalty.data_ptr<scalar_t>(), partials.const_data_ptr<acc>(),
+                   tiles * tiles, N);
+  });
+  return penalty;
+}
+
+at::Tensor similarity_rbf_bwd(const at::Tensor& grad_penalty, const at::Tensor& features_in, double bandwidth) {
+  check_input(features_in, "features", 2);
+  check_loss_grad(grad_penalty, features_in);
+  GANNORM_DEVICE_GUARD(features_in);
+  const at::Tensor f = features_in.contiguous();
+  const int N = f.size(0), D = f.size(1);
+  at::Tensor grad = at::empty(f.sizes(), f.options());
+  if (D == 0) return grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "similarity_rbf_bwd", [&] {
+    using acc = acc_t<scalar_t>;
+    auto kernel = rbf_backward_kernel<scalar_t>;
+    GANNORM_LAUNCH(kernel, dim3(cdiv(N, kTile), cdiv(D, kChunk)), dim3(kTile, kTile), grad.data_ptr<scalar_t>(),
+                   grad_penalty.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), N, D,
+                   static_cast<acc>(1.0 / (2.0 * bandwidth * bandwidth)));
+  });
+  return grad;
+}
+
+at::Tensor minibatch_discrimination_fwd(const at::Tensor& m_in) {
+  check_input(m_in, "M", 3);
+  GANNORM_DEVICE_GUARD(m_in);
+  const at::Tensor m = m_in.contiguous();
+  const int N = m.size(0), B = m.size(1), C = m.size(2);
+  at::Tensor o = at::empty({N, B}, m.options());
+  if (N == 0 || B == 0) return o;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "minibatch_discrimination_fwd", [&] {
+    auto kernel = md_forward_kernel<scalar_t>;
+    GANNORM_LAUNCH(kernel, dim3(cdiv(N, kRowsPerBlock), B), dim3(kWarpSize, kRowsPerBlock), o.data_ptr<scalar_t>(),
+                   m.const_data_ptr<scalar_t>(), N, B, C);
+  });
+  return o;
+}
+
+at::Tensor minibatch_discrimination_bwd(const at::Tensor& grad_o_in, const at::Tensor& m_in) {
+  check_input(m_in, "M", 3);
+  check_device(grad_o_in, "grad_o");
+  TORCH_CHECK(grad_o_in.dim() == 2 && grad_o_in.size(0) == m_in.size(0) && grad_o_in.size(1) == m_in.size(1) &&
+                  grad_o_in.scalar_type() == m_in.scalar_type(),
+              "grad_o must have shape (N, B) = (", m_in.size(0), ", ", m_in.size(1), ") and M's dtype, got ",
+              grad_o_in.sizes(), " ", grad_o_in.scalar_type());
+  GANNORM_DEVICE_GUARD(m_in);
+  const at::Tensor m = m_in.contiguous();
+  const at::Tensor grad_o = grad_o_in.contiguous();
+  const int N = m.size(0), B = m.size(1), C = m.size(2);
+  at::Tensor grad = at::empty(m.sizes(), m.options());
+  if (N == 0 || B == 0 || C == 0) return grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "minibatch_discrimination_bwd", [&] {
+    auto kernel = md_backward_kernel<scalar_t>;
+    GANNORM_LAUNCH(kernel, dim3(cdiv(N, kRowsPerBlock), B), dim3(kWarpSize, kRowsPerBlock), grad.data_ptr<scalar_t>(),
+                   grad_o.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(), N, B, C);
+  });
+  return grad;
+}
+
+namespace {
+StddevLayout stddev_layout(const at::Tensor& x, int64_t group_size, int64_t num_channels) {
+  check_input(x, "x", 4);
+  TORCH_CHECK(group_size >= 1 && num_channels >= 1, "group_size and num_channels must be >= 1, got ", group_size,
+              " and ", num_channels);
+  const int N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int G = static_cast<int>(std::min<int64_t>(group_size, N));
+  TORCH_CHECK(N > 0 && N % G == 0, "the batch (", N, ") must be a multiple of the group size (", G, ")");
+  TORCH_CHECK(C % num_channels == 0, "the channels (", C, ") must be a multiple of num_channels (", num_channels, ")");
+  return {N, C, HW, N / G, G, static_cast<int>(num_channels), static_cast<int>(C / num_channels * HW)};
+}
+}  // namespace
+
+at::Tensor minibatch_stddev_fwd(const at::Tensor& x_in, int64_t group_size, int64_t num_channels) {
+  const StddevLayout L = stddev_layout(x_in, group_size, num_channels);
+  GANNORM_DEVICE_GUARD(x_in);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty({L.N, L.C + L.F, x.size(2), x.size(3)}, x.options());
+  if (L.HW == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "minibatch_stddev_fwd", [&] {
+    auto kernel = mbstd_forward_kernel<scalar_t>;
+    GANNORM_LAUNCH(kernel, dim3(L.groups, L.F), dim3(kThreads), out.data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), L);
+  });
+  return out;
+}
+
+at::Tensor minibatch_stddev_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, int64_t group_size,
+                                int64_t num_channels) {
+  const StddevLayout L = stddev_layout(x_in, group_size, num_channels);
+  check_device(grad_out_in, "grad_out");
+  TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == L.N && grad_out_in.size(1) == L.C + L.F &&
+                  grad_out_in.size(2) == x_in.size(2) && grad_out_in.size(3) == x_in.size(3) &&
+                  grad_out_in.scalar_type() == x_in.scalar_type(),
+              "grad_out must have the forward output's shape and dtype, got ", grad_out_in.sizes(), " ",
+              grad_out_in.scalar_type());
+  GANNORM_DEVICE_GUARD(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  at::Tensor grad = at::empty(x.sizes(), x.options());
+  if (L.HW == 0) return grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "minibatch_stddev_bwd", [&] {
+    auto kernel = mbstd_backward_kernel<scalar_t>;
+    GANNORM_LAUNCH(kernel, dim3(L.groups, L.F), dim3(kThreads), grad.data_ptr<scalar_t>(),
+                   grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), L);
+  });
+  return grad;
+}
+
+GANNORM_NAMESPACE_END
