@@ -19,9 +19,9 @@ from gannorm_kernels.launches import count_launches
 
 F = gk.functional
 # (N, feature shape): 2 samples, odd sizes, more samples or features than a tile or a block
-SIMILARITY_CASES = [(2, (1,)), (3, (7,)), (17, (5, 3)), (40, (70,)), (5, (300,))]
+SIMILARITY_CASES = [(2, (1,)), (3, (7,)), (17, (5, 3)), (40, (70,)), (5, (300,)), (300, (6,))]
 # (N, B, C) for minibatch discrimination: N = 1 (o = 0), odd sizes, C over a chunk
-DISCRIMINATION_CASES = [(1, 3, 5), (2, 1, 1), (7, 3, 5), (33, 4, 40)]
+DISCRIMINATION_CASES = [(1, 3, 5), (2, 1, 1), (7, 3, 5), (33, 4, 40), (200, 2, 3)]
 # (N, C, H, W, group_size, num_channels)
 STDDEV_CASES = [(8, 4, 3, 3, 4, 2), (3, 2, 2, 5, 4, 1), (1, 3, 2, 2, 4, 1), (6, 6, 1, 1, 2, 3), (4, 2, 9, 13, 4, 1)]
 
