@@ -13,6 +13,9 @@ Public API:
   ``MinibatchDiscrimination(in_features, num_kernels, kernel_dim)``,
   ``MinibatchStdDev(group_size=4, num_channels=1)``: minibatch penalties with memory linear
   in the batch.
+- ``convert(model)`` / ``revert(model)``: swap torch's weight and spectral norms (both APIs)
+  for ours in place and back, every learned tensor kept; ``apply_norm(model, kind)`` adds ours
+  to every matching layer.
 - ``functional``: the ops on plain tensors.
 - ``info()``: versions, the compiled extension and each backend's availability.
 
@@ -22,6 +25,7 @@ Backends: "reference", "triton", "cuda", "cuda-emu" and "auto" (see ``gannorm_ke
 __version__ = "0.1.0"
 
 from . import backends, functional  # noqa: E402
+from .convert import apply_norm, convert, revert  # noqa: E402
 from .info import info  # noqa: E402
 from .ops.minibatch import pairwise_similarity_penalty  # noqa: E402
 from .nn import (  # noqa: E402
@@ -44,10 +48,13 @@ __all__ = [
     "SpectralNorm",
     "WeightNorm",
     "adaptive_weight_norm",
+    "apply_norm",
     "backends",
+    "convert",
     "functional",
     "info",
     "pairwise_similarity_penalty",
+    "revert",
     "scale_param_groups",
     "sigmas",
     "spectral_norm",

@@ -173,7 +173,9 @@ class SpectralNorm(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", *, u: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:
+        """``u``, ``v``: existing buffers to adopt as they are (convert() takes over torch's this
+        way); by default they are drawn and warmed up as torch does."""
         super().__init__()
         spectral_norm_ops.check_settings(n_power_iterations, eps)
         self.dim = spectral_norm_ops.normalize_dim(dim, weight.ndim) if weight.ndim > 1 else 0
@@ -184,14 +186,15 @@ class SpectralNorm(nn.Module):
         with torch.no_grad():
             if weight.ndim > 1:
                 weight_mat = reference.spectral_weight_matrix(weight, self.dim)
-                h, w = weight_mat.size()
-                u = weight_mat.new_empty(h).normal_(0, 1)
-                v = weight_mat.new_empty(w).normal_(0, 1)
-                self.register_buffer("_u", nn.functional.normalize(u, dim=0, eps=self.eps))
-                self.register_buffer("_v", nn.functional.normalize(v, dim=0, eps=self.eps))
-                # torch's 15 warm-up iterations, then the n of the training-mode forward its
-                # registration runs: with torch's own ops, the buffers are bitwise torch's.
-                reference.spectral_power_method(weight_mat, self._u, self._v, 15 + n_power_iterations, self.eps)
+                if u is None or v is None:
+                    h, w = weight_mat.size()
+                    u = nn.functional.normalize(weight_mat.new_empty(h).normal_(0, 1), dim=0, eps=self.eps)
+                    v = nn.functional.normalize(weight_mat.new_empty(w).normal_(0, 1), dim=0, eps=self.eps)
+                    # torch's 15 warm-up iterations, then the n of the training-mode forward its
+                    # registration runs: with torch's own ops, the buffers are bitwise torch's.
+                    reference.spectral_power_method(weight_mat, u, v, 15 + n_power_iterations, self.eps)
+                self.register_buffer("_u", u)
+                self.register_buffer("_v", v)
                 sigma = torch.dot(self._u, torch.mv(weight_mat, self._v))
             else:
                 sigma = torch.linalg.vector_norm(weight).clamp_min(self.eps)

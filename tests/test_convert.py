@@ -1,0 +1,297 @@
+"""Adopting the kernels in existing models: convert / revert / apply_norm, and everything a
+model relies on afterwards: torch.compile, DistributedDataParallel, autocast with GradScaler,
+deepcopy, state_dict round trips and torch.save."""
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from helpers import ALL_BACKENDS, backend_device
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+import gannorm_kernels as gk
+from gannorm_kernels import backends
+from gannorm_kernels.nn import SpectralNorm, WeightNorm
+
+
+def legacy_weight_norm(module, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        return nn.utils.weight_norm(module, **kwargs)
+
+
+def discriminator(seed=0):
+    """A small DCGAN-style discriminator carrying every kind of torch norm, after one forward
+    (legacy spectral norm keeps u and v moving; done without grad, as torch's legacy weight
+    attributes could not be deep-copied otherwise)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.utils.spectral_norm(nn.Conv2d(3, 8, 4, 2, 1)), nn.LeakyReLU(0.2),           # legacy spectral norm
+        legacy_weight_norm(nn.Conv2d(8, 8, 3, 1, 1)), nn.LeakyReLU(0.2),               # legacy weight norm
+        parametrizations.spectral_norm(nn.Conv2d(8, 16, 4, 2, 1)), nn.LeakyReLU(0.2),  # new API
+        parametrizations.weight_norm(nn.Conv2d(16, 16, 3, 1, 1), dim=1), nn.LeakyReLU(0.2),
+        nn.Flatten(), parametrizations.spectral_norm(nn.Linear(16 * 2 * 2, 1)))
+    with torch.no_grad():
+        model(images())
+    return model
+
+
+def images(n=4, seed=1, device="cpu"):
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def our_norms(model):
+    return [p for m in model.modules() if parametrize.is_parametrized(m)
+            for plist in m.parametrizations.values() for p in plist if isinstance(p, (WeightNorm, SpectralNorm))]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_convert_keeps_every_tensor_and_output(backend):
+    model = discriminator()
+    model.eval()
+    before = model(images(seed=2))
+    legacy = {"g": model[2].weight_g, "v": model[2].weight_v, "orig": model[0].weight_orig, "u": model[0].weight_u,
+              "new_u": model[4].parametrizations.weight[0]._u, "new_w": model[4].parametrizations.weight.original}
+    gk.convert(model, backend=backend)
+    assert len(our_norms(model)) == 5
+    # the very tensors: optimizers and their state follow
+    assert model[2].parametrizations.weight.original0 is legacy["g"]
+    assert model[2].parametrizations.weight.original1 is legacy["v"]
+    assert model[0].parametrizations.weight.original is legacy["orig"]
+    assert model[0].parametrizations.weight[0]._u is legacy["u"]
+    assert model[4].parametrizations.weight[0]._u is legacy["new_u"]
+    assert model[4].parametrizations.weight.original is legacy["new_w"]
+    # legacy hooks gone, state-dict hooks included
+    for layer in (model[0], model[2]):
+        assert not layer._forward_pre_hooks and not layer._state_dict_hooks
+        assert all(not type(getattr(h, "hook", h)).__name__.startswith("SpectralNorm")
+                   for h in layer._load_state_dict_pre_hooks.values())
+    model.to(backend_device(backend))
+    after = model(images(seed=2, device=backend_device(backend))).cpu()
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)  # the same function of the same tensors
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_converted_model_trains_as_torchs(backend):
+    theirs = discriminator()
+    ours = gk.convert(copy.deepcopy(theirs), backend=backend).to(backend_device(backend))
+    # torch's own parametrizations for every layer (the update order convert gives legacy ones)
+    theirs = gk.revert(gk.convert(theirs, backend="reference"))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (theirs, ours)]
+    for step in range(3):
+        losses = []
+        for model, device in ((theirs, "cpu"), (ours, backend_device(backend))):
+            real, fake = images(seed=10 + step, device=device), images(seed=20 + step, device=device)
+            d_real, d_fake = model(real), model(fake)
+            losses.append((d_real.cpu(), d_fake.cpu(), d_real.mean() - d_fake.mean()))
+        for ours_out, theirs_out in zip(losses[1][:2], losses[0][:2]):
+            torch.testing.assert_close(ours_out, theirs_out, rtol=1e-4, atol=1e-6)
+        for (*_, loss), opt in zip(losses, optimizers):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for (name, p), q in zip(theirs.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_revert_gives_torchs_own_parametrizations():
+    model = gk.convert(discriminator(), backend="reference")
+    state = copy.deepcopy(model.state_dict())
+    model.eval()
+    ours = model(images(seed=3))
+    gk.revert(model)
+    kinds = {type(p) for m in model.modules() if parametrize.is_parametrized(m)
+             for plist in m.parametrizations.values() for p in plist}
+    assert kinds == {parametrizations._WeightNorm, parametrizations._SpectralNorm}
+    assert list(model.state_dict()) == list(state)
+    torch.testing.assert_close(model(images(seed=3)), ours, rtol=1e-6, atol=1e-7)
+    # and back again: a round trip is lossless
+    gk.convert(model, backend="reference")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), state.values()))
+
+
+def test_state_dicts_move_between_ours_and_torchs():
+    theirs = discriminator()
+    ours = gk.convert(copy.deepcopy(theirs), backend="reference")
+    theirs_new_api = gk.revert(copy.deepcopy(ours))
+    for source, target in ((theirs_new_api, ours), (ours, theirs_new_api)):
+        buffer = io.BytesIO()
+        torch.save(source.state_dict(), buffer)
+        buffer.seek(0)
+        fresh = copy.deepcopy(target)
+        for p in fresh.parameters():
+            p.data.zero_()
+        fresh.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+        for (name, a), b in zip(fresh.state_dict().items(), source.state_dict().values()):
+            assert torch.equal(a, b), name
+    # a legacy checkpoint loads into the converted model
+    legacy_state = theirs.state_dict()
+    assert "0.weight_orig" in legacy_state and "2.weight_g" in legacy_state
+    fresh = gk.convert(discriminator(seed=5), backend="reference")
+    fresh.load_state_dict(legacy_state, strict=True)
+    assert torch.equal(fresh[0].parametrizations.weight.original, theirs[0].weight_orig)
+    assert torch.equal(fresh[2].parametrizations.weight.original0, theirs[2].weight_g)
+
+
+def test_deepcopy_is_independent():
+    model = gk.convert(discriminator(), backend="reference")
+    twin = copy.deepcopy(model)
+    model.eval()
+    twin.eval()
+    assert torch.equal(twin(images(seed=4)), model(images(seed=4)))
+    with torch.no_grad():  # the twin's tensors are its own
+        twin[0].parametrizations.weight[0]._u.add_(1.0)
+        twin[2].parametrizations.weight.original1.mul_(2.0)
+    assert not torch.equal(twin[0].parametrizations.weight[0]._u, model[0].parametrizations.weight[0]._u)
+    assert not torch.equal(twin[2].parametrizations.weight.original1, model[2].parametrizations.weight.original1)
+    twin.load_state_dict(model.state_dict())
+    assert torch.equal(twin(images(seed=4)), model(images(seed=4)))
+
+
+def test_apply_norm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), parametrizations.spectral_norm(nn.Conv2d(4, 4, 1)),
+                          legacy_weight_norm(nn.Linear(4, 4)), nn.Linear(4, 2), nn.ConvTranspose2d(2, 2, 2),
+                          nn.BatchNorm2d(2))
+    gk.apply_norm(model, "spectral", backend="reference", n_power_iterations=2)
+    assert isinstance(model[0].parametrizations.weight[0], SpectralNorm)
+    assert model[0].parametrizations.weight[0].n_power_iterations == 2
+    assert isinstance(model[1].parametrizations.weight[0], parametrizations._SpectralNorm)  # already normalised
+    assert len(model[1].parametrizations.weight) == 1
+    assert not parametrize.is_parametrized(model[2])  # legacy weight norm: already normalised
+    assert isinstance(model[3].parametrizations.weight[0], SpectralNorm)
+    assert model[4].parametrizations.weight[0].dim == 1  # ConvTranspose: torch's choice
+    assert not parametrize.is_parametrized(model[5])
+    plain = nn.Sequential(nn.Linear(3, 3), nn.Conv1d(3, 3, 1))
+    gk.apply_norm(plain, "weight", layer_types=(nn.Linear,), dim=None, backend="reference")
+    assert plain[0].parametrizations.weight[0].dim == -1 and not parametrize.is_parametrized(plain[1])
+
+
+def test_nothing_to_convert_says_so():
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.warns(UserWarning, match="convert: Sequential has no torch weight or spectral norm to convert"):
+        assert gk.convert(model) is model
+    with pytest.warns(UserWarning, match="revert: Sequential has no gannorm_kernels norm to revert"):
+        gk.revert(model)
+    assert not parametrize.is_parametrized(model[0])
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="none of the 1 matching layers of Sequential has a parameter named 'kernel'"):
+        gk.apply_norm(nn.Sequential(nn.Linear(2, 2)), name="kernel")
+    with pytest.raises(ValueError, match="no parameter or buffer named 'kernel'"):
+        gk.spectral_norm(nn.Linear(2, 2), name="kernel")
+    with pytest.raises(ValueError, match="kind must be 'spectral' or 'weight'"):
+        gk.apply_norm(nn.Linear(2, 2), "batch")
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        gk.convert(discriminator(), backend="gpu")
+
+
+def test_backend_that_cannot_run_on_the_models_device():
+    model = discriminator()
+    before = copy.deepcopy(model.state_dict())
+    if backends.extension_error("cuda") is None:
+        match = "backend 'cuda' cannot run on this cpu tensor"
+    else:
+        match = "backend 'cuda' is not available"
+    with pytest.raises(RuntimeError, match=match):
+        gk.convert(model, backend="cuda")
+    assert not our_norms(model) and list(model.state_dict()) == list(before)  # nothing changed
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_torch_compile_fullgraph_on_a_converted_model(backend):
+    torch._dynamo.reset()
+    model = gk.convert(discriminator(), backend=backend).to(backend_device(backend))
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    for seed in range(2):
+        x = images(seed=seed, device=backend_device(backend))
+        eager, traced = model(x), compiled(x)
+        torch.testing.assert_close(traced, eager)
+        eager.sum().backward()
+        traced.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=lambda m: f"{name}: {m}")
+    for (name, b), c in zip(model.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(c, b, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_autocast_and_grad_scaler(backend):
+    device = backend_device(backend)
+    theirs = discriminator()
+    ours = gk.convert(copy.deepcopy(theirs), backend=backend).to(device)
+    theirs = gk.revert(gk.convert(theirs, backend="reference"))  # torch's new API, as ours' update order
+    results = []
+    for model, model_device in ((theirs, "cpu"), (ours, device)):
+        scaler = torch.amp.GradScaler(model_device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with torch.autocast(model_device, dtype=torch.bfloat16):
+            out = model(images(device=model_device))
+        assert out.dtype == torch.bfloat16
+        scaler.scale(out.float().mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+        results.append((out.float().cpu(), [p.detach().cpu().clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=2e-2)  # bf16 convolutions
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def _ddp_worker(rank, world, init_file, backend, results):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.2), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(64, 1))
+    models = {"torch": copy.deepcopy(base), "ours": copy.deepcopy(base)}
+    for name, model in models.items():
+        torch.manual_seed(1)
+        apply = parametrizations.spectral_norm if name == "torch" else (
+            lambda m: gk.spectral_norm(m, backend=backend))
+        for index in (0, 2, 4):
+            apply(model[index])
+    wrapped = {name: DistributedDataParallel(model) for name, model in models.items()}
+    optimizers = {name: torch.optim.SGD(model.parameters(), lr=0.05) for name, model in wrapped.items()}
+    for step in range(3):
+        data = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(100 * step + rank))
+        for name, model in wrapped.items():
+            loss = model(data).square().mean()
+            optimizers[name].zero_grad()
+            loss.backward()
+            optimizers[name].step()
+    results[rank] = {name: {k: v.detach().clone() for k, v in model.state_dict().items()}
+                     for name, model in models.items()}
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda-emu"])
+def test_distributed_data_parallel(backend, tmp_path):
+    """Two gloo processes: the ranks agree, and ours matches torch's own spectral norm trained
+    the same way, buffers included."""
+    if backends.unavailable_reason(backend, "cpu") is not None:
+        pytest.skip(f"{backend} is not available")
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), backend, results), nprocs=2)
+    for key, value in results[0]["ours"].items():
+        assert torch.equal(value, results[1]["ours"][key]), f"ranks disagree on {key}"
+        torch.testing.assert_close(value, results[0]["torch"][key], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"ours vs torch's, {key}: {m}")
+
+
+def test_convert_example_runs():
+    """examples/convert_dcgan.py, shortened: conversion, training and the checkpoint round trip."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "examples" / "convert_dcgan.py"
+    backend = "cuda-emu" if backends.unavailable_reason("cuda-emu", "cpu") is None else "reference"
+    out = subprocess.run([sys.executable, str(script), "--steps", "1", "--ndf", "8", "--backend", backend],
+                         capture_output=True, text=True, check=True).stdout
+    assert "converted 5 spectral norms; state_dict keys unchanged: True" in out
+    assert "outputs equal to torch's model: True" in out
