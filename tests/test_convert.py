@@ -220,24 +220,42 @@ def test_torch_compile_fullgraph_on_a_converted_model(backend):
         torch.testing.assert_close(c, b, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor is tested where a GPU is present")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_inductor_on_gpu(backend):
+    torch._dynamo.reset()
+    model = gk.convert(discriminator(), backend=backend).cuda()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, fullgraph=True)
+    x = images(device="cuda")
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+AUTOCAST_DTYPES = [torch.bfloat16] + ([torch.float16] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_autocast_and_grad_scaler(backend):
+def test_autocast_and_grad_scaler(backend, dtype):
     device = backend_device(backend)
+    if dtype == torch.float16 and device != "cuda":
+        pytest.skip("fp16 autocast is a CUDA feature")
     theirs = discriminator()
     ours = gk.convert(copy.deepcopy(theirs), backend=backend).to(device)
     theirs = gk.revert(gk.convert(theirs, backend="reference"))  # torch's new API, as ours' update order
+    theirs.to(device)
     results = []
-    for model, model_device in ((theirs, "cpu"), (ours, device)):
-        scaler = torch.amp.GradScaler(model_device)
+    for model in (theirs, ours):
+        scaler = torch.amp.GradScaler(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with torch.autocast(model_device, dtype=torch.bfloat16):
-            out = model(images(device=model_device))
-        assert out.dtype == torch.bfloat16
+        with torch.autocast(device, dtype=dtype):
+            out = model(images(device=device))
+        assert out.dtype == dtype
         scaler.scale(out.float().mean()).backward()
         scaler.step(opt)
         scaler.update()
         results.append((out.float().cpu(), [p.detach().cpu().clone() for p in model.parameters()]))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=2e-2)  # bf16 convolutions
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=2e-2)  # half-precision convolutions
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
