@@ -1,6 +1,7 @@
-"""Turns a pytest-benchmark JSON file into bench/results/<device>-<commit>.json and a markdown
-table beside it: per op, mode, layer and dtype, each backend's mean time, its speedup over
-torch's own op and its fraction of the lower bound (gannorm_kernels.perf_model).
+"""Turns a pytest-benchmark JSON file into bench/results/<device>-<commit>.json, a markdown
+table and a PNG chart beside it: per op, mode, layer and dtype, each backend's mean time, its
+speedup over torch's own op (or the naive formulation) and its fraction of the lower bound
+(gannorm_kernels.perf_model).
 
 Usage: python bench/report.py RAW.json [--out-dir bench/results]
 """
@@ -24,7 +25,8 @@ def commit() -> str:
         return "unknown"
 
 
-def markdown(data) -> str:
+def table(data):
+    """{(op, mode, layer, dtype): {backend: (mean us, bound us, launches, peak bytes)}}, device."""
     rows = defaultdict(dict)
     device = "?"
     for bench in data["benchmarks"]:
@@ -33,6 +35,38 @@ def markdown(data) -> str:
         key = (info["op"], info["mode"], info["layer"], info["dtype"].replace("torch.", ""))
         rows[key][info["backend"]] = (bench["stats"]["mean"] * 1e6, info.get("bound_us"), info["launches"],
                                       info.get("peak_bytes"))
+    return rows, device
+
+
+def chart(data, path: Path) -> None:
+    """Mean time per row and backend, log scale: one horizontal bar group per row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, device = table(data)
+    backends = [b for b in BACKEND_ORDER if any(b in r for r in rows.values())]
+    keys = sorted(rows)
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(keys) * len(backends) + 1.5))
+    height = 0.8 / len(backends)
+    for i, backend in enumerate(backends):
+        ys = [k + i * height for k in range(len(keys))]
+        xs = [rows[key][backend][0] if backend in rows[key] else 0 for key in keys]
+        ax.barh(ys, xs, height=height, label=backend)
+    ax.set_yticks([k + 0.4 - height / 2 for k in range(len(keys))])
+    ax.set_yticklabels([" ".join(key) for key in keys], fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("mean time per call (us, log scale)")
+    ax.set_title(f"gannorm_kernels on {device}")
+    ax.invert_yaxis()
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(data) -> str:
+    rows, device = table(data)
     backends = [b for b in BACKEND_ORDER if any(b in r for r in rows.values())]
     lines = [f"Device: {device}. Each cell: mean time in microseconds (speedup over torch's own op; lower "
              "bound / mean, where the GPU's peaks are known; peak memory on a GPU); launches per call in the "
@@ -74,7 +108,8 @@ def main():
     args.out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(args.raw, args.out_dir / f"{stem}.json")
     (args.out_dir / f"{stem}.md").write_text(markdown(data))
-    print(f"wrote {args.out_dir / stem}.json and .md")
+    chart(data, args.out_dir / f"{stem}.png")
+    print(f"wrote {args.out_dir / stem}.json, .md and .png")
 
 
 if __name__ == "__main__":
