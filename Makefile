@@ -63,8 +63,9 @@ bench: build
 
 # On a CUDA machine: build, every test (the cuda and triton backends on the GPU), benchmarks,
 # results under bench/results/ with the GPU's name and the commit.
-gpu-check: build
+gpu-check: setup
 	@if [ "$(HAS_GPU)" != 1 ]; then echo "make gpu-check: no CUDA GPU is visible here (torch.cuda.is_available() is False); run it on a CUDA machine"; exit 1; fi
+	$(MAKE) build
 	$(PY) -m gannorm_kernels.info
 	$(PY) -m gannorm_kernels.static_check --skip-triton --output build/static_check_cuda.md
 	$(PY) -m pytest $(PYTEST_FLAGS) tests

@@ -6,7 +6,10 @@ launch budget on machines without a GPU.
   ones, counted by the extension's launch macro, emulated or real), and
 - every ATen operator that would be a kernel on a GPU, seen through a TorchDispatchMode:
   composite operators are decomposed first, views and bare allocations count zero, and the
-  package's Python operators are looked into, so a stray copy inside one of them counts.
+  package's operators are looked into (Python ones and the C++ launchers alike), so a stray
+  copy inside one of them counts;
+and records the host syncs a GPU would make: scalar reads, device-to-host copies, and the
+`.cpu()` / `.tolist()` / `.numpy()` of the CPU tensors that stand in for GPU ones here.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ def _copies_to_host(name, args, kwargs) -> bool:
     return False
 
 
+def _on_cuda(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args)
+
+
 @dataclass
 class LaunchCount:
     """Launches seen inside a ``count_launches()`` block."""
@@ -83,8 +90,10 @@ class _AtenKernelCounter(TorchDispatchMode):
         if opdef is not None:  # one of our Python operators: count what it runs
             with self:
                 return opdef._init_fn(*args, **kwargs)
-        if name.split("::")[0] in _OUR_COMPILED_NAMESPACES:  # counted by the launch macro
-            return func(*args, **kwargs)
+        if name.split("::")[0] in _OUR_COMPILED_NAMESPACES:  # ours counted by the launch macro;
+            key = torch._C.DispatchKey.CUDA if _on_cuda(args) else torch._C.DispatchKey.CPU
+            with self:  # the ATen ops its C++ launcher calls (copies, fills) counted here
+                return func._op_dk(key, *args, **kwargs)
         if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
             with self:
                 return func.decompose(*args, **kwargs)
@@ -95,6 +104,34 @@ class _AtenKernelCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+# Reads of a tensor's data by the host. On a GPU tensor they dispatch a copy or a scalar read,
+# which the mode sees; on the CPU tensors that stand in for GPU ones without a GPU they
+# dispatch nothing, so they are caught at the Python method.
+_HOST_READS = ("cpu", "tolist", "numpy")
+
+
+@contextlib.contextmanager
+def _host_reads_recorded(record: LaunchCount):
+    originals = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+
+    def recording(name):
+        original = originals[name]
+
+        def read(self, *args, **kwargs):
+            if self.device.type == "cpu":
+                record.syncs.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in _HOST_READS:
+        setattr(torch.Tensor, name, recording(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
 @contextlib.contextmanager
 def count_launches():
     """Counts kernel launches (ours and ATen's) in the block: ``with count_launches() as n: ...``;
@@ -103,7 +140,7 @@ def count_launches():
     record = LaunchCount()
     start = package_launch_count()
     try:
-        with _AtenKernelCounter(record):
+        with _AtenKernelCounter(record), _host_reads_recorded(record):
             yield record
     finally:
         record.ours = package_launch_count() - start

@@ -109,7 +109,8 @@ def weight_norm(shape, dtype, dim: int | None, backward: bool = False) -> Cost:
 def spectral_norm(shape, dtype, dim: int = 0, mode: str = "train", n_power_iterations: int = 1) -> Cost:
     """Per power iteration: W read by the rows pass and by the cols pass (plus u, v, x, t);
     then the scale pass reads W and writes W / sigma. Eval: the scale pass (cached sigma), or
-    a rows pass and the scale pass. Backward: G and W read for <G, W>, G read and dW written.
+    a rows pass and the scale pass (both copy u and v out as used). Backward: G and W read for
+    <G, W>, G read and dW written.
     1-D weights (mode "vector-*"): w read for its norm, then read and written."""
     n, s, acc = _sizes(shape, dtype)
     if mode.startswith("vector"):
@@ -123,8 +124,8 @@ def spectral_norm(shape, dtype, dim: int = 0, mode: str = "train", n_power_itera
         return Cost(2, 4 * n * s + (h + w) * acc)
     if mode == "eval":
         return Cost(2, 3 * n * s + vectors)
-    if mode == "eval-cached":
-        return Cost(1, 2 * n * s + vectors)
+    if mode == "eval-cached":  # the buffers copied out as used, for backward
+        return Cost(1, 2 * n * s + (h + w) * (s + acc))
     raise ValueError(f"unknown mode {mode!r}: expected train, backward, eval, eval-cached, vector-forward or "
                      "vector-backward")
 
@@ -152,10 +153,11 @@ def minibatch_discrimination(n: int, b: int, c: int, dtype, backward: bool = Fal
 
 
 def minibatch_stddev(shape, dtype, num_channels: int = 1, backward: bool = False) -> Cost:
-    """Forward reads x and writes cat([x, stddev]); backward reads x and the output's gradient
-    and writes x's."""
+    """Forward reads x twice (mean and copy, then variance) and writes cat([x, stddev]);
+    backward reads x three times (mean, variance, gradient), the output's gradient once and
+    writes x's. The re-reads are of a group's BLOCK-wide slice just read (L1/L2 on a GPU)."""
     n, c, h, w = shape
     size, s, _ = _sizes(shape, dtype)
     if backward:
-        return Cost(1, 2 * size * s + n * (c + num_channels) * h * w * s)
-    return Cost(1, size * s + n * (c + num_channels) * h * w * s)
+        return Cost(1, 5 * size * s + n * num_channels * h * w * s)
+    return Cost(1, 2 * size * s + n * (c + num_channels) * h * w * s)

@@ -92,24 +92,59 @@ def test_info_command_prints_the_report():
     assert "RuntimeWarning" not in result.stderr
 
 
-def test_build_without_cuda_says_why(tmp_path):
-    """GANNORM_NO_CUDA=1 (like a machine without nvcc) installs the Triton and reference paths,
+def test_extension_holds_the_default_archs():
+    """sm_80 and sm_90 machine code, and PTX for newer GPUs (unless TORCH_CUDA_ARCH_LIST said
+    otherwise at build time)."""
+    report = gk.info()
+    if not report["cuda_extension_built"]:
+        pytest.skip("the CUDA extension was not built here")
+    if ";".join(report["cuda_extension_archs"]) != "8.0;9.0+PTX":
+        pytest.skip(f"built for TORCH_CUDA_ARCH_LIST={report['cuda_extension_archs']}")
+    from gannorm_kernels.static_check import _cuobjdump
+    library = str(next((ROOT / "gannorm_kernels").glob("_C*.so")))
+    elf = subprocess.run([_cuobjdump(), "--list-elf", library], capture_output=True, text=True, check=True).stdout
+    ptx = subprocess.run([_cuobjdump(), "--list-ptx", library], capture_output=True, text=True, check=True).stdout
+    for family in ("weight_norm", "spectral_norm", "minibatch"):
+        assert f"{family}.sm_80.cubin" in elf and f"{family}.sm_90.cubin" in elf, elf
+        assert f"{family}.sm_90.ptx" in ptx, ptx
+
+
+@pytest.mark.parametrize("without", ["GANNORM_NO_CUDA", "nvcc"])
+def test_build_without_cuda_says_why(tmp_path, without):
+    """GANNORM_NO_CUDA=1, or a machine without nvcc, installs the Triton and reference paths,
     and both the build and info() say why the compiled backends are missing."""
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
     shutil.copytree(ROOT / "gannorm_kernels", tmp_path / "gannorm_kernels",
                     ignore=shutil.ignore_patterns("*.so", "_build_info.py", "__pycache__"))
-    env = {**os.environ, "GANNORM_NO_CUDA": "1"}
+    if without == "GANNORM_NO_CUDA":
+        env, reason = {**os.environ, "GANNORM_NO_CUDA": "1"}, "GANNORM_NO_CUDA=1"
+    else:  # no toolkit where CUDA_HOME points, none on PATH
+        path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "nvcc").exists())
+        env, reason = {**os.environ, "CUDA_HOME": str(tmp_path / "no-toolkit"), "PATH": path}, "nvcc was not found"
     build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, env=env,
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-2000:]
-    assert "not building the CUDA extension: GANNORM_NO_CUDA=1" in build.stdout
+    assert f"not building the CUDA extension: {reason}" in build.stdout
     assert not list((tmp_path / "gannorm_kernels").glob("*.so"))
     probe = ("import json, gannorm_kernels as gk; r = gk.info(); "
              "print(json.dumps([r['cuda_extension_built'], r['cuda_extension_error'], r['backends']['cuda-emu']['cpu'], r['auto']['cpu']]))")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True)
     built, error, emu_reason, auto_cpu = json.loads(out.stdout)
-    assert built is False and "GANNORM_NO_CUDA=1" in error
+    assert built is False and reason in error
     assert "were not built" in emu_reason
     assert auto_cpu == "reference"
+
+
+def test_gpu_check_refuses_without_a_gpu():
+    """`make gpu-check` says why and fails, before building anything, where no GPU is visible."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: gpu-check would run")
+    if not (ROOT / ".venv" / ".requirements").exists() or shutil.which("make") is None:
+        pytest.skip("needs the Makefile's .venv")
+    result = subprocess.run(["make", "-s", "gpu-check"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "make gpu-check: no CUDA GPU is visible here" in result.stdout
+    assert "pip install" not in result.stdout + result.stderr

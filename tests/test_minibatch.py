@@ -23,7 +23,8 @@ SIMILARITY_CASES = [(2, (1,)), (3, (7,)), (17, (5, 3)), (40, (70,)), (5, (300,))
 # (N, B, C) for minibatch discrimination: N = 1 (o = 0), odd sizes, C over a chunk
 DISCRIMINATION_CASES = [(1, 3, 5), (2, 1, 1), (7, 3, 5), (33, 4, 40), (200, 2, 3)]
 # (N, C, H, W, group_size, num_channels)
-STDDEV_CASES = [(8, 4, 3, 3, 4, 2), (3, 2, 2, 5, 4, 1), (1, 3, 2, 2, 4, 1), (6, 6, 1, 1, 2, 3), (4, 2, 9, 13, 4, 1)]
+STDDEV_CASES = [(8, 4, 3, 3, 4, 2), (3, 2, 2, 5, 4, 1), (1, 3, 2, 2, 4, 1), (6, 6, 1, 1, 2, 3), (4, 2, 9, 13, 4, 1),
+                (200, 4, 2, 2, 4, 1), (33, 2, 1, 3, 3, 2)]
 
 
 def case_id(case):
@@ -345,18 +346,19 @@ def test_memory_is_linear_in_the_batch():
     assert largest.numel <= m.numel()
 
 
-def _global_batch_worker(rank, world, init_file, backend, features, results):
+def _global_batch_worker(rank, world, init_file, backend, kernel, features, results):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     local = features.chunk(world)[rank].clone().requires_grad_()
-    penalty = gk.pairwise_similarity_penalty(local, "cosine", global_batch=True, backend=backend)
+    penalty = gk.pairwise_similarity_penalty(local, kernel, 2.0, global_batch=True, backend=backend)
     penalty.backward()
     results[rank] = (penalty.detach(), local.grad)
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("kernel", ["cosine", "rbf"])
 @pytest.mark.parametrize("backend", ["reference", "cuda-emu"])
-def test_global_batch_under_ddp(backend, tmp_path):
+def test_global_batch_under_ddp(backend, kernel, tmp_path):
     """Two gloo processes, half the batch each: every rank gets the penalty of the whole batch,
     and the gradient of its own samples (times the world size, which DDP's gradient averaging
     divides out)."""
@@ -366,9 +368,9 @@ def test_global_batch_under_ddp(backend, tmp_path):
     features = drawn((8, 5), torch.float32, "cpu", seed=4)
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_global_batch_worker, args=(2, str(tmp_path / "init"), backend, features, results), nprocs=2)
+    mp.spawn(_global_batch_worker, args=(2, str(tmp_path / "init"), backend, kernel, features, results), nprocs=2)
     whole = features.clone().requires_grad_()
-    expected = gk.pairwise_similarity_penalty(whole, "cosine", backend=backend)
+    expected = gk.pairwise_similarity_penalty(whole, kernel, 2.0, backend=backend)
     expected.backward()
     for rank in range(2):
         penalty, grad = results[rank]

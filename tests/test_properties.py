@@ -13,6 +13,7 @@ from helpers import KERNEL_BACKENDS, backend_device
 from torch import nn
 
 import gannorm_kernels as gk
+from gannorm_kernels import perf_model
 from gannorm_kernels.launches import count_launches
 
 
@@ -31,7 +32,8 @@ def no_host_sync(device):
 
 def discriminator(backend):
     """Every op and layout: weight norm at dims 0, 1 and the whole tensor, adaptive weight norm,
-    spectral norm on a conv (dim 0), a ConvTranspose (dim 1), a Linear and a 1-D weight."""
+    spectral norm on a conv (dim 0), a ConvTranspose (dim 1), a Linear and a 1-D weight,
+    minibatch stddev and minibatch discrimination (and, in the loss, both similarity penalties)."""
     torch.manual_seed(0)
     vector = nn.Module()
     vector.weight = nn.Parameter(torch.randn(1))
@@ -41,26 +43,34 @@ def discriminator(backend):
         "wn_all": gk.adaptive_weight_norm(nn.Conv2d(4, 4, 1), per="layer", backend=backend),
         "sn_conv": gk.spectral_norm(nn.Conv2d(4, 5, 3), backend=backend),
         "sn_transposed": gk.spectral_norm(nn.ConvTranspose2d(5, 4, 3), backend=backend),
-        "sn_linear": gk.spectral_norm(nn.Linear(4 * 6 * 6, 1), backend=backend),
+        "mbstd": gk.MinibatchStdDev(group_size=2, backend=backend),
+        "mbd": gk.MinibatchDiscrimination(5 * 6 * 6, 3, 2, backend=backend),
+        "sn_linear": gk.spectral_norm(nn.Linear(5 * 6 * 6 + 3, 1), backend=backend),
         "sn_vector": gk.spectral_norm(vector, backend=backend),
     })
     return model.to(backend_device(backend))
 
 
 def forward(model, x):
+    """(output, features)."""
     h = model["wn_all"](model["wn1"](model["wn0"](x)))
     h = model["sn_transposed"](nn.functional.leaky_relu(model["sn_conv"](h), 0.2))
-    return model["sn_linear"](h.flatten(1)) * model["sn_vector"].weight
+    features = model["mbstd"](h).flatten(1)
+    return model["sn_linear"](model["mbd"](features)) * model["sn_vector"].weight, features
 
 
 def training_step(model, x):
     """Two forwards (real, fake) and a backward, then an eval forward: every kernel runs."""
     model.train()
-    loss = forward(model, x).mean() - forward(model, x.flip(0)).square().mean()
+    backend = model["mbd"].backend
+    real, _ = forward(model, x)
+    fake, features = forward(model, x.flip(0))
+    loss = real.mean() - fake.square().mean() + gk.pairwise_similarity_penalty(features, "cosine", backend=backend) \
+        + gk.pairwise_similarity_penalty(features, "rbf", 8.0, backend=backend)
     loss.backward()
     model.eval()
     with torch.no_grad():
-        evaluated = forward(model, x)
+        evaluated, _ = forward(model, x)
     return loss.detach(), evaluated
 
 
@@ -98,7 +108,10 @@ def test_the_sync_detector_can_fire():
     with count_launches() as launches:
         x.sum().item()
         bool(x[0] > 0)
-    assert launches.syncs == ["_local_scalar_dense", "_local_scalar_dense"]
+        x.cpu()
+        x.tolist()
+        x.numpy()
+    assert launches.syncs == ["_local_scalar_dense", "_local_scalar_dense", "cpu", "tolist", "numpy"]
 
 
 def test_reference_backend_is_deterministic_too():
@@ -108,3 +121,136 @@ def test_reference_backend_is_deterministic_too():
         training_step(model, x)
     for a, b in zip(first.parameters(), second.parameters()):
         assert torch.equal(a.grad, b.grad)
+
+
+
+# ---- the bytes model (gannorm_kernels.perf_model) against what the kernels touch ----
+
+class BytesTouched:
+    """Every address the Triton interpreter loads or stores in the block, classified afterwards
+    (when the outputs exist) into those inside the given large tensors, the weight-sized ones
+    that are DRAM traffic on a GPU, and the rest: vectors, partials, and gathers of u and v
+    that a GPU serves from cache."""
+
+    def __init__(self):
+        self.accesses = []  # (addresses, element size)
+
+    @contextlib.contextmanager
+    def recording(self):
+        import numpy as np
+        from triton.runtime.interpreter import InterpreterBuilder as builder
+
+        load, store = builder.create_masked_load, builder.create_masked_store
+
+        def record(ptrs, mask):
+            selected = np.broadcast_to(mask.data, ptrs.data.shape)
+            self.accesses.append((ptrs.data[selected].copy(), ptrs.get_element_ty().primitive_bitwidth // 8))
+
+        def counted_load(builder_self, ptrs, mask, *args):
+            record(ptrs, mask)
+            return load(builder_self, ptrs, mask, *args)
+
+        def counted_store(builder_self, ptrs, value, mask, *args):
+            record(ptrs, mask)
+            return store(builder_self, ptrs, value, mask, *args)
+
+        builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
+        try:
+            yield self
+        finally:
+            builder.create_masked_load, builder.create_masked_store = load, store
+
+    def split(self, *large):
+        """(bytes inside the large tensors, bytes elsewhere)."""
+        ranges = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in large]
+        inside_bytes = other_bytes = 0
+        for addresses, size in self.accesses:
+            inside = sum(((addresses >= a) & (addresses < b)).astype(int) for a, b in ranges) > 0
+            inside_bytes += int(inside.sum()) * size
+            other_bytes += int((~inside).sum()) * size
+        return inside_bytes, other_bytes
+
+
+def touched(step, large_of):
+    """Runs step() under the byte counter; large_of(result) names the large tensors."""
+    counter = BytesTouched()
+    with counter.recording():
+        result = step()
+    return counter.split(*large_of(result))
+
+
+def assert_model_brackets(cost, measured, what):
+    """The model counts each pass over a large tensor, and the small vectors once: it must be at
+    least the large tensors' traffic the kernels made and at most all the traffic they made."""
+    large, other = measured
+    assert large > 0, f"{what}: no traffic seen in the large tensors"
+    assert large <= cost.bytes <= large + other, \
+        f"{what}: model {cost.bytes} bytes; the kernels moved {large} in the large tensors, {large + other} in all"
+
+
+interpreter_only = pytest.mark.skipif(
+    torch.cuda.is_available() or gk.info()["backends"]["triton"]["cpu"] is not None,
+    reason="bytes are counted under the Triton interpreter")
+
+
+@interpreter_only
+@pytest.mark.parametrize("dim", [0, 1, None])
+def test_bytes_model_of_weight_norm(dim):
+    shape = (24, 10, 3, 3)
+    v = torch.randn(shape, requires_grad=True)
+    g = torch.rand([s if i == dim else 1 for i, s in enumerate(shape)] if dim is not None else [1] * 4,
+                   requires_grad=True)
+    grad = torch.randn(shape)
+    w = gk.functional.weight_norm(v, g, dim, backend="triton")
+    forward = touched(lambda: gk.functional.weight_norm(v, g, dim, backend="triton"), lambda out: (v, out))
+    backward = touched(lambda: w.backward(grad) or v.grad, lambda grad_v: (v, grad, grad_v))
+    assert_model_brackets(perf_model.weight_norm(shape, torch.float32, dim), forward, f"weight norm dim {dim}")
+    assert_model_brackets(perf_model.weight_norm(shape, torch.float32, dim, backward=True), backward,
+                          f"weight norm backward dim {dim}")
+
+
+@interpreter_only
+@pytest.mark.parametrize("shape, dim", [((24, 10, 3, 3), 0), ((10, 24, 3, 3), 1), ((70, 30), 0)])
+def test_bytes_model_of_spectral_norm(shape, dim):
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.randn(shape))
+    gk.spectral_norm(holder, dim=dim, backend="triton")
+    original = holder.parametrizations.weight.original
+    grad = torch.randn(shape)
+    train = touched(lambda: holder.weight, lambda out: (original, out))
+    out = holder.weight
+    backward = touched(lambda: out.backward(grad) or original.grad, lambda grad_w: (original, grad, grad_w))
+    holder.eval()
+    cached = touched(lambda: holder.weight, lambda out: (original, out))
+    with torch.no_grad():
+        original.mul_(1.5)  # the weight changed: sigma is computed again
+    uncached = touched(lambda: holder.weight, lambda out: (original, out))
+    model = perf_model.spectral_norm
+    assert_model_brackets(model(shape, torch.float32, dim, "train"), train, "spectral norm, training forward")
+    assert_model_brackets(model(shape, torch.float32, dim, "backward"), backward, "spectral norm, backward")
+    assert_model_brackets(model(shape, torch.float32, dim, "eval-cached"), cached, "spectral norm, eval, cached")
+    assert_model_brackets(model(shape, torch.float32, dim, "eval"), uncached, "spectral norm, eval, weight changed")
+
+
+@interpreter_only
+def test_bytes_model_of_the_streaming_minibatch_ops():
+    """Cosine penalty and minibatch stddev stream their input; the pairwise ops (rbf, minibatch
+    discrimination) re-read tiles from cache by design and are flop-bound, so their model
+    counts the compulsory traffic and their flops instead."""
+    features = torch.randn(40, 70, requires_grad=True)
+    penalty = gk.pairwise_similarity_penalty(features, "cosine", backend="triton")
+    forward = touched(lambda: gk.pairwise_similarity_penalty(features, "cosine", backend="triton"),
+                      lambda out: (features,))
+    backward = touched(lambda: penalty.backward() or features.grad, lambda grad: (features, grad))
+    assert_model_brackets(perf_model.similarity_penalty(40, 70, torch.float32, "cosine"), forward, "cosine penalty")
+    assert_model_brackets(perf_model.similarity_penalty(40, 70, torch.float32, "cosine", backward=True), backward,
+                          "cosine penalty, backward")
+    images = torch.randn(8, 6, 3, 5, requires_grad=True)
+    layer = gk.MinibatchStdDev(4, 2, backend="triton")
+    out = layer(images)
+    grad = torch.randn_like(out)
+    forward = touched(lambda: layer(images), lambda out: (images, out))
+    backward = touched(lambda: out.backward(grad) or images.grad, lambda grad_x: (images, grad, grad_x))
+    assert_model_brackets(perf_model.minibatch_stddev(images.shape, torch.float32, 2), forward, "minibatch stddev")
+    assert_model_brackets(perf_model.minibatch_stddev(images.shape, torch.float32, 2, backward=True), backward,
+                          "minibatch stddev, backward")
