@@ -29,15 +29,16 @@ def device_name():
 
 def describe(benchmark, op, mode, backend, workload, shape, dtype, cost, launches, peak_bytes=None):
     """extra_info of a row: what ran, its measured launches, the modelled bytes, flops and
-    bound, and (on a GPU) the peak memory it allocated."""
+    bound (cost None: not modelled), and (on a GPU) the peak memory it allocated."""
     from gannorm_kernels import perf_model
 
     bandwidth = perf_model.peak_bandwidth(device_name()) if DEVICE == "cuda" else None
     flops = perf_model.peak_fp32(device_name()) if DEVICE == "cuda" else None
     benchmark.extra_info.update(
         op=op, mode=mode, backend=backend, layer=workload, shape=list(shape), dtype=str(dtype),
-        launches=launches, bytes=cost.bytes, flops=cost.flops, device=device_name(), peak_bytes=peak_bytes,
-        bound_us=cost.lower_bound_seconds(bandwidth, flops) * 1e6 if bandwidth else None)
+        launches=launches, bytes=cost and cost.bytes, flops=cost and cost.flops, device=device_name(),
+        peak_bytes=peak_bytes,
+        bound_us=cost.lower_bound_seconds(bandwidth, flops) * 1e6 if bandwidth and cost else None)
 
 
 def peak_memory(step):
