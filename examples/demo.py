@@ -24,7 +24,7 @@ demo_out/samples.png (every variant) and demo_out/samples_<variant>.png (first s
 kernel backend that runs here repeats a few steps of the last variant, to show that they train
 alike and what they launch.
 
-Usage: python examples/demo.py [--seeds N] [--steps N] [--workers N] [--out DIR]
+Usage: python examples/demo.py [--seeds N] [--steps N] [--workers N] [--check-steps N] [--out DIR]
 """
 
 import argparse

@@ -113,6 +113,7 @@ _HOST_READS = ("cpu", "tolist", "numpy")
 @contextlib.contextmanager
 def _host_reads_recorded(record: LaunchCount):
     originals = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+    own = {name for name in _HOST_READS if name in vars(torch.Tensor)}  # the rest come from TensorBase
 
     def recording(name):
         original = originals[name]
@@ -129,7 +130,10 @@ def _host_reads_recorded(record: LaunchCount):
         yield
     finally:
         for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
+            if name in own:
+                setattr(torch.Tensor, name, original)
+            else:
+                delattr(torch.Tensor, name)
 
 
 @contextlib.contextmanager
