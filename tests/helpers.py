@@ -2,10 +2,22 @@
 
 import pytest
 import torch
+from torch import nn
 
 from gannorm_kernels import backends
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Every layer type the parametrizations support: (constructor, input shape or None for Embedding)
+LAYER_MODULES = {
+    "Linear": (lambda: nn.Linear(5, 7), (3, 5)),
+    "Conv1d": (lambda: nn.Conv1d(3, 4, 3), (2, 3, 9)),
+    "Conv2d": (lambda: nn.Conv2d(3, 4, 3), (2, 3, 7, 7)),
+    "Conv3d": (lambda: nn.Conv3d(2, 3, 2), (2, 2, 4, 4, 4)),
+    "ConvTranspose1d": (lambda: nn.ConvTranspose1d(3, 4, 3), (2, 3, 5)),
+    "ConvTranspose2d": (lambda: nn.ConvTranspose2d(3, 4, 3), (2, 3, 5, 5)),
+    "ConvTranspose3d": (lambda: nn.ConvTranspose3d(2, 3, 2), (2, 2, 3, 3, 3)),
+    "Embedding": (lambda: nn.Embedding(6, 4), None),
+}
 
 
 def backend_device(backend: str) -> str:

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 from functorch.compile import make_boxed_func
-from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, assert_as_accurate_as,
-                     assert_close_to_reference, backend_device)
+from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LAYER_MODULES,
+                     assert_as_accurate_as, assert_close_to_reference, backend_device)
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torch.nn.utils import parametrizations
@@ -294,21 +294,11 @@ def test_vector_launch_budget(backend):
 
 # ---- the module API: a drop-in for torch.nn.utils.parametrizations.spectral_norm ----
 
-MODULES = {
-    "Linear": (lambda: nn.Linear(5, 7), (3, 5)),
-    "Conv1d": (lambda: nn.Conv1d(3, 4, 3), (2, 3, 9)),
-    "Conv2d": (lambda: nn.Conv2d(3, 4, 3), (2, 3, 7, 7)),
-    "Conv3d": (lambda: nn.Conv3d(2, 3, 2), (2, 2, 4, 4, 4)),
-    "ConvTranspose1d": (lambda: nn.ConvTranspose1d(3, 4, 3), (2, 3, 5)),
-    "ConvTranspose2d": (lambda: nn.ConvTranspose2d(3, 4, 3), (2, 3, 5, 5)),
-    "ConvTranspose3d": (lambda: nn.ConvTranspose3d(2, 3, 2), (2, 2, 3, 3, 3)),
-    "Embedding": (lambda: nn.Embedding(6, 4), None),
-}
 TRAJECTORY_ULPS = 8
 
 
 def module_input(kind, device):
-    shape = MODULES[kind][1]
+    shape = LAYER_MODULES[kind][1]
     if shape is None:
         return torch.randint(0, 6, (2, 3), device=device)
     return torch.randn(shape, device=device)
@@ -318,7 +308,7 @@ def twin_modules(kind, backend, n_power_iterations=1):
     """(torch's spectral norm, ours) on equal copies of one module, registered from the same
     random state (the buffers' initial draws come from it)."""
     torch.manual_seed(0)
-    theirs = MODULES[kind][0]()
+    theirs = LAYER_MODULES[kind][0]()
     ours = copy.deepcopy(theirs)
     torch.manual_seed(1)
     parametrizations.spectral_norm(theirs, n_power_iterations=n_power_iterations)
@@ -329,7 +319,7 @@ def twin_modules(kind, backend, n_power_iterations=1):
 
 
 @pytest.mark.parametrize("n_power_iterations", [1, 2])
-@pytest.mark.parametrize("kind", list(MODULES))
+@pytest.mark.parametrize("kind", list(LAYER_MODULES))
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_matches_torch_parametrization(backend, kind, n_power_iterations):
     theirs, ours = twin_modules(kind, backend, n_power_iterations)
@@ -432,14 +422,14 @@ def test_sigmas(backend):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_loads_legacy_checkpoint(backend, kind):
     torch.manual_seed(0)
-    legacy = nn.utils.spectral_norm(MODULES[kind][0]())
+    legacy = nn.utils.spectral_norm(LAYER_MODULES[kind][0]())
     x = module_input(kind, "cpu")
     for _ in range(3):  # move u and v away from their initial values
         legacy(x)
     legacy.eval()
     state = legacy.state_dict()
     assert {"weight_orig", "weight_u", "weight_v"} <= set(state)
-    ours = gk.spectral_norm(MODULES[kind][0](), backend=backend).to(backend_device(backend))
+    ours = gk.spectral_norm(LAYER_MODULES[kind][0](), backend=backend).to(backend_device(backend))
     ours.load_state_dict(state, strict=True)
     ours.eval()
     torch.testing.assert_close(ours(x.to(backend_device(backend))).cpu(), legacy(x), rtol=1e-5, atol=1e-6)

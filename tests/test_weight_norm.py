@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 import torch
-from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, assert_as_accurate_as,
-                     assert_close_to_reference, backend_device)
+from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LAYER_MODULES,
+                     assert_as_accurate_as, assert_close_to_reference, backend_device)
 from torch import nn
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
@@ -238,20 +238,10 @@ def test_launch_counter_sees_aten_kernels():
 
 # ---- the module API: a drop-in for torch.nn.utils.parametrizations.weight_norm ----
 
-MODULES = {
-    "Linear": (lambda: nn.Linear(5, 7), (3, 5)),
-    "Conv1d": (lambda: nn.Conv1d(3, 4, 3), (2, 3, 9)),
-    "Conv2d": (lambda: nn.Conv2d(3, 4, 3), (2, 3, 7, 7)),
-    "Conv3d": (lambda: nn.Conv3d(2, 3, 2), (2, 2, 4, 4, 4)),
-    "ConvTranspose1d": (lambda: nn.ConvTranspose1d(3, 4, 3), (2, 3, 5)),
-    "ConvTranspose2d": (lambda: nn.ConvTranspose2d(3, 4, 3), (2, 3, 5, 5)),
-    "ConvTranspose3d": (lambda: nn.ConvTranspose3d(2, 3, 2), (2, 2, 3, 3, 3)),
-    "Embedding": (lambda: nn.Embedding(6, 4), None),
-}
 
 
 def module_input(kind, device):
-    shape = MODULES[kind][1]
+    shape = LAYER_MODULES[kind][1]
     if shape is None:
         return torch.tensor([[0, 2, 5], [1, 1, 3]], device=device)
     return torch.randn(shape, device=device)
@@ -260,7 +250,7 @@ def module_input(kind, device):
 def twin_modules(kind, dim, backend):
     """(torch's weight norm, ours) on equal copies of one module."""
     torch.manual_seed(0)
-    theirs = MODULES[kind][0]()
+    theirs = LAYER_MODULES[kind][0]()
     ours = copy.deepcopy(theirs)
     parametrizations.weight_norm(theirs, dim=dim)
     gk.weight_norm(ours, dim=dim, backend=backend)
@@ -272,7 +262,7 @@ TRAJECTORY_ULPS = 8
 
 
 @pytest.mark.parametrize("dim", [0, 1, None])
-@pytest.mark.parametrize("kind", list(MODULES))
+@pytest.mark.parametrize("kind", list(LAYER_MODULES))
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_matches_torch_parametrization(backend, kind, dim):
     theirs, ours = twin_modules(kind, dim, backend)

@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton launchers: accumulation dtype, block sizes, launch counting."""
+"""Helpers shared by the Triton launchers and kernels: accumulation dtype, block sizes, launch
+counting, the matrix view of a weight along a dim."""
 
 import contextlib
 
@@ -59,6 +60,17 @@ def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def block_size(n: int, lo: int, hi: int) -> int:
     """The power of two covering n, clamped to [lo, hi]."""
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+@triton.jit
+def matrix_offsets(i, j, h, B, OUTER: tl.constexpr):
+    # Element (i, j) of a (A, h, B) tensor viewed as the (h, A * B) matrix of its dim; without
+    # OUTER (A == 1) each row i is a contiguous run of B.
+    if OUTER:
+        a = j // B
+        return (a * h + i) * B + (j - a * B)
+    else:
+        return i * B + j
 
 
 @triton.jit

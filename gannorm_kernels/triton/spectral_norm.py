@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_size, launch, torch_acc_dtype
+from .common import acc_dtype, block_size, launch, matrix_offsets, torch_acc_dtype
 
 # _scale modes
 _TRAIN, _EVAL, _CACHED, _VECTOR = 0, 1, 2, 3
@@ -43,16 +43,6 @@ def _sum_partials(ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
         offsets = start + tl.arange(0, BLOCK)
         total += tl.load(ptr + offsets, mask=offsets < n, other=0.0).to(ACC)
     return tl.sum(total, axis=0)
-
-
-@triton.jit
-def _matrix_offsets(i, j, h, B, OUTER: tl.constexpr):
-    # Element (i, j) of the matrix view; without OUTER (dim 0) rows are contiguous runs of B.
-    if OUTER:
-        a = j // B
-        return (a * h + i) * B + (j - a * B)
-    else:
-        return i * B + j
 
 
 @triton.jit
@@ -80,7 +70,7 @@ def _rows(
         v = tl.load(v_ptr + j, mask=j_mask, other=0.0).to(ACC)
         if V_FROM_T:
             v = v / v_denominator
-        tile = tl.load(w_ptr + _matrix_offsets(i[:, None], j[None, :], h, B, OUTER),
+        tile = tl.load(w_ptr + matrix_offsets(i[:, None], j[None, :], h, B, OUTER),
                        mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
         x += tile * v[None, :]
     x_rows = tl.sum(x, axis=1)
@@ -114,7 +104,7 @@ def _cols(
         i = start + tl.arange(0, BLOCK_I)
         i_mask = i < h
         u = tl.load(x_ptr + i, mask=i_mask, other=0.0) / u_denominator
-        tile = tl.load(w_ptr + _matrix_offsets(i[:, None], j[None, :], h, B, OUTER),
+        tile = tl.load(w_ptr + matrix_offsets(i[:, None], j[None, :], h, B, OUTER),
                        mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
         t += tile * u[:, None]
     t_cols = tl.sum(t, axis=0)

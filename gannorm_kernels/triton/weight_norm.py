@@ -19,17 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_size, launch, torch_acc_dtype
-
-
-@triton.jit
-def _channel_offsets(k, c, C, B, OUTER: tl.constexpr):
-    # Offsets of elements k (< A*B) of channel c; without OUTER (A == 1) a contiguous run.
-    if OUTER:
-        a = k // B
-        return (a * C + c) * B + (k - a * B)
-    else:
-        return c * B + k
+from .common import acc_dtype, block_size, launch, matrix_offsets, torch_acc_dtype
 
 
 @triton.jit
@@ -46,7 +36,7 @@ def _weight_norm_fwd_rows(
     sumsq = tl.zeros([BLOCK], dtype=ACC)
     for start in range(0, K, BLOCK):
         k = start + tl.arange(0, BLOCK)
-        x = tl.load(v_ptr + _channel_offsets(k, c, C, B, OUTER), mask=k < K, other=0.0).to(ACC)
+        x = tl.load(v_ptr + matrix_offsets(c, k, C, B, OUTER), mask=k < K, other=0.0).to(ACC)
         sumsq += x * x
     norm = tl.sqrt(tl.sum(sumsq, axis=0))
     g = tl.load(g_ptr + c).to(ACC)
@@ -54,7 +44,7 @@ def _weight_norm_fwd_rows(
     tl.store(norms_ptr + c, norm)
     for start in range(0, K, BLOCK):
         k = start + tl.arange(0, BLOCK)
-        offsets = _channel_offsets(k, c, C, B, OUTER)
+        offsets = matrix_offsets(c, k, C, B, OUTER)
         x = tl.load(v_ptr + offsets, mask=k < K, other=0.0).to(ACC)
         tl.store(w_ptr + offsets, (x * scale).to(w_ptr.dtype.element_ty), mask=k < K)
 
@@ -106,7 +96,7 @@ def _weight_norm_bwd_rows(
     dot = tl.zeros([BLOCK], dtype=ACC)
     for start in range(0, K, BLOCK):
         k = start + tl.arange(0, BLOCK)
-        offsets = _channel_offsets(k, c, C, B, OUTER)
+        offsets = matrix_offsets(c, k, C, B, OUTER)
         dw = tl.load(grad_w_ptr + offsets, mask=k < K, other=0.0).to(ACC)
         x = tl.load(v_ptr + offsets, mask=k < K, other=0.0).to(ACC)
         dot += dw * x
@@ -118,7 +108,7 @@ def _weight_norm_bwd_rows(
     projection = total * inv_norm * inv_norm
     for start in range(0, K, BLOCK):
         k = start + tl.arange(0, BLOCK)
-        offsets = _channel_offsets(k, c, C, B, OUTER)
+        offsets = matrix_offsets(c, k, C, B, OUTER)
         dw = tl.load(grad_w_ptr + offsets, mask=k < K, other=0.0).to(ACC)
         x = tl.load(v_ptr + offsets, mask=k < K, other=0.0).to(ACC)
         tl.store(grad_v_ptr + offsets, (scale * (dw - x * projection)).to(grad_v_ptr.dtype.element_ty),
