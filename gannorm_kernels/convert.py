@@ -6,7 +6,6 @@ their state follow), as are the state_dict keys of torch's parametrizations.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -18,7 +17,9 @@ from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook, Spect
 from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
 from . import backends
-from .nn import SpectralNorm, WeightNorm, _load_legacy_spectral_norm, _load_legacy_weight_norm, spectral_norm, weight_norm
+from .nn import SpectralNorm, WeightNorm, spectral_norm, weight_norm
+from .ops.spectral_norm import spectral_norm as spectral_norm_op
+from .ops.weight_norm import weight_norm as weight_norm_op
 
 DEFAULT_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                        nn.ConvTranspose3d, nn.Embedding)
@@ -31,9 +32,9 @@ def _plans(model: nn.Module):
     found = []
     for module in model.modules():
         for key, hook in module._forward_pre_hooks.items():
-            if isinstance(hook, LegacyWeightNorm):
+            if type(hook) is LegacyWeightNorm:
                 found.append(("legacy-weight", module, key, getattr(module, hook.name + "_v")))
-            elif isinstance(hook, LegacySpectralNorm):
+            elif type(hook) is LegacySpectralNorm:
                 found.append(("legacy-spectral", module, key, getattr(module, hook.name + "_orig")))
         if parametrize.is_parametrized(module):
             for tensor_name, parametrizations in module.parametrizations.items():
@@ -50,16 +51,20 @@ def _plans(model: nn.Module):
 def convert(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """Replaces, in place, every torch weight and spectral norm in ``model`` with ours.
 
-    Both torch APIs are converted: ``torch.nn.utils.parametrizations.weight_norm`` /
-    ``spectral_norm`` and the legacy ``torch.nn.utils.weight_norm`` / ``spectral_norm`` hooks.
-    Every learned tensor is kept, as the same Parameter and buffer objects (g, v; the weight,
-    u, v), so eval outputs are unchanged and optimizers keep working; the legacy hooks are
-    removed entirely, state-dict hooks included (torch's own ``remove_spectral_norm`` leaves
-    its load hook behind), and the state_dict takes the parametrizations' keys.
+    Both torch APIs are converted, each layer keeping its own API family:
 
-    Training then continues as torch's parametrizations would: converted legacy layers switch
-    to the new API's update order (the power iteration runs when ``.weight`` is computed, i.e.
-    on every access in training, where the legacy hook ran it once per module call).
+    - ``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm``: our
+      parametrizations take the place of torch's, with the same keys and semantics.
+    - the legacy ``torch.nn.utils.weight_norm`` / ``spectral_norm`` hooks (what most public
+      GAN and vocoder code uses): the hook is replaced by a subclass of torch's own hook that
+      computes the weight with our kernels. Everything else stays torch's: the state_dict keys
+      (``weight_g``/``weight_v``, ``weight_orig``/``weight_u``/``weight_v``) and attributes,
+      the power iteration's order (v, then u) and timing (once per module call, in training),
+      ``remove_weight_norm`` / ``remove_spectral_norm``, ``torch.save(model)``, and its
+      checkpoints load into the user's own unconverted model.
+
+    Every learned tensor is kept, as the same Parameter and buffer objects, so eval outputs are
+    unchanged (up to fp32 rounding) and optimizers keep working.
 
     Args:
         model: any module; changed in place and returned.
@@ -96,45 +101,83 @@ def convert(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     return model
 
 
+class LegacyWeightNormKernels(LegacyWeightNorm):
+    """torch.nn.utils.weight_norm's forward pre-hook, its weight computed by our kernels: the
+    same parameters (``<name>_g``, ``<name>_v``), timing and ``remove_weight_norm``."""
+
+    def __init__(self, name: str, dim: int, backend: str) -> None:
+        super().__init__(name, dim)
+        self.backend = backend
+
+    def compute_weight(self, module: nn.Module) -> torch.Tensor:
+        return weight_norm_op(getattr(module, self.name + "_v"), getattr(module, self.name + "_g"), self.dim,
+                              backend=self.backend)
+
+
+class LegacySpectralNormKernels(LegacySpectralNorm):
+    """torch.nn.utils.spectral_norm's forward pre-hook, its weight computed by our kernels: the
+    same parameters and buffers (``<name>_orig``, ``<name>_u``, ``<name>_v``), the same power
+    iteration (v = normalize(W^T u), then u = normalize(W v), in place, once per module call in
+    training) and ``remove_spectral_norm``.
+
+    Our kernels iterate u first, then v; on the transposed matrix, with the buffers' roles
+    swapped, that is exactly the legacy order, and sigma = v^T W^T u = u^T W v. For dim 0 the
+    transposed matrix is a view of the weight (no copy); for other dims (ConvTranspose) the
+    weight is permuted into a copy first, as torch's own reshape does.
+    """
+
+    def __init__(self, name: str, n_power_iterations: int, dim: int, eps: float, backend: str) -> None:
+        super().__init__(name, n_power_iterations, dim, eps)
+        self.backend = backend
+
+    def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
+        weight = getattr(module, self.name + "_orig")
+        matrix = self.reshape_weight_to_matrix(weight)  # (h, w); rows along self.dim
+        out, _ = spectral_norm_op(matrix, getattr(module, self.name + "_v"), getattr(module, self.name + "_u"),
+                                  dim=1, n_power_iterations=self.n_power_iterations, eps=self.eps,
+                                  training=do_power_iteration, backend=self.backend)
+        if self.dim == 0:
+            return out.reshape(weight.shape)
+        permuted = (weight.shape[self.dim],) + tuple(s for d, s in enumerate(weight.shape) if d != self.dim)
+        return out.reshape(permuted).movedim(0, self.dim)
+
+
 def _convert_legacy_weight_norm(module: nn.Module, key, backend: str) -> None:
-    hook = module._forward_pre_hooks.pop(key)
-    name = hook.name
-    g = module._parameters.pop(name + "_g")
-    v = module._parameters.pop(name + "_v")
-    delattr(module, name)  # the plain tensor the hook recomputed on every call
-    module.register_parameter(name, nn.Parameter(v.detach().clone(), requires_grad=v.requires_grad))
-    parametrize.register_parametrization(module, name, WeightNorm(hook.dim, backend), unsafe=True)
-    parametrizations = module.parametrizations[name]
-    parametrizations.original0, parametrizations.original1 = g, v  # the learned tensors themselves
-    module._register_load_state_dict_pre_hook(functools.partial(_load_legacy_weight_norm, name))
+    hook = module._forward_pre_hooks[key]
+    module._forward_pre_hooks[key] = LegacyWeightNormKernels(hook.name, hook.dim, backend)
 
 
 def _convert_legacy_spectral_norm(module: nn.Module, key, backend: str) -> None:
-    hook = module._forward_pre_hooks.pop(key)
-    name = hook.name
+    hook = module._forward_pre_hooks[key]
+    ours = LegacySpectralNormKernels(hook.name, hook.n_power_iterations, hook.dim, hook.eps, backend)
+    _replace_legacy_spectral_hook(module, key, hook, ours)
+
+
+def _replace_legacy_spectral_hook(module: nn.Module, key, old, new) -> None:
+    """Puts `new` where `old` was: the forward pre-hook and the state-dict hooks that hold it."""
+    module._forward_pre_hooks[key] = new
     for hooks in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
-        for hook_key, entry in list(hooks.items()):
+        for entry in hooks.values():
             inner = getattr(entry, "hook", entry)  # load hooks come wrapped in _WrappedHook
-            if isinstance(inner, (SpectralNormStateDictHook,
-                                  SpectralNormLoadStateDictPreHook)) and inner.fn.name == name:
-                del hooks[hook_key]
-    weight = module._parameters.pop(name + "_orig")
-    u = module._buffers.pop(name + "_u")
-    v = module._buffers.pop(name + "_v")
-    delattr(module, name)
-    module.register_parameter(name, weight)  # registration keeps this Parameter as `original`
-    ours = SpectralNorm(weight, hook.n_power_iterations, hook.dim, hook.eps, backend, u=u, v=v)
-    ours.train(module.training)
-    parametrize.register_parametrization(module, name, ours, unsafe=True)
-    module._register_load_state_dict_pre_hook(functools.partial(_load_legacy_spectral_norm, name))
+            if isinstance(inner, (SpectralNormStateDictHook, SpectralNormLoadStateDictPreHook)) and inner.fn is old:
+                inner.fn = new
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Turns every weight and spectral norm of ours in ``model`` back into torch's own
-    parametrizations, in place, keeping every tensor (and so the state_dict). Returns
-    ``model``; warns if there is nothing to revert."""
+    """Turns every weight and spectral norm of ours in ``model`` back into torch's own, in
+    place, keeping every tensor (and so the state_dict): our parametrizations become torch's
+    parametrizations, the legacy hooks :func:`convert` took over become torch's legacy hooks
+    again. Returns ``model``; warns if there is nothing to revert."""
     reverted = 0
     for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, LegacyWeightNormKernels):
+                module._forward_pre_hooks[key] = LegacyWeightNorm(hook.name, hook.dim)
+                reverted += 1
+            elif isinstance(hook, LegacySpectralNormKernels):
+                theirs = LegacySpectralNorm(hook.name, hook.n_power_iterations, hook.dim, hook.eps)
+                _replace_legacy_spectral_hook(module, key, hook, theirs)
+                reverted += 1
         if not parametrize.is_parametrized(module):
             continue
         for parametrizations in module.parametrizations.values():

@@ -21,8 +21,9 @@ from .ops.weight_norm import weight_norm as weight_norm_op
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _float_weight(module: nn.Module, name: str) -> torch.Tensor:
-    """The tensor `name` of `module`, checked to exist and to be floating point."""
+def _float_weight(module: nn.Module, name: str, complex_ok: bool = False) -> torch.Tensor:
+    """The tensor `name` of `module`, checked to exist and to be floating point (or complex,
+    where `complex_ok`)."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     weight = getattr(module, name, None)
@@ -30,8 +31,11 @@ def _float_weight(module: nn.Module, name: str) -> torch.Tensor:
         have = [n for n, _ in module.named_parameters(recurse=False)]
         raise ValueError(f"{type(module).__name__} has no parameter or buffer named {name!r} "
                          f"(its parameters: {', '.join(have) or 'none'})")
+    if complex_ok and weight.is_complex():
+        return weight
     if weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{type(module).__name__}.{name} must be float16, bfloat16, float32 or float64 "
+        also = ", float64, complex64 or complex128" if complex_ok else " or float64"
+        raise TypeError(f"{type(module).__name__}.{name} must be float16, bfloat16, float32{also} "
                         f"to be normalised, got {weight.dtype}")
     return weight
 
@@ -168,8 +172,9 @@ class SpectralNorm(nn.Module):
 
     Same buffers (``_u``, ``_v``, drawn from the same random stream), the same 15 warm-up
     iterations, the same update order (u, then v, in place, every training forward), no update
-    in eval, and 1-D weights divided by their norm. In eval the last sigma is reused while the
-    weight and the buffers are unchanged, so a forward is a single ``W / sigma`` launch.
+    in eval, and 1-D weights divided by their norm. An eval forward recomputes sigma = u^T W v
+    from the tensors as they are (2 launches): nothing is cached, so writes through ``.data``,
+    fused optimizers, EMA copies and ``load_state_dict`` are always seen.
     """
 
     def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
@@ -182,7 +187,6 @@ class SpectralNorm(nn.Module):
         self.eps = eps
         self.n_power_iterations = n_power_iterations
         self.backend = backend
-        self._cache_key = None
         with torch.no_grad():
             if weight.ndim > 1:
                 weight_mat = reference.spectral_weight_matrix(weight, self.dim)
@@ -195,28 +199,18 @@ class SpectralNorm(nn.Module):
                     reference.spectral_power_method(weight_mat, u, v, 15 + n_power_iterations, self.eps)
                 self.register_buffer("_u", u)
                 self.register_buffer("_v", v)
-                sigma = torch.dot(self._u, torch.mv(weight_mat, self._v))
+                sigma = torch.vdot(self._u, torch.mv(weight_mat, self._v))
             else:
                 sigma = torch.linalg.vector_norm(weight).clamp_min(self.eps)
-        self.last_sigma = sigma.to(spectral_norm_ops._acc_dtype(weight.dtype))
-
-    def _state_key(self, weight: torch.Tensor):
-        return (weight.data_ptr(), weight._version, weight.device, self._u.data_ptr(), self._u._version,
-                self._v.data_ptr(), self._v._version)
+        self.last_sigma = sigma.to(reference._compute_dtype(sigma.dtype))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.ndim == 1:
             out, self.last_sigma = spectral_norm_ops.spectral_norm(weight, eps=self.eps, backend=self.backend)
-            return out
-        compiling = torch.compiler.is_compiling()
-        cached = None
-        if not self.training and not compiling and self._cache_key == self._state_key(weight):
-            cached = self.last_sigma
-        out, self.last_sigma = spectral_norm_ops.spectral_norm(
-            weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, self.training, sigma=cached,
-            backend=self.backend)
-        # sigma stays valid while the weight and both buffers are unchanged
-        self._cache_key = None if compiling else self._state_key(weight)
+        else:
+            out, self.last_sigma = spectral_norm_ops.spectral_norm(
+                weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, self.training,
+                backend=self.backend)
         return out
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
@@ -257,7 +251,9 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     ConvTranspose modules and 0 otherwise.
 
     A training forward costs 3 kernel launches (torch: 13 ops), its backward 2 (torch: 9); an
-    eval forward 1 while the weight is unchanged. ``sigmas(model)`` reads the last sigmas.
+    eval forward 2 (torch: 5), recomputing sigma from the current weight and buffers every
+    time. Complex weights are supported as in torch (on the reference backend, which "auto"
+    picks for them). ``sigmas(model)`` reads the last sigmas.
 
     Args:
         module: the module holding the weight.
@@ -268,7 +264,7 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
         backend: "auto", "reference", "triton", "cuda" or "cuda-emu" (checked to exist here, and
             to run on the weight's device on each use).
     """
-    weight = _float_weight(module, name)
+    weight = _float_weight(module, name, complex_ok=True)
     if dim is None:
         dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
     backends.check_installed(backend)

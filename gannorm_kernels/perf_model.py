@@ -108,8 +108,9 @@ def weight_norm(shape, dtype, dim: int | None, backward: bool = False) -> Cost:
 
 def spectral_norm(shape, dtype, dim: int = 0, mode: str = "train", n_power_iterations: int = 1) -> Cost:
     """Per power iteration: W read by the rows pass and by the cols pass (plus u, v, x, t);
-    then the scale pass reads W and writes W / sigma. Eval: the scale pass (cached sigma), or
-    a rows pass and the scale pass (both copy u and v out as used). Backward: G and W read for
+    then the scale pass reads W and writes W / sigma. Eval (what the module runs): a rows pass
+    and the scale pass; "eval-cached" (the functional op given a sigma by its caller): the
+    scale pass alone. Both copy u and v out as used. Backward: G and W read for
     <G, W>, G read and dW written.
     1-D weights (mode "vector-*"): w read for its norm, then read and written."""
     n, s, acc = _sizes(shape, dtype)

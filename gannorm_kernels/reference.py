@@ -9,6 +9,8 @@ import torch
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype.is_complex:  # complex spectral norm (as torch's) computes in its own dtype
+        return dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -51,12 +53,13 @@ def spectral_power_method(weight_mat: torch.Tensor, u: torch.Tensor, v: torch.Te
 
 def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int, n_power_iterations: int,
                   eps: float, training: bool):
-    """(weight / sigma, sigma) with sigma = u^T W v, W the weight as a matrix along `dim`.
+    """(weight / sigma, sigma) with sigma = u^H W v, W the weight as a matrix along `dim`.
 
     Training first runs `n_power_iterations` of the power method on u and v, in fp32 (fp64
     for fp64 weights), and writes them back into the buffers in place; eval uses the buffers
     as they are. u and v are constants for the gradient, as in torch. A |sigma| <= eps is
-    replaced by eps (torch would divide by ~0).
+    replaced by eps (torch would divide by ~0). Complex weights work as in torch (sigma is
+    then complex, u^H W v).
     """
     compute = _compute_dtype(weight.dtype)
     weight_mat = spectral_weight_matrix(weight, dim).to(compute)
@@ -67,7 +70,7 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: i
         with torch.no_grad():
             u.copy_(u_used)
             v.copy_(v_used)
-    sigma = torch.dot(u_used, torch.mv(weight_mat, v_used))
+    sigma = torch.vdot(u_used, torch.mv(weight_mat, v_used))
     denominator = torch.where(sigma.abs() > eps, sigma, torch.full_like(sigma, eps))
     return (weight.to(compute) / denominator).to(weight.dtype), sigma
 

@@ -14,6 +14,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 import gannorm_kernels as gk
 from gannorm_kernels import backends
+from gannorm_kernels.convert import LegacySpectralNormKernels, LegacyWeightNormKernels
 from gannorm_kernels.nn import SpectralNorm, WeightNorm
 
 
@@ -44,8 +45,15 @@ def images(n=4, seed=1, device="cpu"):
 
 
 def our_norms(model):
-    return [p for m in model.modules() if parametrize.is_parametrized(m)
-            for plist in m.parametrizations.values() for p in plist if isinstance(p, (WeightNorm, SpectralNorm))]
+    """Our parametrizations and our legacy hooks in `model`."""
+    hooks = [h for m in model.modules() for h in m._forward_pre_hooks.values()
+             if isinstance(h, (LegacyWeightNormKernels, LegacySpectralNormKernels))]
+    return hooks + [p for m in model.modules() if parametrize.is_parametrized(m)
+                    for plist in m.parametrizations.values() for p in plist if isinstance(p, (WeightNorm, SpectralNorm))]
+
+
+def legacy_hook_types(model):
+    return [type(h).__name__ for m in model.modules() for h in m._forward_pre_hooks.values()]
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -58,20 +66,21 @@ def test_convert_keeps_every_tensor_and_output(backend):
               "new_v": model[4].parametrizations.weight[0]._v, "new_w": model[4].parametrizations.weight.original}
     gk.convert(model, backend=backend)
     assert len(our_norms(model)) == 5
-    # the very tensors: optimizers and their state follow
-    assert model[2].parametrizations.weight.original0 is legacy["g"]
-    assert model[2].parametrizations.weight.original1 is legacy["v"]
-    assert model[0].parametrizations.weight.original is legacy["orig"]
-    assert model[0].parametrizations.weight[0]._u is legacy["u"]
-    assert model[0].parametrizations.weight[0]._v is legacy["sn_v"]
+    assert legacy_hook_types(model) == ["LegacySpectralNormKernels", "LegacyWeightNormKernels"]
+    # legacy layers keep their API: the very tensors under their own names
+    assert model[2].weight_g is legacy["g"] and model[2].weight_v is legacy["v"]
+    assert model[0].weight_orig is legacy["orig"] and model[0].weight_u is legacy["u"]
+    assert model[0].weight_v is legacy["sn_v"]
+    assert not parametrize.is_parametrized(model[0]) and not parametrize.is_parametrized(model[2])
+    # new-API layers: ours in torch's place, on the very tensors (optimizers and their state follow)
     assert model[4].parametrizations.weight[0]._u is legacy["new_u"]
     assert model[4].parametrizations.weight[0]._v is legacy["new_v"]
     assert model[4].parametrizations.weight.original is legacy["new_w"]
-    # legacy hooks gone, state-dict hooks included
-    for layer in (model[0], model[2]):
-        assert not layer._forward_pre_hooks and not layer._state_dict_hooks
-        assert all(not type(getattr(h, "hook", h)).__name__.startswith("SpectralNorm")
-                   for h in layer._load_state_dict_pre_hooks.values())
+    # torch's legacy state-dict hooks now hold our hook (and nothing of torch's old one is left)
+    hook = model[0]._forward_pre_hooks[next(iter(model[0]._forward_pre_hooks))]
+    for entries in (model[0]._state_dict_hooks, model[0]._load_state_dict_pre_hooks):
+        held = [getattr(getattr(e, "hook", e), "fn", None) for e in entries.values()]
+        assert hook in held and all(fn is hook for fn in held if fn is not None)
     model.to(backend_device(backend))
     after = model(images(seed=2, device=backend_device(backend))).cpu()
     # the same function of the same tensors; the norms' sums round differently (~1e-8 here)
@@ -80,10 +89,8 @@ def test_convert_keeps_every_tensor_and_output(backend):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_converted_model_trains_as_torchs(backend):
-    theirs = discriminator()
+    theirs = discriminator()  # torch's own norms, legacy and new API
     ours = gk.convert(copy.deepcopy(theirs), backend=backend).to(backend_device(backend))
-    # torch's own parametrizations for every layer (the update order convert gives legacy ones)
-    theirs = gk.revert(gk.convert(theirs, backend="reference"))
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (theirs, ours)]
     for step in range(3):
         losses = []
@@ -101,8 +108,9 @@ def test_converted_model_trains_as_torchs(backend):
         torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_revert_gives_torchs_own_parametrizations():
-    model = gk.convert(discriminator(), backend="reference")
+def test_revert_gives_torchs_own_norms():
+    original = discriminator()
+    model = gk.convert(copy.deepcopy(original), backend="reference")
     state = copy.deepcopy(model.state_dict())
     model.eval()
     ours = model(images(seed=3))
@@ -110,7 +118,8 @@ def test_revert_gives_torchs_own_parametrizations():
     kinds = {type(p) for m in model.modules() if parametrize.is_parametrized(m)
              for plist in m.parametrizations.values() for p in plist}
     assert kinds == {parametrizations._WeightNorm, parametrizations._SpectralNorm}
-    assert list(model.state_dict()) == list(state)
+    assert legacy_hook_types(model) == legacy_hook_types(original) == ["SpectralNorm", "WeightNorm"]
+    assert list(model.state_dict()) == list(state) == list(original.state_dict())
     torch.testing.assert_close(model(images(seed=3)), ours, rtol=1e-6, atol=1e-7)
     # and back again: a round trip is lossless
     gk.convert(model, backend="reference")
@@ -120,8 +129,7 @@ def test_revert_gives_torchs_own_parametrizations():
 def test_state_dicts_move_between_ours_and_torchs():
     theirs = discriminator()
     ours = gk.convert(copy.deepcopy(theirs), backend="reference")
-    theirs_new_api = gk.revert(copy.deepcopy(ours))
-    for source, target in ((theirs_new_api, ours), (ours, theirs_new_api)):
+    for source, target in ((theirs, ours), (ours, theirs)):
         buffer = io.BytesIO()
         torch.save(source.state_dict(), buffer)
         buffer.seek(0)
@@ -131,13 +139,9 @@ def test_state_dicts_move_between_ours_and_torchs():
         fresh.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
         for (name, a), b in zip(fresh.state_dict().items(), source.state_dict().values()):
             assert torch.equal(a, b), name
-    # a legacy checkpoint loads into the converted model
-    legacy_state = theirs.state_dict()
-    assert "0.weight_orig" in legacy_state and "2.weight_g" in legacy_state
-    fresh = gk.convert(discriminator(seed=5), backend="reference")
-    fresh.load_state_dict(legacy_state, strict=True)
-    assert torch.equal(fresh[0].parametrizations.weight.original, theirs[0].weight_orig)
-    assert torch.equal(fresh[2].parametrizations.weight.original0, theirs[2].weight_g)
+    # the keys are torch's, legacy ones included
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert "0.weight_orig" in ours.state_dict() and "2.weight_g" in ours.state_dict()
 
 
 def test_deepcopy_is_independent():
@@ -147,10 +151,12 @@ def test_deepcopy_is_independent():
     twin.eval()
     assert torch.equal(twin(images(seed=4)), model(images(seed=4)))
     with torch.no_grad():  # the twin's tensors are its own
-        twin[0].parametrizations.weight[0]._u.add_(1.0)
-        twin[2].parametrizations.weight.original1.mul_(2.0)
-    assert not torch.equal(twin[0].parametrizations.weight[0]._u, model[0].parametrizations.weight[0]._u)
-    assert not torch.equal(twin[2].parametrizations.weight.original1, model[2].parametrizations.weight.original1)
+        twin[0].weight_u.add_(1.0)
+        twin[2].weight_v.mul_(2.0)
+        twin[4].parametrizations.weight[0]._u.add_(1.0)
+    assert not torch.equal(twin[0].weight_u, model[0].weight_u)
+    assert not torch.equal(twin[2].weight_v, model[2].weight_v)
+    assert not torch.equal(twin[4].parametrizations.weight[0]._u, model[4].parametrizations.weight[0]._u)
     twin.load_state_dict(model.state_dict())
     assert torch.equal(twin(images(seed=4)), model(images(seed=4)))
 
@@ -204,6 +210,7 @@ def test_backend_that_cannot_run_on_the_models_device():
     with pytest.raises(RuntimeError, match=match):
         gk.convert(model, backend="cuda")
     assert not our_norms(model) and list(model.state_dict()) == list(before)  # nothing changed
+    assert legacy_hook_types(model) == ["SpectralNorm", "WeightNorm"]
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -244,10 +251,8 @@ def test_autocast_and_grad_scaler(backend, dtype):
     device = backend_device(backend)
     if dtype == torch.float16 and device != "cuda":
         pytest.skip("fp16 autocast is a CUDA feature")
-    theirs = discriminator()
+    theirs = discriminator().to(device)
     ours = gk.convert(copy.deepcopy(theirs), backend=backend).to(device)
-    theirs = gk.revert(gk.convert(theirs, backend="reference"))  # torch's new API, as ours' update order
-    theirs.to(device)
     results = []
     for model in (theirs, ours):
         scaler = torch.amp.GradScaler(device)

@@ -25,6 +25,7 @@ from .. import backends, reference
 from . import below_autograd, define, no_double_backward
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 _NO_DOUBLE_BACKWARD = ("spectral_norm's kernel backends do not support double backward (differentiating "
                        "its gradient again); use backend='reference' for that")
 
@@ -62,8 +63,9 @@ def check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma) 
     """Validates the arguments, naming the bad one; returns the normalised dim."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"weight must be float16, bfloat16, float32 or float64, got {weight.dtype}")
+    if weight.dtype not in _FLOAT_DTYPES + _COMPLEX_DTYPES:
+        raise TypeError(f"weight must be float16, bfloat16, float32, float64, complex64 or complex128, "
+                        f"got {weight.dtype}")
     if weight.dim() == 0:
         raise ValueError("weight must have at least one dim, got a 0-d tensor")
     check_settings(n_power_iterations, eps)
@@ -82,6 +84,8 @@ def check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma) 
                             f"got ({buffer.dtype}, {buffer.device})")
         if not buffer.is_contiguous():
             raise ValueError(f"{name} must be contiguous: it is updated in place")
+    if sigma is not None and weight.is_complex():
+        raise ValueError("sigma (a cached sigma) is not supported for complex weights")
     if sigma is not None and (not isinstance(sigma, torch.Tensor) or sigma.numel() != 1
                               or sigma.dtype != _acc_dtype(weight.dtype) or sigma.device != weight.device):
         raise TypeError(f"sigma must be a one-element {_acc_dtype(weight.dtype)} tensor on {weight.device} "
@@ -122,6 +126,15 @@ def _vector_bwd_kernel(grad_out, weight, sigma, eps, backend):
 
 def _vector_bwd_fake(grad_out, weight, sigma, eps, backend=None):
     return weight.new_empty(weight.shape)
+
+
+def _complex_backend(backend: str) -> str:
+    """Complex weights (torch's spectral norm supports them) run on the reference only: "auto"
+    picks it, an explicit kernel backend raises."""
+    name = backends.requested(backend)
+    if name not in ("auto", "reference"):
+        raise TypeError(f"backend {name!r} does not support complex weights; use backend='reference' or 'auto'")
+    return "reference"
 
 
 class _SpectralNormFunction(torch.autograd.Function):
@@ -210,12 +223,13 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor | None = None, v: torch.
         backend: "auto", "reference", "triton", "cuda" or "cuda-emu".
 
     ``sigma`` is returned for monitoring and carries no gradient; the weight's gradient treats
-    u and v as constants (torch's convention). Math in fp32 for fp16/bf16 weights (u and v are
+    u and v as constants (torch's convention). Complex weights run on the reference (sigma =
+    u^H W v is then complex, as in torch). Math in fp32 for fp16/bf16 weights (u and v are
     stored in the weight's dtype). Kernel backends launch 2 n + 1 kernels to train (3 for
     n = 1), 1 in eval with a cached sigma (else 2), 2 backward.
     """
     dim = check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma)
-    name = backends.resolve(backend, weight.device)
+    name = _complex_backend(backend) if weight.is_complex() else backends.resolve(backend, weight.device)
     eps = float(eps)
     if weight.dim() == 1:
         if name == "reference":

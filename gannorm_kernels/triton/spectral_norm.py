@@ -12,14 +12,14 @@ W / sigma take, with x = W v and t = W^T u:
           out = W / sigma; writes v                                (reads W, writes out)
 Each further iteration adds a _rows and a _cols launch (the next _rows normalises t itself).
 Eval: sigma = u^T W v from the buffers: _rows (partials of u * x) + _scale, or _scale alone
-with the sigma cached by the module while the weight is unchanged.
+with a sigma the caller passes (the functional op's `sigma=`; the module never caches).
 Backward, with u, v, sigma of the forward held constant (as torch does):
   _dot_partials  partial sums of <G, W>
   _backward      dW = (G - <G, W> / sigma * u v^T) / sigma
 1-D weights (torch: F.normalize): _dot_partials of <w, w> + _scale; backward alike.
-Launches: training forward 2 n + 1, eval 1 (cached sigma) or 2, backward 2, 1-D 2 / 2.
+Launches: training forward 2 n + 1, eval 2 (1 given a sigma), backward 2, 1-D 2 / 2.
 Bytes (N = numel, s = element size): training forward >= (3 + 1) N s (three reads of W, one
-write); backward >= 3 N s (reads G twice and W, writes dW) + N s; eval 2 N s (+ N s uncached).
+write); backward >= 3 N s (reads G twice and W, writes dW) + N s; eval 3 N s (2 N s given a sigma).
 Every reduction sums per-program partials in a fixed order: deterministic, no atomics.
 A |sigma| <= eps divides by eps instead (torch would divide by ~0).
 """

@@ -1,0 +1,361 @@
+"""The ways public GAN and vocoder code trains and samples, run with our norms swapped in, each
+against torch's own norms doing the same thing (SNGAN / StudioGAN / BigGAN-PyTorch / mimicry /
+HiFi-GAN / Coqui TTS patterns): legacy-hook models converted and trained beside their
+unconverted twin, EMA through `.data`, weight clipping, fused Adam, sampling under
+inference_mode, inference after `remove_weight_norm`, checkpoints both ways.
+
+The bar is "nothing changes but speed": equal within fp32 rounding, on every backend.
+"""
+
+import io
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import gannorm_kernels as gk
+from gannorm_kernels.convert import LegacySpectralNormKernels, LegacyWeightNormKernels
+
+from helpers import ALL_BACKENDS, backend_device
+
+LegacySpectralNorm = sys.modules["torch.nn.utils.spectral_norm"].SpectralNorm
+LegacyWeightNorm = sys.modules["torch.nn.utils.weight_norm"].WeightNorm
+ATOL = 2e-6  # fp32 rounding of O(1) outputs: sums ordered differently from torch's
+RTOL = 1e-5  # fp32 rounding relative to the tensor's scale (a wrong update order is off by ~1e-2)
+
+
+def _assert_close(expected, actual, what):
+    """|actual - expected| <= RTOL * max|expected| + ATOL, elementwise."""
+    bound = RTOL * expected.abs().max().item() + ATOL
+    error = (actual - expected).abs().max().item()
+    assert error <= bound, f"{what}: off by {error:.3g} (bound {bound:.3g})"
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.nn.utils.(weight|spectral)_norm.*:FutureWarning")
+
+
+class LegacyD(nn.Module):
+    """An SNGAN-style D and a HiFi-GAN-style weight-normed stack, built with the legacy hooks:
+    Conv2d, ConvTranspose2d (dim 1), Linear, Embedding (projection), a 2-iteration layer, a
+    whole-tensor weight norm."""
+
+    def __init__(self):
+        super().__init__()
+        sn, wn = nn.utils.spectral_norm, nn.utils.weight_norm
+        self.conv = sn(nn.Conv2d(3, 8, 3, padding=1))
+        self.up = sn(nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1))
+        self.wn = wn(nn.Conv2d(4, 4, 3, padding=1))
+        self.wn_whole = wn(nn.Conv2d(4, 4, 3, padding=1), dim=None)
+        self.deep = sn(nn.Conv2d(4, 4, 3, padding=1), n_power_iterations=2)
+        self.linear = sn(nn.Linear(4, 1))
+        self.embed = sn(nn.Embedding(5, 4))
+
+    def forward(self, x, y):
+        h = nn.functional.leaky_relu(self.conv(x), 0.2)
+        h = nn.functional.leaky_relu(self.up(h), 0.2)
+        h = self.deep(self.wn_whole(self.wn(h)))
+        h = h.sum(dim=(2, 3))
+        return self.linear(h).squeeze(1) + (self.embed(y) * h).sum(1)
+
+
+def _legacy_discriminator(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return LegacyD()
+
+
+def _twins(backend, device, seed=0):
+    """(theirs, ours): the same legacy model twice, ours converted."""
+    theirs = _legacy_discriminator(seed).to(device)
+    ours = _legacy_discriminator(seed + 1).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    gk.convert(ours, backend=backend)
+    return theirs, ours
+
+
+def _assert_states_equal(theirs: nn.Module, ours: nn.Module, what: str):
+    a, b = theirs.state_dict(), ours.state_dict()
+    assert list(a) == list(b), f"{what}: state_dict keys differ"
+    for key in a:
+        _assert_close(a[key], b[key], f"{what}: {key}")
+
+
+def _batch(device, n=4):
+    return torch.randn(n, 3, 6, 6, device=device), torch.randint(0, 5, (n,), device=device)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_converted_legacy_model_trains_like_its_unconverted_twin(backend):
+    """SNGAN/StudioGAN's D step (hinge loss over a real and a fake forward, Adam), 3 steps:
+    outputs, gradients, parameters and u/v buffers stay within fp32 rounding, then eval."""
+    device = backend_device(backend)
+    theirs, ours = _twins(backend, device)
+    assert [type(h) for m in ours.modules() for h in m._forward_pre_hooks.values()] == \
+        [LegacySpectralNormKernels, LegacySpectralNormKernels, LegacyWeightNormKernels, LegacyWeightNormKernels,
+         LegacySpectralNormKernels, LegacySpectralNormKernels, LegacySpectralNormKernels]
+    _assert_states_equal(theirs, ours, "after convert")
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2, betas=(0.0, 0.9)) for m in (theirs, ours)]
+    for step in range(3):
+        real, fake = _batch(device), _batch(device)
+        outputs = []
+        for model, optimizer in zip((theirs, ours), optimizers):
+            optimizer.zero_grad()
+            out_real, out_fake = model(*real), model(*fake)  # two forwards: two power iterations
+            loss = nn.functional.relu(1 - out_real).mean() + nn.functional.relu(1 + out_fake).mean()
+            loss.backward()
+            outputs.append((out_real.detach(), [p.grad.clone() for p in model.parameters()]))
+            optimizer.step()
+        (out_a, grads_a), (out_b, grads_b) = outputs
+        _assert_close(out_a, out_b, f"step {step}: outputs")
+        for (name, _), ga, gb in zip(theirs.named_parameters(), grads_a, grads_b):
+            _assert_close(ga, gb, f"step {step}: gradient of {name}")
+        _assert_states_equal(theirs, ours, f"after step {step}")
+    theirs.eval(), ours.eval()
+    x = _batch(device)
+    u_before = ours.conv.weight_u.clone()
+    _assert_close(theirs(*x), ours(*x), "outputs")
+    assert torch.equal(ours.conv.weight_u, u_before), "eval must not run the power iteration"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_legacy_power_iteration_runs_once_per_module_call(backend):
+    """The legacy hook iterates once per call of the module (not per access of .weight), and
+    exposes .weight as a plain tensor, as torch's does."""
+    device = backend_device(backend)
+    theirs, ours = _twins(backend, device)
+    x = torch.randn(2, 4, device=device)
+    for _ in range(3):
+        theirs.linear(x), ours.linear(x)
+        _ = ours.linear.weight, ours.linear.weight  # reading .weight must not iterate
+    _assert_close(theirs.linear.weight_u, ours.linear.weight_u, "outputs")
+    _assert_close(theirs.linear.weight_v, ours.linear.weight_v, "outputs")
+    assert not isinstance(ours.linear.weight, nn.Parameter)
+    _assert_close(theirs.linear.weight, ours.linear.weight, "outputs")
+    assert {n for n, _ in ours.linear.named_parameters()} == {"weight_orig", "bias"}
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_checkpoints_move_both_ways_between_converted_and_unconverted(backend):
+    """HiFi-GAN's inference.py loads a generator checkpoint into its own unconverted model,
+    strictly; a torch checkpoint loads into the converted one."""
+    device = backend_device(backend)
+    theirs, ours = _twins(backend, device)
+    real = _batch(device)
+    ours(*real).sum().backward()  # a training forward moves ours' buffers
+    fresh = _legacy_discriminator(7).to(device)
+    fresh.load_state_dict(ours.state_dict())  # strict
+    _assert_states_equal(ours, fresh, "converted -> unconverted")
+    theirs(*real)
+    other = _twins(backend, device, seed=11)[1]
+    other.load_state_dict(theirs.state_dict())
+    _assert_states_equal(theirs, other, "unconverted -> converted")
+    for model in (fresh, other):
+        model.eval()
+    ours.eval(), theirs.eval()
+    x = _batch(device)
+    _assert_close(fresh(*x), ours(*x), "outputs")
+    _assert_close(other(*x), theirs(*x), "outputs")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_hifigan_inference_after_remove_weight_norm(backend):
+    """HiFi-GAN / BigVGAN inference: load, `remove_weight_norm` (and `remove_spectral_norm`)
+    on every layer, eval: the plain model gives torch's outputs."""
+    device = backend_device(backend)
+    theirs, ours = _twins(backend, device)
+    for model in (theirs, ours):
+        for layer in (model.wn, model.wn_whole):
+            nn.utils.remove_weight_norm(layer)
+        for layer in (model.conv, model.up, model.deep, model.linear, model.embed):
+            nn.utils.remove_spectral_norm(layer)
+        model.eval()
+        assert not any(m._forward_pre_hooks for m in model.modules())
+    _assert_states_equal(theirs, ours, "after remove_*_norm")
+    x = _batch(device)
+    with torch.inference_mode():
+        _assert_close(theirs(*x), ours(*x), "outputs")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_whole_module_save_and_revert(backend):
+    """`torch.save(model)` of the whole converted module (Coqui TTS and many scripts pickle
+    models) loads back and computes the same; `revert` gives torch's hooks back exactly."""
+    device = backend_device(backend)
+    theirs, ours = _twins(backend, device)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    ours.eval(), loaded.eval()
+    x = _batch(device)
+    assert torch.equal(ours(*x), loaded(*x))
+    gk.revert(ours)
+    assert [type(h) for m in ours.modules() for h in m._forward_pre_hooks.values()] == \
+        [type(h) for m in theirs.modules() for h in m._forward_pre_hooks.values()]
+    for m in ours.modules():  # the state-dict hooks hold the new hook objects
+        for entry in list(m._state_dict_hooks.values()) + list(m._load_state_dict_pre_hooks.values()):
+            fn = getattr(getattr(entry, "hook", entry), "fn", None)
+            assert fn is None or type(fn) is LegacySpectralNorm
+    theirs.eval()
+    _assert_close(theirs(*x), ours(*x), "outputs")
+
+
+def _parametrized_twins(backend, device, make):
+    """(torch's parametrizations, ours) on the same weights; buffers equal by construction."""
+    torch.manual_seed(0)
+    theirs = make().to(device)
+    torch.manual_seed(0)
+    ours = make().to(device)
+    for layer in (theirs, ours):
+        for name, m in layer.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                torch.manual_seed(len(name))
+                (parametrizations.spectral_norm if layer is theirs else
+                 lambda mod: gk.spectral_norm(mod, backend=backend))(m)
+    return theirs, ours
+
+
+def _sn_generator():
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Unflatten(1, (3, 2, 2)), nn.Conv2d(3, 4, 2, padding=1))
+
+
+def _writers():
+    """How training code writes weights and buffers behind autograd's back (no version bump
+    for `.data` writes)."""
+    return {
+        "data-mul": lambda m, _: [p.data.mul_(3) for p in m.parameters()],
+        "weight-clip": lambda m, _: [p.data.clamp_(-0.01, 0.01) for p in m.parameters()],  # WGAN
+        "u-only": lambda m, _: [b.data.copy_(torch.flip(b, [0])) for n, b in m.named_buffers() if n.endswith("_u")],
+        "v-only": lambda m, _: [b.data.copy_(torch.flip(b, [0])) for n, b in m.named_buffers() if n.endswith("_v")],
+        "load_state_dict": lambda m, sd: m.load_state_dict(sd),
+    }
+
+
+@pytest.mark.parametrize("writer", list(_writers()))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_eval_output_follows_every_write(backend, writer):
+    """An eval forward returns W / sigma for the tensors as they are now, whoever wrote them:
+    eval once (any cache would fill), write behind autograd's back, eval again."""
+    device = backend_device(backend)
+    theirs, ours = _parametrized_twins(backend, device, _sn_generator)
+    theirs.train(), ours.train()
+    z = torch.randn(4, 6, device=device)
+    theirs(z), ours(z)  # a training step moves the buffers
+    snapshot = {k: v.clone() * 0.5 for k, v in theirs.state_dict().items()}
+    theirs.eval(), ours.eval()
+    before = ours(z)
+    _assert_close(theirs(z), before, "outputs")
+    for model in (theirs, ours):
+        with torch.no_grad():
+            _writers()[writer](model, snapshot)
+    after_theirs, after_ours = theirs(z), ours(z)
+    assert not torch.allclose(after_theirs, before, rtol=0, atol=1e-4), "the write must change torch's output"
+    _assert_close(after_theirs, after_ours, "outputs")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_biggan_ema_then_eval_sampling(backend):
+    """BigGAN-PyTorch's `ema` class: G_ema's state_dict entries updated through
+    `.data.copy_(...)` every step, G_ema sampled in eval. Ours on both G and G_ema (converted
+    legacy hooks and parametrizations), torch's on the twins."""
+    device = backend_device(backend)
+
+    def ema_update(source, target, decay):
+        source_dict, target_dict = source.state_dict(), target.state_dict()
+        with torch.no_grad():
+            for key in source_dict:
+                target_dict[key].data.copy_(target_dict[key].data * decay + source_dict[key].data * (1 - decay))
+
+    models = {}
+    for who in ("theirs", "ours"):
+        g, g_ema = _legacy_discriminator(3).to(device), _legacy_discriminator(3).to(device)
+        if who == "ours":
+            gk.convert(g, backend=backend), gk.convert(g_ema, backend=backend)
+        g_ema.eval()
+        models[who] = (g, g_ema, torch.optim.Adam(g.parameters(), lr=5e-2))
+    x = _batch(device)
+    for step in range(3):
+        real = _batch(device)
+        samples = []
+        for g, g_ema, optimizer in models.values():
+            optimizer.zero_grad()
+            g(*real).square().mean().backward()
+            optimizer.step()
+            ema_update(g, g_ema, decay=0.5)
+            samples.append(g_ema(*x))
+        _assert_close(*samples, f"step {step}: G_ema sample")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_ema_from_converted_into_unconverted_copy(backend):
+    """The EMA pattern across twins: a converted G averaged into the user's own unconverted
+    G_ema by state_dict key (same keys, so no KeyError), and the reverse."""
+    device = backend_device(backend)
+    theirs, ours = _twins(backend, device)
+    ours(*_batch(device))
+    source, target = ours.state_dict(), theirs.state_dict()
+    with torch.no_grad():
+        for key in source:
+            target[key].data.copy_(0.5 * target[key].data + 0.5 * source[key].data)
+    assert all(torch.isfinite(t).all() for t in theirs.state_dict().values())
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_fused_adam_then_eval(backend):
+    """`Adam(fused=True)` writes parameters in one multi-tensor kernel; eval must see it."""
+    device = backend_device(backend)
+    theirs, ours = _parametrized_twins(backend, device, _sn_generator)
+    z = torch.randn(4, 6, device=device)
+    for model in (theirs, ours):
+        model.eval()
+        model(z)  # an eval forward first: a cache, if any, would fill here
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+        model(z).square().mean().backward()
+        optimizer.step()
+        model.eval()
+    _assert_close(theirs(z), ours(z), "outputs")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_sampling_under_inference_mode(backend):
+    """Sampling scripts build the model, load and convert it all inside inference_mode."""
+    device = backend_device(backend)
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        theirs = parametrizations.spectral_norm(nn.Linear(5, 3)).to(device)
+        torch.manual_seed(0)
+        ours = gk.spectral_norm(nn.Linear(5, 3), backend=backend).to(device)
+        wn_theirs = parametrizations.weight_norm(nn.Linear(5, 3)).to(device)
+        wn_ours = gk.weight_norm(nn.Linear(5, 3), backend=backend).to(device)
+        wn_ours.load_state_dict(wn_theirs.state_dict())
+        legacy = _legacy_discriminator(0).to(device)
+        converted = _legacy_discriminator(0).to(device)
+        gk.convert(converted, backend=backend)
+        for model in (theirs, ours, legacy, converted):
+            model.eval()
+        x = torch.randn(2, 5, device=device)
+        _assert_close(theirs(x), ours(x), "outputs")
+        _assert_close(wn_theirs(x), wn_ours(x), "outputs")
+        batch = _batch(device)
+        _assert_close(legacy(*batch), converted(*batch), "outputs")
+        torch_converted = parametrizations.spectral_norm(nn.Linear(5, 3)).to(device)
+        gk.convert(torch_converted, backend=backend)  # a parametrizations-API model, converted here
+        torch_converted.eval()
+        assert torch_converted(x).shape == (2, 3)
+
+
+def test_convert_refuses_before_changing_anything():
+    """An explicit backend that cannot run on the weights' device raises and leaves the model
+    as it was (torch's hooks in place)."""
+    model = _legacy_discriminator(0)
+    with pytest.raises(RuntimeError, match="cuda"):
+        gk.convert(model, backend="cuda")
+    assert all(type(h) in (LegacySpectralNorm, LegacyWeightNorm)
+               for m in model.modules() for h in m._forward_pre_hooks.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gk.convert(model, backend="reference")
+    with pytest.warns(UserWarning, match="nothing changed"):
+        gk.convert(model, backend="reference")  # already ours: nothing left
