@@ -222,7 +222,19 @@ def apply_norm(model: nn.Module, kind: str = "spectral", *, layer_types=DEFAULT_
     """Adds our ``kind`` norm ("spectral" or "weight") to ``module.<name>`` of every module of
     ``layer_types`` in ``model`` (default: Linear, Conv*, ConvTranspose*, Embedding), skipping
     those already normalised. ``kwargs`` go to :func:`spectral_norm` / :func:`weight_norm`
-    (``n_power_iterations``, ``eps``, ``dim``). Returns ``model``, changed in place."""
+    (``n_power_iterations``, ``eps``, ``dim``). Returns ``model``, changed in place.
+
+    Two things to know in training code:
+
+    - ``kind="weight"`` replaces each weight by two new parameters (g and v): an optimizer
+      built before ``apply_norm`` never trains them. Build the optimizer afterwards (BigGAN
+      builds it in ``__init__``: apply the norm before that). An optimizer that still holds a
+      replaced weight warns on its first step. ``kind="spectral"`` keeps each weight's
+      Parameter object, so earlier optimizers keep working.
+    - The state_dict keys change (``weight`` becomes ``parametrizations.weight.*``), so an EMA
+      copy (G_ema) must get the same norms: call ``apply_norm`` on both, or deep-copy G after
+      it. (:func:`convert` keeps every key as it was, so twins stay compatible.)
+    """
     if kind not in ("spectral", "weight"):
         raise ValueError(f"kind must be 'spectral' or 'weight', got {kind!r}")
     if not isinstance(layer_types, tuple) or not all(isinstance(t, type) for t in layer_types):

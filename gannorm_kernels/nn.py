@@ -7,10 +7,13 @@ backend's launcher -> the kernel.
 from __future__ import annotations
 
 import functools
+import warnings
+import weakref
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import backends, reference
 from .ops import minibatch as minibatch_ops
@@ -69,12 +72,49 @@ def _load_legacy_weight_norm(name, state_dict, prefix, local_metadata, strict, m
         state_dict[f"{prefix}parametrizations.{name}.original1"] = state_dict.pop(v_key)
 
 
+# Weights that weight norm replaced by new parameters (g, v): id -> (weak reference, what it was).
+# An optimizer built before the replacement still holds them and would silently train nothing.
+_REPLACED_WEIGHTS: dict[int, tuple[weakref.ref, str]] = {}
+_WARNED_OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()
+_optimizer_hook = None
+
+
+def _watch_replaced_weight(weight: torch.Tensor, what: str) -> None:
+    global _optimizer_hook
+    key = id(weight)
+    _REPLACED_WEIGHTS[key] = (weakref.ref(weight), what)
+    weakref.finalize(weight, _REPLACED_WEIGHTS.pop, key, None)
+    if _optimizer_hook is None:  # torch's public global hook; costs a dict check per step
+        _optimizer_hook = register_optimizer_step_pre_hook(_warn_on_replaced_weights)
+
+
+def _warn_on_replaced_weights(optimizer, args, kwargs) -> None:
+    if not _REPLACED_WEIGHTS or optimizer in _WARNED_OPTIMIZERS:
+        return
+    stale = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            entry = _REPLACED_WEIGHTS.get(id(p))
+            if entry is not None and entry[0]() is p:
+                stale.append(entry[1])
+    if stale:
+        _WARNED_OPTIMIZERS.add(optimizer)
+        warnings.warn(f"{type(optimizer).__name__} holds {len(stale)} tensor(s) that weight norm replaced by new "
+                      f"parameters g and v ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}): they no "
+                      "longer affect the model, and g and v are not in this optimizer, so those layers do not train. "
+                      "Build the optimizer after applying weight norm (apply_norm, weight_norm, "
+                      "adaptive_weight_norm).", UserWarning, stacklevel=3)
+
+
 def _register_weight_norm(module: nn.Module, name: str, parametrization: WeightNorm) -> nn.Module:
     weight = _float_weight(module, name)
     normalize_dim(parametrization.dim, weight.dim())
     backends.check_installed(parametrization.backend)
+    what = f"{type(module).__name__}.{name}"
     parametrize.register_parametrization(module, name, parametrization, unsafe=True)
     module._register_load_state_dict_pre_hook(functools.partial(_load_legacy_weight_norm, name))
+    if isinstance(weight, nn.Parameter):
+        _watch_replaced_weight(weight, what)
     return module
 
 
@@ -98,6 +138,9 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0, *,
 
     Returns:
         ``module``, parametrized in place.
+
+    As with torch's, ``module.<name>`` is replaced by two new parameters: build the optimizer
+    afterwards (an optimizer that still holds the old tensor warns on its first step).
     """
     return _register_weight_norm(module, name, WeightNorm(dim, backend))
 

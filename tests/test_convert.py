@@ -321,3 +321,31 @@ def test_convert_example_runs():
                          capture_output=True, text=True, check=True).stdout
     assert "converted 5 spectral norms; state_dict keys unchanged: True" in out
     assert "outputs equal to torch's model: True" in out
+
+
+def test_weight_norm_warns_an_optimizer_built_before_it():
+    """BigGAN builds its optimizer in __init__: after apply_norm(kind="weight") that optimizer
+    holds tensors the model no longer uses. It warns on its first step, naming the fix; an
+    optimizer built afterwards does not; spectral norm keeps each Parameter, so an earlier
+    optimizer still trains it."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    early = torch.optim.SGD(model.parameters(), lr=0.1)
+    gk.apply_norm(model, "weight", backend="reference")
+    late = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3)).sum().backward()
+    with pytest.warns(UserWarning, match=r"SGD holds 2 tensor\(s\) that weight norm replaced.*Linear.weight.*"
+                                         r"Build the optimizer after applying weight norm"):
+        early.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        early.step()  # once per optimizer
+        late.step()
+    spectral = nn.Sequential(nn.Linear(3, 4))
+    before = torch.optim.SGD(spectral.parameters(), lr=0.1)
+    gk.apply_norm(spectral, "spectral", backend="reference")
+    weight = spectral[0].parametrizations.weight.original.detach().clone()
+    spectral(torch.randn(2, 3)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        before.step()
+    assert not torch.equal(spectral[0].parametrizations.weight.original, weight)

@@ -495,3 +495,38 @@ def test_double_backward_is_refused_clearly(backend):
     out, _ = gk.functional.spectral_norm(weight, u, v, backend=backend)
     with pytest.raises(NotImplementedError, match="do not support double backward.*backend='reference'"):
         torch.autograd.grad(out.square().sum(), weight, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_complex_weights_as_torch(backend):
+    """torch's spectral norm supports complex weights (sigma = u^H W v): ours gives torch's
+    buffers and outputs on the reference, which "auto" picks; a kernel backend refuses."""
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    theirs = parametrizations.spectral_norm(nn.Linear(5, 3, dtype=torch.cfloat).to(device))
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 3, dtype=torch.cfloat).to(device)
+    if backend not in ("reference",):
+        gk.spectral_norm(layer, backend=backend)  # registration needs no kernel
+        with pytest.raises(TypeError, match=f"backend '{backend}' does not support complex weights"):
+            layer.weight
+        return
+    ours = gk.spectral_norm(layer, backend=backend)
+    ours_auto = gk.spectral_norm(copy.deepcopy(nn.Linear(5, 3, dtype=torch.cfloat)).to(device))
+    for model in (theirs, ours):
+        assert model.parametrizations.weight.original.dtype == torch.cfloat
+    torch.testing.assert_close(ours.parametrizations.weight[0]._u, theirs.parametrizations.weight[0]._u)
+    torch.testing.assert_close(ours.parametrizations.weight[0]._v, theirs.parametrizations.weight[0]._v)
+    x = torch.randn(2, 5, dtype=torch.cfloat, device=device)
+    for step in range(2):
+        torch.testing.assert_close(ours(x), theirs(x))
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+    # independent of torch: converged sigma is the largest singular value
+    w = ours.parametrizations.weight.original.detach().to(torch.cdouble)
+    for _ in range(200):
+        ours.train()(x)
+    sigma = gk.sigmas(ours)["weight"]
+    assert sigma.is_complex()
+    torch.testing.assert_close(sigma.abs().double(), torch.linalg.matrix_norm(w, ord=2), rtol=1e-4, atol=0)
+    assert ours_auto(x).dtype == torch.cfloat
