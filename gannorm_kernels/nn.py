@@ -311,6 +311,8 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     if dim is None:
         dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
     backends.check_installed(backend)
+    if weight.is_complex():
+        spectral_norm_ops.complex_backend(backend)  # raises for an explicit kernel backend
     parametrization = SpectralNorm(weight, n_power_iterations, dim, eps, backend)
     # unsafe: torch's registration evaluates the parametrization once; SpectralNorm.__init__
     # has already done exactly that work with torch's own ops, and no kernel need run here.

@@ -412,12 +412,3 @@ def test_bad_inputs():
         gk.MinibatchDiscrimination(4, 2, 0)
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         gk.MinibatchDiscrimination(4, 2, 3, backend="fast")
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_double_backward_is_refused_clearly(backend):
-    f = drawn((4, 3), torch.float64, backend_device(backend), seed=1).requires_grad_()
-    penalty = gk.pairwise_similarity_penalty(f, backend=backend)
-    with pytest.raises(NotImplementedError, match="do not support double backward.*backend='reference'"):
-        torch.autograd.grad(penalty, f, create_graph=True)
-

@@ -39,9 +39,15 @@ def below_autograd(op, *args):
         return op(*args)
 
 
-def no_double_backward(name: str, message: str):
-    """The Autograd kernel of a backward operator: first-order use passes through; asking for
-    its gradient (create_graph=True) raises `message`."""
+_COMPILED_DOUBLE_BACKWARD = ("{name}: double backward (create_graph=True) through torch.compile'd code is not "
+                             "supported (torch.compile itself does not support it); run that step eagerly, where "
+                             "every op supports it")
+
+
+def no_double_backward(name: str, message: str = _COMPILED_DOUBLE_BACKWARD):
+    """The Autograd kernel of a backward operator, which only torch.compile'd code reaches:
+    first-order use passes through; asking for its gradient (create_graph=True) raises."""
+    message = message.format(name=name)
 
     def autograd(*args):
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
@@ -49,6 +55,48 @@ def no_double_backward(name: str, message: str):
         return below_autograd(getattr(getattr(torch.ops, NAMESPACE), name).default, *args)
 
     return autograd
+
+
+def differentiable_grads(kernel_grads, reference, grad_outputs, inputs):
+    """First-order gradients that can be differentiated again (create_graph=True, as R1/R2 and
+    WGAN-GP do): their values come from the kernel (`kernel_grads()`, returning one gradient
+    per input), and their own gradient is the second derivative of `reference`, the op's
+    plain-PyTorch formula (`reference(*inputs)` returns the differentiable outputs that
+    `grad_outputs` belong to). StyleGAN2-ADA's bias_act splits its double backward the same
+    way: a kernel gradient whose backward is written in torch ops.
+
+    Second order only: the returned gradients' backward is not itself differentiable.
+    """
+    return _KernelGrads.apply(kernel_grads, reference, len(grad_outputs), *grad_outputs, *inputs)
+
+
+class _KernelGrads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernel_grads, reference, n_grad_outputs, *tensors):
+        ctx.reference, ctx.n_grad_outputs = reference, n_grad_outputs
+        ctx.save_for_backward(*tensors)
+        ctx.set_materialize_grads(False)
+        return tuple(kernel_grads())
+
+    @staticmethod
+    def backward(ctx, *grad_grads):
+        tensors = ctx.saved_tensors
+        n = ctx.n_grad_outputs
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(needs) for t, needs in zip(tensors, ctx.needs_input_grad[3:])]
+            inputs = leaves[n:]
+            outputs = ctx.reference(*inputs)
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            wrt = [x for x in inputs if x.requires_grad]
+            first = dict(zip(map(id, wrt), torch.autograd.grad(outputs, wrt, leaves[:n], create_graph=True,
+                                                               allow_unused=True)))
+            pairs = [(first.get(id(x)), gg) for x, gg in zip(inputs, grad_grads)]
+            pairs = [(f, gg) for f, gg in pairs if f is not None and gg is not None and f.requires_grad]
+            targets = [t for t in leaves if t.requires_grad]
+            second = torch.autograd.grad([f for f, _ in pairs], targets, [gg for _, gg in pairs],
+                                         allow_unused=True) if pairs and targets else [None] * len(targets)
+        by_leaf = dict(zip(map(id, targets), second))
+        return (None, None, None) + tuple(by_leaf.get(id(t)) for t in leaves)
 
 
 class KernelPair:
@@ -61,14 +109,16 @@ class KernelPair:
     torch.compile traces.
     """
 
-    def __init__(self, forward_schema: str, backward_schema: str, forward_fake, backward_fake, no_double: str):
+    def __init__(self, forward_schema: str, backward_schema: str, forward_fake, backward_fake, reference):
+        """`reference(input, *non-tensor arguments but the backend)`: the first output in plain
+        PyTorch, which the double backward differentiates."""
         self.forward_name = forward_schema.split("(", 1)[0]
         self.backward_name = backward_schema.split("(", 1)[0]
         self.forward_op = define(forward_schema, self._forward_kernel, forward_fake,
                                  lambda *args: _KernelPairFunction.apply(self, True, *args))
         self.backward_op = define(backward_schema, self._backward_kernel, backward_fake,
-                                  no_double_backward(self.backward_name, no_double))
-        self.no_double = no_double
+                                  no_double_backward(self.backward_name))
+        self.reference = reference
 
     def _forward_kernel(self, *args):
         return getattr(backends.kernels(args[-1]), self.forward_name)(*args[:-1])
@@ -101,8 +151,13 @@ class _KernelPairFunction(torch.autograd.Function):
         nones = (None,) * (len(ctx.args) + 2)
         if grad is None:
             return (None,) + nones
-        if not ctx.traced and torch.is_grad_enabled():  # create_graph=True: not differentiable
-            raise NotImplementedError(ctx.pair.no_double)
         scalars = tuple(a for a in ctx.args if not isinstance(a, torch.Tensor))
-        run = ctx.pair.backward_op if ctx.traced else ctx.pair._backward_kernel
-        return (None, None, run(grad, *ctx.saved_tensors, *scalars)) + nones[2:]
+        saved = ctx.saved_tensors
+        if ctx.traced:
+            return (None, None, ctx.pair.backward_op(grad, *saved, *scalars)) + nones[2:]
+        if torch.is_grad_enabled():  # create_graph=True
+            grad_x, = differentiable_grads(lambda: (ctx.pair._backward_kernel(grad, *saved, *scalars),),
+                                           lambda x: ctx.pair.reference(x, *scalars[:-1]), (grad,), (saved[0],))
+        else:
+            grad_x = ctx.pair._backward_kernel(grad, *saved, *scalars)
+        return (None, None, grad_x) + nones[2:]

@@ -25,11 +25,6 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _no_double(name):
-    return (f"{name}'s kernel backends do not support double backward (differentiating its gradient "
-            "again); use backend='reference' for that")
-
-
 def _check_float_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -50,21 +45,21 @@ _cosine = KernelPair(
     lambda f, eps, backend=None: (f.new_empty(()), f.new_empty((f.shape[1],), dtype=_acc_dtype(f.dtype)),
                                   f.new_empty((f.shape[0],), dtype=_acc_dtype(f.dtype))),
     lambda grad, f, s, norms, eps, backend=None: f.new_empty(f.shape),
-    _no_double("pairwise_similarity_penalty"))
+    lambda f, eps: reference.pairwise_similarity_penalty(f, "cosine", 1.0, eps))
 
 _rbf = KernelPair(
     "similarity_rbf_fwd(Tensor features, float bandwidth, str backend) -> Tensor",
     "similarity_rbf_bwd(Tensor grad_penalty, Tensor features, float bandwidth, str backend) -> Tensor",
     lambda f, bandwidth, backend=None: f.new_empty(()),
     lambda grad, f, bandwidth, backend=None: f.new_empty(f.shape),
-    _no_double("pairwise_similarity_penalty"))
+    lambda f, bandwidth: reference.pairwise_similarity_penalty(f, "rbf", bandwidth, 1e-12))
 
 _discrimination = KernelPair(
     "minibatch_discrimination_fwd(Tensor m, str backend) -> Tensor",
     "minibatch_discrimination_bwd(Tensor grad_o, Tensor m, str backend) -> Tensor",
     lambda m, backend=None: m.new_empty(m.shape[:2]),
     lambda grad, m, backend=None: m.new_empty(m.shape),
-    _no_double("minibatch_discrimination"))
+    reference.minibatch_discrimination_features)
 
 _stddev = KernelPair(
     "minibatch_stddev_fwd(Tensor x, int group_size, int num_channels, str backend) -> Tensor",
@@ -72,7 +67,7 @@ _stddev = KernelPair(
     lambda x, group_size, num_channels, backend=None: x.new_empty(
         (x.shape[0], x.shape[1] + num_channels, x.shape[2], x.shape[3])),
     lambda grad, x, group_size, num_channels, backend=None: x.new_empty(x.shape),
-    _no_double("minibatch_stddev"))
+    reference.minibatch_stddev)
 
 
 def _gather_global_batch(features: torch.Tensor) -> torch.Tensor:

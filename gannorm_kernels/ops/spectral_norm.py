@@ -22,12 +22,10 @@ from __future__ import annotations
 import torch
 
 from .. import backends, reference
-from . import below_autograd, define, no_double_backward
+from . import below_autograd, define, differentiable_grads, no_double_backward
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
-_NO_DOUBLE_BACKWARD = ("spectral_norm's kernel backends do not support double backward (differentiating "
-                       "its gradient again); use backend='reference' for that")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -128,7 +126,7 @@ def _vector_bwd_fake(grad_out, weight, sigma, eps, backend=None):
     return weight.new_empty(weight.shape)
 
 
-def _complex_backend(backend: str) -> str:
+def complex_backend(backend: str) -> str:
     """Complex weights (torch's spectral norm supports them) run on the reference only: "auto"
     picks it, an explicit kernel backend raises."""
     name = backends.requested(backend)
@@ -156,11 +154,19 @@ class _SpectralNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out, *_):
         if grad_out is None:
             return (None,) * 10
-        if not ctx.traced and torch.is_grad_enabled():  # create_graph=True: not differentiable
-            raise NotImplementedError(_NO_DOUBLE_BACKWARD)
         weight, u_used, v_used, sigma = ctx.saved_tensors
-        run = spectral_norm_bwd if ctx.traced else _bwd_kernel
-        return (None, run(grad_out, weight, u_used, v_used, sigma, ctx.dim, ctx.eps, ctx.backend)) + (None,) * 8
+        args = (weight, u_used, v_used, sigma, ctx.dim, ctx.eps, ctx.backend)
+        if ctx.traced:
+            grad = spectral_norm_bwd(grad_out, *args)
+        elif torch.is_grad_enabled():  # create_graph=True; u and v stay the constants they were
+            dim, eps = ctx.dim, ctx.eps
+            grad, = differentiable_grads(
+                lambda: (_bwd_kernel(grad_out, *args),),
+                lambda w: reference.spectral_norm(w, u_used, v_used, dim, 1, eps, training=False)[0],
+                (grad_out,), (weight,))
+        else:
+            grad = _bwd_kernel(grad_out, *args)
+        return (None, grad) + (None,) * 8
 
 
 class _SpectralNormVectorFunction(torch.autograd.Function):
@@ -180,11 +186,16 @@ class _SpectralNormVectorFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_sigma):
         if grad_out is None:
             return None, None, None, None
-        if not ctx.traced and torch.is_grad_enabled():
-            raise NotImplementedError(_NO_DOUBLE_BACKWARD)
         weight, sigma = ctx.saved_tensors
-        run = spectral_norm_vector_bwd if ctx.traced else _vector_bwd_kernel
-        return None, run(grad_out, weight, sigma, ctx.eps, ctx.backend), None, None
+        eps, backend = ctx.eps, ctx.backend
+        if ctx.traced:
+            grad = spectral_norm_vector_bwd(grad_out, weight, sigma, eps, backend)
+        elif torch.is_grad_enabled():  # create_graph=True
+            grad, = differentiable_grads(lambda: (_vector_bwd_kernel(grad_out, weight, sigma, eps, backend),),
+                                         lambda w: reference.vector_normalize(w, eps)[0], (grad_out,), (weight,))
+        else:
+            grad = _vector_bwd_kernel(grad_out, weight, sigma, eps, backend)
+        return None, grad, None, None
 
 
 spectral_norm_fwd = define(
@@ -194,13 +205,13 @@ spectral_norm_fwd = define(
 spectral_norm_bwd = define(
     "spectral_norm_bwd(Tensor grad_out, Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim, float eps, "
     "str backend) -> Tensor",
-    _bwd_kernel, _bwd_fake, no_double_backward("spectral_norm_bwd", _NO_DOUBLE_BACKWARD))
+    _bwd_kernel, _bwd_fake, no_double_backward("spectral_norm_bwd"))
 spectral_norm_vector_fwd = define(
     "spectral_norm_vector_fwd(Tensor weight, float eps, str backend) -> (Tensor, Tensor)",
     _vector_fwd_kernel, _vector_fwd_fake, lambda *args: _SpectralNormVectorFunction.apply(True, *args))
 spectral_norm_vector_bwd = define(
     "spectral_norm_vector_bwd(Tensor grad_out, Tensor weight, Tensor sigma, float eps, str backend) -> Tensor",
-    _vector_bwd_kernel, _vector_bwd_fake, no_double_backward("spectral_norm_vector_bwd", _NO_DOUBLE_BACKWARD))
+    _vector_bwd_kernel, _vector_bwd_fake, no_double_backward("spectral_norm_vector_bwd"))
 
 
 def spectral_norm(weight: torch.Tensor, u: torch.Tensor | None = None, v: torch.Tensor | None = None, dim: int = 0,
@@ -229,7 +240,7 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor | None = None, v: torch.
     n = 1), 1 in eval with a cached sigma (else 2), 2 backward.
     """
     dim = check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma)
-    name = _complex_backend(backend) if weight.is_complex() else backends.resolve(backend, weight.device)
+    name = complex_backend(backend) if weight.is_complex() else backends.resolve(backend, weight.device)
     eps = float(eps)
     if weight.dim() == 1:
         if name == "reference":

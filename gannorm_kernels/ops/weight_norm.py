@@ -14,11 +14,9 @@ from __future__ import annotations
 import torch
 
 from .. import backends, reference
-from . import below_autograd, define, no_double_backward
+from . import below_autograd, define, differentiable_grads, no_double_backward
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_NO_DOUBLE_BACKWARD = ("weight_norm's kernel backends do not support double backward (differentiating "
-                       "its gradient again); use backend='reference' for that")
 
 
 def normalize_dim(dim: int | None, ndim: int) -> int:
@@ -97,11 +95,15 @@ class _WeightNormFunction(torch.autograd.Function):
     def backward(ctx, grad_w, _grad_norms):
         if grad_w is None:
             return None, None, None, None, None
-        if not ctx.traced and torch.is_grad_enabled():  # create_graph=True: not differentiable
-            raise NotImplementedError(_NO_DOUBLE_BACKWARD)
         v, g, norms = ctx.saved_tensors
-        run = weight_norm_bwd if ctx.traced else _weight_norm_bwd_kernel
-        grad_v, grad_g = run(grad_w, v, g, norms, ctx.dim, ctx.backend)
+        dim, backend = ctx.dim, ctx.backend
+        if ctx.traced:
+            grad_v, grad_g = weight_norm_bwd(grad_w, v, g, norms, dim, backend)
+        elif torch.is_grad_enabled():  # create_graph=True
+            grad_v, grad_g = differentiable_grads(lambda: _weight_norm_bwd_kernel(grad_w, v, g, norms, dim, backend),
+                                                  lambda v, g: reference.weight_norm(v, g, dim), (grad_w,), (v, g))
+        else:
+            grad_v, grad_g = _weight_norm_bwd_kernel(grad_w, v, g, norms, dim, backend)
         return None, grad_v, grad_g, None, None
 
 # (w, norms): the weight and the per-channel ||v|| (fp32; fp64 for fp64 v).
@@ -111,7 +113,7 @@ weight_norm_fwd = define("weight_norm_fwd(Tensor v, Tensor g, int dim, str backe
 # (grad_v, grad_g).
 weight_norm_bwd = define(
     "weight_norm_bwd(Tensor grad_w, Tensor v, Tensor g, Tensor norms, int dim, str backend) -> (Tensor, Tensor)",
-    _weight_norm_bwd_kernel, _weight_norm_bwd_fake, no_double_backward("weight_norm_bwd", _NO_DOUBLE_BACKWARD))
+    _weight_norm_bwd_kernel, _weight_norm_bwd_fake, no_double_backward("weight_norm_bwd"))
 
 
 def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int | None = 0, *, backend: str = "auto") -> torch.Tensor:
