@@ -38,6 +38,7 @@ GANNORM_NAMESPACE_BEGIN
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                       \
   } while (0)
 #define GANNORM_DEVICE_GUARD(tensor) const ::c10::cuda::CUDAGuard device_guard_((tensor).device())
+#define GANNORM_POISON_SHARED(array) (void)0  // the emulator fills shared arrays with NaN; a GPU leaves garbage
 #endif
 
 // fp32 math for fp16/bf16/fp32 data, fp64 for fp64 (so gradcheck sees full precision).

@@ -10,6 +10,10 @@
 #include "ops.h"
 
 #ifdef GANNORM_EMU
+#include "emu/cuda_emu.h"
+#endif
+
+#ifdef GANNORM_EMU
 #define GANNORM_OPS_NAMESPACE gannorm_emu
 #define GANNORM_DISPATCH_KEY CPU
 #else
@@ -56,6 +60,10 @@ GANNORM_LIBRARY(GANNORM_OPS_NAMESPACE, m) {
   m.def("minibatch_stddev_bwd(Tensor grad_out, Tensor x, int group_size, int num_channels) -> Tensor");
   // Kernel launches since the library was loaded (for the launch-budget tests).
   m.def("launch_count() -> int", &gannorm::launch_count);
+#ifdef GANNORM_EMU
+  // The emulator's schedule seed (0: lockstep; see emu/cuda_emu.h); returns the previous one.
+  m.def("set_schedule_seed(int seed) -> int", &cuda_emu::set_schedule_seed);
+#endif
 }
 
 GANNORM_LIBRARY_IMPL(GANNORM_OPS_NAMESPACE, GANNORM_DISPATCH_KEY, m) {

@@ -4,7 +4,11 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
+#include <numeric>
+#include <random>
+#include <unordered_set>
 #include <exception>
 #include <memory>
 #include <stdexcept>
@@ -23,6 +27,17 @@ constexpr size_t kStackBytes = 64 * 1024;
 constexpr int kWarpSize = 32;
 
 enum class Wait { kNone, kBlock, kWarp };
+
+std::atomic<int64_t> schedule_seed{1};
+std::atomic<uint64_t> launch_serial{0};
+
+// splitmix64: a well-mixed 64-bit value from a few integers (the per-block schedule's seed).
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
 
 struct Fiber {
   ucontext_t context;
@@ -45,6 +60,7 @@ struct BlockRunner {
   std::vector<int> warp_arrived, warp_alive;
   std::vector<uint64_t> warp_generation;
   std::vector<uint64_t> warp_slots;
+  std::unordered_set<void*> poisoned;  // shared arrays already poisoned in this block
   std::exception_ptr error;
 
   Fiber& self() { return fibers[current]; }
@@ -101,7 +117,12 @@ struct BlockRunner {
     }
   }
 
-  void run_block(dim3 block, dim3 block_index);
+  void run_block(dim3 block, dim3 block_index, uint64_t schedule);
+  void run_fiber(int t) {
+    current = t;
+    thread_idx = fibers[t].index;
+    swapcontext(&scheduler, &fibers[t].context);
+  }
 };
 
 thread_local BlockRunner* current_runner = nullptr;
@@ -122,7 +143,7 @@ void fiber_entry() {
   // Returning resumes `uc_link`, the scheduler.
 }
 
-void BlockRunner::run_block(dim3 block, dim3 block_index) {
+void BlockRunner::run_block(dim3 block, dim3 block_index, uint64_t schedule) {
   const int n = static_cast<int>(block.x * block.y * block.z);
   const int n_warps = (n + kWarpSize - 1) / kWarpSize;
   if (static_cast<int>(fibers.size()) < n) fibers.resize(n);
@@ -134,6 +155,7 @@ void BlockRunner::run_block(dim3 block, dim3 block_index) {
   block_arrived = 0;
   block_generation = 0;
   block_idx = block_index;
+  poisoned.clear();
 
   for (int t = 0; t < n; ++t) {
     Fiber& f = fibers[t];
@@ -149,14 +171,32 @@ void BlockRunner::run_block(dim3 block, dim3 block_index) {
     makecontext(&f.context, fiber_entry, 0);
   }
 
+  std::mt19937_64 rng(schedule);
+  std::vector<int> warps(n_warps), lanes;
+  std::iota(warps.begin(), warps.end(), 0);
   while (alive > 0) {
     bool progressed = false;
-    for (int t = 0; t < n; ++t) {
-      if (!runnable(t)) continue;
-      current = t;
-      thread_idx = fibers[t].index;
-      swapcontext(&scheduler, &fibers[t].context);
-      progressed = true;
+    if (schedule == 0) {  // lockstep: every thread in index order to its next barrier
+      for (int t = 0; t < n; ++t) {
+        if (!runnable(t)) continue;
+        run_fiber(t);
+        progressed = true;
+      }
+    } else {  // adversarial: warps in a random order, each as far as it can go
+      std::shuffle(warps.begin(), warps.end(), rng);
+      for (int w : warps) {
+        lanes.resize(std::min(kWarpSize, n - w * kWarpSize));
+        std::iota(lanes.begin(), lanes.end(), w * kWarpSize);
+        for (bool again = true; again;) {
+          again = false;
+          std::shuffle(lanes.begin(), lanes.end(), rng);
+          for (int t : lanes) {
+            if (!runnable(t)) continue;
+            run_fiber(t);
+            again = progressed = true;
+          }
+        }
+      }
     }
     if (!progressed) {
       throw std::runtime_error(
@@ -170,6 +210,15 @@ void BlockRunner::run_block(dim3 block, dim3 block_index) {
 }  // namespace
 
 void syncthreads() { current_runner->block_barrier(); }
+
+int64_t set_schedule_seed(int64_t seed) {
+  launch_serial.store(0);
+  return schedule_seed.exchange(seed);
+}
+
+void poison_shared(void* array, size_t bytes) {
+  if (current_runner->poisoned.insert(array).second) std::memset(array, 0xFF, bytes);
+}
 
 void syncwarp() { current_runner->warp_barrier(); }
 
@@ -196,6 +245,16 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& block_body) {
   // same result; a few threads keep the emulated tests quick on small machines.
   const int64_t n_workers = std::min<int64_t>(
       n_blocks, std::max(1u, std::min(4u, std::thread::hardware_concurrency())));
+  // Adversarial: blocks in a shuffled order, each with its own schedule, all derived from
+  // (seed, launch serial, block) so that they do not depend on the OS threads' timing.
+  const int64_t seed = schedule_seed.load();
+  const uint64_t serial = launch_serial.fetch_add(1);
+  std::vector<int64_t> order(n_blocks);
+  std::iota(order.begin(), order.end(), 0);
+  if (seed != 0) {
+    std::mt19937_64 rng(mix(mix(static_cast<uint64_t>(seed)) ^ serial));
+    std::shuffle(order.begin(), order.end(), rng);
+  }
   std::vector<std::exception_ptr> errors(n_workers);
   auto work = [&](int64_t worker) {
     BlockRunner runner;
@@ -204,8 +263,10 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& block_body) {
     block_dim = block;
     grid_dim = grid;
     try {
-      for (int64_t b = worker; b < n_blocks; b += n_workers) {
-        runner.run_block(block, dim3(b % grid.x, (b / grid.x) % grid.y, b / (int64_t(grid.x) * grid.y)));
+      for (int64_t i = worker; i < n_blocks; i += n_workers) {
+        const int64_t b = order[i];
+        const uint64_t schedule = seed == 0 ? 0 : mix(mix(mix(static_cast<uint64_t>(seed)) ^ serial) ^ b) | 1;
+        runner.run_block(block, dim3(b % grid.x, (b / grid.x) % grid.y, b / (int64_t(grid.x) * grid.y)), schedule);
         if (runner.error) std::rethrow_exception(runner.error);
       }
     } catch (...) {

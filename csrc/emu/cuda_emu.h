@@ -7,6 +7,15 @@
 // block (or warp) has arrived, so barrier-based reductions behave as on a GPU. `__shared__`
 // becomes `static thread_local`: one copy per OS thread, hence per running block.
 //
+// The schedule exposes what a GPU may do (see set_schedule_seed): by default blocks run in a
+// shuffled order, and inside a block warps run in a random order, each as far as it can before
+// a block barrier, its lanes in a random order; it changes with every launch, reproducibly
+// for a seed. A missing __syncthreads() between a write to shared memory and another warp's
+// read of it then gives wrong results, as it would on a GPU. Seed 0 is the lockstep order
+// (every thread in index order to its next barrier), under which such races stay hidden.
+// GANNORM_POISON_SHARED(array) after a __shared__ declaration fills it with NaN bytes (0xFF)
+// at each block start, so reading what no thread of the block wrote shows.
+//
 // Supported: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __syncwarp,
 // __shfl_sync/__shfl_xor_sync/__shfl_down_sync (32-lane warps, values up to 8 bytes), static
 // __shared__ arrays, the float/double math used by the kernels. Not supported: dynamic shared
@@ -30,6 +39,7 @@ struct dim3 {
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static thread_local
+#define GANNORM_POISON_SHARED(array) ::cuda_emu::poison_shared(&(array), sizeof(array))
 
 namespace cuda_emu {
 
@@ -42,6 +52,11 @@ void syncwarp();
 uint64_t warp_exchange(uint64_t bits, int src_lane);
 // Runs `block_body` once per thread of every block of `grid`; rethrows the first exception.
 void launch(dim3 grid, dim3 block, const std::function<void()>& block_body);
+// The schedule's seed (0: lockstep); returns the previous one. Also resets the launch counter
+// the per-launch schedules derive from, so a seed replays the same schedules.
+int64_t set_schedule_seed(int64_t seed);
+// Fills `bytes` at `array` with 0xFF the first time a thread of the running block gets here.
+void poison_shared(void* array, size_t bytes);
 
 template <typename T>
 T shuffle(T value, int src_lane) {

@@ -1,0 +1,113 @@
+"""The CUDA emulator exposes what a GPU would get wrong (csrc/emu/cuda_emu.h): warps and
+blocks in a seeded adversarial order, shared memory poisoned at block start. Shown on
+deliberately broken kernels (csrc/emu/hazard_demos.cpp), and every real CUDA kernel is run
+under several schedules against the reference."""
+
+import pytest
+import torch
+import gannorm_kernels as gk
+from gannorm_kernels import backends
+
+_REASON = backends.unavailable_reason("cuda-emu", "cpu")
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"backend 'cuda-emu': {_REASON}")
+SEEDS = (1, 2, 3)
+
+
+@pytest.fixture
+def emu():
+    backends.kernels("cuda-emu")  # loads the library
+    ops = torch.ops.gannorm_emu
+    previous = ops.set_schedule_seed(1)
+    yield ops
+    ops.set_schedule_seed(previous)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_missing_syncthreads_is_caught(emu, seed):
+    """Warp leaders write partial sums to shared memory and thread 0 adds them up: without the
+    __syncthreads() between, thread 0 reads before other warps wrote."""
+    emu.set_schedule_seed(seed)
+    x = torch.randn(128 * 8, generator=torch.Generator().manual_seed(seed))
+    expected = x.view(8, 128).double().sum(1)
+    torch.testing.assert_close(emu.hazard_block_sum(x, False).double(), expected, rtol=1e-5, atol=1e-5)
+    racy = emu.hazard_block_sum(x, True).double()
+    assert not torch.allclose(racy, expected, rtol=1e-5, atol=1e-5, equal_nan=False), \
+        "the race went unnoticed"
+
+
+def test_unwritten_shared_memory_reads_nan(emu):
+    """A padded tile whose padding column is read: on a GPU it holds garbage; here NaN."""
+    x = torch.randn(32, 32)
+    torch.testing.assert_close(emu.hazard_padded_tile_row_sums(x, False), x.sum(1), rtol=1e-5, atol=1e-5)
+    assert emu.hazard_padded_tile_row_sums(x, True).isnan().all()
+
+
+def test_schedules_are_seeded_and_differ():
+    """A racy result depends on the schedule: the same seed replays it, another seed may not.
+    (The lockstep order, seed 0, stays available for comparison.)"""
+    backends.kernels("cuda-emu")
+    ops = torch.ops.gannorm_emu
+    previous = ops.set_schedule_seed(0)
+    try:
+        x = torch.arange(128 * 64, dtype=torch.float32)
+        runs = {}
+        for seed in (0, 5, 5, 6):
+            ops.set_schedule_seed(seed)
+            runs.setdefault(seed, []).append(ops.hazard_block_sum(x, True))
+        assert torch.equal(runs[5][0].nan_to_num(-1), runs[5][1].nan_to_num(-1))  # the same seed, the same schedules
+        assert not torch.equal(runs[5][0].nan_to_num(-1), runs[6][0].nan_to_num(-1))
+    finally:
+        ops.set_schedule_seed(previous)
+
+
+def _every_op(dtype):
+    """One small call of every op family, forward and backward, on shapes that are not
+    multiples of any block size: (name, function of the backend returning tensors)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    v, gain = rand(37, 5, 3), rand(37, 1, 1).abs() + 0.5
+    weight = rand(33, 7, 3)
+    u = torch.nn.functional.normalize(rand(33), dim=0)
+    w_vec = torch.nn.functional.normalize(rand(21), dim=0)
+    features, x, T, images = rand(45, 19), rand(37, 6), rand(6, 5, 3) * 0.3, rand(8, 6, 5, 3)
+
+    def with_grads(fn, *inputs):
+        inputs = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        grads = torch.autograd.grad(out, inputs, torch.ones_like(out) if out.dim() else None)
+        return (out.detach(), *grads)
+
+    return {
+        "weight_norm dim 0": lambda b: with_grads(lambda a, c: gk.functional.weight_norm(a, c, 0, backend=b), v, gain),
+        "weight_norm dim 1": lambda b: with_grads(
+            lambda a, c: gk.functional.weight_norm(a, c, 1, backend=b), v, rand(1, 5, 1).abs() + 0.5),
+        "weight_norm whole": lambda b: with_grads(
+            lambda a, c: gk.functional.weight_norm(a, c, None, backend=b), v, rand(()).abs() + 0.5),
+        "spectral_norm train": lambda b: with_grads(
+            lambda a: gk.functional.spectral_norm(a, u.clone(), torch.nn.functional.normalize(
+                torch.ones(21, dtype=dtype), dim=0), 0, 2, backend=b)[0], weight),
+        "spectral_norm 1-D": lambda b: with_grads(lambda a: gk.functional.spectral_norm(a, backend=b)[0], w_vec),
+        "similarity cosine": lambda b: with_grads(
+            lambda f: gk.functional.pairwise_similarity_penalty(f, "cosine", backend=b), features),
+        "similarity rbf": lambda b: with_grads(
+            lambda f: gk.functional.pairwise_similarity_penalty(f, "rbf", 3.0, backend=b), features),
+        "minibatch_discrimination": lambda b: with_grads(
+            lambda a, t: gk.functional.minibatch_discrimination(a, t, backend=b), x, T),
+        "minibatch_stddev": lambda b: with_grads(lambda a: gk.functional.minibatch_stddev(a, 4, 2, backend=b), images),
+    }
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("op", list(_every_op(torch.float64)))
+def test_every_kernel_under_adversarial_schedules(emu, op, seed):
+    """Every CUDA kernel, forward and backward, under three schedules: equal to the reference
+    (fp64, so any difference is a schedule-dependent bug, not rounding)."""
+    emu.set_schedule_seed(seed)
+    ours = _every_op(torch.float64)[op]("cuda-emu")
+    expected = _every_op(torch.float64)[op]("reference")
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
