@@ -12,7 +12,7 @@ export CUDA_HOME
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh csrc/emu/*)
 PYTEST_FLAGS ?= -q
 
-.PHONY: all setup build test demo bench cmake-check static-check gpu-check clean
+.PHONY: all setup build test demo bench cmake-check static-check gpu-check asan-emu clean
 
 all: test
 
@@ -39,6 +39,11 @@ cmake-check: $(VENV)/.requirements
 	$(PY) -c "import glob, importlib.util, torch; path = glob.glob('build/cmake/_C*.so')[0]; \
 	spec = importlib.util.spec_from_file_location('_C', path); spec.loader.exec_module(importlib.util.module_from_spec(spec)); \
 	print('cmake-check: built and loaded', path, '->', torch.ops.gannorm_cuda.weight_norm_fwd.default._schema)"
+
+# The emulator built with AddressSanitizer into build/asan/ (tests/test_emulator.py builds it
+# itself when needed and runs every kernel under it in a subprocess with libasan preloaded).
+asan-emu: $(VENV)/.requirements
+	GANNORM_EMU_ASAN=1 $(PY) setup.py -q build_ext --build-lib build/asan
 
 # Every Triton kernel configuration compiled for sm_80/sm_90 and every CUDA kernel's resources:
 # fails on a spill or a kernel that no longer compiles.

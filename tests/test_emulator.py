@@ -1,7 +1,15 @@
 """The CUDA emulator exposes what a GPU would get wrong (csrc/emu/cuda_emu.h): warps and
-blocks in a seeded adversarial order, shared memory poisoned at block start. Shown on
-deliberately broken kernels (csrc/emu/hazard_demos.cpp), and every real CUDA kernel is run
-under several schedules against the reference."""
+blocks in a seeded adversarial order, shared memory poisoned at block start, and (in its
+AddressSanitizer build) reads and writes outside a tensor. Shown on deliberately broken
+kernels (csrc/emu/hazard_demos.cpp); every real CUDA kernel is run under several schedules
+against the reference, and under ASan."""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +119,38 @@ def test_every_kernel_under_adversarial_schedules(emu, op, seed):
     expected = _every_op(torch.float64)[op]("reference")
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBASAN = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip() \
+    if shutil.which("gcc") else ""
+
+
+@pytest.fixture(scope="module")
+def asan_library():
+    """The emulator built with AddressSanitizer (`make asan-emu`; ninja rebuilds what changed)."""
+    if not os.path.isabs(LIBASAN) or not os.path.exists(LIBASAN):
+        pytest.skip("gcc's libasan is not installed here")
+    env = dict(os.environ, GANNORM_EMU_ASAN="1")
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", "build/asan"], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    return glob.glob(str(ROOT / "build" / "asan" / "gannorm_kernels" / "_emu*.so"))[0]
+
+
+def _under_asan(library, *args):
+    env = dict(os.environ, LD_PRELOAD=LIBASAN, ASAN_OPTIONS="detect_leaks=0")
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "emu_asan_sweep.py"), library, *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_out_of_bounds_read_is_caught(asan_library):
+    """A kernel that reads one element past its input's end: ASan aborts with the report."""
+    run = _under_asan(asan_library, "bug")
+    assert run.returncode != 0 and "heap-buffer-overflow" in run.stderr, run.stderr[-2000:]
+
+
+def test_every_kernel_stays_in_bounds_under_asan(asan_library):
+    """Every CUDA kernel, forward and backward, on awkward shapes: no access outside its tensors."""
+    run = _under_asan(asan_library)
+    assert run.returncode == 0 and "AddressSanitizer" not in run.stderr, run.stderr[-4000:]
+    assert "clean" in run.stdout
