@@ -51,6 +51,9 @@ def make_inputs(shape, dim, dtype, device, seed=0):
     weight = torch.randn(shape, generator=gen, dtype=torch.float64)
     u = nn.functional.normalize(torch.randn(h, generator=gen, dtype=torch.float64), dim=0)
     v = nn.functional.normalize(torch.randn(w, generator=gen, dtype=torch.float64), dim=0)
+    # warmed as a layer's buffers are (15 iterations at registration, one per step since): with
+    # random ones sigma = u^T W v nearly cancels and every bound would grow with 1 / that
+    reference.spectral_power_method(reference.spectral_weight_matrix(weight, dim), u, v, 15, EPS)
     grad_out = torch.randn(shape, generator=gen, dtype=torch.float64)
     return tuple(t.to(device=device, dtype=dtype) for t in (weight, u, v, grad_out))
 
@@ -84,7 +87,7 @@ def term_scales(weight, u, v, grad_out, sigma, dim):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)  # the reference itself: tests/test_reference.py
 def test_matches_fp64_reference(backend, dtype, case, mode):
     shape, dim = case
     weight, u, v, grad_out = make_inputs(shape, dim, dtype, backend_device(backend))
@@ -98,7 +101,7 @@ def test_matches_fp64_reference(backend, dtype, case, mode):
 
 @pytest.mark.parametrize("n", [1, 7, 2000])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_vector_matches_fp64_reference(backend, dtype, n):
     gen = torch.Generator().manual_seed(0)
     device = backend_device(backend)
