@@ -19,7 +19,7 @@
 // after dim). Three layouts:
 //   rows    (B > 1, or one channel): one block per channel, threads stride over its A*B
 //           elements (one contiguous run when A == 1, i.e. dim 0); fused or composite.
-//   columns (B == 1: the last dim, always fused): channels are contiguous, so a block takes 32
+//   columns (B == 1 and fused: the last dim): channels are contiguous, so a block takes 32
 //           neighbouring channels and its 8 thread rows stride down A; loads stay coalesced.
 //   whole   (dim -1, always composite): up to kWholeMaxBlocks blocks, each over a contiguous
 //           chunk: a partial-sum kernel writes one partial per block, then a scale kernel in
@@ -31,6 +31,9 @@
 // mostly from L2) and g, writes w and fp32 norms: >= 2 n s + C (s + 4). Backward reads
 // grad_w, v (v twice), g and the norms, writes grad_v and grad_g: >= 3 n s + C (2 s + 4).
 // The whole tensor adds 4 P bytes of partials written and 4 P^2 read (P <= kWholeMaxBlocks).
+// Non-contiguous or channels_last v (and grad_w) are made contiguous by the launchers: one copy
+// each (one more launch, n s bytes read and written), outside these budgets, which are for
+// contiguous inputs (tests/test_layouts.py holds the results).
 #include "common.cuh"
 
 #include <ATen/Dispatch.h>
@@ -62,7 +65,9 @@ ChannelLayout channel_layout(const at::Tensor& v, int64_t dim) {
 
 constexpr int kColumnRows = 8;
 
-bool use_columns(const ChannelLayout& L) { return !L.whole && L.B == 1 && L.C > 1; }
+// torch's fused formula on the last dim (a middle dim whose trailing sizes are all 1 is
+// composite: rows layout).
+bool use_columns(const ChannelLayout& L) { return !L.whole && L.fused && L.B == 1 && L.C > 1; }
 
 // One block per channel: enough threads to cover the channel, at most 256.
 int row_block_threads(const ChannelLayout& L) {
@@ -271,9 +276,10 @@ __global__ void weight_norm_bwd_cols_kernel(
 
 // ---- the whole tensor (composite): partials, then the scale pass ----
 
-// partials[block] = sum over the block's chunk of a * b (kRound: each product rounded to
-// scalar_t first, as torch's grad_w * v tensor is before its sum).
-template <typename scalar_t, bool kRound>
+// partials[block] = sum over the block's chunk of round(a * b) (kDot: grad_w . v, each product
+// rounded to scalar_t first, as torch's grad_w * v tensor is before its sum), else of a * a
+// (b unread).
+template <typename scalar_t, bool kDot>
 __global__ void weight_norm_whole_partials_kernel(
     acc_t<scalar_t>* __restrict__ partials,    // (blocks,) out
     const scalar_t* __restrict__ a,            // (n,)
@@ -284,8 +290,8 @@ __global__ void weight_norm_whole_partials_kernel(
   const int64_t end = begin + chunk < n ? begin + chunk : n;
   acc sum = 0;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    const acc product = static_cast<acc>(a[i]) * static_cast<acc>(b[i]);
-    sum += kRound ? round_to<scalar_t>(product) : product;
+    const acc x = static_cast<acc>(a[i]);
+    sum += kDot ? round_to<scalar_t>(x * static_cast<acc>(b[i])) : x * x;
   }
   sum = block_sum(sum);
   if (threadIdx.x == 0) partials[blockIdx.x] = sum;

@@ -498,7 +498,9 @@ def test_double_backward_is_refused_clearly(backend):
 # ours follow CUDA. On a GPU the fused dims are checked against torch itself; on the CPU
 # against the reference's op-by-op transcription of torch's CUDA kernel (the only version of
 # that formula that runs here).
-BITWISE_LAYERS = {"Linear": lambda: nn.Linear(300, 70), "Conv2d": lambda: nn.Conv2d(16, 24, 3)}
+BITWISE_LAYERS = {"Linear": lambda: nn.Linear(300, 70), "Conv2d": lambda: nn.Conv2d(16, 24, 3),
+                  # dim 1 has only size-1 dims after it: composite all the same
+                  "Conv1x1": lambda: nn.Conv2d(40, 24, 1)}
 
 
 def bits(t):

@@ -18,7 +18,7 @@ v is seen as (A, C, B): C = v.size(dim) channels, A = prod(sizes before dim), B 
 after dim). Three layouts, as in csrc/weight_norm.cu:
   rows    (B > 1, or one channel): one program per channel, looping over its A*B elements
           (one contiguous run when A == 1, i.e. dim 0); fused or composite.
-  columns (B == 1, the last dim; always fused): channels are contiguous; a program takes
+  columns (B == 1 and fused: the last dim): channels are contiguous; a program takes
           BLOCK_C neighbours and walks down A in (BLOCK_A, BLOCK_C) tiles, so loads stay
           coalesced.
   whole   (dim -1, the whole tensor; always composite): many programs, each over a contiguous
@@ -31,6 +31,9 @@ Bytes (n = numel, s = element size): forward reads v twice (the second pass most
 and writes w: >= 2 n s; backward reads grad_w and v (v twice), writes grad_v: >= 3 n s; plus
 O(C) for g, the fp32 norms and grad_g, and for the whole tensor 2 x 4 P bytes of partials
 (P <= WHOLE_MAX_PROGRAMS programs; each of the scale pass's P programs reads all P).
+Non-contiguous or channels_last v (and grad_w) are made contiguous by the launchers: one copy
+each (one more launch, n s bytes read and written), outside these budgets, which are for
+contiguous inputs (tests/test_layouts.py holds the results).
 Offsets: rows and columns index in int32 (the CUDA launchers refuse weights of 2^31 elements
 or more; this one does too); the whole-tensor kernels in int64.
 """
@@ -208,9 +211,11 @@ def _weight_norm_bwd_cols(
 def _whole_partials(
     partials_ptr,  # (P,) out, ACC: per program, its chunk's sum
     a_ptr,         # (N,)
-    b_ptr,         # (N,): the sum is of a * b (b = a: the squares); ROUND: each product rounded
+    b_ptr,         # (N,) (unread when not ROUND)
     N, CHUNK,
     ROUND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    # ROUND: the sum of round(a * b) (grad_w . v, each product rounded as torch's tensor is);
+    # else of a * a (||v||^2)
 ):
     T: tl.constexpr = a_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -219,11 +224,11 @@ def _whole_partials(
     for start in range(0, CHUNK, BLOCK):
         k = base + start + tl.arange(0, BLOCK)
         a = tl.load(a_ptr + k, mask=k < N, other=0.0).to(ACC)
-        b = tl.load(b_ptr + k, mask=k < N, other=0.0).to(ACC)
         if ROUND:
+            b = tl.load(b_ptr + k, mask=k < N, other=0.0).to(ACC)
             acc += round_to(a * b, T)
         else:
-            acc += a * b
+            acc += a * a
     tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
 
 
@@ -315,8 +320,10 @@ def _fused(dim: int, ndim: int) -> bool:
     return dim != -1 and (dim == 0 or dim == ndim - 1)
 
 
-def _use_columns(C: int, B: int) -> bool:
-    return B == 1 and C > 1
+def _use_columns(C: int, B: int, fused: bool) -> bool:
+    # torch's fused formula on the last dim; a middle dim whose trailing sizes are all 1 is
+    # composite, on the rows layout
+    return fused and B == 1 and C > 1
 
 
 def _rows_config(A: int, C: int, B: int) -> dict:
@@ -360,8 +367,7 @@ def weight_norm_fwd(v: torch.Tensor, g: torch.Tensor, dim: int):
         launch(_whole_partials, (programs,), partials, v, v, n, chunk, ROUND=False, ACC=acc, BLOCK=WHOLE_BLOCK,
                num_warps=4, **_NO_FMA)
         launch(_whole_fwd_scale, (programs,), w, norms, partials, v, g, n, chunk, programs, ACC=acc, **config)
-    elif _use_columns(C, B):
-        assert _fused(dim, v.dim())
+    elif _use_columns(C, B, _fused(dim, v.dim())):
         launch(_weight_norm_fwd_cols, (triton.cdiv(C, _COLUMN_BLOCK_C),), w, norms, v, g, A, C,
                ACC=acc, BLOCK_A=_COLUMN_BLOCK_A, BLOCK_C=_COLUMN_BLOCK_C, **_NO_FMA)
     else:
@@ -388,7 +394,7 @@ def weight_norm_bwd(grad_w: torch.Tensor, v: torch.Tensor, g: torch.Tensor, norm
                num_warps=4, **_NO_FMA)
         launch(_whole_bwd_scale, (programs,), grad_v, grad_g, partials, grad_w, v, g, norms, n, chunk, programs,
                ACC=acc, **config)
-    elif _use_columns(C, B):
+    elif _use_columns(C, B, _fused(dim, v.dim())):
         launch(_weight_norm_bwd_cols, (triton.cdiv(C, _COLUMN_BLOCK_C),), grad_v, grad_g, grad_w, v, g, norms,
                A, C, ACC=acc, BLOCK_A=_COLUMN_BLOCK_A, BLOCK_C=_COLUMN_BLOCK_C, **_NO_FMA)
     else:
