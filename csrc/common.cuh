@@ -49,6 +49,26 @@ template <typename scalar_t> using acc_t = typename AccumulateType<scalar_t>::ty
 __device__ __forceinline__ float sqrt_acc(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_acc(double x) { return sqrt(x); }
 
+// x rounded to scalar_t's precision (to nearest even) and kept in the accumulation type: the
+// rounding of an fp16/bf16 torch op's result. The identity for fp32/fp64.
+template <typename scalar_t>
+__device__ __forceinline__ acc_t<scalar_t> round_to(acc_t<scalar_t> x) {
+  return static_cast<acc_t<scalar_t>>(static_cast<scalar_t>(x));
+}
+
+// a * b and a + b that the compiler may not contract into an FMA with a neighbouring op (where
+// the result must equal torch's, which runs them as separate kernels). The host build has no
+// FMA contraction (x86-64 without -mfma).
+#ifdef GANNORM_EMU
+template <typename T> __device__ __forceinline__ T mul_rn(T a, T b) { return a * b; }
+template <typename T> __device__ __forceinline__ T add_rn(T a, T b) { return a + b; }
+#else
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+#endif
+
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 

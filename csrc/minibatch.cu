@@ -4,12 +4,16 @@
 // gannorm_kernels/triton/minibatch.py, which documents them:
 //   cosine  forward: rows (norms, per-block partial sums of unit rows) + total; backward: 1
 //   rbf     forward: pair tiles (16 x 16 threads, D staged through shared memory) + total;
-//           backward: 1 launch over (16 rows) x (32 columns of D), recomputing k tiles
+//           backward: 1 launch over (16 rows) x (32 columns of D), recomputing k tiles, the
+//           two folded into gridDim.x (gridDim.y would stop at D = 2,097,120)
 //   minibatch discrimination: forward 1 (a warp per row i, lanes over j), backward 1
 //   minibatch stddev: forward 1 (a block per group and channel group, the concatenation
 //           fused in), backward 1
 // Every sum is a fixed-order reduction: deterministic, no atomics. The loss gradient is read
-// on the device (no host sync).
+// on the device (no host sync). Non-contiguous or channels_last inputs are made contiguous by
+// the launchers: one copy each (one more launch), outside the budgets, which are for
+// contiguous inputs. Element offsets are int64 (row * D, sample offsets); row and column
+// counts are int, and inputs of 2^31 elements or more are refused (check_int32_indexable).
 #include "common.cuh"
 
 #include <ATen/Dispatch.h>
@@ -175,16 +179,19 @@ __global__ void rbf_backward_kernel(
     scalar_t* __restrict__ grad_f,              // (N, D) out
     const scalar_t* __restrict__ grad_penalty,  // (1,)
     const scalar_t* __restrict__ f,             // (N, D)
-    int N, int D, acc_t<scalar_t> scale) {
+    int N, int D, int row_blocks, acc_t<scalar_t> scale) {
   using acc = acc_t<scalar_t>;
   __shared__ acc k_tile[kTile][kTile + 1];
+  // One grid dim, folded (gridDim.y stops at 65,535 column chunks, D = 2,097,120): block =
+  // column chunk * row_blocks + row block.
+  const int row_block = int(blockIdx.x % row_blocks), chunk = int(blockIdx.x / row_blocks);
   // thread (x, y): row i = block row y, output columns x and x + 16 of this block's 32
-  const int i = blockIdx.x * kTile + threadIdx.y;
-  const int o0 = blockIdx.y * kChunk + threadIdx.x, o1 = o0 + kTile;
+  const int i = row_block * kTile + threadIdx.y;
+  const int o0 = chunk * kChunk + threadIdx.x, o1 = o0 + kTile;
   const acc c = static_cast<acc>(*grad_penalty) * acc(-4) * scale / (acc(N) * acc(N - 1));
   acc row_sum = 0, weighted0 = 0, weighted1 = 0;
   for (int j0 = 0; j0 < N; j0 += kTile) {
-    const acc squared = tile_squared_distance(f, blockIdx.x * kTile, j0, N, D);
+    const acc squared = tile_squared_distance(f, row_block * kTile, j0, N, D);
     const int j = j0 + threadIdx.x;
     __syncthreads();  // k_tile's previous readers are done
     k_tile[threadIdx.y][threadIdx.x] = (i < N && j < N && i != j) ? exp_acc(-squared * scale) : acc(0);
@@ -436,9 +443,10 @@ at::Tensor similarity_rbf_bwd(const at::Tensor& grad_penalty, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "similarity_rbf_bwd", [&] {
     using acc = acc_t<scalar_t>;
     auto kernel = rbf_backward_kernel<scalar_t>;
-    GANNORM_LAUNCH(kernel, dim3(cdiv(N, kTile), cdiv(D, kChunk)), dim3(kTile, kTile), grad.data_ptr<scalar_t>(),
-                   grad_penalty.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), N, D,
-                   static_cast<acc>(1.0 / (2.0 * bandwidth * bandwidth)));
+    const int row_blocks = cdiv(N, kTile);
+    GANNORM_LAUNCH(kernel, dim3(unsigned(row_blocks) * unsigned(cdiv(D, kChunk))), dim3(kTile, kTile),
+                   grad.data_ptr<scalar_t>(), grad_penalty.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
+                   N, D, row_blocks, static_cast<acc>(1.0 / (2.0 * bandwidth * bandwidth)));
   });
   return grad;
 }

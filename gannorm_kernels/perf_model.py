@@ -98,12 +98,16 @@ def _sizes(shape, dtype):
 
 def weight_norm(shape, dtype, dim: int | None, backward: bool = False) -> Cost:
     """Forward: v read twice (norm, then scale), w written, g read, norms written. Backward:
-    grad_w and v read twice, grad_v written, g and norms read, grad_g written."""
+    grad_w and v read twice, grad_v written, g and norms read, grad_g written. The whole
+    tensor (dim None or -1) takes two launches each way (a partial-sum pass over many
+    programs, then the scale pass); its partials (a few KB) are left out of the bytes."""
     n, s, acc = _sizes(shape, dtype)
-    channels = 1 if dim is None or dim == -1 else shape[dim]
+    whole = dim is None or dim == -1
+    channels = 1 if whole else shape[dim]
+    launches = 2 if whole else 1
     if backward:
-        return Cost(1, 5 * n * s + channels * (2 * s + acc))
-    return Cost(1, 3 * n * s + channels * (s + acc))
+        return Cost(launches, 5 * n * s + channels * (2 * s + acc))
+    return Cost(launches, 3 * n * s + channels * (s + acc))
 
 
 def spectral_norm(shape, dtype, dim: int = 0, mode: str = "train", n_power_iterations: int = 1) -> Cost:

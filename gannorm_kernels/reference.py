@@ -1,8 +1,8 @@
 """Plain-PyTorch ground truth for every op, written to be obviously correct.
 
 Each function differentiates through ordinary autograd, runs on any device and dtype, and
-computes fp16/bf16 in fp32 (fp64 stays fp64), rounding once at the end, as the kernels do.
-The tests compare every backend against these, evaluated in fp64.
+computes fp16/bf16 in fp32 (fp64 stays fp64), rounding once at the end, as the kernels do;
+weight_norm rounds where torch's own weight norm rounds (so do its kernels). The tests compare every backend against these, evaluated in fp64.
 """
 
 import torch
@@ -14,24 +14,97 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
-    """w = g * v / ||v||, the norm over every dim of v but `dim` (-1: the whole tensor).
+def weight_norm_fuses(dim: int, ndim: int) -> bool:
+    """Whether torch's `torch._weight_norm(v, g, dim)` takes its fused kernel for this `dim` (as
+    the caller passed it, None already mapped to -1): only dim 0 and dim ndim - 1 written that
+    way. Every other dim (a middle one, any negative one, -1 = the whole tensor) runs the
+    composite `v * (g / norm_except_dim(v, 2, dim))`. The two round differently in fp16/bf16,
+    and the kernels round as torch does for the dim they are given."""
+    return dim != -1 and (dim == 0 or dim == ndim - 1)
 
-    A channel whose direction is all zeros gets a zero weight and zero gradients (torch's own
-    weight norm gives NaN there).
-    """
-    x = v.to(_compute_dtype(v.dtype))
+
+def _norm_dims(dim: int, ndim: int) -> list:
+    """The dims the norm runs over (None: all), for dim in torch's convention."""
     if dim == -1:
-        sumsq = x.pow(2).sum()
-    elif v.dim() == 1:
-        sumsq = x.pow(2)  # each element is its own channel (sum over no dims would sum them all)
-    else:
-        sumsq = x.pow(2).sum(dim=[d for d in range(v.dim()) if d != dim], keepdim=True)
-    nonzero = sumsq > 0
-    # Keep 1/sqrt(0) out of both the value and the gradient of the masked-off branch.
-    norm = torch.where(nonzero, sumsq, torch.ones_like(sumsq)).sqrt()
-    scale = torch.where(nonzero, g.to(x.dtype).reshape(sumsq.shape) / norm, torch.zeros_like(sumsq))
-    return (x * scale).to(v.dtype)
+        return None
+    keep = dim % ndim
+    return [d for d in range(ndim) if d != keep]
+
+
+def _channel_sum(x, dims):
+    """Sum over `dims`, kept (None: everything, to a scalar; []: nothing, a 1-d v's channels
+    are its elements)."""
+    if dims is None:
+        return x.sum()
+    return x.sum(dim=dims, keepdim=True) if dims else x
+
+
+def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
+    """w = g * v / ||v||, the norm over every dim of v but `dim`, rounded where torch rounds.
+
+    `dim` is torch._weight_norm's: -1 is the whole tensor, other negative dims count from the
+    end. As torch (see `weight_norm_fuses`):
+      - dim 0 and ndim - 1, torch's fused kernel (its CUDA one, `weight_norm_fwd_*_kernel` in
+        aten/src/ATen/native/cuda/WeightNorm.cu): n = ||v|| in fp32, w = (g * v) * (1 / n) in
+        fp32, rounded once. (torch's CPU kernel computes v * (g / n) instead, which can differ
+        by one rounding; the kernels follow the GPU.)
+      - every other dim: torch's composite ops, each rounded to v's dtype: n = round(||v||)
+        (fp32 sum), s = round(g / n), w = round(v * s); their autograd rounds each step too.
+        Written with those very ops (norm_except_dim included), so bitwise torch's on every
+        device and dtype, fp32 too. The fused path's fp32 sums are not torch's (their order
+        is its kernel's): fp16/bf16 results agree unless a sum lands on a rounding boundary.
+    fp64 stays fp64 (every rounding is then fp64's). A channel whose direction is all zeros
+    gets a zero weight and zero gradients (torch gives NaN there).
+    """
+    if weight_norm_fuses(dim, v.dim()):
+        return _WeightNormFused.apply(v, g, dim)
+    # torch's own ops in torch's order, so on every device and dtype this is bitwise torch's
+    # (forward and autograd); the double where keeps 1/0 out of both the value and the
+    # gradient of a zero channel (torch's norm backward is already 0 there).
+    n = torch.norm_except_dim(v, 2, dim)
+    nonzero = n > 0
+    scale = torch.where(nonzero, g.reshape(n.shape) / torch.where(nonzero, n, torch.ones_like(n)),
+                        torch.zeros_like(n))
+    return v * scale
+
+
+class _WeightNormFused(torch.autograd.Function):
+    """torch's fused weight norm as its CUDA kernels compute it, fp32 math (fp64 for fp64):
+    forward w = (g * v) * rnorm, rnorm = 1 / ||v||; backward, with dot = <grad_w, v> over the
+    channel: grad_g = dot * rnorm, grad_v = g * (rnorm * grad_w - (rnorm^3 * v) * dot), where
+    rnorm^3 = rnorm * rnorm * rnorm. rnorm is 0 for a zero channel. The backward is written
+    in differentiable ops, so it can be differentiated again."""
+
+    @staticmethod
+    def forward(ctx, v, g, dim):
+        ctx.save_for_backward(v, g)
+        ctx.dim = dim
+        with torch.no_grad():
+            x, gx, rnorm = _fused_parts(v, g, dim)
+            return ((gx * x) * rnorm).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        v, g = ctx.saved_tensors
+        x, gx, rnorm = _fused_parts(v, g, ctx.dim)
+        dims = _norm_dims(ctx.dim, v.dim())
+        dw = grad_w.to(x.dtype)
+        dot = _channel_sum(dw * x, dims)
+        rnorm3 = rnorm * rnorm * rnorm
+        grad_v = gx * (rnorm * dw - (rnorm3 * x) * dot)
+        return grad_v.to(v.dtype), (dot * rnorm).to(g.dtype).reshape(g.shape), None
+
+
+def _fused_parts(v, g, dim):
+    x = v.to(_compute_dtype(v.dtype))
+    # sqrt and 1 / n correctly rounded, as CUDA's sqrtf and `/` are: computed in fp64 and
+    # rounded to fp32, which is exact rounding for both (torch's vectorised fp32 CPU sqrt is
+    # not always). fp64 stays fp64.
+    norm = _channel_sum(x.pow(2), _norm_dims(dim, v.dim())).double().sqrt()
+    nonzero = norm > 0
+    rnorm = torch.where(nonzero, 1 / torch.where(nonzero, norm.to(x.dtype).double(), torch.ones_like(norm)),
+                        torch.zeros_like(norm)).to(x.dtype)
+    return x, g.to(x.dtype).reshape(norm.shape), rnorm
 
 
 def spectral_weight_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:

@@ -139,9 +139,11 @@ def check_triton():
     for kernel, _, args, constexprs in records:
         constexprs = dict(constexprs)
         num_warps = constexprs.pop("num_warps", 4)
+        fp_fusion = constexprs.pop("enable_fp_fusion", True)
         signature, values = _signature(kernel, args, constexprs)
         pointer_types = ",".join(sorted({t for t in signature.values() if t.startswith("*")}))
-        config = ", ".join(f"{k}={getattr(v, 'name', v)}" for k, v in values.items()) + f", warps={num_warps}"
+        config = (", ".join(f"{k}={getattr(v, 'name', v)}" for k, v in values.items()) + f", warps={num_warps}"
+                  + ("" if fp_fusion else ", no fp fusion"))
         key = (kernel.fn.__module__, kernel.fn.__name__, pointer_types, config, tuple(signature.values()))
         if key in seen:
             continue
@@ -151,7 +153,8 @@ def check_triton():
             label = (f"triton {family}.{kernel.fn.__name__}", f"{pointer_types}; {config}", f"sm_{arch}")
             try:
                 compiled = triton.compile(ASTSource(kernel, signature, constexprs=values),
-                                          target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                                          target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps,
+                                                                                 "enable_fp_fusion": fp_fusion})
                 with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
                     cubin.write(compiled.asm["cubin"])
                     cubin.flush()

@@ -148,3 +148,31 @@ def test_gpu_check_refuses_without_a_gpu():
     assert result.returncode != 0
     assert "make gpu-check: no CUDA GPU is visible here" in result.stdout
     assert "pip install" not in result.stdout + result.stderr
+
+
+def test_triton_launches_run_on_the_tensors_device(monkeypatch):
+    """Every Triton launch goes through triton/common.launch, which enters a device guard for
+    its tensors' device (Triton itself launches on the current device: cuda:1 tensors would
+    run on cuda:0). Checked with a spy on the guard, since this machine may have one device
+    or none; the guard for a CUDA device is torch.cuda.device of that index."""
+    from helpers import backend_device
+
+    reason = backends.unavailable_reason("triton", backend_device("triton"))
+    if reason is not None:
+        pytest.skip(reason)
+    from gannorm_kernels.triton import common
+
+    real_guard = common.device_guard
+    entered = []
+    monkeypatch.setattr(common, "device_guard", lambda device: entered.append(device) or real_guard(device))
+    device = torch.device(backend_device("triton"))
+    v = torch.randn(6, 5, device=device)
+    x = torch.randn(8, 2, 3, 3, device=device)
+    gk.functional.weight_norm(v, torch.rand(6, device=device), 0, backend="triton")
+    gk.functional.weight_norm(v, torch.rand((), device=device), None, backend="triton")
+    gk.functional.pairwise_similarity_penalty(v, "rbf", backend="triton")
+    gk.functional.minibatch_stddev(x, backend="triton")
+    assert len(entered) == 1 + 2 + 2 + 1
+    assert all(d == v.device for d in entered), entered
+    guard = real_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1

@@ -421,3 +421,21 @@ def test_bad_inputs():
         gk.MinibatchDiscrimination(4, 2, 0)
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         gk.MinibatchDiscrimination(4, 2, 3, backend="fast")
+
+
+def test_rbf_backward_grid_fits_any_feature_size():
+    """The rbf backward's column chunks used to be the grid's second dim, which stops at 65,535
+    (D = 2,097,120: a flattened 3x1024x1024 image is past it). Recorded on meta tensors (no
+    work), every Triton launch's grid must fit a GPU's limits; the CUDA launcher folds the
+    same way (its emulator refuses grids past those limits; a full-size emulated run is too
+    slow for the test suite: 10^5 blocks of 256 emulated threads)."""
+    pytest.importorskip("triton")
+    from gannorm_kernels import triton as kernels
+    from gannorm_kernels.triton.common import record_launches
+
+    features = torch.empty(4, 3 * 1024 * 1024, device="meta")
+    with record_launches() as records:
+        kernels.similarity_rbf_bwd(torch.empty((), device="meta"), features, 1.0)
+    (_, grid, _, _), = records
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    assert grid[0] < 2 ** 31 and grid[1] <= 65535 and grid[2] <= 65535, grid

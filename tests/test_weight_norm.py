@@ -16,7 +16,7 @@ from torch.nn.utils import parametrizations
 import gannorm_kernels as gk
 from gannorm_kernels import backends, perf_model, reference
 from gannorm_kernels.launches import count_launches
-from gannorm_kernels.ops.weight_norm import normalize_dim
+from gannorm_kernels.ops.weight_norm import normalize_dim, torch_dim
 
 # (shape, dim): sizes of 1, odd sizes, channels longer than a block, every layout the kernels
 # have (rows with and without outer dims, columns, the whole tensor) and negative dims.
@@ -95,10 +95,10 @@ def run(fn, v, g, grad_w):
 def test_matches_fp64_reference(backend, dtype, case):
     shape, dim = case
     v, g, grad_w = make_inputs(shape, dim, dtype, backend_device(backend))
-    d = normalize_dim(dim, len(shape))
+    d, td = normalize_dim(dim, len(shape)), torch_dim(dim, len(shape))
     ours = run(lambda v, g: gk.functional.weight_norm(v, g, dim, backend=backend), v, g, grad_w)
-    ref64 = run(lambda v, g: reference.weight_norm(v, g, d), v.double(), g.double(), grad_w.double())
-    same = run(lambda v, g: reference.weight_norm(v, g, d), v, g, grad_w)
+    ref64 = run(lambda v, g: reference.weight_norm(v, g, td), v.double(), g.double(), grad_w.double())
+    same = run(lambda v, g: reference.weight_norm(v, g, td), v, g, grad_w)
     scales = term_scales(v, g, grad_w, d)
     for what, a, r, s in zip(("w", "grad_v", "grad_g"), ours, ref64, same):
         assert_close_to_reference(a, r, s, what, scale=scales[what])
@@ -127,7 +127,7 @@ def test_zero_direction_gives_zero_not_nan(backend, dim):
     else:
         assert (grad_g.flatten()[2 if dim == 0 else 3] == 0).all()
     # the other channels are untouched by the zero one
-    ref = reference.weight_norm(v.double(), g.double(), normalize_dim(dim, 2))
+    ref = reference.weight_norm(v.double(), g.double(), torch_dim(dim, 2))
     torch.testing.assert_close(w.double(), ref, rtol=1e-6, atol=1e-7)
 
 
@@ -191,16 +191,25 @@ def test_torch_compile_fullgraph(backend):
         assert backward_graph.count("gannorm_kernels.weight_norm_bwd") == 2
 
 
-# The design (csrc/weight_norm.cu, triton/weight_norm.py): one launch each way, for every dim;
-# the budget (issue): at most 1 forward, 2 backward.
+# The design (csrc/weight_norm.cu, triton/weight_norm.py): one launch each way per channel
+# dim; the whole tensor (dim None) two each way (partial sums over many programs, then the
+# scale pass). The budget (issue): at most 1 forward, 2 backward per channel dim; at most 2
+# and 2 for the whole tensor.
 FORWARD_LAUNCHES, BACKWARD_LAUNCHES = 1, 1
 FORWARD_BUDGET, BACKWARD_BUDGET = 1, 2
+WHOLE_FORWARD_LAUNCHES, WHOLE_BACKWARD_LAUNCHES = 2, 2
+WHOLE_FORWARD_BUDGET, WHOLE_BACKWARD_BUDGET = 2, 2
 
 
-@pytest.mark.parametrize("dim", [0, 1, 3, None])
+@pytest.mark.parametrize("dim", [0, 1, 3, -3, None])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_launch_budget(backend, dim):
     shape = (8, 5, 3, 3)
+    if dim is None:
+        launches = (WHOLE_FORWARD_LAUNCHES, WHOLE_BACKWARD_LAUNCHES)
+        assert launches <= (WHOLE_FORWARD_BUDGET, WHOLE_BACKWARD_BUDGET)
+    else:
+        launches = (FORWARD_LAUNCHES, BACKWARD_LAUNCHES)
     v, g, grad_w = make_inputs(shape, dim, torch.float32, backend_device(backend))
     v.requires_grad_()
     g.requires_grad_()
@@ -208,11 +217,11 @@ def test_launch_budget(backend, dim):
         w = gk.functional.weight_norm(v, g, dim, backend=backend)
     with count_launches() as backward:
         w.backward(grad_w)
-    assert (forward.ours, forward.aten_ops) == (FORWARD_LAUNCHES, [])
-    assert (backward.ours, backward.aten_ops) == (BACKWARD_LAUNCHES, [])
+    assert (forward.ours, forward.aten_ops) == (launches[0], [])
+    assert (backward.ours, backward.aten_ops) == (launches[1], [])
     assert FORWARD_LAUNCHES <= FORWARD_BUDGET and BACKWARD_LAUNCHES <= BACKWARD_BUDGET
-    assert perf_model.weight_norm(shape, torch.float32, dim).launches == FORWARD_LAUNCHES
-    assert perf_model.weight_norm(shape, torch.float32, dim, backward=True).launches == BACKWARD_LAUNCHES
+    assert perf_model.weight_norm(shape, torch.float32, dim).launches == launches[0]
+    assert perf_model.weight_norm(shape, torch.float32, dim, backward=True).launches == launches[1]
 
     # torch's own op, counted the same way, for the record: it fuses dims 0 and last only.
     tv, tg = v.detach().clone().requires_grad_(), g.detach().clone().requires_grad_()
@@ -458,3 +467,95 @@ def test_functional_argument_errors():
         gk.functional.weight_norm([1.0], torch.ones(1))
     with pytest.raises(IndexError, match="dim=-3 is out of range"):
         gk.weight_norm(nn.Linear(2, 2), dim=-3)
+
+
+def bits(t):
+    """t's bit pattern (NaN-proof equality)."""
+    t = t.detach().cpu().contiguous()
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_bitwise(ours, theirs, what):
+    differ = bits(ours) != bits(theirs)
+    assert not differ.any(), (f"{what}: {int(differ.sum())} of {differ.numel()} elements differ from torch's "
+                              f"(first at flat index {int(differ.flatten().nonzero()[0])})")
+
+
+def _bitwise_step(module, opt_name, seed):
+    """One optimizer step on sum(weight * R), R multiples of 1/8 in [-1, 1]."""
+    opt = (torch.optim.SGD(module.parameters(), lr=0.1) if opt_name == "SGD"
+           else torch.optim.Adam(module.parameters(), lr=1e-3, eps=1e-3))
+    gen = torch.Generator().manual_seed(seed)
+    r = (torch.randint(-8, 9, module.weight.shape, generator=gen) / 8).to(module.weight.device)
+    (module.weight.float() * r).sum().backward()
+    opt.step()
+    return module
+
+
+@pytest.mark.parametrize("opt_name", ["SGD", "Adam"])
+@pytest.mark.parametrize("dim", [0, 1, "last", -2, None], ids=str)
+@pytest.mark.parametrize("kind", list(BITWISE_LAYERS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_bitwise_equal_to_torch(backend, dtype, kind, dim, opt_name):
+    device = backend_device(backend)
+    base = BITWISE_LAYERS[kind]()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        base.weight.copy_(torch.randint(-16, 17, base.weight.shape, generator=gen) / 16)
+    base = base.to(dtype)
+    ndim = base.weight.dim()
+    if dim == "last":
+        dim = ndim - 1
+    elif dim == 1 and ndim == 2:
+        pytest.skip("dim 1 is the last dim of a Linear weight: the 'last' case")
+    fused = reference.weight_norm_fuses(torch_dim(dim, ndim), ndim)
+    ours = gk.weight_norm(copy.deepcopy(base), dim=dim, backend=backend).to(device)
+    if fused and device == "cpu":
+        if backend == "reference":
+            pytest.skip("the reference is the CPU's transcription of torch's CUDA kernel the kernels are held to")
+        theirs = gk.weight_norm(copy.deepcopy(base), dim=dim, backend="reference")
+    else:
+        theirs = parametrizations.weight_norm(copy.deepcopy(base), dim=dim).to(device)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert_bitwise(p, q, f"{name} at registration")
+    assert_bitwise(ours.weight, theirs.weight, "weight at registration")
+    _bitwise_step(ours, opt_name, 1)
+    _bitwise_step(theirs, opt_name, 1)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        if p.grad is None or q.grad is None:  # the bias: not in the loss
+            assert p.grad is None and q.grad is None, name
+        else:
+            assert_bitwise(p.grad, q.grad, f"{name}.grad")
+        assert_bitwise(p, q, f"{name} after one {opt_name} step")
+    if backend == "reference" or (dtype != torch.float32 and not fused):
+        assert_bitwise(ours.weight, theirs.weight, f"weight after one {opt_name} step")
+
+
+# ---- the whole tensor over many programs ----
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_whole_tensor_uses_many_programs(backend, dtype, monkeypatch):
+    """dim=None with several programs/blocks whose partial-sum loops iterate several times,
+    against the fp64 reference (and deterministic: two runs agree bitwise)."""
+    if backend == "triton":
+        from gannorm_kernels.triton import weight_norm as triton_wn
+        monkeypatch.setattr(triton_wn, "WHOLE_BLOCK", 64)
+        monkeypatch.setattr(triton_wn, "WHOLE_MAX_PROGRAMS", 3)
+        shape = (7, 11, 13)  # 1001 elements: 3 programs of 6 steps of 64
+        programs, chunk = triton_wn.whole_plan(1001)
+        assert programs == 3 and chunk // 64 >= 2
+    else:
+        # csrc/weight_norm.cu: blocks of 256 threads, >= 1024 elements a block: 5 blocks of
+        # 1024, each thread looping 4 times
+        shape = (5, 1000)
+    v, g, grad_w = make_inputs(shape, None, dtype, backend_device(backend))
+    ours = run(lambda v, g: gk.functional.weight_norm(v, g, None, backend=backend), v, g, grad_w)
+    again = run(lambda v, g: gk.functional.weight_norm(v, g, None, backend=backend), v, g, grad_w)
+    ref64 = run(lambda v, g: reference.weight_norm(v, g, -1), v.double(), g.double(), grad_w.double())
+    same = run(lambda v, g: reference.weight_norm(v, g, -1), v, g, grad_w)
+    scales = term_scales(v, g, grad_w, -1)
+    for what, a, b, r, s in zip(("w", "grad_v", "grad_g"), ours, again, ref64, same):
+        assert_close_to_reference(a, r, s, what, scale=scales[what])
+        assert_bitwise(a, b, f"{what}, run twice")

@@ -236,6 +236,11 @@ uint64_t warp_exchange(uint64_t bits, int src_lane) {
 void launch(dim3 grid, dim3 block, const std::function<void()>& block_body) {
   const int64_t n_blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
   const int64_t n_threads = static_cast<int64_t>(block.x) * block.y * block.z;
+  // A GPU's grid limits: x up to 2^31 - 1, y and z up to 65,535.
+  if (grid.y > 65535 || grid.z > 65535 || grid.x > 2147483647u) {
+    throw std::runtime_error("cuda_emu: grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+                             std::to_string(grid.z) + ") exceeds a GPU's limits (2^31 - 1, 65535, 65535)");
+  }
   if (n_blocks == 0) return;
   if (n_threads < 1 || n_threads > 1024) {
     throw std::runtime_error("cuda_emu: a block must have 1 to 1024 threads, got " +

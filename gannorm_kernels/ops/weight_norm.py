@@ -19,8 +19,11 @@ from . import below_autograd, define, differentiable_grads, no_double_backward
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def normalize_dim(dim: int | None, ndim: int) -> int:
-    """torch's convention: None and -1 mean the whole tensor; other negatives count from the end."""
+def torch_dim(dim: int | None, ndim: int) -> int:
+    """The dim as torch._weight_norm takes it, checked: None -> -1 (the whole tensor); other
+    negative dims stay negative, because torch rounds differently for them (it fuses only dim 0
+    and dim ndim - 1 written that way; see reference.weight_norm_fuses). The kernels take
+    this form."""
     if dim is None or dim == -1:
         return -1
     if not isinstance(dim, int) or isinstance(dim, bool):
@@ -28,11 +31,17 @@ def normalize_dim(dim: int | None, ndim: int) -> int:
     if not -ndim <= dim < ndim:
         raise IndexError(f"dim={dim} is out of range for a {ndim}-d weight "
                          f"(expected None, -1 or a dim in [{-ndim}, {ndim - 1}])")
-    return dim + ndim if dim < 0 else dim
+    return dim
+
+
+def normalize_dim(dim: int | None, ndim: int) -> int:
+    """torch's convention: None and -1 mean the whole tensor; other negatives count from the end."""
+    dim = torch_dim(dim, ndim)
+    return dim + ndim if dim < -1 else dim
 
 
 def _channels(shape, dim: int) -> int:
-    return 1 if dim == -1 else shape[dim]
+    return 1 if dim == -1 else shape[dim % len(shape)]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -40,7 +49,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_weight_norm_args(v, g, dim) -> int:
-    """Validates the arguments, naming the bad one; returns the normalised dim."""
+    """Validates the arguments, naming the bad one; returns the dim in torch's form (torch_dim)."""
     for name, t in (("v", v), ("g", g)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -50,10 +59,10 @@ def check_weight_norm_args(v, g, dim) -> int:
         raise TypeError(f"g must have v's dtype {v.dtype}, got {g.dtype}")
     if g.device != v.device:
         raise ValueError(f"g must be on v's device {v.device}, got {g.device}")
-    dim = normalize_dim(dim, v.dim())
+    dim = torch_dim(dim, v.dim())
     channels = _channels(v.shape, dim)
     if g.numel() != channels:
-        where = "the whole tensor" if dim == -1 else f"dim {dim} of v {tuple(v.shape)}"
+        where = "the whole tensor" if dim == -1 else f"dim {dim % v.dim()} of v {tuple(v.shape)}"
         raise ValueError(f"g must have one element per channel of {where} ({channels}), "
                          f"got shape {tuple(g.shape)}")
     return dim

@@ -13,21 +13,38 @@ _launches = 0
 _recording = None
 
 
+def device_guard(device: torch.device):
+    """Makes `device` the current CUDA device for a launch (Triton launches on the current
+    device: tensors on cuda:1 while cuda:0 is current would otherwise run on cuda:0). A no-op
+    for CPU (interpreter) and meta tensors."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _device_of(args) -> torch.device:
+    devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+    if len(devices) != 1:
+        raise ValueError(f"a Triton launch needs its tensors on one device, got {sorted(map(str, devices))}")
+    return devices.pop()
+
+
 def launch(kernel, grid, *args, **constexprs):
-    """Launches `kernel` on `grid`, counted for the launch-budget tests (inside
-    `record_launches()`: recorded instead, not run)."""
+    """Launches `kernel` on `grid` on its tensors' device, counted for the launch-budget tests
+    (inside `record_launches()`: recorded instead, not run)."""
     global _launches
     if _recording is not None:
         _recording.append((kernel, grid, args, constexprs))
         return
     _launches += 1
-    if INTERPRETED:
-        # The interpreter's host copies of the arguments are no GPU work: hide them from
-        # dispatch modes (the launch counter, torch.compile's fake tensors do not get here).
-        with _disable_current_modes():
+    with device_guard(_device_of(args)):
+        if INTERPRETED:
+            # The interpreter's host copies of the arguments are no GPU work: hide them from
+            # dispatch modes (the launch counter, torch.compile's fake tensors do not get here).
+            with _disable_current_modes():
+                kernel[grid](*args, **constexprs)
+        else:
             kernel[grid](*args, **constexprs)
-    else:
-        kernel[grid](*args, **constexprs)
 
 
 @contextlib.contextmanager
@@ -71,6 +88,41 @@ def matrix_offsets(i, j, h, B, OUTER: tl.constexpr):
         return (a * h + i) * B + (j - a * B)
     else:
         return i * B + j
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    # x (fp32, or fp64 for fp64 data) rounded to DTYPE's precision, to nearest even, and kept in
+    # x's type: torch's rounding of an fp16/bf16 op's result. bf16 by hand: the interpreter
+    # casts fp32 -> bf16 toward zero, compiled Triton to nearest; the rounded value is exactly
+    # representable, so the cast that stores it is exact either way. fp16 casts round to
+    # nearest in both. (No NaN/inf care: weights are finite.)
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    elif DTYPE == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def div_ieee(a, b):
+    # a / b rounded to nearest (Triton's fp32 `/` is approximate; fp64's is IEEE)
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def sqrt_ieee(x):
+    # sqrt rounded to nearest (tl.sqrt is approximate in fp32)
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
 
 
 @triton.jit

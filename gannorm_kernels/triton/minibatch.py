@@ -2,7 +2,10 @@
 pairwise L1-exp features, and the minibatch standard deviation. Nothing pairwise is ever
 materialised: memory stays linear in the batch.
 
-Features are (N, D) rows, M is (N, B, C), x is (N, C, H, W); all contiguous.
+Features are (N, D) rows, M is (N, B, C), x is (N, C, H, W); all contiguous: each launcher
+makes its tensor inputs contiguous, so a non-contiguous or channels_last input costs one copy
+(one more launch, n s bytes read and written) each way; the launch budgets are for contiguous
+inputs. Offsets are int32: inputs of 2^31 elements or more are refused with an error.
 - cosine: mean_{i != j} <f^_i, f^_j> = (||s||^2 - sum_i ||f^_i||^2) / (N (N - 1)) with
   f^ = f / max(||f||, eps) and s = sum_i f^_i: no pairs at all. Forward: _cosine_rows (row
   norms, per-program partial s) + _cosine_total (s, the penalty): 2 launches, O(N D) bytes.
@@ -13,6 +16,7 @@ Features are (N, D) rows, M is (N, B, C), x is (N, C, H, W); all contiguous.
   work, O(N D) bytes. Backward, one launch per (row block, column chunk of D): grad_i =
   -4 g / (2 h^2 N (N - 1)) sum_j k_ij (f_i - f_j); each program recomputes its k tiles, so the
   backward does D / BO times the forward's distance work in exchange for no N x N tensor.
+  Its (row block, column chunk) programs are one folded grid dim, so any D launches.
 - minibatch discrimination: o_ib = sum_{j != i} exp(-||M_ib - M_jb||_1): one launch per
   (row block, b). Backward, one launch: dM_ibc = -sum_{j != i} e_ijb (g_ib + g_jb)
   sign(M_ibc - M_jbc).
@@ -187,11 +191,14 @@ def _rbf_backward(
     grad_f_ptr,        # (N, D) out
     grad_penalty_ptr,  # (1,)
     f_ptr,             # (N, D)
-    N, D, bandwidth,
+    N, D, bandwidth, row_blocks,
     ACC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr, BO: tl.constexpr,
 ):
     scale = _rbf_scale(bandwidth, ACC)
-    pid_i, pid_o = tl.program_id(0), tl.program_id(1)
+    # one grid dim (2^31 - 1 programs; the second would stop at 65,535 column chunks, i.e.
+    # D = 2,097,120): program = column chunk * row_blocks + row block
+    pid = tl.program_id(0)
+    pid_i, pid_o = pid % row_blocks, pid // row_blocks
     i = pid_i * BI + tl.arange(0, BI)
     o = pid_o * BO + tl.arange(0, BO)
     o_mask = o < D
@@ -339,12 +346,22 @@ def _mbstd_backward(
             tl.store(grad_x_ptr + sample * C * HW + f * span + pos, grad.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
+def _int32_indexable(t, name):
+    # The kernels' offsets (row * D + d, program_id * BLOCK) are int32: refuse what would wrap,
+    # naming the argument (as the CUDA launchers do), instead of reading the wrong elements.
+    if t.numel() >= 2 ** 31:
+        raise ValueError(f"{name} has {t.numel()} elements; the Triton kernels index with 32-bit integers "
+                         "(at most 2^31 - 1)")
+    return t
+
+
 def _acc(t):
     return acc_dtype(t.dtype), torch_acc_dtype(t.dtype)
 
 
 def similarity_cosine_fwd(features, eps: float):
     """(penalty, s, norms) for (N, D) features, like torch.ops.gannorm_cuda.similarity_cosine_fwd."""
+    _int32_indexable(features, "features")
     features = features.contiguous()
     N, D = features.shape
     acc, acc_torch = _acc(features)
@@ -362,6 +379,7 @@ def similarity_cosine_fwd(features, eps: float):
 
 
 def similarity_cosine_bwd(grad_penalty, features, s, norms, eps: float):
+    _int32_indexable(features, "features")
     features = features.contiguous()
     N, D = features.shape
     grad = torch.empty_like(features)
@@ -373,6 +391,7 @@ def similarity_cosine_bwd(grad_penalty, features, s, norms, eps: float):
 
 def similarity_rbf_fwd(features, bandwidth: float):
     """The rbf penalty for (N, D) features, like torch.ops.gannorm_cuda.similarity_rbf_fwd."""
+    _int32_indexable(features, "features")
     features = features.contiguous()
     N, D = features.shape
     acc, acc_torch = _acc(features)
@@ -386,17 +405,20 @@ def similarity_rbf_fwd(features, bandwidth: float):
 
 
 def similarity_rbf_bwd(grad_penalty, features, bandwidth: float):
+    _int32_indexable(features, "features")
     features = features.contiguous()
     N, D = features.shape
     grad = torch.empty_like(features)
-    launch(_rbf_backward, (triton.cdiv(N, _PAIR_BLOCK), triton.cdiv(D, _FEATURE_BLOCK)), grad, grad_penalty,
-           features, N, D, bandwidth, ACC=_acc(features)[0], BI=_PAIR_BLOCK,
+    row_blocks = triton.cdiv(N, _PAIR_BLOCK)
+    launch(_rbf_backward, (row_blocks * triton.cdiv(D, _FEATURE_BLOCK),), grad, grad_penalty,
+           features, N, D, bandwidth, row_blocks, ACC=_acc(features)[0], BI=_PAIR_BLOCK,
            BJ=_PAIR_BLOCK, BD=_FEATURE_BLOCK, BO=_FEATURE_BLOCK)
     return grad
 
 
 def minibatch_discrimination_fwd(m):
     """o (N, B) for M (N, B, C), like torch.ops.gannorm_cuda.minibatch_discrimination_fwd."""
+    _int32_indexable(m, "m")
     m = m.contiguous()
     N, B, C = m.shape
     o = torch.empty((N, B), dtype=m.dtype, device=m.device)
@@ -407,6 +429,7 @@ def minibatch_discrimination_fwd(m):
 
 
 def minibatch_discrimination_bwd(grad_o, m):
+    _int32_indexable(m, "m")
     m, grad_o = m.contiguous(), grad_o.contiguous()
     N, B, C = m.shape
     grad = torch.empty_like(m)
@@ -425,6 +448,7 @@ def _stddev_layout(x, group_size: int, num_channels: int):
 
 def minibatch_stddev_fwd(x, group_size: int, num_channels: int):
     """cat([x, stddev channels]) like torch.ops.gannorm_cuda.minibatch_stddev_fwd."""
+    _int32_indexable(x, "x")
     x = x.contiguous()
     N, C, HW, groups, G, F, span = _stddev_layout(x, group_size, num_channels)
     out = torch.empty((N, C + F, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device)
@@ -435,6 +459,7 @@ def minibatch_stddev_fwd(x, group_size: int, num_channels: int):
 
 
 def minibatch_stddev_bwd(grad_out, x, group_size: int, num_channels: int):
+    _int32_indexable(x, "x")
     x, grad_out = x.contiguous(), grad_out.contiguous()
     N, C, HW, groups, G, F, span = _stddev_layout(x, group_size, num_channels)
     grad = torch.empty_like(x)

@@ -1,0 +1,110 @@
+"""Non-contiguous and channels_last inputs, every op and backend, against the fp64 reference
+evaluated on the same view. The launchers make their inputs contiguous (one documented copy
+each way, not in the launch budgets, which are for contiguous inputs); this holds that the
+copy is there and that each backend reads the view's elements, not its storage order."""
+
+import pytest
+import torch
+from helpers import ALL_BACKENDS, assert_close_to_reference, backend_device
+
+import gannorm_kernels as gk
+from gannorm_kernels import reference
+from gannorm_kernels.ops.minibatch import _discrimination
+
+# name -> (make the base tensor's shape, the view): the view is what the op sees
+VIEWS_2D = {
+    "transposed": ((9, 14), lambda t: t.t()),
+    "sliced": ((14, 19), lambda t: t[1:, ::2]),
+}
+VIEWS_4D = {
+    "channels_last": ((6, 4, 5, 3), lambda t: t.contiguous(memory_format=torch.channels_last)),
+    "sliced": ((6, 8, 5, 3), lambda t: t[:, ::2]),
+    "permuted": ((6, 5, 3, 4), lambda t: t.permute(0, 3, 1, 2)),
+}
+
+
+def grads_of(fn, base, view, grad_seed):
+    """fn(view(leaf)) and d/d leaf, with leaf a copy of base."""
+    leaf = base.detach().clone().requires_grad_()
+    out = fn(view(leaf))
+    outputs = out if isinstance(out, tuple) else (out,)
+    gen = torch.Generator().manual_seed(grad_seed)
+    grads = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype) for o in outputs]
+    torch.autograd.backward(outputs[:1], grads[:1])
+    return outputs[0].detach(), leaf.grad
+
+
+def check(backend, fn, shape, view, seed=0, scale=1.0):
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(seed)
+    base = (scale * torch.randn(shape, generator=gen, dtype=torch.float64)).to(device, torch.float32)
+    assert not view(base).is_contiguous()
+    ours = grads_of(lambda t: fn(t, backend), base, view, 1)
+    ref64 = grads_of(lambda t: fn(t, "reference"), base.double(), view, 1)
+    same = grads_of(lambda t: fn(t, "reference"), base, view, 1)
+    for what, a, r, s in zip(("value", "grad"), ours, ref64, same):
+        # the terms each output sums are of the size of the reference's largest gradient/value
+        assert_close_to_reference(a, r, s, what, scale=max(r.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("dim", [0, 1, None], ids=str)
+@pytest.mark.parametrize("layout", list(VIEWS_2D) + [f"4d-{k}" for k in VIEWS_4D])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_weight_norm_views(backend, layout, dim):
+    shape, view = VIEWS_4D[layout[3:]] if layout.startswith("4d-") else VIEWS_2D[layout]
+    channels = None if dim is None else view(torch.empty(shape)).shape[dim]
+
+    def fn(v, name):
+        g = torch.linspace(0.5, 1.5, channels or 1, dtype=v.dtype, device=v.device)
+        g = g.reshape(()) if dim is None else g.reshape([-1 if i == dim else 1 for i in range(v.dim())])
+        return gk.functional.weight_norm(v, g, dim, backend=name)
+
+    check(backend, fn, shape, view)
+
+
+@pytest.mark.parametrize("layout", list(VIEWS_2D) + [f"4d-{k}" for k in VIEWS_4D])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_spectral_norm_views(backend, layout):
+    shape, view = VIEWS_4D[layout[3:]] if layout.startswith("4d-") else VIEWS_2D[layout]
+    w_shape = view(torch.empty(shape)).shape
+    h, w = w_shape[0], w_shape[1:].numel()
+    gen = torch.Generator().manual_seed(5)
+    u0 = torch.nn.functional.normalize(torch.randn(h, generator=gen), dim=0)
+    v0 = torch.nn.functional.normalize(torch.randn(w, generator=gen), dim=0)
+
+    def fn(weight, name):
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        u, v = u0.to(weight.device, acc).clone(), v0.to(weight.device, acc).clone()
+        return gk.functional.spectral_norm(weight, u, v, 0, 1, 1e-12, True, backend=name)
+
+    check(backend, fn, shape, view)
+
+
+@pytest.mark.parametrize("kernel", ["cosine", "rbf"])
+@pytest.mark.parametrize("layout", list(VIEWS_2D) + [f"4d-{k}" for k in VIEWS_4D])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_similarity_views(backend, layout, kernel):
+    shape, view = VIEWS_4D[layout[3:]] if layout.startswith("4d-") else VIEWS_2D[layout]
+    bandwidth = 4.0
+    check(backend, lambda f, name: gk.functional.pairwise_similarity_penalty(f, kernel, bandwidth, backend=name),
+          shape, view, scale=0.5)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_minibatch_discrimination_views(backend, layout):
+    # M (N, B, C) as the layer's matmul would not give it: a permuted or sliced view
+    shape, view = {"transposed": ((3, 6, 5), lambda t: t.permute(1, 0, 2)),
+                   "sliced": ((6, 3, 10), lambda t: t[:, :, ::2])}[layout]
+
+    def fn(m, name):
+        return reference.minibatch_discrimination_features(m) if name == "reference" else _discrimination(m, name)[0]
+
+    check(backend, fn, shape, view, scale=0.3)
+
+
+@pytest.mark.parametrize("layout", list(VIEWS_4D))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_minibatch_stddev_views(backend, layout):
+    shape, view = VIEWS_4D[layout]
+    check(backend, lambda x, name: gk.functional.minibatch_stddev(x, 2, 1, backend=name), shape, view)
