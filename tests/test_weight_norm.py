@@ -469,6 +469,27 @@ def test_functional_argument_errors():
         gk.weight_norm(nn.Linear(2, 2), dim=-3)
 
 
+# ---- bitwise torch's: the weights, and the parameters after an optimizer step ----
+# torch._weight_norm takes its fused kernel for dim 0 and dim v.dim() - 1 as written, and the
+# composite v * (g / norm_except_dim(v, 2, dim)) for every other dim (a middle one, negative
+# ones, None), whose ops each round to the weight's dtype. Ours round at the same points; only
+# the order of their fp32 sums is their own. So the weights here are multiples of 1/16 in
+# [-1, 1] and the upstream gradient multiples of 1/8: every sum of squares and of
+# grad_w * v is then exact in fp32 whatever its order, and each backend must equal torch
+# bitwise at registration, in both gradients and in the parameters after one step. The
+# weight after the step comes from inexact sums: it is compared too where the sums' order
+# cannot show (the reference, which runs torch's own ops; fp16/bf16 on the composite path,
+# which rounds the norm and the dot to the weight's dtype), and not for fp32 kernels nor the
+# fused path's fp32 intermediates (ours and torch's may differ there in the last bit).
+# torch's CPU fused kernel computes v * (g / n) where its CUDA kernel computes (g * v) * (1 / n);
+# ours follow CUDA. On a GPU the fused dims are checked against torch itself; on the CPU
+# against the reference's op-by-op transcription of torch's CUDA kernel (the only version of
+# that formula that runs here).
+BITWISE_LAYERS = {"Linear": lambda: nn.Linear(300, 70), "Conv2d": lambda: nn.Conv2d(16, 24, 3),
+                  # dim 1 has only size-1 dims after it: composite all the same
+                  "Conv1x1": lambda: nn.Conv2d(40, 24, 1)}
+
+
 def bits(t):
     """t's bit pattern (NaN-proof equality)."""
     t = t.detach().cpu().contiguous()
