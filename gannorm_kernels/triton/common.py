@@ -11,6 +11,9 @@ from triton.runtime.interpreter import InterpretedFunction
 
 _launches = 0
 _recording = None
+# The arguments of the interpreted launch running now: the memory its loads and stores may
+# touch (tests/triton_hazards.py checks every access against them).
+interpreted_launch_args = None
 
 
 def device_guard(device: torch.device):
@@ -32,7 +35,7 @@ def _device_of(args) -> torch.device:
 def launch(kernel, grid, *args, **constexprs):
     """Launches `kernel` on `grid` on its tensors' device, counted for the launch-budget tests
     (inside `record_launches()`: recorded instead, not run)."""
-    global _launches
+    global _launches, interpreted_launch_args
     if _recording is not None:
         _recording.append((kernel, grid, args, constexprs))
         return
@@ -41,8 +44,12 @@ def launch(kernel, grid, *args, **constexprs):
         if INTERPRETED:
             # The interpreter's host copies of the arguments are no GPU work: hide them from
             # dispatch modes (the launch counter, torch.compile's fake tensors do not get here).
-            with _disable_current_modes():
-                kernel[grid](*args, **constexprs)
+            interpreted_launch_args = args
+            try:
+                with _disable_current_modes():
+                    kernel[grid](*args, **constexprs)
+            finally:
+                interpreted_launch_args = None
         else:
             kernel[grid](*args, **constexprs)
 
