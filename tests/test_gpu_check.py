@@ -58,13 +58,10 @@ def offline_env(bin_dir=None):
 
 
 def checkout_copy(tmp_path):
-    """The tracked and untracked (not ignored) files, without .venv or any build."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        if (ROOT / name).is_file():
-            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, tmp_path / name)
+    """The source tree without .venv, builds or caches (a fresh clone, as far as gpu-check sees)."""
+    ignore = shutil.ignore_patterns(".git", ".venv", "build", "*.so", "_build_info.py", "__pycache__", "*.egg-info",
+                                    ".pytest_cache", ".benchmarks", "demo_out", "results")
+    shutil.copytree(ROOT, tmp_path, ignore=ignore, dirs_exist_ok=True)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     return tmp_path
 

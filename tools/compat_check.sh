@@ -28,14 +28,20 @@ if [ ! -f "$DIR/venv/.installed" ]; then
     "$DIR/venv/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy pytest \
         pytest-benchmark ninja matplotlib tqdm pybind11 "setuptools>=70" wheel >> "$LOG" 2>&1 \
         || { tail -20 "$LOG"; say "FAIL: pip could not install torch==$TORCH_VERSION"; exit 1; }
+    # Triton before 3.7: its interpreter (TRITON_INTERPRET=1, how the CPU suite runs the Triton
+    # kernels) calls int() on 1-element arrays, an error since numpy 2.4: pin numpy below it.
+    if "$DIR/venv/bin/python" -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) >= (3, 7))"; then
+        say "triton < 3.7: numpy<2.4 for its interpreter"
+        "$DIR/venv/bin/python" -m pip install -q --disable-pip-version-check "numpy<2.4" >> "$LOG" 2>&1
+    fi
     touch "$DIR/venv/.installed"
 fi
 PY=$DIR/venv/bin/python
-say "$("$PY" -c 'import sys, torch, triton; print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}")')"
+say "$("$PY" -c 'import sys, numpy, torch, triton; print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, numpy {numpy.__version__}")')"
 
 say "copying the working tree to $DIR/src"
 rm -rf "$DIR/src.new"; mkdir -p "$DIR/src.new"
-(cd "$ROOT" && git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$DIR/src.new")
+(cd "$ROOT" && git ls-files -co --exclude-standard -z | xargs -0 cp -p --parents -t "$DIR/src.new")
 # keep the previous copy's object files, so a rerun compiles only what changed
 if [ -d "$DIR/src/build" ]; then mv "$DIR/src/build" "$DIR/src.new/build"; fi
 rm -rf "$DIR/src"; mv "$DIR/src.new" "$DIR/src"
@@ -50,7 +56,8 @@ PATHS="tests"
 if [ "${COMPAT_BENCH:-1}" = 1 ]; then PATHS="tests bench --benchmark-disable"; fi
 say "running pytest $PATHS"
 set +e
-(cd "$DIR/src" && "$PY" -m pytest -q -p no:cacheprovider $PATHS >> "$LOG" 2>&1)
+# built in place, not installed: the examples the tests run as scripts find the package this way
+(cd "$DIR/src" && PYTHONPATH="$DIR/src" "$PY" -m pytest -q -p no:cacheprovider $PATHS >> "$LOG" 2>&1)
 status=$?
 set -e
 tail -25 "$LOG" | grep -E "passed|failed|error|FAILED|ERROR" || true
