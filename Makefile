@@ -12,7 +12,7 @@ export CUDA_HOME
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh csrc/emu/*)
 PYTEST_FLAGS ?= -q
 
-.PHONY: all setup build test demo bench cmake-check static-check gpu-check asan-emu clean
+.PHONY: all setup build test demo bench cmake-check static-check gpu-check compat-check asan-emu clean
 
 all: test
 
@@ -66,16 +66,45 @@ bench: build
 	else $(PY) bench/report.py build/bench.json --out-dir build/bench-results; \
 	echo "make bench: no GPU here, so these are CPU timings of the reference and emulated paths; GPU numbers need a GPU (make gpu-check)"; fi
 
-# On a CUDA machine: build, every test (the cuda and triton backends on the GPU), benchmarks,
-# results under bench/results/ with the GPU's name and the commit.
-gpu-check: setup
-	@if [ "$(HAS_GPU)" != 1 ]; then echo "make gpu-check: no CUDA GPU is visible here (torch.cuda.is_available() is False); run it on a CUDA machine"; exit 1; fi
-	$(MAKE) build
-	$(PY) -m gannorm_kernels.info
-	$(PY) -m gannorm_kernels.static_check --skip-triton --output build/static_check_cuda.md
-	$(PY) -m pytest $(PYTEST_FLAGS) tests
-	$(PY) -m pytest -q bench --benchmark-json=build/bench.json
-	$(PY) bench/report.py build/bench.json --out-dir bench/results
+# ---------------------------------------------------------------------------------------------
+# make gpu-check [STAGE=build|test|sanitize|bench] [GPU_CHECK_PYTHON=python3] [GPU_CHECK_OUT=dir]
+#
+# The GPU verdict, made for the GPU machines as they are: offline, Python 3.12 with torch,
+# triton, nvcc and compute-sanitizer preinstalled, 10 minutes per call. Design:
+# - The interpreter: GPU_CHECK_PYTHON if given; else the python3 on PATH when there is no .venv
+#   and that python3 has a CUDA build of torch; else .venv (`make setup`, the development
+#   path, which may need the network). Nothing is pip-installed on the first two paths.
+# - No GPU: tools/gpu_check.py says so and exits 2 before building or writing anything.
+# - Build: `setup.py build_ext --inplace` with TORCH_CUDA_ARCH_LIST set to the GPU present
+#   (torch.cuda.get_device_capability()), MAX_JOBS = cores; the .so files stay in
+#   gannorm_kernels/ for the later stages, the objects in build/temp.
+# - Stages as separate calls share the build and GPU_CHECK_OUT (default
+#   bench/results/<gpu>-<commit>/, at most 8 files of at most 16 MB: environment.json,
+#   build.log, tests.xml, tests.txt, sanitizer.txt, bench.json, bench.md, bench.png).
+#   No STAGE: all four in one call (aimed at < 8 minutes on 16 cores).
+# - `make gpu-check DRY_RUN=1` prints each stage's commands for a pretended sm_90 device.
+# tools/gpu_check.py holds the details; tests/test_gpu_check.py runs this target offline.
+STAGE ?= all
+GPU_CHECK_PYTHON ?=
+GPU_CHECK_OUT ?=
+
+gpu-check:
+	@py="$(GPU_CHECK_PYTHON)"; \
+	if [ -z "$$py" ]; then \
+	  if [ ! -e $(VENV) ] && python3 -c "import sys, torch; sys.exit(torch.version.cuda is None)" 2>/dev/null; then \
+	    py=python3; echo "make gpu-check: no .venv and python3 has a CUDA build of torch: using $$(command -v python3)"; \
+	  else $(MAKE) --no-print-directory setup && py="$(PY)"; fi; \
+	fi; \
+	"$$py" tools/gpu_check.py --stage "$(STAGE)" $(if $(GPU_CHECK_OUT),--out "$(GPU_CHECK_OUT)") $(if $(DRY_RUN),--dry-run)
+
+# ---------------------------------------------------------------------------------------------
+# make compat-check TORCH=X.Y.Z: the CPU test suite against another torch (what
+# `pip install torch==X.Y.Z` gives, with the triton it pins) in its own venv under
+# build/compat-X.Y.Z/, on a copy of the working tree (the main build is untouched); the log
+# is build/compat-X.Y.Z/log. COMPAT_BENCH=0 leaves out the bench/ smoke run. Needs the network.
+compat-check:
+	@if [ -z "$(TORCH)" ]; then echo "usage: make compat-check TORCH=2.11.0"; exit 2; fi
+	PYTHON=$(PYTHON) tools/compat_check.sh $(TORCH)
 
 clean:
 	rm -rf build gannorm_kernels/*.so gannorm_kernels/_build_info.py *.egg-info $(VENV)/.built

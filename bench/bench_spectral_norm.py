@@ -1,5 +1,6 @@
-"""Spectral norm against torch.nn.utils.parametrizations.spectral_norm on GAN discriminator
-layers: a training forward (power iteration, sigma, W / sigma), training forward+backward, and
+"""Spectral norm against torch.nn.utils.parametrizations.spectral_norm, eager and, on a GPU, under
+torch.compile (inductor traces torch's parametrization fullgraph and fuses it: the real
+competitor), on GAN discriminator layers: a training forward (power iteration, sigma, W / sigma), training forward+backward, and
 an eval forward (sigma recomputed from the weight and buffers, as torch does), for every backend that runs on this device.
 
 Each row's extra_info carries the measured launch count and the bytes the kernels move
@@ -9,7 +10,8 @@ G twice and W once and writes dW; eval reads W twice and writes W / sigma).
 
 import pytest
 import torch
-from gan_layers import DEVICE, DTYPES, LAYERS, describe, layer_id, synchronize
+from gan_layers import COMPETITORS, DEVICE, DTYPES, LAYERS, describe, gpu_kernels, layer_id, skip_compile_case, \
+    synchronize
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -17,7 +19,7 @@ import gannorm_kernels as gk
 from gannorm_kernels import backends, perf_model
 from gannorm_kernels.launches import count_launches
 
-BACKENDS = ["torch"] + [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
+BACKENDS = COMPETITORS + [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
 MODES = ["train-forward", "train-forward+backward", "eval-forward"]
 
 
@@ -32,7 +34,7 @@ def layer_with_weight(shape, dtype, backend):
     holder = nn.Module()
     holder.weight = nn.Parameter(torch.randn(shape, dtype=dtype))
     holder = holder.to(DEVICE)
-    if backend == "torch":
+    if backend in ("torch", "torch-compile"):
         return parametrizations.spectral_norm(holder)
     return gk.spectral_norm(holder, backend=backend)
 
@@ -42,24 +44,32 @@ def layer_with_weight(shape, dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_spectral_norm(benchmark, mode, backend, layer, dtype):
+    skip_compile_case(backend, layer, dtype)
     module = layer_with_weight(layer[2], dtype, backend)
     if mode == "eval-forward":
         module.eval()
+    get_weight = (lambda: module.weight)
+    if backend == "torch-compile":
+        get_weight = torch.compile(get_weight, fullgraph=True, dynamic=False)
     grad = torch.randn(layer[2], dtype=dtype, device=DEVICE)
     backward = mode == "train-forward+backward"
 
     def step():
-        weight = module.weight
+        weight = get_weight()
         if backward:
             weight.backward(grad)
         synchronize()
         return weight
 
-    step()  # warm-up
-    with count_launches() as launches:
-        weight = step()
+    step()  # warm-up (and, for torch-compile, the compilation)
+    if backend == "torch-compile":  # the dispatcher-level count cannot see inside the graph
+        launches, weight = None, step()
+    else:
+        with count_launches() as counted:
+            weight = step()
+        launches = counted.total
     describe(benchmark, "spectral_norm", mode, backend, layer_id(layer), layer[2], dtype, cost(mode, layer[2], dtype),
-             launches.total)
+             launches, kernels=gpu_kernels(step))
     benchmark(step)
     assert torch.isfinite(weight).all()
 

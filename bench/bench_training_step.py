@@ -3,6 +3,11 @@ backward, Adam step) with torch's own spectral or weight norm on every layer, ag
 model passed through gannorm_kernels.convert with each backend: what a user sees after the
 one-line switch. The convolutions are cuDNN's in both, so the difference is the norms' share.
 
+On a GPU each step runs three ways, torch's and ours alike: eager; the network under
+torch.compile (inductor; DCGAN only, torch's and the cuda backend's: each costs a compilation of
+forward and backward); and the whole step (both forwards, backward, a capturable Adam) captured
+in one CUDA graph and replayed. Each row compares ours with torch's run the same way.
+
 Discriminators: DCGAN 64x64 (ndf 64, batch 64) and the SNGAN CIFAR "standard CNN" (batch 64) on a
 GPU; on a CPU a DCGAN at ndf 4, batch 2 as a smoke test. No lower bound: the perf model covers
 the norm kernels, not the convolutions.
@@ -10,7 +15,7 @@ the norm kernels, not the convolutions.
 
 import pytest
 import torch
-from gan_layers import DEVICE, describe, peak_memory, synchronize
+from gan_layers import DEVICE, describe, gpu_kernels, peak_memory, synchronize
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -43,6 +48,9 @@ MODELS = {"dcgan64": (lambda: dcgan64(64), 64), "sngan-cifar-cnn": (sngan_cifar_
     else {"dcgan64-ndf4": (lambda: dcgan64(4), 2)}
 
 
+VARIANTS = ["eager", "compile", "cudagraph"] if DEVICE == "cuda" else ["eager"]
+
+
 def discriminator(model, norm, backend):
     torch.manual_seed(0)
     net, image = MODELS[model][0]()
@@ -56,29 +64,63 @@ def discriminator(model, norm, backend):
     return net, image
 
 
+def graphed(step, warmup=3):
+    """The step captured in a CUDA graph (after warm-up on a side stream, as torch's docs do);
+    returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def replay():
+        graph.replay()
+        synchronize()
+    return replay
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", ["spectral", "weight"])
-def test_discriminator_step(benchmark, norm, backend, model):
+def test_discriminator_step(benchmark, norm, backend, model, variant):
+    if variant == "compile" and (model != "dcgan64" or backend not in ("torch", "cuda")):
+        pytest.skip("compiled: DCGAN with torch's norms and the cuda backend only (compilation time)")
     net, image = discriminator(model, norm, backend)
     batch = MODELS[model][1]
     gen = torch.Generator().manual_seed(1)
     real = torch.randn(batch, *image, generator=gen).to(DEVICE)
     fake = torch.randn(batch, *image, generator=gen).to(DEVICE)
-    optimizer = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.0, 0.9))
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.0, 0.9), capturable=variant == "cudagraph")
+    forward = torch.compile(net) if variant == "compile" else net
 
-    def step():
+    def loss_and_update():
         optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.softplus(-net(real)).mean() + nn.functional.softplus(net(fake)).mean()
+        loss = nn.functional.softplus(-forward(real)).mean() + nn.functional.softplus(forward(fake)).mean()
         loss.backward()
         optimizer.step()
+        return loss
+
+    def step():
+        loss = loss_and_update()
         synchronize()
         return loss
 
-    step()  # warm-up: Adam's state, cuDNN's algorithm choice
-    with count_launches() as launches:
-        loss = step()
-    describe(benchmark, "discriminator_step", f"{norm} norm", backend, model, (batch, *image), torch.float32, None,
-             launches.total, peak_memory(step))
+    step()  # warm-up: Adam's state, cuDNN's algorithm choice, the compilation
+    if variant == "cudagraph":
+        step = graphed(loss_and_update)
+    if variant == "eager":
+        with count_launches() as counted:
+            loss = step()
+        launches = counted.total
+    else:  # the dispatcher-level count cannot see into a compiled graph or a CUDA graph
+        launches, loss = None, step()
+    mode = f"{norm} norm" + ("" if variant == "eager" else f", {variant}")
+    describe(benchmark, "discriminator_step", mode, backend, model, (batch, *image), torch.float32, None,
+             launches, peak_memory(step), kernels=gpu_kernels(step))
     benchmark(step)
-    assert torch.isfinite(loss)
+    assert loss is None or torch.isfinite(loss)

@@ -1,5 +1,6 @@
-"""Weight norm against torch's own (`torch._weight_norm`) on GAN discriminator layers:
-forward and forward+backward, every backend that runs on this device.
+"""Weight norm against torch's own (`torch._weight_norm`, what its parametrization runs), eager
+and, on a GPU, under torch.compile (inductor), on GAN discriminator layers: forward and
+forward+backward, every backend that runs on this device.
 
 Each row's extra_info carries the measured launch count and the bytes the kernels move
 (gannorm_kernels.perf_model), so a GPU run can say how far each timing is from the hardware
@@ -9,19 +10,22 @@ limit (see gan_layers.py for the layers and the CPU smoke set).
 import pytest
 import torch
 
-from gan_layers import DEVICE, DTYPES, LAYERS, describe, layer_id, synchronize
+from gan_layers import COMPETITORS, DEVICE, DTYPES, LAYERS, describe, gpu_kernels, layer_id, skip_compile_case, \
+    synchronize
 
 from gannorm_kernels import backends, perf_model
 from gannorm_kernels.functional import weight_norm
 from gannorm_kernels.launches import count_launches
 
 DIMS = [0, 1]
-BACKENDS = ["torch"] + [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
+BACKENDS = COMPETITORS + [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
 
 
 def make_op(backend, dim):
     if backend == "torch":
         return lambda v, g: torch._weight_norm(v, g, dim)
+    if backend == "torch-compile":
+        return torch.compile(lambda v, g: torch._weight_norm(v, g, dim), fullgraph=True, dynamic=False)
     return lambda v, g: weight_norm(v, g, dim, backend=backend)
 
 
@@ -32,6 +36,7 @@ def make_op(backend, dim):
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 def test_weight_norm(benchmark, mode, backend, layer, dim, dtype):
     shape = layer[2]
+    skip_compile_case(backend, layer, dtype)
     if dim >= len(shape):
         pytest.skip("no such dim")
     gen = torch.Generator().manual_seed(0)
@@ -49,12 +54,17 @@ def test_weight_norm(benchmark, mode, backend, layer, dim, dtype):
         synchronize()
         return w
 
-    with count_launches() as launches:
-        w = step()
+    if backend == "torch-compile":
+        step()  # compiles
+        launches, w = None, step()
+    else:
+        with count_launches() as counted:
+            w = step()
+        launches = counted.total
     cost = perf_model.weight_norm(shape, dtype, dim)
     if backward:
         cost = cost + perf_model.weight_norm(shape, dtype, dim, backward=True)
     describe(benchmark, "weight_norm", f"{mode} dim {dim}", backend, layer_id(layer), shape, dtype, cost,
-             launches.total)
+             launches, kernels=gpu_kernels(step))
     benchmark(step)
     assert torch.isfinite(w).all()

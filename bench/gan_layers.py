@@ -12,6 +12,17 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMOKE_LAYERS = [GAN_LAYERS[0], GAN_LAYERS[5]]
 LAYERS = GAN_LAYERS if DEVICE == "cuda" else SMOKE_LAYERS
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
+# torch.compile (inductor) of torch's own op is the competitor users would reach for; each case
+# costs a compilation (seconds), so it runs on a GPU only, in fp32, on one layer per model.
+COMPILE_LAYERS = {("dcgan64", "conv3"), ("sngan-cifar", "block.conv"), ("biggan128", "block4.conv")}
+COMPETITORS = ["torch", "torch-compile"] if DEVICE == "cuda" else ["torch"]
+
+
+def skip_compile_case(backend, layer, dtype):
+    """The compiled competitor only where it is timed (see COMPILE_LAYERS)."""
+    import pytest
+    if backend == "torch-compile" and ((layer[0], layer[1]) not in COMPILE_LAYERS or dtype != torch.float32):
+        pytest.skip("torch.compile is timed in fp32 on one layer per model (compilation time)")
 
 
 def layer_id(layer):
@@ -27,18 +38,57 @@ def device_name():
     return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
 
 
-def describe(benchmark, op, mode, backend, workload, shape, dtype, cost, launches, peak_bytes=None):
-    """extra_info of a row: what ran, its measured launches, the modelled bytes, flops and
-    bound (cost None: not modelled), and (on a GPU) the peak memory it allocated."""
+_LAUNCH_SECONDS = []
+
+
+def launch_seconds():
+    """The measured cost of one small kernel launch on this GPU (back-to-back launches of a
+    one-element add, timed with CUDA events), measured once per process; None on a CPU."""
+    if DEVICE != "cuda":
+        return None
+    if not _LAUNCH_SECONDS:
+        x = torch.zeros(1, device="cuda")
+        for _ in range(100):
+            x.add_(1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(2000):
+            x.add_(1)
+        end.record()
+        end.synchronize()
+        _LAUNCH_SECONDS.append(start.elapsed_time(end) / 1e3 / 2000)
+    return _LAUNCH_SECONDS[0]
+
+
+def gpu_kernels(step):
+    """GPU kernels one call of step runs, counted by torch.profiler (memcpy/memset left out):
+    what the dispatcher-level count cannot see inside an inductor graph. None on a CPU."""
+    if DEVICE != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA
+               and not event.name.startswith(("Memcpy", "Memset")))
+
+
+def describe(benchmark, op, mode, backend, workload, shape, dtype, cost, launches, peak_bytes=None, kernels=None):
+    """extra_info of a row: what ran, its measured launches (dispatcher-level count; None where
+    it cannot see, as inside a compiled graph), the GPU kernels the profiler saw, the modelled
+    bytes, flops and bound (cost None: not modelled; launches priced at the measured launch
+    cost), and (on a GPU) the peak memory it allocated."""
     from gannorm_kernels import perf_model
 
     bandwidth = perf_model.peak_bandwidth(device_name()) if DEVICE == "cuda" else None
     flops = perf_model.peak_fp32(device_name()) if DEVICE == "cuda" else None
+    latency = launch_seconds()
+    bound = cost.lower_bound_seconds(bandwidth, flops, latency) * 1e6 if bandwidth and cost else None
     benchmark.extra_info.update(
         op=op, mode=mode, backend=backend, layer=workload, shape=list(shape), dtype=str(dtype),
-        launches=launches, bytes=cost and cost.bytes, flops=cost and cost.flops, device=device_name(),
-        peak_bytes=peak_bytes,
-        bound_us=cost.lower_bound_seconds(bandwidth, flops) * 1e6 if bandwidth and cost else None)
+        launches=launches, gpu_kernels=kernels, bytes=cost and cost.bytes, flops=cost and cost.flops,
+        device=device_name(), peak_bytes=peak_bytes, launch_us=latency and latency * 1e6, bound_us=bound)
 
 
 def peak_memory(step):

@@ -1,7 +1,9 @@
 """Turns a pytest-benchmark JSON file into bench/results/<device>-<commit>.json, a markdown
 table and a PNG chart beside it: per op, mode, layer and dtype, each backend's mean time, its
-speedup over torch's own op (or the naive formulation) and its fraction of the lower bound
-(gannorm_kernels.perf_model).
+speedup over torch's own op (or the naive formulation), over torch.compile of torch's op where
+that ran (GPU), and its fraction of the lower bound (gannorm_kernels.perf_model); the launches
+column gives the dispatcher-level launch count and, on a GPU, the kernels the profiler saw
+(`gpu N`: for torch-compile, the kernels inductor generated).
 
 Usage: python bench/report.py RAW.json [--out-dir bench/results]
 """
@@ -14,7 +16,8 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
-BACKEND_ORDER = ["torch", "cuda", "triton", "cuda-emu", "reference"]
+BACKEND_ORDER = ["torch", "torch-compile", "cuda", "triton", "cuda-emu", "reference"]
+COMPETITORS = ("torch", "torch-compile")
 
 
 def commit() -> str:
@@ -26,15 +29,15 @@ def commit() -> str:
 
 
 def table(data):
-    """{(op, mode, layer, dtype): {backend: (mean us, bound us, launches, peak bytes)}}, device."""
+    """{(op, mode, layer, dtype): {backend: (mean us, bound us, launches, peak bytes, gpu kernels)}}, device."""
     rows = defaultdict(dict)
     device = "?"
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         device = info.get("device", device)
         key = (info["op"], info["mode"], info["layer"], info["dtype"].replace("torch.", ""))
-        rows[key][info["backend"]] = (bench["stats"]["mean"] * 1e6, info.get("bound_us"), info["launches"],
-                                      info.get("peak_bytes"))
+        rows[key][info["backend"]] = (bench["stats"]["mean"] * 1e6, info.get("bound_us"), info.get("launches"),
+                                      info.get("peak_bytes"), info.get("gpu_kernels"))
     return rows, device
 
 
@@ -65,32 +68,43 @@ def chart(data, path: Path) -> None:
     plt.close(fig)
 
 
+def launch_cell(cell) -> str:
+    launches, kernels = cell[2], cell[4]
+    if kernels is None:
+        return str(launches)
+    return f"gpu {kernels}" if launches is None else f"{launches} (gpu {kernels})"
+
+
 def markdown(data) -> str:
     rows, device = table(data)
     backends = [b for b in BACKEND_ORDER if any(b in r for r in rows.values())]
-    lines = [f"Device: {device}. Each cell: mean time in microseconds (speedup over torch's own op; lower "
-             "bound / mean, where the GPU's peaks are known; peak memory on a GPU); launches per call in the "
-             "last column. The minibatch ops compare with their naive formulation, the reference backend.", "",
+    lines = [f"Device: {device}. Each cell: mean time in microseconds (speedup over torch's own op; over "
+             "torch.compile of it, where that ran; lower bound / mean, where the GPU's peaks are known; peak memory "
+             "on a GPU); launches per call in the last column (`gpu N`: kernels the profiler saw, inductor's for "
+             "torch-compile). The minibatch ops compare with their naive formulation, the reference backend.", "",
              "| op | mode | layer | dtype | " + " | ".join(backends) + " | launches |",
              "| --- | --- | --- | --- | " + " | ".join("---" for _ in backends) + " | --- |"]
     for key in sorted(rows):
         cells = rows[key]
         torch_mean = cells.get("torch", (None,))[0]
+        compiled_mean = cells.get("torch-compile", (None,))[0]
         shown = []
         for backend in backends:
             if backend not in cells:
                 shown.append("")
                 continue
-            mean, bound, _, peak = cells[backend]
+            mean, bound, _, peak, _ = cells[backend]
             notes = []
             if torch_mean and backend != "torch":
                 notes.append(f"{torch_mean / mean:.2f}x")
+            if compiled_mean and backend not in COMPETITORS:
+                notes.append(f"{compiled_mean / mean:.2f}x vs compiled")
             if bound:
                 notes.append(f"{bound / mean:.2f} of bound")
             if peak is not None:
                 notes.append(f"peak {peak / 2 ** 20:.1f} MiB")
             shown.append(f"{mean:.1f}" + (f" ({', '.join(notes)})" if notes else ""))
-        launches = ", ".join(f"{b} {cells[b][2]}" for b in backends if b in cells)
+        launches = ", ".join(f"{b} {launch_cell(cells[b])}" for b in backends if b in cells)
         lines.append(f"| {' | '.join(map(str, key))} | " + " | ".join(shown) + f" | {launches} |")
     return "\n".join(lines) + "\n"
 
