@@ -84,6 +84,7 @@ __device__ __forceinline__ T warp_sum(T x) {
 template <typename T>
 __device__ __forceinline__ T block_sum(T x) {
   __shared__ T warp_totals[32];
+  GANNORM_POISON_SHARED(warp_totals);
   const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
   const int n_warps = (blockDim.x * blockDim.y * blockDim.z) / kWarpSize;
   x = warp_sum(x);

@@ -45,6 +45,7 @@ __global__ void cosine_rows_kernel(
     int N, int D, acc_t<scalar_t> eps) {
   using acc = acc_t<scalar_t>;
   __shared__ acc denominators[kRowsPerBlock];
+  GANNORM_POISON_SHARED(denominators);
   const int row = blockIdx.x * kRowsPerBlock + threadIdx.y;
   acc squares = 0;
   if (row < N) {
@@ -130,7 +131,9 @@ template <typename scalar_t>
 __device__ acc_t<scalar_t> tile_squared_distance(const scalar_t* __restrict__ f, int i0, int j0, int N, int D) {
   using acc = acc_t<scalar_t>;
   __shared__ acc rows_i[kTile][kChunk + 1];
+  GANNORM_POISON_SHARED(rows_i);
   __shared__ acc rows_j[kTile][kChunk + 1];
+  GANNORM_POISON_SHARED(rows_j);
   const int tid = threadIdx.x + kTile * threadIdx.y;
   acc squared = 0;
   for (int start = 0; start < D; start += kChunk) {
@@ -182,6 +185,7 @@ __global__ void rbf_backward_kernel(
     int N, int D, int row_blocks, acc_t<scalar_t> scale) {
   using acc = acc_t<scalar_t>;
   __shared__ acc k_tile[kTile][kTile + 1];
+  GANNORM_POISON_SHARED(k_tile);
   // One grid dim, folded (gridDim.y stops at 65,535 column chunks, D = 2,097,120): block =
   // column chunk * row_blocks + row block.
   const int row_block = int(blockIdx.x % row_blocks), chunk = int(blockIdx.x / row_blocks);
@@ -248,6 +252,7 @@ __global__ void md_backward_kernel(
     int N, int B, int C) {
   using acc = acc_t<scalar_t>;
   __shared__ acc weights[kRowsPerBlock][kWarpSize];
+  GANNORM_POISON_SHARED(weights);
   const int i = blockIdx.x * kRowsPerBlock + threadIdx.y, b = blockIdx.y;
   if (i >= N) return;  // whole warps only; the barriers below are per warp
   const acc g_i = static_cast<acc>(grad_o[int64_t(i) * B + b]);

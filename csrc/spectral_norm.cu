@@ -69,6 +69,7 @@ __global__ void sn_rows_kernel(
     int h, int w, int B, int n_t_partials, acc_t<scalar_t> eps) {
   using acc = acc_t<scalar_t>;
   __shared__ acc row_values[kRowsPerBlock];
+  GANNORM_POISON_SHARED(row_values);
   acc v_denominator = 1;
   if (kVFromT) v_denominator = norm_denominator(block_sum_of(t_partials, n_t_partials), eps);
   const int i = blockIdx.x * kRowsPerBlock + threadIdx.y;
@@ -111,6 +112,7 @@ __global__ void sn_cols_kernel(
     int h, int w, int B, int n_x_partials, acc_t<scalar_t> eps) {
   using acc = acc_t<scalar_t>;
   __shared__ acc partial[kColumnPhases][kWarpSize];
+  GANNORM_POISON_SHARED(partial);
   const acc u_denominator = norm_denominator(block_sum_of(x_partials, n_x_partials), eps);
   const int j = blockIdx.x * kWarpSize + threadIdx.x;
   acc sum = 0;

@@ -147,6 +147,7 @@ __global__ void weight_norm_fwd_cols_kernel(
     int A, int C) {
   using acc = acc_t<scalar_t>;
   __shared__ acc partial[kColumnRows][kWarpSize];
+  GANNORM_POISON_SHARED(partial);
   const int c = blockIdx.x * kWarpSize + threadIdx.x;
   const bool active = c < C;
   acc sumsq = 0;
@@ -249,6 +250,7 @@ __global__ void weight_norm_bwd_cols_kernel(
     int A, int C) {
   using acc = acc_t<scalar_t>;
   __shared__ acc partial[kColumnRows][kWarpSize];
+  GANNORM_POISON_SHARED(partial);
   const int c = blockIdx.x * kWarpSize + threadIdx.x;
   const bool active = c < C;
   acc dot = 0;
