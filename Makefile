@@ -12,7 +12,7 @@ export CUDA_HOME
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh csrc/emu/*)
 PYTEST_FLAGS ?= -q
 
-.PHONY: all setup build test demo bench cmake-check static-check gpu-check compat-check asan-emu clean
+.PHONY: all setup build test demo bench cmake-check static-check gpu-check compat-check asan-emu mutation-check clean
 
 all: test
 
@@ -44,6 +44,12 @@ cmake-check: $(VENV)/.requirements
 # itself when needed and runs every kernel under it in a subprocess with libasan preloaded).
 asan-emu: $(VENV)/.requirements
 	GANNORM_EMU_ASAN=1 $(PY) setup.py -q build_ext --build-lib build/asan
+
+# Plants the realistic kernel bugs of tools/mutation_check.py one at a time in a scratch copy
+# (build/mutation/) and runs the tests that should notice; table in build/mutation_check.md.
+# Not part of `make test`: about half an hour on 2 cores.
+mutation-check: build
+	$(PY) tools/mutation_check.py $(if $(ONLY),--only $(ONLY))
 
 # Every Triton kernel configuration compiled for sm_80/sm_90 and every CUDA kernel's resources:
 # fails on a spill or a kernel that no longer compiles.

@@ -1,0 +1,237 @@
+"""`make mutation-check`: plants realistic kernel bugs one at a time in a scratch copy of the
+tree and runs the tests that should notice. A bug the tests miss is a hole in the suite.
+
+Each mutation replaces one exact snippet (which must occur exactly once). C++ mutations rebuild
+the emulator in the scratch copy (the CUDA build is not needed: cuda-emu runs the same source).
+Before any mutation, every test selection runs once on the unmutated copy and must pass, so a
+"killed" can never come from a broken environment. Writes build/mutation_check.md.
+
+Usage: python tools/mutation_check.py [--only ID,ID] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRATCH = ROOT / "build" / "mutation" / "tree"
+PYTEST_TIMEOUT_S = 900
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    id: str
+    path: str
+    find: str
+    replace: str
+    tests: tuple  # pytest arguments: files and a -k expression
+    bug: str
+
+
+SN_TRITON = ("tests/test_spectral_norm.py", "tests/test_double_backward.py", "-k", "triton")
+SN_EMU = ("tests/test_spectral_norm.py", "tests/test_emulator.py", "-k", "cuda-emu or emulator")
+WN_TRITON = ("tests/test_weight_norm.py", "-k", "triton")
+WN_EMU = ("tests/test_weight_norm.py", "tests/test_emulator.py", "-k", "cuda-emu or emulator")
+MB_TRITON = ("tests/test_minibatch.py", "-k", "triton")
+MB_EMU = ("tests/test_minibatch.py", "tests/test_emulator.py", "-k", "cuda-emu or emulator")
+GLUE = ("tests/test_training_patterns.py", "tests/test_spectral_norm.py", "tests/test_double_backward.py",
+        "tests/test_backends.py", "tests/test_torch_parametrization.py", "-k", "not triton")
+
+MUTATIONS = [
+    # ---- Triton ----
+    Mutation("T1", "gannorm_kernels/triton/spectral_norm.py",
+             "u_denominator = tl.maximum(tl.sqrt(_sum_partials(x_partials_ptr, n_x_partials, BLOCK_P, ACC)), eps)",
+             "u_denominator = tl.sqrt(_sum_partials(x_partials_ptr, n_x_partials, BLOCK_P, ACC)) + eps",
+             SN_TRITON, "spectral norm column pass: max(norm, eps) became norm + eps"),
+    Mutation("T2", "gannorm_kernels/triton/spectral_norm.py",
+             "        grad = (g - c * projection) / denominator",
+             "        grad = (g + c * projection) / denominator",
+             SN_TRITON, "spectral norm backward: the projection's sign"),
+    Mutation("T3", "gannorm_kernels/triton/spectral_norm.py",
+             "        total += tl.load(ptr + offsets, mask=offsets < n, other=0.0).to(ACC)",
+             "        total += tl.load(ptr + offsets, mask=offsets <= n, other=0.0).to(ACC)",
+             SN_TRITON, "partial sums: mask off by one (reads one past the partials)"),
+    Mutation("T4", "gannorm_kernels/triton/spectral_norm.py",
+             "    for start in range(pid * BLOCK, numel, programs * BLOCK):\n        offsets = start + tl.arange(0, BLOCK)\n"
+             "        mask = offsets < numel\n        weight =",
+             "    for start in range(pid * 2 * BLOCK, numel, programs * BLOCK):\n        offsets = start + tl.arange(0, BLOCK)\n"
+             "        mask = offsets < numel\n        weight =",
+             SN_TRITON, "spectral norm scale pass: grid-stride loop starts at the wrong block"),
+    Mutation("T5", "gannorm_kernels/triton/minibatch.py",
+             "    denominator = tl.maximum(norm, eps)\n    for start in range(0, D, BLOCK_D):",
+             "    denominator = norm + eps\n    for start in range(0, D, BLOCK_D):",
+             MB_TRITON, "cosine penalty forward: max(norm, eps) became norm + eps"),
+    Mutation("T6", "gannorm_kernels/triton/minibatch.py",
+             "    return 1.0 / (2.0 * h * h)", "    return 1.0 / (h * h)",
+             MB_TRITON, "rbf kernel: the 2 in 2 bandwidth^2 dropped"),
+    Mutation("T7", "gannorm_kernels/triton/minibatch.py",
+             "        total += tl.where(mask, tl.sqrt(variance / G + 1e-8), 0.0)",
+             "        total += tl.where(mask, tl.sqrt(variance / G), 0.0)",
+             MB_TRITON, "minibatch stddev: the 1e-8 under the root dropped"),
+    Mutation("T8", "gannorm_kernels/triton/weight_norm.py",
+             "    tl.store(norms_ptr + c, norm, mask=c_mask)",
+             "    tl.store(norms_ptr + c, norm)",
+             WN_TRITON, "weight norm columns: the norms' store unmasked (writes past the end)"),
+    Mutation("T9", "gannorm_kernels/triton/weight_norm.py",
+             "    safe = tl.where(norm > 0, norm, 1.0)  # zero direction: zero, not 0/0",
+             "    safe = norm  # zero direction: zero, not 0/0",
+             WN_TRITON, "weight norm rows: the zero-direction guard dropped"),
+    # ---- CUDA (run by cuda-emu) ----
+    Mutation("C1", "csrc/common.cuh",
+             "  __syncthreads();  // the previous call's readers are done with warp_totals\n",
+             "", SN_EMU, "block_sum: the barrier before warp_totals is reused, dropped"),
+    Mutation("C2", "csrc/common.cuh",
+             "  if (tid % kWarpSize == 0) warp_totals[tid / kWarpSize] = x;\n  __syncthreads();\n",
+             "  if (tid % kWarpSize == 0) warp_totals[tid / kWarpSize] = x;\n",
+             SN_EMU, "block_sum: the barrier between the writes and the reads of warp_totals dropped"),
+    Mutation("C3", "csrc/minibatch.cu",
+             "    for (int d = 0; d < kChunk; ++d) {", "    for (int d = 0; d <= kChunk; ++d) {",
+             MB_EMU, "rbf: reads the shared tile's padding column"),
+    Mutation("C4", "csrc/minibatch.cu",
+             "  for (int c = 0; c < C; ++c) l1 += ", "  for (int c = 0; c <= C; ++c) l1 += ",
+             MB_EMU, "minibatch discrimination: one element past each row (past the tensor on the last)"),
+    Mutation("C5", "csrc/minibatch.cu",
+             "    __syncthreads();  // the previous chunk is consumed\n", "",
+             MB_EMU, "rbf: the barrier before a tile is overwritten dropped"),
+    Mutation("C6", "csrc/minibatch.cu",
+             "    total += sqrt_acc(variance / acc(L.G) + acc(1e-8));",
+             "    total += sqrt_acc(variance / acc(L.G));",
+             MB_EMU, "minibatch stddev: the 1e-8 under the root dropped"),
+    Mutation("C7", "csrc/spectral_norm.cu",
+             "  return max_acc(sqrt_acc(sum_of_squares), eps);", "  return sqrt_acc(sum_of_squares) + eps;",
+             SN_EMU, "spectral norm: max(norm, eps) became norm + eps"),
+    Mutation("C8", "csrc/spectral_norm.cu",
+             "  const acc denominator = abs_acc(sigma) > eps ? sigma : eps;", "  const acc denominator = sigma;",
+             SN_EMU, "spectral norm scale: the tiny-sigma guard dropped"),
+    Mutation("C9", "csrc/weight_norm.cu",
+             "  acc sum = 0;\n  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {",
+             "  acc sum = 0;\n  for (int64_t i = begin + threadIdx.x; i <= end; i += blockDim.x) {",
+             WN_EMU, "whole-tensor weight norm partials: each block's range one element too long"),
+    Mutation("C10", "csrc/weight_norm.cu",
+             "  partial[threadIdx.y][threadIdx.x] = sumsq;\n  __syncthreads();\n",
+             "  partial[threadIdx.y][threadIdx.x] = sumsq;\n", WN_EMU,
+             "weight norm columns: the barrier between the partial sums and their reader dropped"),
+    # ---- Python glue ----
+    Mutation("P1", "gannorm_kernels/nn.py",
+             "weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, self.training,",
+             "weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, True,",
+             GLUE, "SpectralNorm: the power iteration also runs in eval"),
+    Mutation("P2", "gannorm_kernels/convert.py",
+             "dim=1, n_power_iterations=self.n_power_iterations, eps=self.eps,\n"
+             "                                  training=do_power_iteration, backend=self.backend)",
+             "dim=1, n_power_iterations=self.n_power_iterations, eps=self.eps,\n"
+             "                                  training=module.training or True, backend=self.backend)",
+             GLUE, "converted legacy spectral norm: iterates in eval and in remove_spectral_norm"),
+    Mutation("P3", "gannorm_kernels/ops/__init__.py",
+             "first = dict(zip(map(id, wrt), torch.autograd.grad(outputs, wrt, leaves[:n], create_graph=True,",
+             "first = dict(zip(map(id, wrt), torch.autograd.grad(outputs, wrt, leaves[:n], create_graph=False,",
+             GLUE, "double backward: the first derivative no longer differentiable"),
+    Mutation("P4", "gannorm_kernels/reference.py",
+             "    u_used = u.detach().to(compute).clone()", "    u_used = u.detach().to(compute)",
+             GLUE, "reference spectral norm: u used without a copy"),
+    Mutation("P5", "gannorm_kernels/ops/spectral_norm.py",
+             "                lambda w: reference.spectral_norm(w, u_used, v_used, dim, 1, eps, training=False)[0],",
+             "                lambda w: reference.spectral_norm(w, u_used, v_used, dim, 1, eps, training=True)[0],",
+             GLUE, "spectral norm double backward: differentiates a fresh power iteration"),
+]
+
+
+def copy_tree(dest: Path) -> None:
+    """The tracked and untracked-but-not-ignored files of the working tree."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    if dest.exists():
+        shutil.rmtree(dest)
+    for name in files:
+        source = ROOT / name
+        if source.is_file():
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def build(tree: Path, log) -> None:
+    env = dict(os.environ, GANNORM_NO_CUDA="1")
+    run = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, env=env,
+                         capture_output=True, text=True)
+    log.write(run.stdout + run.stderr)
+    if run.returncode:
+        raise RuntimeError(f"the scratch build failed (see {log.name})")
+
+
+def run_tests(tree: Path, tests, log) -> tuple[int, float]:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    start = time.monotonic()
+    try:
+        run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=tree,
+                             env=env, capture_output=True, text=True, timeout=PYTEST_TIMEOUT_S)
+        code, output = run.returncode, run.stdout[-3000:] + run.stderr[-2000:]
+    except subprocess.TimeoutExpired:
+        code, output = -1, "timed out"
+    log.write(f"$ pytest {' '.join(tests)} -> {code}\n{output}\n")
+    return code, time.monotonic() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", help="comma-separated mutation ids")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch tree")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if not args.only or m.id in args.only.split(",")]
+    (ROOT / "build").mkdir(exist_ok=True)
+    log_path = ROOT / "build" / "mutation_check.log"
+    with open(log_path, "w") as log:
+        print(f"mutation-check: {len(chosen)} mutations; scratch tree {SCRATCH}; log {log_path}")
+        copy_tree(SCRATCH)
+        build(SCRATCH, log)
+        check = subprocess.run([sys.executable, "-c", "import gannorm_kernels; print(gannorm_kernels.__file__)"],
+                               cwd=SCRATCH, env=dict(os.environ, PYTHONPATH=str(SCRATCH)), capture_output=True,
+                               text=True).stdout.strip()
+        if not check.startswith(str(SCRATCH)):
+            raise RuntimeError(f"the scratch tree's package is not the one imported ({check})")
+        for tests in tqdm(sorted({m.tests for m in chosen}), desc="baseline (unmutated)", unit="selection"):
+            code, _ = run_tests(SCRATCH, tests, log)
+            if code != 0:
+                raise RuntimeError(f"the unmutated tree fails {' '.join(tests)} (see {log_path})")
+        rows = []
+        for m in tqdm(chosen, desc="mutations", unit="bug"):
+            path = SCRATCH / m.path
+            original = path.read_text()
+            if original.count(m.find) != 1:
+                raise RuntimeError(f"{m.id}: the snippet occurs {original.count(m.find)} times in {m.path}")
+            log.write(f"\n==== {m.id}: {m.bug}\n")
+            path.write_text(original.replace(m.find, m.replace))
+            try:
+                native = m.path.startswith("csrc/")
+                if native:
+                    build(SCRATCH, log)
+                code, seconds = run_tests(SCRATCH, m.tests, log)
+            finally:
+                path.write_text(original)
+                if native:
+                    build(SCRATCH, log)
+            rows.append((m, "killed" if code != 0 else "SURVIVED", seconds))
+    killed = sum(r[1] == "killed" for r in rows)
+    lines = ["| id | where | planted bug | tests run | result |", "| --- | --- | --- | --- | --- |"]
+    for m, result, seconds in rows:
+        lines.append(f"| {m.id} | `{m.path}` | {m.bug} | `{' '.join(m.tests)}` | {result} ({seconds:.0f} s) |")
+    lines.append(f"\n{killed} of {len(rows)} killed ({100 * killed / len(rows):.0f}%).")
+    report = "\n".join(lines)
+    (ROOT / "build" / "mutation_check.md").write_text(report + "\n")
+    print(report)
+    if not args.keep:
+        shutil.rmtree(SCRATCH.parent, ignore_errors=True)
+    return 0 if killed == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
