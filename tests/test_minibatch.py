@@ -103,6 +103,22 @@ def test_cosine_zero_rows_follow_normalize(backend):
     torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cosine_eps_near_the_row_norms_fp64(backend):
+    """With eps as large as the rows' norms, F.normalize's max(||f||, eps) and ||f|| + eps
+    differ by up to 2x; in fp64."""
+    device = backend_device(backend)
+    f = (0.1 * drawn((9, 5), torch.float64, "cpu", seed=3)).to(device)
+    eps = 0.2  # the rows' norms are ~0.05 to 0.4
+    assert (f.norm(dim=1) < eps).any() and (f.norm(dim=1) > eps).any()
+    ours = value_and_grad(lambda t: F.pairwise_similarity_penalty(t, "cosine", eps=eps, backend=backend), f,
+                          torch.tensor(1.0, dtype=torch.float64, device=device))
+    ref = value_and_grad(lambda t: F.pairwise_similarity_penalty(t, "cosine", eps=eps, backend="reference"), f,
+                         torch.tensor(1.0, dtype=torch.float64, device=device))
+    for a, b in zip(ours, ref):  # 1e-6: Triton's eps is an fp32 scalar (see the spectral-norm twin)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
 def test_cosine_identity_is_the_naive_mean():
     f = drawn((9, 6), torch.float64, "cpu", seed=3)
     unit = nn.functional.normalize(f, dim=1)

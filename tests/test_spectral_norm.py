@@ -527,3 +527,34 @@ def test_complex_weights_as_torch(backend):
     assert sigma.is_complex()
     torch.testing.assert_close(sigma.abs().double(), torch.linalg.matrix_norm(w, ord=2), rtol=1e-4, atol=0)
     assert ours_auto(x).dtype == torch.cfloat
+
+
+@pytest.mark.parametrize("training, n", [(True, 1), (True, 2), (False, 1)])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_eps_near_the_norms_fp64(backend, training, n):
+    """With eps as large as the norms it guards, max(norm, eps) and norm + eps differ by up to
+    2x: every normalisation must be F.normalize's max(||x||, eps), in training and in eval, for
+    the matrix and the 1-D path; in fp64."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(5)
+    weight = (0.05 * torch.randn(6, 5, 3, generator=gen, dtype=torch.float64)).to(device)
+    u = nn.functional.normalize(torch.randn(6, generator=gen, dtype=torch.float64), dim=0).to(device)
+    v = nn.functional.normalize(torch.randn(15, generator=gen, dtype=torch.float64), dim=0).to(device)
+    grad = torch.randn(6, 5, 3, generator=gen, dtype=torch.float64).to(device)
+    eps = 0.2  # ||W v|| and ||W^T u|| are ~0.1 to 0.3 here
+    results = []
+    for name in (backend, "reference"):
+        w = weight.clone().requires_grad_()
+        uu, vv = u.clone(), v.clone()
+        out, sigma = gk.functional.spectral_norm(w, uu, vv, 0, n, eps, training, backend=name)
+        out.backward(grad)
+        vector = weight.flatten()[:7].clone().requires_grad_()
+        out_1d, sigma_1d = gk.functional.spectral_norm(vector, eps=0.3, backend=name)
+        out_1d.backward(torch.ones_like(out_1d))
+        results.append((out, sigma, uu, vv, w.grad, out_1d, sigma_1d, vector.grad))
+    norms = weight.reshape(6, -1) @ v
+    assert 0.5 * eps < norms.norm().item() < 2 * eps  # the guard and the norm are comparable
+    # 1e-6: Triton passes a float argument (eps) as an fp32 scalar, so its fp64 guard is eps
+    # rounded to fp32 (4e-8 relative here); the formulas this tells apart differ by up to 2x
+    for what, a, b in zip(("out", "sigma", "u", "v", "grad", "1-D out", "1-D sigma", "1-D grad"), *results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=lambda m: f"{what}: {m}")
