@@ -18,6 +18,7 @@ from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
 from . import backends
 from .nn import SpectralNorm, WeightNorm, spectral_norm, weight_norm
+from .ops import spectral_norm as spectral_norm_ops
 from .ops.spectral_norm import spectral_norm as spectral_norm_op
 from .ops.weight_norm import weight_norm as weight_norm_op
 
@@ -79,8 +80,11 @@ def convert(model: nn.Module, *, backend: str = "auto") -> nn.Module:
                       "nothing changed", stacklevel=2)
         return model
     backends.check_installed(backend)
-    for _, _, _, weight in plans:  # refuse before changing anything
-        backends.resolve(backend, weight.device)
+    for kind, _, _, weight in plans:  # refuse before changing anything
+        if weight.is_complex() and kind.endswith("spectral"):
+            spectral_norm_ops.complex_backend(backend)
+        else:
+            backends.resolve(backend, weight.device)
     for kind, module, where, _ in plans:
         if kind == "legacy-weight":
             _convert_legacy_weight_norm(module, where, backend)
@@ -133,7 +137,7 @@ class LegacySpectralNormKernels(LegacySpectralNorm):
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
         weight = getattr(module, self.name + "_orig")
         matrix = self.reshape_weight_to_matrix(weight)  # (h, w); rows along self.dim
-        out, _ = spectral_norm_op(matrix, getattr(module, self.name + "_v"), getattr(module, self.name + "_u"),
+        out, self.last_sigma = spectral_norm_op(matrix, getattr(module, self.name + "_v"), getattr(module, self.name + "_u"),
                                   dim=1, n_power_iterations=self.n_power_iterations, eps=self.eps,
                                   training=do_power_iteration, backend=self.backend)
         if self.dim == 0:
@@ -151,10 +155,14 @@ def _convert_legacy_spectral_norm(module: nn.Module, key, backend: str) -> None:
     hook = module._forward_pre_hooks[key]
     ours = LegacySpectralNormKernels(hook.name, hook.n_power_iterations, hook.dim, hook.eps, backend)
     _replace_legacy_spectral_hook(module, key, hook, ours)
+    with torch.no_grad():  # sigmas() has this layer's sigma before its first forward
+        ours.compute_weight(module, do_power_iteration=False)
 
 
 def _replace_legacy_spectral_hook(module: nn.Module, key, old, new) -> None:
-    """Puts `new` where `old` was: the forward pre-hook and the state-dict hooks that hold it."""
+    """Puts `new` where `old` was: the forward pre-hook and the state-dict hooks that hold it.
+    (torch's _WrappedHook around the load hook keeps a copy of the hook's attributes from
+    functools.update_wrapper, `fn` included; it calls the hook it wraps, whose `fn` is set here.)"""
     module._forward_pre_hooks[key] = new
     for hooks in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
         for entry in hooks.values():

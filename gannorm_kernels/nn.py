@@ -322,13 +322,18 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
 
 
 def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{qualified weight name: last sigma}`` for every :func:`spectral_norm` in ``model``.
+    """``{qualified weight name: last sigma}`` for every :func:`spectral_norm` in ``model``,
+    and every legacy ``torch.nn.utils.spectral_norm`` layer :func:`convert` took over.
 
     The sigmas are those the last forward computed (device tensors, no launch, no sync), or
-    the registration's before any forward; for 1-D weights, the norm they were divided by.
+    the registration's (conversion's) before any forward; for 1-D weights, the norm they were
+    divided by.
     """
     found = {}
     for module_name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if hasattr(hook, "last_sigma") and isinstance(getattr(hook, "name", None), str):  # converted legacy
+                found[f"{module_name}.{hook.name}" if module_name else hook.name] = hook.last_sigma
         if not parametrize.is_parametrized(module):
             continue
         for tensor_name, parametrizations in module.parametrizations.items():

@@ -8,7 +8,7 @@ a whole discriminator of our layers with the reference backend.
 
 import pytest
 import torch
-from helpers import ALL_BACKENDS, backend_device
+from helpers import ALL_BACKENDS, KERNEL_BACKENDS, backend_device
 from torch import nn
 
 import gannorm_kernels as gk
@@ -85,10 +85,10 @@ class AllOurLayers(nn.Module):
         return self.head(self.discrimination(features)).squeeze(1) + penalty
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_r1_step_through_every_layer_equals_the_reference(backend):
-    """StyleGAN2's R1: gamma/2 E||grad_x D(x)||^2, differentiated for the parameters, in fp64;
-    then a training forward moved u and v: both models took the same step."""
+    """StyleGAN2's R1: gamma/2 E||grad_x D(x)||^2, differentiated for the parameters, in fp64,
+    through a training forward (the power iterations ran): equal to the reference backend."""
     device = backend_device(backend)
     models = {}
     for name in ("reference", backend):
@@ -115,3 +115,14 @@ def test_r1_step_through_every_layer_equals_the_reference(backend):
         assert g[name] is not None, f"{name}: no R1 gradient"
         assert g_ref[name].abs().max() > 0, name
         torch.testing.assert_close(g[name], g_ref[name], rtol=1e-8, atol=1e-11, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_third_order_is_refused_clearly(backend):
+    """A differentiable second derivative (create_graph=True through it) is refused, never
+    returned without the kernels' part."""
+    x = drawn((4, 2, 2, 2), backend_device(backend))
+    y = F.minibatch_stddev(x, 2, 1, backend=backend)
+    g1, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="third order"):
+        torch.autograd.grad(g1.square().sum(), x, create_graph=True)

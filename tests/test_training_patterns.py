@@ -288,17 +288,53 @@ def test_biggan_ema_then_eval_sampling(backend):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_ema_from_converted_into_unconverted_copy(backend):
-    """The EMA pattern across twins: a converted G averaged into the user's own unconverted
-    G_ema by state_dict key (same keys, so no KeyError), and the reverse."""
+def test_ema_across_converted_and_unconverted_copies(backend):
+    """The EMA pattern across twins, by state_dict key (the same keys, so no KeyError): a
+    converted G averaged into the user's own unconverted G_ema gives what torch's G gives, and
+    the reverse (torch's G into a converted G_ema) too."""
     device = backend_device(backend)
     theirs, ours = _twins(backend, device)
-    ours(*_batch(device))
-    source, target = ours.state_dict(), theirs.state_dict()
-    with torch.no_grad():
-        for key in source:
-            target[key].data.copy_(0.5 * target[key].data + 0.5 * source[key].data)
-    assert all(torch.isfinite(t).all() for t in theirs.state_dict().values())
+    batch = _batch(device)
+    theirs(*batch), ours(*batch)  # training forwards move both models' buffers alike
+
+    def ema(source, target):
+        source_state, target_state = source.state_dict(), target.state_dict()
+        with torch.no_grad():
+            for key in source_state:
+                target_state[key].data.copy_(0.5 * target_state[key].data + 0.5 * source_state[key].data)
+        return target
+
+    # G_ema starts as a copy of G, as in BigGAN (averaging unrelated u, v could make sigma ~0)
+    from_ours, from_theirs = ema(ours, _legacy_discriminator(0).to(device)), ema(theirs, _legacy_discriminator(0).to(device))
+    _assert_states_equal(from_theirs, from_ours, "converted G into an unconverted G_ema")
+    into_converted = _twins(backend, device, seed=0)[1]
+    _assert_states_equal(from_theirs, ema(theirs, into_converted), "torch's G into a converted G_ema")
+    for model in (from_theirs, from_ours, into_converted):
+        model.eval()
+    x = _batch(device)
+    _assert_close(from_theirs(*x), from_ours(*x), "G_ema samples")
+    _assert_close(from_theirs(*x), into_converted(*x), "converted G_ema samples")
+
+
+def test_sigmas_cover_converted_legacy_layers():
+    """gk.sigmas reads converted legacy layers too: after conversion, the sigma u^T W v of the
+    buffers; after a training forward, the iteration's."""
+    model = gk.convert(_legacy_discriminator(0), backend="reference")
+    found = gk.sigmas(model)
+    assert set(found) == {"conv.weight", "up.weight", "deep.weight", "linear.weight", "embed.weight"}
+    w = model.linear.weight_orig.detach()
+    torch.testing.assert_close(found["linear.weight"], model.linear.weight_u @ w @ model.linear.weight_v)
+    model(*_batch("cpu"))
+    w = model.linear.weight_orig.detach()
+    torch.testing.assert_close(gk.sigmas(model)["linear.weight"],
+                               model.linear.weight_u @ w @ model.linear.weight_v)
+
+
+def test_convert_refuses_complex_weights_for_a_kernel_backend_up_front():
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(3, 2, dtype=torch.cfloat)))
+    with pytest.raises(TypeError, match="does not support complex weights"):
+        gk.convert(model, backend="cuda-emu")
+    assert type(model[0]._forward_pre_hooks[next(iter(model[0]._forward_pre_hooks))]) is LegacySpectralNorm
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

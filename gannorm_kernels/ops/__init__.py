@@ -80,6 +80,9 @@ class _KernelGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_grads):
+        if torch.is_grad_enabled():  # asked for a differentiable second derivative
+            raise NotImplementedError("gannorm_kernels ops support gradients of first and second order; a third "
+                                      "order (create_graph=True through a second derivative) is not supported")
         tensors = ctx.saved_tensors
         n = ctx.n_grad_outputs
         with torch.enable_grad():
