@@ -80,6 +80,9 @@ def _every_op(dtype):
     weight = rand(33, 7, 3)
     u = torch.nn.functional.normalize(rand(33), dim=0)
     w_vec = torch.nn.functional.normalize(rand(21), dim=0)
+    v_eval = torch.nn.functional.normalize(rand(21), dim=0)
+    sigma_eval = torch.dot(u, weight.reshape(33, -1) @ v_eval).to(torch.float64 if dtype == torch.float64 else
+                                                                   torch.float32)
     features, x, T, images = rand(45, 19), rand(37, 6), rand(6, 5, 3) * 0.3, rand(8, 6, 5, 3)
 
     def with_grads(fn, *inputs):
@@ -98,6 +101,11 @@ def _every_op(dtype):
         "spectral_norm train": lambda b: with_grads(
             lambda a: gk.functional.spectral_norm(a, u.clone(), torch.nn.functional.normalize(
                 torch.ones(21, dtype=dtype), dim=0), 0, 2, backend=b)[0], weight),
+        "spectral_norm eval": lambda b: with_grads(
+            lambda a: gk.functional.spectral_norm(a, u, v_eval, 0, training=False, backend=b)[0], weight),
+        "spectral_norm eval, sigma given": lambda b: with_grads(
+            lambda a: gk.functional.spectral_norm(a, u, v_eval, 0, training=False, sigma=sigma_eval, backend=b)[0],
+            weight),
         "spectral_norm 1-D": lambda b: with_grads(lambda a: gk.functional.spectral_norm(a, backend=b)[0], w_vec),
         "similarity cosine": lambda b: with_grads(
             lambda f: gk.functional.pairwise_similarity_penalty(f, "cosine", backend=b), features),

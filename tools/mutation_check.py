@@ -161,7 +161,7 @@ def copy_tree(dest: Path) -> None:
 
 
 def build(tree: Path, log) -> None:
-    env = dict(os.environ, GANNORM_NO_CUDA="1")
+    env = dict(os.environ, GANNORM_NO_CUDA="1", GANNORM_EMU="1")
     run = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, env=env,
                          capture_output=True, text=True)
     log.write(run.stdout + run.stderr)
@@ -194,11 +194,15 @@ def main() -> int:
         print(f"mutation-check: {len(chosen)} mutations; scratch tree {SCRATCH}; log {log_path}")
         copy_tree(SCRATCH)
         build(SCRATCH, log)
-        check = subprocess.run([sys.executable, "-c", "import gannorm_kernels; print(gannorm_kernels.__file__)"],
-                               cwd=SCRATCH, env=dict(os.environ, PYTHONPATH=str(SCRATCH)), capture_output=True,
-                               text=True).stdout.strip()
-        if not check.startswith(str(SCRATCH)):
-            raise RuntimeError(f"the scratch tree's package is not the one imported ({check})")
+        # the scratch copy's own package must be imported, and both backends the mutations
+        # are tested on must run there (a skipped test would let every bug "survive" unseen)
+        probe = ("import os; os.environ['TRITON_INTERPRET'] = '1'; import gannorm_kernels as gk; "
+                 "from gannorm_kernels import backends; print(gk.__file__); "
+                 "print(backends.unavailable_reason('cuda-emu', 'cpu')); print(backends.unavailable_reason('triton', 'cpu'))")
+        found = subprocess.run([sys.executable, "-c", probe], cwd=SCRATCH, env=dict(os.environ, PYTHONPATH=str(SCRATCH)),
+                               capture_output=True, text=True).stdout.split("\n")
+        if not found[0].startswith(str(SCRATCH)) or found[1:3] != ["None", "None"]:
+            raise RuntimeError(f"the scratch tree is not usable: package, cuda-emu, triton: {found[:3]}")
         for tests in tqdm(sorted({m.tests for m in chosen}), desc="baseline (unmutated)", unit="selection"):
             code, _ = run_tests(SCRATCH, tests, log)
             if code != 0:
