@@ -16,12 +16,12 @@ from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import backends, reference
+from .dtypes import FLOAT_DTYPES, acc_dtype
 from .ops import minibatch as minibatch_ops
 from .ops import spectral_norm as spectral_norm_ops
 from .ops.weight_norm import normalize_dim
 from .ops.weight_norm import weight_norm as weight_norm_op
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _float_weight(module: nn.Module, name: str, complex_ok: bool = False) -> torch.Tensor:
@@ -36,7 +36,7 @@ def _float_weight(module: nn.Module, name: str, complex_ok: bool = False) -> tor
                          f"(its parameters: {', '.join(have) or 'none'})")
     if complex_ok and weight.is_complex():
         return weight
-    if weight.dtype not in _FLOAT_DTYPES:
+    if weight.dtype not in FLOAT_DTYPES:
         also = ", float64, complex64 or complex128" if complex_ok else " or float64"
         raise TypeError(f"{type(module).__name__}.{name} must be float16, bfloat16, float32{also} "
                         f"to be normalised, got {weight.dtype}")
@@ -245,7 +245,7 @@ class SpectralNorm(nn.Module):
                 sigma = torch.vdot(self._u, torch.mv(weight_mat, self._v))
             else:
                 sigma = torch.linalg.vector_norm(weight).clamp_min(self.eps)
-        self.last_sigma = sigma.to(reference._compute_dtype(sigma.dtype))
+        self.last_sigma = sigma.to(acc_dtype(sigma.dtype))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.ndim == 1:

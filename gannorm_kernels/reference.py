@@ -7,11 +7,7 @@ weight_norm rounds where torch's own weight norm rounds (so do its kernels). The
 
 import torch
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype.is_complex:  # complex spectral norm (as torch's) computes in its own dtype
-        return dtype
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .dtypes import acc_dtype
 
 
 def weight_norm_fuses(dim: int, ndim: int) -> bool:
@@ -96,7 +92,7 @@ class _WeightNormFused(torch.autograd.Function):
 
 
 def _fused_parts(v, g, dim):
-    x = v.to(_compute_dtype(v.dtype))
+    x = v.to(acc_dtype(v.dtype))
     # sqrt and 1 / n correctly rounded, as CUDA's sqrtf and `/` are: computed in fp64 and
     # rounded to fp32, which is exact rounding for both (torch's vectorised fp32 CPU sqrt is
     # not always). fp64 stays fp64.
@@ -134,7 +130,7 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: i
     replaced by eps (torch would divide by ~0). Complex weights work as in torch (sigma is
     then complex, u^H W v).
     """
-    compute = _compute_dtype(weight.dtype)
+    compute = acc_dtype(weight.dtype)
     weight_mat = spectral_weight_matrix(weight, dim).to(compute)
     u_used = u.detach().to(compute).clone()
     v_used = v.detach().to(compute).clone()
@@ -151,7 +147,7 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: i
 def vector_normalize(weight: torch.Tensor, eps: float):
     """1-D weights, as torch's spectral norm treats them: (weight / max(||weight||, eps), that
     denominator)."""
-    x = weight.to(_compute_dtype(weight.dtype))
+    x = weight.to(acc_dtype(weight.dtype))
     denominator = torch.linalg.vector_norm(x).clamp_min(eps)
     return (x / denominator).to(weight.dtype), denominator
 
@@ -163,7 +159,7 @@ def pairwise_similarity_penalty(features: torch.Tensor, kernel: str, bandwidth: 
     cosine: k = <f_i, f_j> / (max(||f_i||, eps) max(||f_j||, eps)) (F.normalize's guard);
     rbf: k = exp(-||f_i - f_j||^2 / (2 bandwidth^2)).
     """
-    f = features.flatten(1).to(_compute_dtype(features.dtype))
+    f = features.flatten(1).to(acc_dtype(features.dtype))
     n = f.shape[0]
     if kernel == "cosine":
         unit = torch.nn.functional.normalize(f, dim=1, eps=eps)
@@ -178,7 +174,7 @@ def pairwise_similarity_penalty(features: torch.Tensor, kernel: str, bandwidth: 
 def minibatch_discrimination_features(m: torch.Tensor) -> torch.Tensor:
     """Salimans et al. 2016: for M of shape (N, B, C), o[i, b] = sum over j != i of
     exp(-||M[i, b] - M[j, b]||_1), written the naive way (the N x N x B x C differences)."""
-    x = m.to(_compute_dtype(m.dtype))
+    x = m.to(acc_dtype(m.dtype))
     l1 = (x[:, None, :, :] - x[None, :, :, :]).abs().sum(-1)  # (N, N, B)
     similarity = torch.exp(-l1)
     return (similarity.sum(1) - similarity.diagonal(dim1=0, dim2=1).T).to(m.dtype)
@@ -189,7 +185,7 @@ def minibatch_stddev(x: torch.Tensor, group_size: int, num_channels: int) -> tor
     n, c, h, w = x.shape
     g = min(group_size, n)
     f = num_channels
-    y = x.to(_compute_dtype(x.dtype)).reshape(g, -1, f, c // f, h, w)  # sample g * (n / g) + m
+    y = x.to(acc_dtype(x.dtype)).reshape(g, -1, f, c // f, h, w)  # sample g * (n / g) + m
     y = y - y.mean(dim=0)
     y = y.square().mean(dim=0)
     y = (y + 1e-8).sqrt()

@@ -15,20 +15,17 @@ import math
 import torch
 
 from .. import backends, reference
+from ..dtypes import FLOAT_DTYPES, acc_dtype
 from . import KernelPair
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNELS = ("cosine", "rbf")
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_float_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
@@ -42,8 +39,8 @@ _cosine = KernelPair(
     "similarity_cosine_fwd(Tensor features, float eps, str backend) -> (Tensor, Tensor, Tensor)",
     "similarity_cosine_bwd(Tensor grad_penalty, Tensor features, Tensor s, Tensor norms, float eps, str backend) "
     "-> Tensor",
-    lambda f, eps, backend=None: (f.new_empty(()), f.new_empty((f.shape[1],), dtype=_acc_dtype(f.dtype)),
-                                  f.new_empty((f.shape[0],), dtype=_acc_dtype(f.dtype))),
+    lambda f, eps, backend=None: (f.new_empty(()), f.new_empty((f.shape[1],), dtype=acc_dtype(f.dtype)),
+                                  f.new_empty((f.shape[0],), dtype=acc_dtype(f.dtype))),
     lambda grad, f, s, norms, eps, backend=None: f.new_empty(f.shape),
     lambda f, eps: reference.pairwise_similarity_penalty(f, "cosine", 1.0, eps))
 

@@ -22,14 +22,11 @@ from __future__ import annotations
 import torch
 
 from .. import backends, reference
+from ..dtypes import FLOAT_DTYPES, acc_dtype
 from . import below_autograd, define, differentiable_grads, no_double_backward
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def matrix_shape(shape, dim: int) -> tuple[int, int]:
@@ -61,7 +58,7 @@ def check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma) 
     """Validates the arguments, naming the bad one; returns the normalised dim."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dtype not in _FLOAT_DTYPES + _COMPLEX_DTYPES:
+    if weight.dtype not in FLOAT_DTYPES + _COMPLEX_DTYPES:
         raise TypeError(f"weight must be float16, bfloat16, float32, float64, complex64 or complex128, "
                         f"got {weight.dtype}")
     if weight.dim() == 0:
@@ -85,8 +82,8 @@ def check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma) 
     if sigma is not None and weight.is_complex():
         raise ValueError("sigma (a cached sigma) is not supported for complex weights")
     if sigma is not None and (not isinstance(sigma, torch.Tensor) or sigma.numel() != 1
-                              or sigma.dtype != _acc_dtype(weight.dtype) or sigma.device != weight.device):
-        raise TypeError(f"sigma must be a one-element {_acc_dtype(weight.dtype)} tensor on {weight.device} "
+                              or sigma.dtype != acc_dtype(weight.dtype) or sigma.device != weight.device):
+        raise TypeError(f"sigma must be a one-element {acc_dtype(weight.dtype)} tensor on {weight.device} "
                         "(the sigma a previous call returned)")
     return dim
 
@@ -97,7 +94,7 @@ def _fwd_kernel(weight, u, v, sigma, dim, n_power_iterations, eps, training, bac
 
 def _fwd_fake(weight, u, v, sigma, dim, n_power_iterations, eps, training, backend=None):
     h, w = matrix_shape(weight.shape, dim)
-    acc = _acc_dtype(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     return (weight.new_empty(weight.shape), weight.new_empty((), dtype=acc), weight.new_empty((h,), dtype=acc),
             weight.new_empty((w,), dtype=acc))
 
@@ -115,7 +112,7 @@ def _vector_fwd_kernel(weight, eps, backend):
 
 
 def _vector_fwd_fake(weight, eps, backend=None):
-    return weight.new_empty(weight.shape), weight.new_empty((), dtype=_acc_dtype(weight.dtype))
+    return weight.new_empty(weight.shape), weight.new_empty((), dtype=acc_dtype(weight.dtype))
 
 
 def _vector_bwd_kernel(grad_out, weight, sigma, eps, backend):

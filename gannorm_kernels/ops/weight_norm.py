@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from .. import backends, reference
+from ..dtypes import FLOAT_DTYPES, acc_dtype
 from . import below_autograd, define, differentiable_grads, no_double_backward
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def torch_dim(dim: int | None, ndim: int) -> int:
@@ -44,16 +44,13 @@ def _channels(shape, dim: int) -> int:
     return 1 if dim == -1 else shape[dim % len(shape)]
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def check_weight_norm_args(v, g, dim) -> int:
     """Validates the arguments, naming the bad one; returns the dim in torch's form (torch_dim)."""
     for name, t in (("v", v), ("g", g)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if v.dtype not in _FLOAT_DTYPES:
+    if v.dtype not in FLOAT_DTYPES:
         raise TypeError(f"v must be float16, bfloat16, float32 or float64, got {v.dtype}")
     if g.dtype != v.dtype:
         raise TypeError(f"g must have v's dtype {v.dtype}, got {g.dtype}")
@@ -73,7 +70,7 @@ def _weight_norm_fwd_kernel(v, g, dim, backend):
 
 
 def _weight_norm_fwd_fake(v, g, dim, backend=None):
-    return v.new_empty(v.shape), v.new_empty((_channels(v.shape, dim),), dtype=_acc_dtype(v.dtype))
+    return v.new_empty(v.shape), v.new_empty((_channels(v.shape, dim),), dtype=acc_dtype(v.dtype))
 
 
 def _weight_norm_bwd_kernel(grad_w, v, g, norms, dim, backend):
