@@ -54,7 +54,7 @@ mutation-check: build
 # Every Triton kernel configuration compiled for sm_80/sm_90 and every CUDA kernel's resources:
 # fails on a spill or a kernel that no longer compiles.
 static-check: build
-	$(PY) -m gannorm_kernels.static_check --output build/static_check.md
+	$(PY) -m gannorm_kernels.tools.static_check --output build/static_check.md
 
 test: build cmake-check static-check
 	$(PY) -m pytest $(PYTEST_FLAGS) tests bench --benchmark-disable

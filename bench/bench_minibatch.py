@@ -2,15 +2,16 @@
 N x N similarity matrix, the N x N x B x C minibatch-discrimination tensor, StyleGAN2's layer
 as written): time and, on a GPU, peak memory, for N in {64, 256, 1024}, forward and
 forward+backward. Each row carries measured launches and the modelled bytes and flops
-(gannorm_kernels.perf_model). On a CPU-only machine a small smoke set runs."""
+(gannorm_kernels.tools.perf_model). On a CPU-only machine a small smoke set runs."""
 
 import pytest
 import torch
 from gan_layers import DEVICE, describe, peak_memory, synchronize
 
 import gannorm_kernels as gk
-from gannorm_kernels import backends, perf_model
-from gannorm_kernels.launches import count_launches
+from gannorm_kernels import backends
+from gannorm_kernels.tools import perf_model
+from gannorm_kernels.tools.launches import count_launches
 
 BATCHES = (64, 256, 1024) if DEVICE == "cuda" else (64,)
 FEATURES = 512 if DEVICE == "cuda" else 32

@@ -4,7 +4,7 @@ competitor), on GAN discriminator layers: a training forward (power iteration, s
 an eval forward (sigma recomputed from the weight and buffers, as torch does), for every backend that runs on this device.
 
 Each row's extra_info carries the measured launch count and the bytes the kernels move
-(gannorm_kernels.perf_model: training reads W three times and writes W / sigma; backward reads
+(gannorm_kernels.tools.perf_model: training reads W three times and writes W / sigma; backward reads
 G twice and W once and writes dW; eval reads W twice and writes W / sigma).
 """
 
@@ -16,8 +16,9 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import gannorm_kernels as gk
-from gannorm_kernels import backends, perf_model
-from gannorm_kernels.launches import count_launches
+from gannorm_kernels import backends
+from gannorm_kernels.tools import perf_model
+from gannorm_kernels.tools.launches import count_launches
 
 BACKENDS = COMPETITORS + [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
 MODES = ["train-forward", "train-forward+backward", "eval-forward"]

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrizations
 
 import gannorm_kernels as gk
 from gannorm_kernels import backends
-from gannorm_kernels.launches import count_launches
+from gannorm_kernels.tools.launches import count_launches
 
 BACKENDS = ["torch"] + [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
 

@@ -3,7 +3,7 @@ and, on a GPU, under torch.compile (inductor), on GAN discriminator layers: forw
 forward+backward, every backend that runs on this device.
 
 Each row's extra_info carries the measured launch count and the bytes the kernels move
-(gannorm_kernels.perf_model), so a GPU run can say how far each timing is from the hardware
+(gannorm_kernels.tools.perf_model), so a GPU run can say how far each timing is from the hardware
 limit (see gan_layers.py for the layers and the CPU smoke set).
 """
 
@@ -13,9 +13,10 @@ import torch
 from gan_layers import COMPETITORS, DEVICE, DTYPES, LAYERS, describe, gpu_kernels, layer_id, skip_compile_case, \
     synchronize
 
-from gannorm_kernels import backends, perf_model
+from gannorm_kernels import backends
+from gannorm_kernels.tools import perf_model
 from gannorm_kernels.functional import weight_norm
-from gannorm_kernels.launches import count_launches
+from gannorm_kernels.tools.launches import count_launches
 
 DIMS = [0, 1]
 BACKENDS = COMPETITORS + [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]

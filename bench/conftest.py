@@ -11,7 +11,7 @@ def pytest_terminal_summary(terminalreporter, config):
     write("")
     if not any(b.extra_info.get("bound_us") for b in timed):
         write("gannorm_kernels: no lower bounds: they need a GPU whose peak bandwidth is known "
-              "(gannorm_kernels.perf_model; GANNORM_BANDWIDTH_GBPS sets it)")
+              "(gannorm_kernels.tools.perf_model; GANNORM_BANDWIDTH_GBPS sets it)")
         return
     write("gannorm_kernels: timings against the lower bound (bytes / peak bandwidth + launches x latency)")
     write(f"{'benchmark':<90} {'mean us':>10} {'bound us':>9} {'bound/mean':>10}")

@@ -1,11 +1,11 @@
-"""The layers the benchmarks run on (gannorm_kernels.workloads: three standard GAN
+"""The layers the benchmarks run on (gannorm_kernels.tools.workloads: three standard GAN
 discriminators), and the device. On a CPU-only machine only a small smoke set runs (CI:
 --benchmark-disable), since CPU timings of emulated or interpreted kernels say nothing about
 GPU speed."""
 
 import torch
 
-from gannorm_kernels.workloads import GAN_LAYERS
+from gannorm_kernels.tools.workloads import GAN_LAYERS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -79,7 +79,7 @@ def describe(benchmark, op, mode, backend, workload, shape, dtype, cost, launche
     it cannot see, as inside a compiled graph), the GPU kernels the profiler saw, the modelled
     bytes, flops and bound (cost None: not modelled; launches priced at the measured launch
     cost), and (on a GPU) the peak memory it allocated."""
-    from gannorm_kernels import perf_model
+    from gannorm_kernels.tools import perf_model
 
     bandwidth = perf_model.peak_bandwidth(device_name()) if DEVICE == "cuda" else None
     flops = perf_model.peak_fp32(device_name()) if DEVICE == "cuda" else None

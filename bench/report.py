@@ -1,7 +1,7 @@
 """Turns a pytest-benchmark JSON file into bench/results/<device>-<commit>.json, a markdown
 table and a PNG chart beside it: per op, mode, layer and dtype, each backend's mean time, its
 speedup over torch's own op (or the naive formulation), over torch.compile of torch's op where
-that ran (GPU), and its fraction of the lower bound (gannorm_kernels.perf_model); the launches
+that ran (GPU), and its fraction of the lower bound (gannorm_kernels.tools.perf_model); the launches
 column gives the dispatcher-level launch count and, on a GPU, the kernels the profiler saw
 (`gpu N`: for torch-compile, the kernels inductor generated).
 

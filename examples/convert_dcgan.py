@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import gannorm_kernels as gk  # noqa: E402
-from gannorm_kernels.launches import count_launches  # noqa: E402
+from gannorm_kernels.tools.launches import count_launches  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.parametrizations import spectral_norm  # noqa: E402
 

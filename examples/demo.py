@@ -41,7 +41,7 @@ if not torch.cuda.is_available():
 
 import gannorm_kernels as gk  # noqa: E402
 from gannorm_kernels import backends  # noqa: E402
-from gannorm_kernels.launches import count_launches  # noqa: E402
+from gannorm_kernels.tools.launches import count_launches  # noqa: E402
 from torch import nn  # noqa: E402
 
 VARIANTS = ("plain", "spectral norm", "adaptive weight norm", "spectral norm + penalty")

@@ -100,7 +100,7 @@ def test_extension_holds_the_default_archs():
         pytest.skip("the CUDA extension was not built here")
     if ";".join(report["cuda_extension_archs"]) != "8.0;9.0+PTX":
         pytest.skip(f"built for TORCH_CUDA_ARCH_LIST={report['cuda_extension_archs']}")
-    from gannorm_kernels.static_check import _cuobjdump
+    from gannorm_kernels.tools.static_check import _cuobjdump
     library = str(next((ROOT / "gannorm_kernels").glob("_C*.so")))
     elf = subprocess.run([_cuobjdump(), "--list-elf", library], capture_output=True, text=True, check=True).stdout
     ptx = subprocess.run([_cuobjdump(), "--list-ptx", library], capture_output=True, text=True, check=True).stdout

@@ -14,8 +14,9 @@ from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gannorm_kernels as gk
-from gannorm_kernels import backends, perf_model, reference
-from gannorm_kernels.launches import count_launches
+from gannorm_kernels import backends, reference
+from gannorm_kernels.tools import perf_model
+from gannorm_kernels.tools.launches import count_launches
 
 F = gk.functional
 # (N, feature shape): 2 samples, odd sizes, more samples or features than a tile or a block

@@ -13,8 +13,8 @@ from helpers import KERNEL_BACKENDS, backend_device
 from torch import nn
 
 import gannorm_kernels as gk
-from gannorm_kernels import perf_model
-from gannorm_kernels.launches import count_launches
+from gannorm_kernels.tools import perf_model
+from gannorm_kernels.tools.launches import count_launches
 
 
 @contextlib.contextmanager
@@ -124,7 +124,7 @@ def test_reference_backend_is_deterministic_too():
 
 
 
-# ---- the bytes model (gannorm_kernels.perf_model) against what the kernels touch ----
+# ---- the bytes model (gannorm_kernels.tools.perf_model) against what the kernels touch ----
 
 class BytesTouched:
     """Every address the Triton interpreter loads or stores in the block, classified afterwards

@@ -15,8 +15,9 @@ from torch._dynamo.backends.common import aot_autograd
 from torch.nn.utils import parametrizations
 
 import gannorm_kernels as gk
-from gannorm_kernels import backends, perf_model, reference
-from gannorm_kernels.launches import count_launches
+from gannorm_kernels import backends, reference
+from gannorm_kernels.tools import perf_model
+from gannorm_kernels.tools.launches import count_launches
 from gannorm_kernels.ops.spectral_norm import matrix_shape
 
 EPS = 1e-12

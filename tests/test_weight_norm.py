@@ -14,8 +14,9 @@ from torch._dynamo.backends.common import aot_autograd
 from torch.nn.utils import parametrizations
 
 import gannorm_kernels as gk
-from gannorm_kernels import backends, perf_model, reference
-from gannorm_kernels.launches import count_launches
+from gannorm_kernels import backends, reference
+from gannorm_kernels.tools import perf_model
+from gannorm_kernels.tools.launches import count_launches
 from gannorm_kernels.ops.weight_norm import normalize_dim, torch_dim
 
 # (shape, dim): sizes of 1, odd sizes, channels longer than a block, every layout the kernels

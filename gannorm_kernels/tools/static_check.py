@@ -1,8 +1,8 @@
-"""Static GPU check, for machines without a GPU: `python -m gannorm_kernels.static_check`
+"""Static GPU check, for machines without a GPU: `python -m gannorm_kernels.tools.static_check`
 (`make static-check`, part of `make test`).
 
 - Triton: the launchers are run on meta tensors for every workload in
-  `gannorm_kernels.workloads` (GAN layers, minibatch shapes), every dim and dtype they
+  `gannorm_kernels.tools.workloads` (GAN layers, minibatch shapes), every dim and dtype they
   support, with launches recorded
   instead of run; each distinct (kernel, dtypes, constexprs, num_warps) is compiled for sm_80
   and sm_90 with `triton.compile`, and the cubin's resource usage read with `cuobjdump`.
@@ -31,9 +31,9 @@ def _workload_launches():
     """Every Triton launch the launchers make for the GAN layers, recorded on meta tensors."""
     import torch
 
-    from . import triton as kernels
-    from .ops.spectral_norm import matrix_shape
-    from .triton.common import record_launches
+    from .. import triton as kernels
+    from ..ops.spectral_norm import matrix_shape
+    from ..triton.common import record_launches
     from .workloads import GAN_LAYERS, MINIBATCH_DISCRIMINATION, MINIBATCH_FEATURES, MINIBATCH_STDDEV
 
     def meta(*shape, dtype):
@@ -167,7 +167,7 @@ def check_triton():
 
 def check_cuda():
     """Rows for every kernel and arch in the built CUDA extension (none if it is not built)."""
-    from . import backends
+    from .. import backends
 
     if backends.extension_error("cuda") is not None:
         return [], backends.extension_error("cuda")

@@ -21,7 +21,7 @@ import torch
 from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import backends
+from .. import backends
 
 # Operators that make the host wait for device data (a GPU sync).
 _SYNCS = {"aten::_local_scalar_dense", "aten::equal", "aten::is_nonzero", "aten::nonzero", "aten::masked_select",
