@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -64,32 +65,54 @@ def extension_error(backend: str) -> str | None:
     return None if error is None else f"the {backend} kernels were built but do not load: {error}"
 
 
+@dataclass(frozen=True)
+class Backend:
+    """A backend as a record (xformers' FwOp style): its name, the device types it runs on, and
+    why it cannot run on a given device type here (`not_supported_reasons`, empty when it can)."""
+
+    name: str
+    device_types: tuple[str, ...]
+    description: str
+
+    def not_supported_reasons(self, device_type: str) -> list[str]:
+        if device_type == "cuda" and not torch.cuda.is_available():
+            return ["no CUDA device is available"]
+        if self.name == "reference":
+            return []
+        if self.name == "triton":
+            module, error = _import("gannorm_kernels.triton")
+            if error is not None:
+                return [f"triton cannot be imported ({error})"]
+            if device_type == "cpu" and not module.INTERPRETED:
+                return ["triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1 "
+                        "before triton is first imported"]
+            if device_type not in self.device_types:
+                return [f"triton does not run {device_type} tensors"]
+            return []
+        if device_type not in self.device_types:
+            runs, other, other_runs = ("CUDA", "cuda-emu", "CPU") if self.name == "cuda" else ("CPU", "cuda", "CUDA")
+            return [f"it runs {runs} tensors only, not {device_type} ones (use {other!r} for {other_runs} tensors)"]
+        error = extension_error(self.name)
+        return [] if error is None else [error]
+
+
+RECORDS = {
+    "reference": Backend("reference", ("cpu", "cuda", "meta"), "plain PyTorch, the ground truth"),
+    "triton": Backend("triton", ("cuda", "cpu"), "@triton.jit kernels (CPU tensors under the interpreter)"),
+    "cuda": Backend("cuda", ("cuda",), "the compiled CUDA extension gannorm_kernels._C"),
+    "cuda-emu": Backend("cuda-emu", ("cpu",), "the CUDA kernels compiled for the host, under emulation"),
+}
+# auto's candidates per device type, in order of preference
+AUTO_CANDIDATES = {"cuda": ("cuda", "triton", "reference")}
+
+
 def unavailable_reason(backend: str, device_type: str) -> str | None:
     """Why `backend` cannot run on tensors of `device_type` here, or None when it can."""
     check_name(backend)
-    if device_type == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device is available"
-    if backend in ("reference", "auto"):
-        return None
-    if backend == "triton":
-        module, error = _import("gannorm_kernels.triton")
-        if error is not None:
-            return f"triton cannot be imported ({error})"
-        if device_type == "cuda":
-            return None
-        if device_type == "cpu":
-            return None if module.INTERPRETED else (
-                "triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1 "
-                "before triton is first imported")
-        return f"triton does not run {device_type} tensors"
-    if backend == "cuda":
-        if device_type != "cuda":
-            return f"it runs CUDA tensors only, not {device_type} ones (use 'cuda-emu' for CPU tensors)"
-        return extension_error("cuda")
-    # cuda-emu
-    if device_type != "cpu":
-        return f"it runs CPU tensors only, not {device_type} ones (use 'cuda' for CUDA tensors)"
-    return extension_error("cuda-emu")
+    if backend == "auto":
+        return "no CUDA device is available" if device_type == "cuda" and not torch.cuda.is_available() else None
+    reasons = RECORDS[backend].not_supported_reasons(device_type)
+    return "; ".join(reasons) if reasons else None
 
 
 def check_name(backend) -> None:
@@ -109,19 +132,20 @@ def requested(backend: str) -> str:
 
 
 def auto(device_type: str) -> str:
-    """The auto rule. A CUDA tensor gets the compiled kernels when they were built (and raises
-    if they were built but do not load), else triton; anything else gets the reference."""
-    if device_type != "cuda":
-        return "reference"
-    if not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device is available")
-    info = build_info()
-    if info is not None and info.CUDA_EXTENSION:
-        reason = unavailable_reason("cuda", "cuda")
-        if reason is not None:
-            raise RuntimeError(f"backend 'auto' would use 'cuda' on this CUDA tensor, but {reason}")
-        return "cuda"
-    return "triton" if unavailable_reason("triton", "cuda") is None else "reference"
+    """The auto rule: the first of AUTO_CANDIDATES that can run (anything but CUDA tensors: the
+    reference). A compiled extension that was built but does not load is an error, never a
+    reason to pick the next candidate. Raises with every candidate's reason if none can run."""
+    candidates = AUTO_CANDIDATES.get(device_type, ("reference",))
+    reasons = {}
+    for name in candidates:
+        found = RECORDS[name].not_supported_reasons(device_type)
+        if not found:
+            return name
+        if name in OPS_NAMESPACE and "built but do not load" in " ".join(found):
+            raise RuntimeError(f"backend 'auto' would use {name!r} on this {device_type} tensor, but {found[0]}")
+        reasons[name] = "; ".join(found)
+    listed = "; ".join(f"{name!r}: {reason}" for name, reason in reasons.items())
+    raise RuntimeError(f"backend 'auto' has no backend that runs {device_type} tensors here ({listed})")
 
 
 def resolve(backend: str, device: torch.device) -> str:

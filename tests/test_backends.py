@@ -176,3 +176,21 @@ def test_triton_launches_run_on_the_tensors_device(monkeypatch):
     assert all(d == v.device for d in entered), entered
     guard = real_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+def test_backends_are_records_and_auto_names_every_candidates_reason():
+    """Each backend is a record whose not_supported_reasons say why it cannot run; when no
+    candidate of auto can run, its error lists every candidate with its reason."""
+    assert tuple(backends.RECORDS) == backends.BACKENDS
+    for name, record in backends.RECORDS.items():
+        assert record.name == name and record.device_types and record.description
+        for device_type in ("cpu", "cuda"):
+            reasons = record.not_supported_reasons(device_type)
+            assert ("; ".join(reasons) or None) == backends.unavailable_reason(name, device_type)
+    assert backends.RECORDS["reference"].not_supported_reasons("cpu") == []
+    assert "CUDA tensors only" in backends.RECORDS["cuda"].not_supported_reasons("cpu")[0]
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError) as error:
+            backends.auto("cuda")
+        for name in backends.AUTO_CANDIDATES["cuda"]:
+            assert f"{name!r}: no CUDA device is available" in str(error.value)
