@@ -83,9 +83,9 @@ MUTATIONS = [
              "    tl.store(norms_ptr + c, norm)",
              WN_TRITON, "weight norm columns: the norms' store unmasked (writes past the end)"),
     Mutation("T9", "gannorm_kernels/triton/weight_norm.py",
-             "    safe = tl.where(norm > 0, norm, 1.0)  # zero direction: zero, not 0/0",
-             "    safe = norm  # zero direction: zero, not 0/0",
-             WN_TRITON, "weight norm rows: the zero-direction guard dropped"),
+             "        factor = tl.where(norm > 0, div_ieee(tl.full([], 1.0, ACC), safe), 0.0)  # rnorm",
+             "        factor = div_ieee(tl.full([], 1.0, ACC), norm)  # rnorm",
+             WN_TRITON, "weight norm rows (fused dims): the zero-direction guard dropped (0 * inf)"),
     # ---- CUDA (run by cuda-emu) ----
     Mutation("C1", "csrc/common.cuh",
              "  __syncthreads();  // the previous call's readers are done with warp_totals\n",
