@@ -137,9 +137,9 @@ class LegacySpectralNormKernels(LegacySpectralNorm):
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
         weight = getattr(module, self.name + "_orig")
         matrix = self.reshape_weight_to_matrix(weight)  # (h, w); rows along self.dim
-        out, self.last_sigma = spectral_norm_op(matrix, getattr(module, self.name + "_v"), getattr(module, self.name + "_u"),
-                                  dim=1, n_power_iterations=self.n_power_iterations, eps=self.eps,
-                                  training=do_power_iteration, backend=self.backend)
+        u, v = getattr(module, self.name + "_u"), getattr(module, self.name + "_v")
+        out, self.last_sigma = spectral_norm_op(matrix, v, u, dim=1, n_power_iterations=self.n_power_iterations,
+                                                eps=self.eps, training=do_power_iteration, backend=self.backend)
         if self.dim == 0:
             return out.reshape(weight.shape)
         permuted = (weight.shape[self.dim],) + tuple(s for d, s in enumerate(weight.shape) if d != self.dim)

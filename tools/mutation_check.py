@@ -127,10 +127,8 @@ MUTATIONS = [
              "weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, True,",
              GLUE, "SpectralNorm: the power iteration also runs in eval"),
     Mutation("P2", "gannorm_kernels/convert.py",
-             "dim=1, n_power_iterations=self.n_power_iterations, eps=self.eps,\n"
-             "                                  training=do_power_iteration, backend=self.backend)",
-             "dim=1, n_power_iterations=self.n_power_iterations, eps=self.eps,\n"
-             "                                  training=module.training or True, backend=self.backend)",
+             "eps=self.eps, training=do_power_iteration, backend=self.backend)",
+             "eps=self.eps, training=True, backend=self.backend)",
              GLUE, "converted legacy spectral norm: iterates in eval and in remove_spectral_norm"),
     Mutation("P3", "gannorm_kernels/ops/__init__.py",
              "first = dict(zip(map(id, wrt), torch.autograd.grad(outputs, wrt, leaves[:n], create_graph=True,",
