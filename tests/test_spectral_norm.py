@@ -34,6 +34,7 @@ CASES = [
     ((17, 300), 0),
     ((300, 17), 0),
     ((9, 130), 1),
+    ((48, 300), 0),  # with the interpreter's and emulator's small grid caps: every grid-stride loop 2+ times
 ]
 # (training, n_power_iterations, cached sigma)
 MODES = {"train1": (True, 1, False), "train2": (True, 2, False), "eval": (False, 1, False),
@@ -562,3 +563,28 @@ def test_eps_near_the_norms_fp64(backend, training, n):
     # rounded to fp32 (4e-8 relative here); the formulas this tells apart differ by up to 2x
     for what, a, b in zip(("out", "sigma", "u", "v", "grad", "1-D out", "1-D sigma", "1-D grad"), *results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=lambda m: f"{what}: {m}")
+
+
+def test_small_shapes_reach_every_grid_stride_loop():
+    """Under the interpreter the launchers cap grids tiny (on a GPU only large weights reach the
+    caps), so the test shapes above run every grid-stride loop at least twice: recorded on meta
+    tensors, each elementwise and reduction launch covers its elements in 2+ strides. The
+    emulator caps the CUDA grids likewise (csrc/spectral_norm.cu)."""
+    from gannorm_kernels import triton as kernels
+    if not kernels.INTERPRETED:
+        pytest.skip("the caps are small under the interpreter only")
+    from gannorm_kernels.triton.common import record_launches
+    shape, dim = (48, 300), 0
+    assert (shape, dim) in CASES  # the fp64 comparisons run this shape
+    weight = torch.empty(shape, device="meta")
+    u, v = torch.empty(48, device="meta"), torch.empty(300, device="meta")
+    with record_launches() as records:
+        kernels.spectral_norm_fwd(weight, u, v, None, dim, 1, EPS, True)
+        kernels.spectral_norm_bwd(torch.empty(shape, device="meta"), weight, u, v, torch.empty((), device="meta"),
+                                  dim, EPS)
+    strided = [(kernel.__name__, grid, constexprs) for kernel, grid, _, constexprs in records
+               if kernel.__name__ in ("_scale", "_dot_partials", "_backward")]
+    assert {name for name, _, _ in strided} == {"_scale", "_dot_partials", "_backward"}
+    for name, grid, constexprs in strided:
+        assert grid[0] * constexprs["BLOCK"] * 2 <= weight.numel(), f"{name}: {grid} x {constexprs['BLOCK']} covers " \
+            f"{weight.numel()} elements in one stride"

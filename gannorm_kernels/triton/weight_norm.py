@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_size, div_ieee, launch, matrix_offsets, round_to, sqrt_ieee, torch_acc_dtype
+from .common import INTERPRETED, acc_dtype, block_size, div_ieee, launch, matrix_offsets, round_to, sqrt_ieee, torch_acc_dtype
 
 
 @triton.jit
@@ -301,7 +301,7 @@ _COLUMN_BLOCK_C = 64
 # programs (a few per SM on current GPUs; each of the scale pass's programs reads all the
 # partials). Module constants so tests can make several programs each loop several times.
 WHOLE_BLOCK = 1024
-WHOLE_MAX_PROGRAMS = 512
+WHOLE_MAX_PROGRAMS = 3 if INTERPRETED else 512  # tiny under the interpreter: every loop runs several times
 # Every launch: torch runs each rounding step as its own op, so no a * b + c may become an FMA.
 _NO_FMA = {"enable_fp_fusion": False}
 
