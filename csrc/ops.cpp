@@ -10,10 +10,7 @@
 #include "ops.h"
 
 #ifdef GANNORM_EMU
-#include "emu/cuda_emu.h"
-#endif
-
-#ifdef GANNORM_EMU
+#include "emu/cuda_emu.h"  // set_schedule_seed
 #define GANNORM_OPS_NAMESPACE gannorm_emu
 #define GANNORM_DISPATCH_KEY CPU
 #else

@@ -2,7 +2,8 @@
 
 Each function differentiates through ordinary autograd, runs on any device and dtype, and
 computes fp16/bf16 in fp32 (fp64 stays fp64), rounding once at the end, as the kernels do;
-weight_norm rounds where torch's own weight norm rounds (so do its kernels). The tests compare every backend against these, evaluated in fp64.
+weight_norm rounds where torch's own weight norm rounds (so do its kernels). The tests compare
+every backend against these, evaluated in fp64.
 """
 
 import torch

@@ -44,7 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETED, acc_dtype, block_size, div_ieee, launch, matrix_offsets, round_to, sqrt_ieee, torch_acc_dtype
+from ..reference import weight_norm_fuses
+from .common import (INTERPRETED, acc_dtype, block_size, div_ieee, launch, matrix_offsets, round_to, sqrt_ieee,
+                     torch_acc_dtype)
 
 
 @triton.jit
@@ -315,11 +317,6 @@ def channel_layout(shape, dim: int):
     return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
 
 
-def _fused(dim: int, ndim: int) -> bool:
-    # torch's choice (reference.weight_norm_fuses), without importing the reference here
-    return dim != -1 and (dim == 0 or dim == ndim - 1)
-
-
 def _use_columns(C: int, B: int, fused: bool) -> bool:
     # torch's fused formula on the last dim; a middle dim whose trailing sizes are all 1 is
     # composite, on the rows layout
@@ -344,10 +341,16 @@ def _check_int32(v: torch.Tensor, dim: int):
                          "(at most 2^31 - 1); dim=None (the whole tensor) has no such limit")
 
 
-def _whole_config(n: int):
+def _whole_partials_of(a: torch.Tensor, b: torch.Tensor, products: bool):
+    """The whole-tensor partial-sum pass (sums of a * a, or of round(a * b) when `products`);
+    returns the partials and the scale pass's (programs, chunk, launch config)."""
+    n = a.numel()
     programs, chunk = whole_plan(n)
-    return programs, chunk, {"BLOCK": WHOLE_BLOCK, "P_BLOCK": triton.next_power_of_2(programs),
-                             "num_warps": 4, **_NO_FMA}
+    partials = torch.empty(programs, dtype=torch_acc_dtype(a.dtype), device=a.device)
+    launch(_whole_partials, (programs,), partials, a, b, n, chunk, ROUND=products, ACC=acc_dtype(a.dtype),
+           BLOCK=WHOLE_BLOCK, num_warps=4, **_NO_FMA)
+    config = {"BLOCK": WHOLE_BLOCK, "P_BLOCK": triton.next_power_of_2(programs), "num_warps": 4, **_NO_FMA}
+    return partials, programs, chunk, config
 
 
 def weight_norm_fwd(v: torch.Tensor, g: torch.Tensor, dim: int):
@@ -361,17 +364,14 @@ def weight_norm_fwd(v: torch.Tensor, g: torch.Tensor, dim: int):
         return w, norms
     acc = acc_dtype(v.dtype)
     if dim == -1:
-        n = v.numel()
-        programs, chunk, config = _whole_config(n)
-        partials = torch.empty(programs, dtype=torch_acc_dtype(v.dtype), device=v.device)
-        launch(_whole_partials, (programs,), partials, v, v, n, chunk, ROUND=False, ACC=acc, BLOCK=WHOLE_BLOCK,
-               num_warps=4, **_NO_FMA)
-        launch(_whole_fwd_scale, (programs,), w, norms, partials, v, g, n, chunk, programs, ACC=acc, **config)
-    elif _use_columns(C, B, _fused(dim, v.dim())):
+        partials, programs, chunk, config = _whole_partials_of(v, v, products=False)
+        launch(_whole_fwd_scale, (programs,), w, norms, partials, v, g, v.numel(), chunk, programs, ACC=acc, **config)
+    elif _use_columns(C, B, weight_norm_fuses(dim, v.dim())):
         launch(_weight_norm_fwd_cols, (triton.cdiv(C, _COLUMN_BLOCK_C),), w, norms, v, g, A, C,
                ACC=acc, BLOCK_A=_COLUMN_BLOCK_A, BLOCK_C=_COLUMN_BLOCK_C, **_NO_FMA)
     else:
-        launch(_weight_norm_fwd_rows, (C,), w, norms, v, g, A, C, B, OUTER=A > 1, FUSED=_fused(dim, v.dim()),
+        launch(_weight_norm_fwd_rows, (C,), w, norms, v, g, A, C, B, OUTER=A > 1,
+               FUSED=weight_norm_fuses(dim, v.dim()),
                ACC=acc, **_rows_config(A, C, B), **_NO_FMA)
     return w, norms
 
@@ -387,17 +387,13 @@ def weight_norm_bwd(grad_w: torch.Tensor, v: torch.Tensor, g: torch.Tensor, norm
         return grad_v, grad_g
     acc = acc_dtype(v.dtype)
     if dim == -1:
-        n = v.numel()
-        programs, chunk, config = _whole_config(n)
-        partials = torch.empty(programs, dtype=torch_acc_dtype(v.dtype), device=v.device)
-        launch(_whole_partials, (programs,), partials, grad_w, v, n, chunk, ROUND=True, ACC=acc, BLOCK=WHOLE_BLOCK,
-               num_warps=4, **_NO_FMA)
-        launch(_whole_bwd_scale, (programs,), grad_v, grad_g, partials, grad_w, v, g, norms, n, chunk, programs,
-               ACC=acc, **config)
-    elif _use_columns(C, B, _fused(dim, v.dim())):
+        partials, programs, chunk, config = _whole_partials_of(grad_w, v, products=True)
+        launch(_whole_bwd_scale, (programs,), grad_v, grad_g, partials, grad_w, v, g, norms, v.numel(), chunk,
+               programs, ACC=acc, **config)
+    elif _use_columns(C, B, weight_norm_fuses(dim, v.dim())):
         launch(_weight_norm_bwd_cols, (triton.cdiv(C, _COLUMN_BLOCK_C),), grad_v, grad_g, grad_w, v, g, norms,
                A, C, ACC=acc, BLOCK_A=_COLUMN_BLOCK_A, BLOCK_C=_COLUMN_BLOCK_C, **_NO_FMA)
     else:
         launch(_weight_norm_bwd_rows, (C,), grad_v, grad_g, grad_w, v, g, norms, A, C, B, OUTER=A > 1,
-               FUSED=_fused(dim, v.dim()), ACC=acc, **_rows_config(A, C, B), **_NO_FMA)
+               FUSED=weight_norm_fuses(dim, v.dim()), ACC=acc, **_rows_config(A, C, B), **_NO_FMA)
     return grad_v, grad_g
