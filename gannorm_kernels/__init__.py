@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 from . import backends, functional  # noqa: E402
 from .convert import apply_norm, convert, revert  # noqa: E402
 from .info import info  # noqa: E402
-from .ops.minibatch import pairwise_similarity_penalty  # noqa: E402
+from .ops.similarity import pairwise_similarity_penalty  # noqa: E402
 from .nn import (  # noqa: E402
     AdaptiveWeightNorm,
     MinibatchDiscrimination,

@@ -1,6 +1,8 @@
 """The ops on plain tensors, for users who manage their own parameters."""
 
-from .ops.minibatch import minibatch_discrimination, minibatch_stddev, pairwise_similarity_penalty
+from .ops.minibatch_discrimination import minibatch_discrimination
+from .ops.minibatch_stddev import minibatch_stddev
+from .ops.similarity import pairwise_similarity_penalty
 from .ops.spectral_norm import spectral_norm
 from .ops.weight_norm import weight_norm
 

@@ -15,9 +15,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from . import backends, reference
+from . import backends, checks, reference
 from .dtypes import FLOAT_DTYPES, acc_dtype
-from .ops import minibatch as minibatch_ops
+from .ops import minibatch_discrimination as minibatch_discrimination_ops
+from .ops import minibatch_stddev as minibatch_stddev_ops
 from .ops import spectral_norm as spectral_norm_ops
 from .ops.weight_norm import normalize_dim
 from .ops.weight_norm import weight_norm as weight_norm_op
@@ -178,9 +179,8 @@ def adaptive_weight_norm(module: nn.Module, name: str = "weight", dim: int = 0, 
     """
     if per not in ("channel", "layer"):
         raise ValueError(f"per must be 'channel' or 'layer', got {per!r}")
-    if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not 0 < init_scale < float("inf"):
-        raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
-    parametrization = AdaptiveWeightNorm(dim if per == "channel" else None, backend, float(init_scale), per)
+    init_scale = checks.positive_number(init_scale, "init_scale")
+    parametrization = AdaptiveWeightNorm(dim if per == "channel" else None, backend, init_scale, per)
     _register_weight_norm(module, name, parametrization)
     with torch.no_grad():
         module.parametrizations[name].original0.fill_(init_scale)
@@ -355,8 +355,7 @@ class MinibatchDiscrimination(nn.Module):
     def __init__(self, in_features: int, num_kernels: int, kernel_dim: int, *, backend: str = "auto") -> None:
         super().__init__()
         for value, what in ((in_features, "in_features"), (num_kernels, "num_kernels"), (kernel_dim, "kernel_dim")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{what} must be a positive int, got {value!r}")
+            checks.positive_int(value, what)
         backends.check_installed(backend)
         self.in_features, self.num_kernels, self.kernel_dim = in_features, num_kernels, kernel_dim
         self.backend = backend
@@ -364,7 +363,7 @@ class MinibatchDiscrimination(nn.Module):
         nn.init.normal_(self.T, 0.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return minibatch_ops.minibatch_discrimination(x, self.T, backend=self.backend)
+        return minibatch_discrimination_ops.minibatch_discrimination(x, self.T, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_kernels={self.num_kernels}, kernel_dim={self.kernel_dim}, "
@@ -378,14 +377,13 @@ class MinibatchStdDev(nn.Module):
 
     def __init__(self, group_size: int = 4, num_channels: int = 1, *, backend: str = "auto") -> None:
         super().__init__()
-        for value, what in ((group_size, "group_size"), (num_channels, "num_channels")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{what} must be a positive int, got {value!r}")
+        checks.positive_int(group_size, "group_size")
+        checks.positive_int(num_channels, "num_channels")
         backends.check_installed(backend)
         self.group_size, self.num_channels, self.backend = group_size, num_channels, backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return minibatch_ops.minibatch_stddev(x, self.group_size, self.num_channels, backend=self.backend)
+        return minibatch_stddev_ops.minibatch_stddev(x, self.group_size, self.num_channels, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"group_size={self.group_size}, num_channels={self.num_channels}, backend={self.backend!r}"

@@ -9,7 +9,7 @@ from helpers import ALL_BACKENDS, assert_close_to_reference, backend_device
 
 import gannorm_kernels as gk
 from gannorm_kernels import reference
-from gannorm_kernels.ops.minibatch import _discrimination
+from gannorm_kernels.ops.minibatch_discrimination import _discrimination
 
 # name -> (make the base tensor's shape, the view): the view is what the op sees
 VIEWS_2D = {

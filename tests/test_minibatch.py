@@ -150,7 +150,7 @@ def test_discrimination_features_match_fp64_reference(backend, dtype, case):
     def op(t, name):
         if name == "reference":
             return reference.minibatch_discrimination_features(t)
-        from gannorm_kernels.ops.minibatch import _discrimination
+        from gannorm_kernels.ops.minibatch_discrimination import _discrimination
         return _discrimination(t, name)[0]
 
     compare(backend, op, m, grad_out, {"grad": discrimination_grad_scale(m, grad_out)})
@@ -366,7 +366,7 @@ def test_memory_is_linear_in_the_batch():
             F.pairwise_similarity_penalty(features, kernel, 3.0, backend="reference").backward()
         assert largest.numel >= naive, kernel  # the check would see a pairwise tensor
     m = drawn((n, 4, 6), torch.float32, "cpu", seed=2).requires_grad_()
-    from gannorm_kernels.ops.minibatch import _discrimination
+    from gannorm_kernels.ops.minibatch_discrimination import _discrimination
     with LargestTensor() as largest:
         _discrimination(m, "triton")[0].sum().backward()
     assert largest.numel <= m.numel()

@@ -1,0 +1,47 @@
+"""Argument checks every op shares, each naming the bad argument, and the matrix view of a
+weight along a dim (spectral norm's rows-by-columns view)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .dtypes import FLOAT_DTYPES
+
+
+def float_tensor(t, name: str) -> None:
+    """`t` is a tensor of one of FLOAT_DTYPES."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def positive_number(value, name: str) -> float:
+    """A positive finite int or float, as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def matrix_dim(dim, ndim: int) -> int:
+    """The rows' dim of a weight's matrix view, in [0, ndim) (negative dims count from the end).
+    Weight norm's dim follows another rule (-1 is the whole tensor): ops.weight_norm.torch_dim."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -ndim <= dim < ndim:
+        raise IndexError(f"dim={dim} is out of range for a {ndim}-d weight (expected a dim in [{-ndim}, {ndim - 1}])")
+    return dim + ndim if dim < 0 else dim
+
+
+def matrix_shape(shape, dim: int) -> tuple[int, int]:
+    """(rows, columns) of the matrix view along `dim`: rows = shape[dim], columns = the product
+    of the other sizes (reference.spectral_weight_matrix builds that matrix)."""
+    return shape[dim], math.prod(size for i, size in enumerate(shape) if i != dim)

@@ -1,0 +1,48 @@
+"""Minibatch discrimination (Salimans et al. 2016) as torch operators: the pairwise part
+o[i, b] = sum_{j != i} exp(-||M[i, b] - M[j, b]||_1), with O(N B C) memory (nothing
+N x N x B x C). Algorithm: triton/minibatch_discrimination.py; registration: ops/__init__.py.
+
+Launch budget (held by tests): the pairwise part 1 forward / 1 backward (plus torch's matmul
+and concatenation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import backends, checks, reference
+from ..dtypes import acc_dtype
+from . import KernelPair
+
+
+_discrimination = KernelPair(
+    "minibatch_discrimination_fwd(Tensor m, str backend) -> Tensor",
+    "minibatch_discrimination_bwd(Tensor grad_o, Tensor m, str backend) -> Tensor",
+    lambda m, backend=None: m.new_empty(m.shape[:2]),
+    lambda grad, m, backend=None: m.new_empty(m.shape),
+    reference.minibatch_discrimination_features)
+
+
+def minibatch_discrimination(x: torch.Tensor, T: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Minibatch discrimination (Salimans et al. 2016) on plain tensors.
+
+    ``M = x @ T`` (T of shape (in_features, B, C) seen as (in_features, B C), M as (N, B, C)),
+    ``o[i, b] = sum_{j != i} exp(-||M[i, b] - M[j, b]||_1)``; returns ``cat([x, o], 1)``, of
+    shape (N, in_features + B). The pairwise part is one fused kernel each way, with O(N B C)
+    memory (the usual formulation keeps N x N x B x C alive for backward); N = 1 gives o = 0.
+    """
+    checks.float_tensor(x, "x")
+    checks.float_tensor(T, "T")
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (N, in_features), got {tuple(x.shape)}")
+    if T.dim() != 3 or T.shape[0] != x.shape[1]:
+        raise ValueError(f"T must have shape (in_features={x.shape[1]}, num_kernels, kernel_dim), got {tuple(T.shape)}")
+    if T.dtype != x.dtype or T.device != x.device:
+        raise TypeError(f"T must have x's dtype and device ({x.dtype}, {x.device}), got ({T.dtype}, {T.device})")
+    name = backends.resolve(backend, x.device)
+    m = (x @ T.flatten(1)).view(x.shape[0], T.shape[1], T.shape[2])
+    if name == "reference":
+        o = reference.minibatch_discrimination_features(m)
+    else:
+        o = _discrimination(m, name)[0]
+    return torch.cat([x, o], dim=1)

@@ -1,0 +1,53 @@
+"""The ProGAN/StyleGAN2 minibatch standard-deviation layer as torch operators, the
+concatenation fused in. Algorithm: triton/minibatch_stddev.py; registration: ops/__init__.py.
+
+Launch budget (held by tests): 1 forward / 1 backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import backends, checks, reference
+from ..dtypes import acc_dtype
+from . import KernelPair
+
+
+_stddev = KernelPair(
+    "minibatch_stddev_fwd(Tensor x, int group_size, int num_channels, str backend) -> Tensor",
+    "minibatch_stddev_bwd(Tensor grad_out, Tensor x, int group_size, int num_channels, str backend) -> Tensor",
+    lambda x, group_size, num_channels, backend=None: x.new_empty(
+        (x.shape[0], x.shape[1] + num_channels, x.shape[2], x.shape[3])),
+    lambda grad, x, group_size, num_channels, backend=None: x.new_empty(x.shape),
+    reference.minibatch_stddev)
+
+
+
+def minibatch_stddev(x: torch.Tensor, group_size: int = 4, num_channels: int = 1, *,
+                     backend: str = "auto") -> torch.Tensor:
+    """The ProGAN/StyleGAN2 minibatch standard-deviation layer on plain tensors.
+
+    Groups of ``G = min(group_size, N)`` samples (sample ``g * N / G + m`` in group ``m``, as
+    StyleGAN2), the standard deviation over each group averaged over the channels of each of
+    ``num_channels`` channel groups and over the pixels, appended as ``num_channels`` constant
+    channels: (N, C, H, W) -> (N, C + num_channels, H, W). N must be a multiple of G and C of
+    num_channels. Kernel backends: one launch each way, the concatenation included.
+    """
+    checks.float_tensor(x, "x")
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
+    checks.positive_int(group_size, "group_size")
+    checks.positive_int(num_channels, "num_channels")
+    n, c = x.shape[:2]
+    if n == 0:
+        raise ValueError("x must hold at least one sample")
+    g = min(group_size, n)
+    if n % g:
+        raise ValueError(f"the batch size {n} must be a multiple of the group size min(group_size={group_size}, "
+                         f"N={n}) = {g}")
+    if c % num_channels:
+        raise ValueError(f"the channel count {c} must be a multiple of num_channels={num_channels}")
+    name = backends.resolve(backend, x.device)
+    if name == "reference":
+        return reference.minibatch_stddev(x, group_size, num_channels)
+    return _stddev(x, group_size, num_channels, name)[0]
