@@ -17,7 +17,7 @@ from torch.nn.utils import parametrizations
 
 import gannorm_kernels as gk
 from gannorm_kernels import backends
-from gannorm_kernels.tools import perf_model
+from gannorm_kernels.ops.spectral_norm import SPECTRAL_NORM
 from gannorm_kernels.tools.launches import count_launches
 
 BACKENDS = COMPETITORS + [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
@@ -26,8 +26,8 @@ MODES = ["train-forward", "train-forward+backward", "eval-forward"]
 
 def cost(mode, shape, dtype):
     if mode == "train-forward+backward":
-        return perf_model.spectral_norm(shape, dtype) + perf_model.spectral_norm(shape, dtype, mode="backward")
-    return perf_model.spectral_norm(shape, dtype, mode="train" if mode == "train-forward" else "eval")
+        return SPECTRAL_NORM.cost(shape, dtype) + SPECTRAL_NORM.cost(shape, dtype, mode="backward")
+    return SPECTRAL_NORM.cost(shape, dtype, mode="train" if mode == "train-forward" else "eval")
 
 
 def layer_with_weight(shape, dtype, backend):

@@ -14,8 +14,8 @@ from gan_layers import COMPETITORS, DEVICE, DTYPES, LAYERS, describe, gpu_kernel
     synchronize
 
 from gannorm_kernels import backends
-from gannorm_kernels.tools import perf_model
 from gannorm_kernels.functional import weight_norm
+from gannorm_kernels.ops.weight_norm import WEIGHT_NORM
 from gannorm_kernels.tools.launches import count_launches
 
 DIMS = [0, 1]
@@ -62,9 +62,9 @@ def test_weight_norm(benchmark, mode, backend, layer, dim, dtype):
         with count_launches() as counted:
             w = step()
         launches = counted.total
-    cost = perf_model.weight_norm(shape, dtype, dim)
+    cost = WEIGHT_NORM.cost(shape, dtype, dim)
     if backward:
-        cost = cost + perf_model.weight_norm(shape, dtype, dim, backward=True)
+        cost = cost + WEIGHT_NORM.cost(shape, dtype, dim, backward=True)
     describe(benchmark, "weight_norm", f"{mode} dim {dim}", backend, layer_id(layer), shape, dtype, cost,
              launches, kernels=gpu_kernels(step))
     benchmark(step)

@@ -1,7 +1,8 @@
-// Operator schemas and registration. Compiled twice: into the CUDA extension
-// (gannorm_kernels._C, ops under torch.ops.gannorm_cuda, CUDA dispatch key) and into its host
-// emulation (gannorm_kernels._emu, ops under torch.ops.gannorm_emu, CPU dispatch key), from the
-// same kernel sources.
+// Operator schemas and registration. Compiled twice: into the CUDA extension (gannorm_kernels._C,
+// ops under torch.ops.gannorm_cuda, CUDA dispatch key) and into its host emulation
+// (gannorm_kernels._emu, ops under torch.ops.gannorm_emu, CPU dispatch key), from the same
+// kernel sources. The schemas are the op specs' (gannorm_kernels/ops/<op>.py) without their
+// backend argument; tests/test_op_spec.py holds the two equal.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -39,22 +40,25 @@ int64_t launch_count() { return launches.load(std::memory_order_relaxed); }
 GANNORM_NAMESPACE_END
 
 GANNORM_LIBRARY(GANNORM_OPS_NAMESPACE, m) {
-  m.def("weight_norm_fwd(Tensor v, Tensor g, int dim) -> (Tensor, Tensor)");
-  m.def("weight_norm_bwd(Tensor grad_w, Tensor v, Tensor g, Tensor norms, int dim) -> (Tensor, Tensor)");
+  m.def("weight_norm_fwd(Tensor v, Tensor g, int dim) -> (Tensor w, Tensor norms)");
+  m.def("weight_norm_bwd(Tensor grad_w, Tensor v, Tensor g, Tensor norms, int dim) "
+        "-> (Tensor grad_v, Tensor grad_g)");
   m.def("spectral_norm_fwd(Tensor weight, Tensor(a!) u, Tensor(b!) v, Tensor? sigma, int dim, "
-        "int n_power_iterations, float eps, bool training) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("spectral_norm_bwd(Tensor grad_out, Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim, "
-        "float eps) -> Tensor");
-  m.def("spectral_norm_vector_fwd(Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.def("spectral_norm_vector_bwd(Tensor grad_out, Tensor weight, Tensor sigma, float eps) -> Tensor");
-  m.def("similarity_cosine_fwd(Tensor features, float eps) -> (Tensor, Tensor, Tensor)");
-  m.def("similarity_cosine_bwd(Tensor grad_penalty, Tensor features, Tensor s, Tensor norms, float eps) -> Tensor");
-  m.def("similarity_rbf_fwd(Tensor features, float bandwidth) -> Tensor");
-  m.def("similarity_rbf_bwd(Tensor grad_penalty, Tensor features, float bandwidth) -> Tensor");
-  m.def("minibatch_discrimination_fwd(Tensor m) -> Tensor");
-  m.def("minibatch_discrimination_bwd(Tensor grad_o, Tensor m) -> Tensor");
-  m.def("minibatch_stddev_fwd(Tensor x, int group_size, int num_channels) -> Tensor");
-  m.def("minibatch_stddev_bwd(Tensor grad_out, Tensor x, int group_size, int num_channels) -> Tensor");
+        "int n_power_iterations, float eps, bool training) "
+        "-> (Tensor out, Tensor sigma_used, Tensor u_used, Tensor v_used)");
+  m.def("spectral_norm_bwd(Tensor grad_out, Tensor weight, Tensor u_used, Tensor v_used, Tensor sigma_used, "
+        "int dim, float eps) -> Tensor grad_weight");
+  m.def("spectral_norm_vector_fwd(Tensor weight, float eps) -> (Tensor out, Tensor sigma)");
+  m.def("spectral_norm_vector_bwd(Tensor grad_out, Tensor weight, Tensor sigma, float eps) -> Tensor grad_weight");
+  m.def("similarity_cosine_fwd(Tensor features, float eps) -> (Tensor penalty, Tensor s, Tensor norms)");
+  m.def("similarity_cosine_bwd(Tensor grad_penalty, Tensor features, Tensor s, Tensor norms, "
+        "float eps) -> Tensor grad_features");
+  m.def("similarity_rbf_fwd(Tensor features, float bandwidth) -> Tensor penalty");
+  m.def("similarity_rbf_bwd(Tensor grad_penalty, Tensor features, float bandwidth) -> Tensor grad_features");
+  m.def("minibatch_discrimination_fwd(Tensor m) -> Tensor o");
+  m.def("minibatch_discrimination_bwd(Tensor grad_o, Tensor m) -> Tensor grad_m");
+  m.def("minibatch_stddev_fwd(Tensor x, int group_size, int num_channels) -> Tensor out");
+  m.def("minibatch_stddev_bwd(Tensor grad_out, Tensor x, int group_size, int num_channels) -> Tensor grad_x");
   // Kernel launches since the library was loaded (for the launch-budget tests).
   m.def("launch_count() -> int", &gannorm::launch_count);
 #ifdef GANNORM_EMU

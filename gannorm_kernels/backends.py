@@ -178,10 +178,8 @@ def loaded_ops_namespaces() -> list[str]:
     return [ns for backend, ns in OPS_NAMESPACE.items() if extension_error(backend) is None]
 
 
-def kernels(backend: str):
-    """The namespace holding `backend`'s launchers: the same names and signatures for every
-    kernel backend (e.g. `weight_norm_fwd(v, g, dim)`)."""
-    if backend == "triton":
-        return _import("gannorm_kernels.triton")[0]
+def compiled_ops(backend: str):
+    """The torch.ops namespace of a compiled backend ("cuda" or "cuda-emu"), loading its library:
+    one operator per op spec's forward and backward (csrc/ops.cpp)."""
     _import(_EXTENSION_MODULE[backend])
     return getattr(torch.ops, OPS_NAMESPACE[backend])

@@ -12,3 +12,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype.is_complex:
         return dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def element_size(dtype: torch.dtype) -> int:
+    """Bytes per element."""
+    return torch.empty((), dtype=dtype).element_size()

@@ -20,7 +20,7 @@ from .dtypes import FLOAT_DTYPES, acc_dtype
 from .ops import minibatch_discrimination as minibatch_discrimination_ops
 from .ops import minibatch_stddev as minibatch_stddev_ops
 from .ops import spectral_norm as spectral_norm_ops
-from .ops.weight_norm import normalize_dim
+from .ops.weight_norm import torch_dim
 from .ops.weight_norm import weight_norm as weight_norm_op
 
 
@@ -109,7 +109,7 @@ def _warn_on_replaced_weights(optimizer, args, kwargs) -> None:
 
 def _register_weight_norm(module: nn.Module, name: str, parametrization: WeightNorm) -> nn.Module:
     weight = _float_weight(module, name)
-    normalize_dim(parametrization.dim, weight.dim())
+    torch_dim(parametrization.dim, weight.dim())
     backends.check_installed(parametrization.backend)
     what = f"{type(module).__name__}.{name}"
     parametrize.register_parametrization(module, name, parametrization, unsafe=True)
@@ -226,7 +226,7 @@ class SpectralNorm(nn.Module):
         way); by default they are drawn and warmed up as torch does."""
         super().__init__()
         spectral_norm_ops.check_settings(n_power_iterations, eps)
-        self.dim = spectral_norm_ops.normalize_dim(dim, weight.ndim) if weight.ndim > 1 else 0
+        self.dim = checks.matrix_dim(dim, weight.ndim) if weight.ndim > 1 else 0
         self.eps = eps
         self.n_power_iterations = n_power_iterations
         self.backend = backend

@@ -31,7 +31,7 @@ def _hazards(backend, seed: int, name: str):
         return
     if backend == "cuda-emu" and backends.unavailable_reason("cuda-emu", "cpu") is None:
         import torch
-        backends.kernels("cuda-emu")  # loads the library
+        backends.compiled_ops("cuda-emu")  # loads the library
         previous = torch.ops.gannorm_emu.set_schedule_seed(seed)
         try:
             yield

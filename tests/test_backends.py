@@ -85,7 +85,7 @@ def test_info_keys():
 
 
 def test_info_command_prints_the_report():
-    result = subprocess.run([sys.executable, "-m", "gannorm_kernels.info"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "gannorm_kernels"], capture_output=True, text=True,
                             check=True, cwd=ROOT)
     assert "cuda_extension_built:" in result.stdout
     assert "cuda-emu" in result.stdout

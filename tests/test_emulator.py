@@ -23,7 +23,7 @@ SEEDS = (1, 2, 3)
 
 @pytest.fixture
 def emu():
-    backends.kernels("cuda-emu")  # loads the library
+    backends.compiled_ops("cuda-emu")  # loads the library
     ops = torch.ops.gannorm_emu
     previous = ops.set_schedule_seed(1)
     yield ops
@@ -53,7 +53,7 @@ def test_unwritten_shared_memory_reads_nan(emu):
 def test_schedules_are_seeded_and_differ():
     """A racy result depends on the schedule: the same seed replays it, another seed may not.
     (The lockstep order, seed 0, stays available for comparison.)"""
-    backends.kernels("cuda-emu")
+    backends.compiled_ops("cuda-emu")
     ops = torch.ops.gannorm_emu
     previous = ops.set_schedule_seed(0)
     try:

@@ -13,7 +13,10 @@ from helpers import KERNEL_BACKENDS, backend_device
 from torch import nn
 
 import gannorm_kernels as gk
-from gannorm_kernels.tools import perf_model
+from gannorm_kernels.ops.minibatch_stddev import MINIBATCH_STDDEV
+from gannorm_kernels.ops.similarity import SIMILARITY_COSINE
+from gannorm_kernels.ops.spectral_norm import SPECTRAL_NORM
+from gannorm_kernels.ops.weight_norm import WEIGHT_NORM
 from gannorm_kernels.tools.launches import count_launches
 
 
@@ -204,8 +207,8 @@ def test_bytes_model_of_weight_norm(dim):
     w = gk.functional.weight_norm(v, g, dim, backend="triton")
     forward = touched(lambda: gk.functional.weight_norm(v, g, dim, backend="triton"), lambda out: (v, out))
     backward = touched(lambda: w.backward(grad) or v.grad, lambda grad_v: (v, grad, grad_v))
-    assert_model_brackets(perf_model.weight_norm(shape, torch.float32, dim), forward, f"weight norm dim {dim}")
-    assert_model_brackets(perf_model.weight_norm(shape, torch.float32, dim, backward=True), backward,
+    assert_model_brackets(WEIGHT_NORM.cost(shape, torch.float32, dim), forward, f"weight norm dim {dim}")
+    assert_model_brackets(WEIGHT_NORM.cost(shape, torch.float32, dim, backward=True), backward,
                           f"weight norm backward dim {dim}")
 
 
@@ -226,7 +229,7 @@ def test_bytes_model_of_spectral_norm(shape, dim):
     cached = touched(lambda: gk.functional.spectral_norm(original.detach(), sn._u, sn._v, sn.dim, training=False,
                                                          sigma=sn.last_sigma, backend="triton")[0],
                      lambda out: (original, out))
-    model = perf_model.spectral_norm
+    model = SPECTRAL_NORM.cost
     assert_model_brackets(model(shape, torch.float32, dim, "train"), train, "spectral norm, training forward")
     assert_model_brackets(model(shape, torch.float32, dim, "backward"), backward, "spectral norm, backward")
     assert_model_brackets(model(shape, torch.float32, dim, "eval-cached"), cached, "spectral norm, eval, cached")
@@ -243,8 +246,8 @@ def test_bytes_model_of_the_streaming_minibatch_ops():
     forward = touched(lambda: gk.pairwise_similarity_penalty(features, "cosine", backend="triton"),
                       lambda out: (features,))
     backward = touched(lambda: penalty.backward() or features.grad, lambda grad: (features, grad))
-    assert_model_brackets(perf_model.similarity_penalty(40, 70, torch.float32, "cosine"), forward, "cosine penalty")
-    assert_model_brackets(perf_model.similarity_penalty(40, 70, torch.float32, "cosine", backward=True), backward,
+    assert_model_brackets(SIMILARITY_COSINE.cost(40, 70, torch.float32, "cosine"), forward, "cosine penalty")
+    assert_model_brackets(SIMILARITY_COSINE.cost(40, 70, torch.float32, "cosine", backward=True), backward,
                           "cosine penalty, backward")
     images = torch.randn(8, 6, 3, 5, requires_grad=True)
     layer = gk.MinibatchStdDev(4, 2, backend="triton")
@@ -252,6 +255,6 @@ def test_bytes_model_of_the_streaming_minibatch_ops():
     grad = torch.randn_like(out)
     forward = touched(lambda: layer(images), lambda out: (images, out))
     backward = touched(lambda: out.backward(grad) or images.grad, lambda grad_x: (images, grad, grad_x))
-    assert_model_brackets(perf_model.minibatch_stddev(images.shape, torch.float32, 2), forward, "minibatch stddev")
-    assert_model_brackets(perf_model.minibatch_stddev(images.shape, torch.float32, 2, backward=True), backward,
+    assert_model_brackets(MINIBATCH_STDDEV.cost(images.shape, torch.float32, 2), forward, "minibatch stddev")
+    assert_model_brackets(MINIBATCH_STDDEV.cost(images.shape, torch.float32, 2, backward=True), backward,
                           "minibatch stddev, backward")

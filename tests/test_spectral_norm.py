@@ -16,7 +16,7 @@ from torch.nn.utils import parametrizations
 
 import gannorm_kernels as gk
 from gannorm_kernels import backends, reference
-from gannorm_kernels.tools import perf_model
+from gannorm_kernels.ops.spectral_norm import SPECTRAL_NORM
 from gannorm_kernels.tools.launches import count_launches
 from gannorm_kernels.ops.spectral_norm import matrix_shape
 
@@ -255,8 +255,8 @@ def test_launch_budget(backend, dim):
         assert expected <= 3 + 2 * (n - 1)
         assert (backward.ours, backward.aten_ops) == (BACKWARD_LAUNCHES, [])
         shape = tuple(weight.shape)
-        assert perf_model.spectral_norm(shape, weight.dtype, dim, "train", n).launches == expected
-    assert perf_model.spectral_norm(shape, weight.dtype, dim, "backward").launches == BACKWARD_LAUNCHES
+        assert SPECTRAL_NORM.cost(shape, weight.dtype, dim, "train", n).launches == expected
+    assert SPECTRAL_NORM.cost(shape, weight.dtype, dim, "backward").launches == BACKWARD_LAUNCHES
     assert BACKWARD_LAUNCHES <= BACKWARD_BUDGET
     ours.eval()
     with count_launches() as first_eval:
@@ -270,8 +270,8 @@ def test_launch_budget(backend, dim):
         gk.functional.spectral_norm(ours.parametrizations.weight.original, sn._u, sn._v, sn.dim, training=False,
                                     sigma=sn.last_sigma, backend=backend)
     assert (cached_eval.ours, cached_eval.aten_ops) == (EVAL_CACHED_LAUNCHES, [])
-    assert perf_model.spectral_norm(shape, weight.dtype, dim, "eval").launches == EVAL_LAUNCHES
-    assert perf_model.spectral_norm(shape, weight.dtype, dim, "eval-cached").launches == EVAL_CACHED_LAUNCHES
+    assert SPECTRAL_NORM.cost(shape, weight.dtype, dim, "eval").launches == EVAL_LAUNCHES
+    assert SPECTRAL_NORM.cost(shape, weight.dtype, dim, "eval-cached").launches == EVAL_CACHED_LAUNCHES
     assert EVAL_LAUNCHES <= EVAL_BUDGET
 
     with count_launches() as torch_forward:
@@ -296,8 +296,8 @@ def test_vector_launch_budget(backend):
     with count_launches() as backward:
         out.backward(grad)
     assert (forward.ours, forward.aten_ops, backward.ours, backward.aten_ops) == (2, [], 2, [])
-    assert perf_model.spectral_norm((9,), weight.dtype, mode="vector-forward").launches == forward.ours
-    assert perf_model.spectral_norm((9,), weight.dtype, mode="vector-backward").launches == backward.ours
+    assert SPECTRAL_NORM.cost((9,), weight.dtype, mode="vector-forward").launches == forward.ours
+    assert SPECTRAL_NORM.cost((9,), weight.dtype, mode="vector-backward").launches == backward.ours
 
 
 # ---- the module API: a drop-in for torch.nn.utils.parametrizations.spectral_norm ----

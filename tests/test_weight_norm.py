@@ -15,7 +15,7 @@ from torch.nn.utils import parametrizations
 
 import gannorm_kernels as gk
 from gannorm_kernels import backends, reference
-from gannorm_kernels.tools import perf_model
+from gannorm_kernels.ops.weight_norm import WEIGHT_NORM
 from gannorm_kernels.tools.launches import count_launches
 from gannorm_kernels.ops.weight_norm import normalize_dim, torch_dim
 
@@ -221,8 +221,8 @@ def test_launch_budget(backend, dim):
     assert (forward.ours, forward.aten_ops) == (launches[0], [])
     assert (backward.ours, backward.aten_ops) == (launches[1], [])
     assert FORWARD_LAUNCHES <= FORWARD_BUDGET and BACKWARD_LAUNCHES <= BACKWARD_BUDGET
-    assert perf_model.weight_norm(shape, torch.float32, dim).launches == launches[0]
-    assert perf_model.weight_norm(shape, torch.float32, dim, backward=True).launches == launches[1]
+    assert WEIGHT_NORM.cost(shape, torch.float32, dim).launches == launches[0]
+    assert WEIGHT_NORM.cost(shape, torch.float32, dim, backward=True).launches == launches[1]
 
     # torch's own op, counted the same way, for the record: it fuses dims 0 and last only.
     tv, tg = v.detach().clone().requires_grad_(), g.detach().clone().requires_grad_()

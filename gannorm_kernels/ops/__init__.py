@@ -1,15 +1,32 @@
-"""torch.library operators, one file per kernel family, all in the `gannorm_kernels` namespace.
+"""The op spec: each kernel family declared once, as an `OpSpec`, and everything derived from it.
 
-Each forward operator takes the backend name as its last argument and runs that backend's
-launcher; a fake kernel gives torch.compile its output shapes, and its Autograd kernel is the
-family's torch.autograd.Function, whose backward calls the matching backward operator. The
-low-level Library API is used (not `torch.library.custom_op`) because spectral norm updates
-its power-iteration buffers in place and custom_op refuses autograd for mutating operators.
+A family is a forward operator and its backward, both written as `torch.library` schemas once
+(here; csrc/ops.cpp repeats them for the compiled libraries, and a test holds the two equal).
+The schemas carry the whole autograd contract, by argument name:
+- the backward's first argument is the gradient of the forward's first output (the only
+  differentiable output; the others are returned for the caller or saved for backward);
+- its other arguments are forward inputs or outputs of the same name: the tensors among them
+  are saved for backward, the rest kept as they are;
+- it returns `grad_<name>` for each differentiable forward input `<name>`;
+- `Tensor(a!)` marks an input the forward updates in place (spectral norm's u and v).
 
-Eager calls go through the same autograd.Functions but call the launchers directly: a Python
-operator costs tens of microseconds of host time per call, more than the kernels of a
-typical GAN layer take on a GPU. torch.compile traces the operators.
+From a spec come: the operators `torch.ops.gannorm_kernels.<name>` (the backend name appended
+as a last `str backend` argument), their fake kernels, the one autograd.Function that runs the
+launchers eagerly and the operators under torch.compile, the double backward (the second
+derivative of the spec's plain-PyTorch reference), each backend's launchers (Triton's as real
+functions, imported on first use since triton is optional; the compiled ones are the
+`torch.ops.gannorm_cuda` / `gannorm_emu` operators of the same name), and its cost model.
+`SPECS` lists every spec, for the tests and tools that iterate over them.
+
+The low-level Library API is used (not `torch.library.custom_op`) because custom_op refuses
+autograd for mutating operators. Eager calls skip the operators: a Python operator costs tens
+of microseconds of host time per call, more than the kernels of a typical GAN layer take.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -19,42 +36,187 @@ NAMESPACE = "gannorm_kernels"
 LIBRARY = torch.library.Library(NAMESPACE, "DEF")
 
 
-def define(schema: str, kernel, fake, autograd):
-    """Defines `NAMESPACE::schema` with its kernel (any device), fake kernel and Autograd
-    kernel; returns the OpOverload. The compiled backends' operators of the same name (same
-    arguments but the backend) share the fake kernel."""
-    name = schema.split("(", 1)[0]
-    LIBRARY.define(schema)
-    LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
-    LIBRARY.impl(name, autograd, "Autograd")
-    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=LIBRARY)
-    for namespace in backends.loaded_ops_namespaces():
-        torch.library.register_fake(f"{namespace}::{name}", fake)
-    return getattr(getattr(torch.ops, NAMESPACE), name).default
+@dataclass(frozen=True)
+class Cost:
+    """What one call of a family's kernels costs: launches, bytes moved, arithmetic. The
+    launches are the budget the tests hold; with tools/perf_model.py's peak figures, bytes and
+    flops give a lower bound on GPU time."""
+
+    launches: int
+    bytes: int
+    flops: int = 0
+
+    def lower_bound_seconds(self, bandwidth: float, fp32_flops: float | None, launch_latency: float) -> float:
+        """max(bytes / bandwidth, flops / fp32 peak) + launches * launch latency (seconds per
+        small-kernel launch)."""
+        compute = self.flops / fp32_flops if fp32_flops else 0.0
+        return max(self.bytes / bandwidth, compute) + self.launches * launch_latency
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.launches + other.launches, self.bytes + other.bytes, self.flops + other.flops)
 
 
-def below_autograd(op, *args):
+SPECS: dict[str, "OpSpec"] = {}
+
+
+def _below_autograd(op, *args):
     """Runs `op` past its Autograd kernel (from inside the autograd.Function that is it)."""
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
 
-_COMPILED_DOUBLE_BACKWARD = ("{name}: double backward (create_graph=True) through torch.compile'd code is not "
-                             "supported (torch.compile itself does not support it); run that step eagerly, where "
-                             "every op supports it")
+class OpSpec:
+    """One kernel family, declared once; calling it runs the forward with autograd.
 
+    Args:
+        forward_schema, backward_schema: the operators' schemas without the backend argument,
+            following the naming contract above.
+        forward_fake, backward_fake: the output shapes from the arguments (meta tensors),
+            without the backend.
+        reference: the forward's first output in plain PyTorch, from the backward's arguments
+            but the gradient (positionally); its second derivative is the double backward.
+        triton: returns the Triton launchers (forward, backward); imports them when called.
+        cost: the family's cost model (op-specific arguments), returning a Cost.
+    """
 
-def no_double_backward(name: str, message: str = _COMPILED_DOUBLE_BACKWARD):
-    """The Autograd kernel of a backward operator, which only torch.compile'd code reaches:
-    first-order use passes through; asking for its gradient (create_graph=True) raises."""
-    message = message.format(name=name)
+    def __init__(self, forward_schema: str, backward_schema: str, *, forward_fake: Callable,
+                 backward_fake: Callable, reference: Callable, triton: Callable, cost: Callable):
+        self.forward_schema, self.backward_schema = forward_schema, backward_schema
+        forward, backward = torch._C.parse_schema(forward_schema), torch._C.parse_schema(backward_schema)
+        self.name = forward.name.removesuffix("_fwd")
+        self.forward_name, self.backward_name = forward.name, backward.name
+        inputs = [a.name for a in forward.arguments]
+        outputs = [r.name for r in forward.returns]
+        if not all(outputs):
+            raise ValueError(f"{forward.name}: name every return (they are matched to the backward's arguments)")
+        self.n_inputs = len(inputs)
+        self.mutated = tuple(a.name for a in forward.arguments if a.alias_info is not None and a.alias_info.is_write)
+        # the backward's arguments after the gradient: ("input", i) or ("output", i) of the forward
+        self.backward_sources = []
+        for arg in backward.arguments[1:]:
+            if arg.name in inputs:
+                self.backward_sources.append(("input", inputs.index(arg.name)))
+            elif arg.name in outputs:
+                self.backward_sources.append(("output", outputs.index(arg.name)))
+            else:
+                raise ValueError(f"{backward.name}: argument {arg.name!r} is neither an input nor an output of "
+                                 f"{forward.name}")
+        grads = [r.name for r in backward.returns]
+        if not all(name.startswith("grad_") and name[5:] in inputs for name in grads):
+            raise ValueError(f"{backward.name}: name its returns grad_<input> (got {grads})")
+        self.differentiable = tuple(inputs.index(name[5:]) for name in grads)
+        # where each differentiable input sits among the backward's arguments (for the reference)
+        self.differentiable_in_backward = tuple(self.backward_sources.index(("input", i)) for i in self.differentiable)
+        self.single_output = len(outputs) == 1
+        self.triton, self.cost, self.reference = triton, cost, reference
+        self._launchers: dict[str, tuple[Callable, Callable]] = {}
+        self.forward_op = self._define(forward_schema, self._forward_kernel, forward_fake,
+                                       lambda *args: _SpecFunction.apply(self, True, *args))
+        self.backward_op = self._define(backward_schema, self._backward_kernel, backward_fake,
+                                        self._backward_autograd)
+        SPECS[self.name] = self
 
-    def autograd(*args):
+    def _define(self, schema: str, kernel, fake, autograd):
+        """`NAMESPACE::<schema + str backend>` with its kernel, fake and Autograd kernel; the
+        compiled backends' operators of the same name share the fake."""
+        name = schema.split("(", 1)[0]
+        head, tail = schema.split(") ->", 1)
+        LIBRARY.define(f"{head}, str backend) ->{tail}")
+        LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
+        LIBRARY.impl(name, autograd, "Autograd")
+        torch.library.register_fake(f"{NAMESPACE}::{name}", lambda *args: fake(*args[:-1]), lib=LIBRARY)
+        for namespace in backends.loaded_ops_namespaces():
+            torch.library.register_fake(f"{namespace}::{name}", fake)
+        return getattr(getattr(torch.ops, NAMESPACE), name).default
+
+    def launchers(self, backend: str) -> tuple[Callable, Callable]:
+        """(forward, backward) launchers of a kernel backend, without the backend argument."""
+        found = self._launchers.get(backend)
+        if found is None:
+            if backend == "triton":
+                found = self.triton()
+            else:  # the compiled library's operators (csrc/<family>.cu), loading it if needed
+                library = backends.compiled_ops(backend)
+                found = (getattr(library, self.forward_name).default, getattr(library, self.backward_name).default)
+            self._launchers[backend] = found
+        return found
+
+    def _forward_kernel(self, *args):
+        return self.launchers(args[-1])[0](*args[:-1])
+
+    def _backward_kernel(self, *args):
+        return self.launchers(args[-1])[1](*args[:-1])
+
+    def _backward_autograd(self, *args):
+        """The backward operator's Autograd kernel, which only torch.compile'd code reaches."""
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            raise NotImplementedError(message)
-        return below_autograd(getattr(getattr(torch.ops, NAMESPACE), name).default, *args)
+            raise NotImplementedError(
+                f"{self.backward_name}: double backward (create_graph=True) through torch.compile'd code is not "
+                "supported (torch.compile itself does not support it); run that step eagerly, where every op "
+                "supports it")
+        return _below_autograd(self.backward_op, *args)
 
-    return autograd
+    def __call__(self, *args):
+        """args: the forward's, backend last; returns its outputs as a tuple (the first
+        differentiable, the others not). Eager: the launchers; under torch.compile: the operator."""
+        if torch.compiler.is_compiling():
+            outputs = self.forward_op(*args)
+        else:
+            outputs = _SpecFunction.apply(self, False, *args)
+        return outputs if isinstance(outputs, tuple) else (outputs,)
+
+    def __repr__(self) -> str:
+        return f"OpSpec({self.forward_schema!r})"
+
+
+class _SpecFunction(torch.autograd.Function):
+    """Every family's autograd formula: eager (`traced=False`, the launchers called directly) and
+    as the forward operator's Autograd kernel (`traced=True`, the operators, so torch.compile
+    sees them)."""
+
+    @staticmethod
+    def forward(ctx, spec, traced, *args):
+        if traced:
+            outputs = _below_autograd(spec.forward_op, *args)
+        else:
+            outputs = spec.launchers(args[-1])[0](*args[:-1])
+        outputs = (outputs,) if spec.single_output else tuple(outputs)
+        sources = [(args if kind == "input" else outputs)[i] for kind, i in spec.backward_sources]
+        ctx.save_for_backward(*(s for s in sources if isinstance(s, torch.Tensor)))
+        ctx.spec, ctx.traced, ctx.backend = spec, traced, args[-1]
+        ctx.sources = [None if isinstance(s, torch.Tensor) else s for s in sources]
+        ctx.mark_non_differentiable(*outputs[1:])
+        ctx.set_materialize_grads(False)
+        return outputs[0] if spec.single_output else outputs
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        spec = ctx.spec
+        result = [None] * (3 + spec.n_inputs)  # spec, traced, the inputs, backend
+        if grad is None:
+            return tuple(result)
+        saved = iter(ctx.saved_tensors)
+        sources = [next(saved) if s is None else s for s in ctx.sources]
+        if ctx.traced:
+            grads = spec.backward_op(grad, *sources, ctx.backend)
+        elif torch.is_grad_enabled():  # create_graph=True: R1/R2, WGAN-GP
+            def reference(*leaves):
+                args = list(sources)
+                for position, leaf in zip(spec.differentiable_in_backward, leaves):
+                    args[position] = leaf
+                return spec.reference(*args)
+
+            grads = differentiable_grads(lambda: _as_tuple(spec.launchers(ctx.backend)[1](grad, *sources)),
+                                         reference, (grad,), [sources[p] for p in spec.differentiable_in_backward])
+        else:
+            grads = spec.launchers(ctx.backend)[1](grad, *sources)
+        for i, g in zip(spec.differentiable, _as_tuple(grads)):
+            result[2 + i] = g
+        return tuple(result)
+
+
+def _as_tuple(outputs):
+    return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
 
 
 def differentiable_grads(kernel_grads, reference, grad_outputs, inputs):
@@ -100,67 +262,3 @@ class _KernelGrads(torch.autograd.Function):
                                          allow_unused=True) if pairs and targets else [None] * len(targets)
         by_leaf = dict(zip(map(id, targets), second))
         return (None, None, None) + tuple(by_leaf.get(id(t)) for t in leaves)
-
-
-class KernelPair:
-    """A forward operator and its backward, for ops with one differentiable input (the first)
-    and one differentiable output (the first); further outputs are saved for backward.
-
-    Convention (the compiled and Triton launchers follow it too): the backward takes
-    `(grad, input, *further forward outputs, *non-tensor arguments)`. Calling the pair runs
-    the forward with autograd: the launchers directly in eager mode, the operators when
-    torch.compile traces.
-    """
-
-    def __init__(self, forward_schema: str, backward_schema: str, forward_fake, backward_fake, reference):
-        """`reference(input, *non-tensor arguments but the backend)`: the first output in plain
-        PyTorch, which the double backward differentiates."""
-        self.forward_name = forward_schema.split("(", 1)[0]
-        self.backward_name = backward_schema.split("(", 1)[0]
-        self.forward_op = define(forward_schema, self._forward_kernel, forward_fake,
-                                 lambda *args: _KernelPairFunction.apply(self, True, *args))
-        self.backward_op = define(backward_schema, self._backward_kernel, backward_fake,
-                                  no_double_backward(self.backward_name))
-        self.reference = reference
-
-    def _forward_kernel(self, *args):
-        return getattr(backends.kernels(args[-1]), self.forward_name)(*args[:-1])
-
-    def _backward_kernel(self, *args):
-        return getattr(backends.kernels(args[-1]), self.backward_name)(*args[:-1])
-
-    def __call__(self, *args):
-        """args: the forward's, backend last; returns its outputs as a tuple."""
-        if torch.compiler.is_compiling():
-            outputs = self.forward_op(*args)
-        else:
-            outputs = _KernelPairFunction.apply(self, False, *args)
-        return outputs if isinstance(outputs, tuple) else (outputs,)
-
-
-class _KernelPairFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pair, traced, x, *args):
-        outputs = below_autograd(pair.forward_op, x, *args) if traced else pair._forward_kernel(x, *args)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        ctx.save_for_backward(x, *outputs[1:])
-        ctx.pair, ctx.traced, ctx.args = pair, traced, args
-        ctx.mark_non_differentiable(*outputs[1:])
-        ctx.set_materialize_grads(False)
-        return outputs if len(outputs) > 1 else outputs[0]  # as the operator's schema returns
-
-    @staticmethod
-    def backward(ctx, grad, *_):
-        nones = (None,) * (len(ctx.args) + 2)
-        if grad is None:
-            return (None,) + nones
-        scalars = tuple(a for a in ctx.args if not isinstance(a, torch.Tensor))
-        saved = ctx.saved_tensors
-        if ctx.traced:
-            return (None, None, ctx.pair.backward_op(grad, *saved, *scalars)) + nones[2:]
-        if torch.is_grad_enabled():  # create_graph=True
-            grad_x, = differentiable_grads(lambda: (ctx.pair._backward_kernel(grad, *saved, *scalars),),
-                                           lambda x: ctx.pair.reference(x, *scalars[:-1]), (grad,), (saved[0],))
-        else:
-            grad_x = ctx.pair._backward_kernel(grad, *saved, *scalars)
-        return (None, None, grad_x) + nones[2:]

@@ -1,8 +1,9 @@
 """Minibatch discrimination (Salimans et al. 2016) as torch operators: the pairwise part
 o[i, b] = sum_{j != i} exp(-||M[i, b] - M[j, b]||_1), with O(N B C) memory (nothing
-N x N x B x C). Algorithm: triton/minibatch_discrimination.py; registration: ops/__init__.py.
+N x N x B x C). Declared as MINIBATCH_DISCRIMINATION (ops/__init__.py derives the rest); kernels:
+triton/minibatch_discrimination.py, csrc/minibatch_discrimination.cu.
 
-Launch budget (held by tests): the pairwise part 1 forward / 1 backward (plus torch's matmul
+Launch budget (held by tests, from `cost`): the pairwise part 1 forward / 1 backward (plus torch's matmul
 and concatenation).
 """
 
@@ -11,16 +12,31 @@ from __future__ import annotations
 import torch
 
 from .. import backends, checks, reference
-from ..dtypes import acc_dtype
-from . import KernelPair
+from ..dtypes import element_size
+from . import Cost, OpSpec
 
 
-_discrimination = KernelPair(
-    "minibatch_discrimination_fwd(Tensor m, str backend) -> Tensor",
-    "minibatch_discrimination_bwd(Tensor grad_o, Tensor m, str backend) -> Tensor",
-    lambda m, backend=None: m.new_empty(m.shape[:2]),
-    lambda grad, m, backend=None: m.new_empty(m.shape),
-    reference.minibatch_discrimination_features)
+def cost(n: int, b: int, c: int, dtype, backward: bool = False) -> Cost:
+    """The pairwise part: 3 flops per (i, j, b, c) forward, 6 backward (recomputing the L1)."""
+    s = element_size(dtype)
+    if backward:
+        return Cost(1, 2 * n * b * c * s + 2 * n * b * s, 6 * n * n * b * c)
+    return Cost(1, n * b * c * s + n * b * s, 3 * n * n * b * c)
+
+
+def _triton():
+    from ..triton import minibatch_discrimination as kernels
+    return kernels.minibatch_discrimination_fwd, kernels.minibatch_discrimination_bwd
+
+
+# The pairwise part, o (N, B) from M (N, B, C); the matmul and the concatenation are torch's.
+MINIBATCH_DISCRIMINATION = OpSpec(
+    "minibatch_discrimination_fwd(Tensor m) -> Tensor o",
+    "minibatch_discrimination_bwd(Tensor grad_o, Tensor m) -> Tensor grad_m",
+    forward_fake=lambda m: m.new_empty(m.shape[:2]),
+    backward_fake=lambda grad, m: m.new_empty(m.shape),
+    reference=reference.minibatch_discrimination_features,
+    triton=_triton, cost=cost)
 
 
 def minibatch_discrimination(x: torch.Tensor, T: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -44,5 +60,5 @@ def minibatch_discrimination(x: torch.Tensor, T: torch.Tensor, *, backend: str =
     if name == "reference":
         o = reference.minibatch_discrimination_features(m)
     else:
-        o = _discrimination(m, name)[0]
+        o = MINIBATCH_DISCRIMINATION(m, name)[0]
     return torch.cat([x, o], dim=1)

@@ -1,26 +1,45 @@
 """The ProGAN/StyleGAN2 minibatch standard-deviation layer as torch operators, the
-concatenation fused in. Algorithm: triton/minibatch_stddev.py; registration: ops/__init__.py.
+concatenation fused in. Declared as MINIBATCH_STDDEV (ops/__init__.py derives the rest); kernels:
+triton/minibatch_stddev.py, csrc/minibatch_stddev.cu.
 
-Launch budget (held by tests): 1 forward / 1 backward.
+Launch budget (held by tests, from `cost`): 1 forward / 1 backward.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import backends, checks, reference
-from ..dtypes import acc_dtype
-from . import KernelPair
+from ..dtypes import element_size
+from . import Cost, OpSpec
 
 
-_stddev = KernelPair(
-    "minibatch_stddev_fwd(Tensor x, int group_size, int num_channels, str backend) -> Tensor",
-    "minibatch_stddev_bwd(Tensor grad_out, Tensor x, int group_size, int num_channels, str backend) -> Tensor",
-    lambda x, group_size, num_channels, backend=None: x.new_empty(
+def cost(shape, dtype, num_channels: int = 1, backward: bool = False) -> Cost:
+    """Forward reads x twice (mean and copy, then variance) and writes cat([x, stddev]);
+    backward reads x three times (mean, variance, gradient), the output's gradient once and
+    writes x's. The re-reads are of a group's BLOCK-wide slice just read (L1/L2 on a GPU)."""
+    n, c, h, w = shape
+    size, s = math.prod(shape), element_size(dtype)
+    if backward:
+        return Cost(1, 5 * size * s + n * num_channels * h * w * s)
+    return Cost(1, 2 * size * s + n * (c + num_channels) * h * w * s)
+
+
+def _triton():
+    from ..triton import minibatch_stddev as kernels
+    return kernels.minibatch_stddev_fwd, kernels.minibatch_stddev_bwd
+
+
+MINIBATCH_STDDEV = OpSpec(
+    "minibatch_stddev_fwd(Tensor x, int group_size, int num_channels) -> Tensor out",
+    "minibatch_stddev_bwd(Tensor grad_out, Tensor x, int group_size, int num_channels) -> Tensor grad_x",
+    forward_fake=lambda x, group_size, num_channels: x.new_empty(
         (x.shape[0], x.shape[1] + num_channels, x.shape[2], x.shape[3])),
-    lambda grad, x, group_size, num_channels, backend=None: x.new_empty(x.shape),
-    reference.minibatch_stddev)
-
+    backward_fake=lambda grad, x, group_size, num_channels: x.new_empty(x.shape),
+    reference=reference.minibatch_stddev,
+    triton=_triton, cost=cost)
 
 
 def minibatch_stddev(x: torch.Tensor, group_size: int = 4, num_channels: int = 1, *,
@@ -50,4 +69,4 @@ def minibatch_stddev(x: torch.Tensor, group_size: int = 4, num_channels: int = 1
     name = backends.resolve(backend, x.device)
     if name == "reference":
         return reference.minibatch_stddev(x, group_size, num_channels)
-    return _stddev(x, group_size, num_channels, name)[0]
+    return MINIBATCH_STDDEV(x, group_size, num_channels, name)[0]

@@ -1,8 +1,9 @@
 """The pairwise similarity penalty (cosine, rbf) as torch operators: the mean over ordered pairs
 i != j of k(f_i, f_j), with memory linear in the batch (nothing N x N is materialised).
-Algorithms: triton/similarity.py; registration and the eager path: ops/__init__.py.
+Declared as SIMILARITY_COSINE and SIMILARITY_RBF (ops/__init__.py derives the rest); kernels:
+triton/similarity.py, csrc/similarity.cu.
 
-Launch budget (held by tests): 2 forward / 1 backward (both kernels).
+Launch budget (held by tests, from `cost`): 2 forward / 1 backward (both kernels).
 """
 
 from __future__ import annotations
@@ -10,27 +11,55 @@ from __future__ import annotations
 import torch
 
 from .. import backends, checks, reference
-from ..dtypes import acc_dtype
-from . import KernelPair
+from ..dtypes import acc_dtype, element_size
+from . import Cost, OpSpec
 
 KERNELS = ("cosine", "rbf")
 
 
-_cosine = KernelPair(
-    "similarity_cosine_fwd(Tensor features, float eps, str backend) -> (Tensor, Tensor, Tensor)",
-    "similarity_cosine_bwd(Tensor grad_penalty, Tensor features, Tensor s, Tensor norms, float eps, str backend) "
-    "-> Tensor",
-    lambda f, eps, backend=None: (f.new_empty(()), f.new_empty((f.shape[1],), dtype=acc_dtype(f.dtype)),
-                                  f.new_empty((f.shape[0],), dtype=acc_dtype(f.dtype))),
-    lambda grad, f, s, norms, eps, backend=None: f.new_empty(f.shape),
-    lambda f, eps: reference.pairwise_similarity_penalty(f, "cosine", 1.0, eps))
+def cost(n: int, d: int, dtype, kernel: str, backward: bool = False) -> Cost:
+    """cosine: forward reads the features twice (norms, unit-row sums) and writes per-program
+    partial sums; backward reads them twice and writes the gradient. rbf: every pair's distance
+    (3 flops per feature), forward once, backward once per 32-column chunk of D it writes."""
+    s, acc = element_size(dtype), element_size(acc_dtype(dtype))
+    partials = -(-n // 16) * d * acc
+    if kernel == "cosine":
+        return Cost(1, 3 * n * d * s + d * acc) if backward else Cost(2, 2 * n * d * s + 2 * partials)
+    chunks = -(-d // 32)
+    if backward:
+        return Cost(1, 2 * n * d * s, 3 * n * n * d * chunks + 4 * n * n * min(d, 32) * chunks)
+    return Cost(2, n * d * s, 3 * n * n * d)
 
-_rbf = KernelPair(
-    "similarity_rbf_fwd(Tensor features, float bandwidth, str backend) -> Tensor",
-    "similarity_rbf_bwd(Tensor grad_penalty, Tensor features, float bandwidth, str backend) -> Tensor",
-    lambda f, bandwidth, backend=None: f.new_empty(()),
-    lambda grad, f, bandwidth, backend=None: f.new_empty(f.shape),
-    lambda f, bandwidth: reference.pairwise_similarity_penalty(f, "rbf", bandwidth, 1e-12))
+
+def _triton_cosine():
+    from ..triton import similarity as kernels
+    return kernels.similarity_cosine_fwd, kernels.similarity_cosine_bwd
+
+
+def _triton_rbf():
+    from ..triton import similarity as kernels
+    return kernels.similarity_rbf_fwd, kernels.similarity_rbf_bwd
+
+
+# s: the sum of the unit rows (acc dtype), norms: the rows' guarded norms, both for backward
+SIMILARITY_COSINE = OpSpec(
+    "similarity_cosine_fwd(Tensor features, float eps) -> (Tensor penalty, Tensor s, Tensor norms)",
+    "similarity_cosine_bwd(Tensor grad_penalty, Tensor features, Tensor s, Tensor norms, float eps) "
+    "-> Tensor grad_features",
+    forward_fake=lambda f, eps: (f.new_empty(()), f.new_empty((f.shape[1],), dtype=acc_dtype(f.dtype)),
+                                 f.new_empty((f.shape[0],), dtype=acc_dtype(f.dtype))),
+    backward_fake=lambda grad, f, s, norms, eps: f.new_empty(f.shape),
+    reference=lambda f, s, norms, eps: reference.pairwise_similarity_penalty(f, "cosine", 1.0, eps),
+    triton=_triton_cosine, cost=cost)
+
+SIMILARITY_RBF = OpSpec(
+    "similarity_rbf_fwd(Tensor features, float bandwidth) -> Tensor penalty",
+    "similarity_rbf_bwd(Tensor grad_penalty, Tensor features, float bandwidth) -> Tensor grad_features",
+    forward_fake=lambda f, bandwidth: f.new_empty(()),
+    backward_fake=lambda grad, f, bandwidth: f.new_empty(f.shape),
+    reference=lambda f, bandwidth: reference.pairwise_similarity_penalty(f, "rbf", bandwidth, 1e-12),
+    triton=_triton_rbf, cost=cost)
+
 
 def _gather_global_batch(features: torch.Tensor) -> torch.Tensor:
     """All ranks' features, concatenated, differentiable (torch.distributed.nn's all_gather)."""
@@ -79,5 +108,5 @@ def pairwise_similarity_penalty(features: torch.Tensor, kernel: str = "cosine", 
     if name == "reference":
         return reference.pairwise_similarity_penalty(flat, kernel, bandwidth, eps)
     if kernel == "cosine":
-        return _cosine(flat, eps, name)[0]
-    return _rbf(flat, bandwidth, name)[0]
+        return SIMILARITY_COSINE(flat, eps, name)[0]
+    return SIMILARITY_RBF(flat, bandwidth, name)[0]

@@ -2,56 +2,38 @@
 power-iteration estimates of W's leading singular vectors (W: the weight as a matrix whose
 rows run along `dim`).
 
-Operators (torch.ops.gannorm_kernels.*; registration and the eager path: ops/__init__.py):
+Two families, declared once as SPECTRAL_NORM and SPECTRAL_NORM_VECTOR (see ops/__init__.py for
+what derives from them); kernels: triton/spectral_norm.py, csrc/spectral_norm.cu.
 - `spectral_norm_fwd(weight, u, v, sigma, dim, n_power_iterations, eps, training, backend)
-  -> (out, sigma, u_used, v_used)`: training runs the power iteration on the buffers u and v
+  -> (out, sigma_used, u_used, v_used)`: training runs the power iteration on the buffers u and v
   in place (torch's order: u, then v) first; eval uses them as they are, and `sigma` when the
   caller has it cached. `u_used`/`v_used` are the vectors the output was computed with, kept
   for backward (torch clones the buffers for the same reason).
-- `spectral_norm_bwd(grad_out, weight, u_used, v_used, sigma, dim, eps, backend)`:
+- `spectral_norm_bwd(grad_out, weight, u_used, v_used, sigma_used, dim, eps, backend)`:
   dW = (G - <G, W> / sigma u v^T) / sigma, u and v constants as in torch.
 - `spectral_norm_vector_fwd/bwd`: 1-D weights, which torch normalises by their norm.
 The `reference` backend is plain PyTorch, called directly.
 
-Launch budget (held by tests): training forward 2 n + 1 (3 for one iteration), eval 1 with a
+Launch budget (held by tests, from `cost`): training forward 2 n + 1 (3 for one iteration), eval 1 with a
 cached sigma, else 2; backward 2; 1-D weights 2 / 2.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .. import backends, reference
-from ..dtypes import FLOAT_DTYPES, acc_dtype
-from . import below_autograd, define, differentiable_grads, no_double_backward
+from .. import backends, checks, reference
+from ..dtypes import FLOAT_DTYPES, acc_dtype, element_size
+from . import Cost, OpSpec
 
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 
 
-
-def matrix_shape(shape, dim: int) -> tuple[int, int]:
-    """(h, w) of the matrix view: h = shape[dim], w = the product of the other sizes."""
-    h = shape[dim]
-    w = 1
-    for i, s in enumerate(shape):
-        if i != dim:
-            w *= s
-    return h, w
-
-
-def normalize_dim(dim: int, ndim: int) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    if not -ndim <= dim < ndim:
-        raise IndexError(f"dim={dim} is out of range for a {ndim}-d weight (expected a dim in [{-ndim}, {ndim - 1}])")
-    return dim + ndim if dim < 0 else dim
-
-
 def check_settings(n_power_iterations, eps) -> None:
-    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
-        raise ValueError(f"n_power_iterations must be a positive int, got {n_power_iterations!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    checks.positive_int(n_power_iterations, "n_power_iterations")
+    checks.positive_number(eps, "eps")
 
 
 def check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma) -> int:
@@ -66,8 +48,8 @@ def check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma) 
     check_settings(n_power_iterations, eps)
     if weight.dim() == 1:
         return 0
-    dim = normalize_dim(dim, weight.dim())
-    h, w = matrix_shape(weight.shape, dim)
+    dim = checks.matrix_dim(dim, weight.dim())
+    h, w = checks.matrix_shape(weight.shape, dim)
     for name, buffer, size in (("u", u, h), ("v", v, w)):
         if not isinstance(buffer, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of {size} elements, got {type(buffer).__name__}")
@@ -88,39 +70,70 @@ def check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma) 
     return dim
 
 
-def _fwd_kernel(weight, u, v, sigma, dim, n_power_iterations, eps, training, backend):
-    return backends.kernels(backend).spectral_norm_fwd(weight, u, v, sigma, dim, n_power_iterations, eps, training)
+def cost(shape, dtype, dim: int = 0, mode: str = "train", n_power_iterations: int = 1) -> Cost:
+    """Per power iteration: W read by the rows pass and by the cols pass (plus u, v, x, t);
+    then the scale pass reads W and writes W / sigma. Eval (what the module runs): a rows pass
+    and the scale pass; "eval-cached" (the functional op given a sigma by its caller): the
+    scale pass alone. Both copy u and v out as used. Backward: G and W read for
+    <G, W>, G read and dW written.
+    1-D weights (mode "vector-*", SPECTRAL_NORM_VECTOR): w read for its norm, then read and written."""
+    n, s, acc = math.prod(shape), element_size(dtype), element_size(acc_dtype(dtype))
+    if mode.startswith("vector"):
+        return Cost(2, 4 * n * s) if mode == "vector-backward" else Cost(2, 3 * n * s)
+    h = shape[dim]
+    w = n // h
+    vectors = (h + w) * (s + 2 * acc)  # buffers read or written, x/t and the saved copies
+    if mode == "train":
+        return Cost(2 * n_power_iterations + 1, (2 * n_power_iterations + 2) * n * s + n_power_iterations * vectors)
+    if mode == "backward":
+        return Cost(2, 4 * n * s + (h + w) * acc)
+    if mode == "eval":
+        return Cost(2, 3 * n * s + vectors)
+    if mode == "eval-cached":  # the buffers copied out as used, for backward
+        return Cost(1, 2 * n * s + (h + w) * (s + acc))
+    raise ValueError(f"unknown mode {mode!r}: expected train, backward, eval, eval-cached, vector-forward or "
+                     "vector-backward")
 
 
-def _fwd_fake(weight, u, v, sigma, dim, n_power_iterations, eps, training, backend=None):
-    h, w = matrix_shape(weight.shape, dim)
+def _forward_fake(weight, u, v, sigma, dim, n_power_iterations, eps, training):
+    h, w = checks.matrix_shape(weight.shape, dim)
     acc = acc_dtype(weight.dtype)
     return (weight.new_empty(weight.shape), weight.new_empty((), dtype=acc), weight.new_empty((h,), dtype=acc),
             weight.new_empty((w,), dtype=acc))
 
 
-def _bwd_kernel(grad_out, weight, u, v, sigma, dim, eps, backend):
-    return backends.kernels(backend).spectral_norm_bwd(grad_out, weight, u, v, sigma, dim, eps)
+def _triton():
+    from ..triton import spectral_norm as kernels
+    return kernels.spectral_norm_fwd, kernels.spectral_norm_bwd
 
 
-def _bwd_fake(grad_out, weight, u, v, sigma, dim, eps, backend=None):
-    return weight.new_empty(weight.shape)
+def _triton_vector():
+    from ..triton import spectral_norm as kernels
+    return kernels.spectral_norm_vector_fwd, kernels.spectral_norm_vector_bwd
 
 
-def _vector_fwd_kernel(weight, eps, backend):
-    return backends.kernels(backend).spectral_norm_vector_fwd(weight, eps)
+# u_used/v_used: the vectors `out` was computed with (fp32; fp64 for fp64), saved for backward;
+# the double backward differentiates W / (u^T W v) with them as constants, as the kernel does.
+SPECTRAL_NORM = OpSpec(
+    "spectral_norm_fwd(Tensor weight, Tensor(a!) u, Tensor(b!) v, Tensor? sigma, int dim, int n_power_iterations, "
+    "float eps, bool training) -> (Tensor out, Tensor sigma_used, Tensor u_used, Tensor v_used)",
+    "spectral_norm_bwd(Tensor grad_out, Tensor weight, Tensor u_used, Tensor v_used, Tensor sigma_used, int dim, "
+    "float eps) -> Tensor grad_weight",
+    forward_fake=_forward_fake,
+    backward_fake=lambda grad_out, weight, u_used, v_used, sigma_used, dim, eps: weight.new_empty(weight.shape),
+    reference=lambda weight, u_used, v_used, sigma_used, dim, eps: reference.spectral_norm(
+        weight, u_used, v_used, dim, 1, eps, training=False)[0],
+    triton=_triton, cost=cost)
 
-
-def _vector_fwd_fake(weight, eps, backend=None):
-    return weight.new_empty(weight.shape), weight.new_empty((), dtype=acc_dtype(weight.dtype))
-
-
-def _vector_bwd_kernel(grad_out, weight, sigma, eps, backend):
-    return backends.kernels(backend).spectral_norm_vector_bwd(grad_out, weight, sigma, eps)
-
-
-def _vector_bwd_fake(grad_out, weight, sigma, eps, backend=None):
-    return weight.new_empty(weight.shape)
+# 1-D weights, which torch divides by their norm: (weight / max(||weight||, eps), that denominator)
+SPECTRAL_NORM_VECTOR = OpSpec(
+    "spectral_norm_vector_fwd(Tensor weight, float eps) -> (Tensor out, Tensor sigma)",
+    "spectral_norm_vector_bwd(Tensor grad_out, Tensor weight, Tensor sigma, float eps) -> Tensor grad_weight",
+    forward_fake=lambda weight, eps: (weight.new_empty(weight.shape),
+                                      weight.new_empty((), dtype=acc_dtype(weight.dtype))),
+    backward_fake=lambda grad_out, weight, sigma, eps: weight.new_empty(weight.shape),
+    reference=lambda weight, sigma, eps: reference.vector_normalize(weight, eps)[0],
+    triton=_triton_vector, cost=cost)
 
 
 def complex_backend(backend: str) -> str:
@@ -130,85 +143,6 @@ def complex_backend(backend: str) -> str:
     if name not in ("auto", "reference"):
         raise TypeError(f"backend {name!r} does not support complex weights; use backend='reference' or 'auto'")
     return "reference"
-
-
-class _SpectralNormFunction(torch.autograd.Function):
-    """The autograd formula, for eager calls (`traced=False`: launchers called directly) and as
-    the operator's Autograd kernel (`traced=True`: the operators, so torch.compile sees them).
-    Returns (out, sigma); sigma carries no gradient."""
-
-    @staticmethod
-    def forward(ctx, traced, weight, u, v, sigma, dim, n_power_iterations, eps, training, backend):
-        run = (lambda *args: below_autograd(spectral_norm_fwd, *args)) if traced else _fwd_kernel
-        out, sigma, u_used, v_used = run(weight, u, v, sigma, dim, n_power_iterations, eps, training, backend)
-        ctx.save_for_backward(weight, u_used, v_used, sigma)
-        ctx.traced, ctx.dim, ctx.eps, ctx.backend = traced, dim, eps, backend
-        ctx.mark_non_differentiable(sigma, u_used, v_used)
-        ctx.set_materialize_grads(False)
-        return out, sigma, u_used, v_used
-
-    @staticmethod
-    def backward(ctx, grad_out, *_):
-        if grad_out is None:
-            return (None,) * 10
-        weight, u_used, v_used, sigma = ctx.saved_tensors
-        args = (weight, u_used, v_used, sigma, ctx.dim, ctx.eps, ctx.backend)
-        if ctx.traced:
-            grad = spectral_norm_bwd(grad_out, *args)
-        elif torch.is_grad_enabled():  # create_graph=True; u and v stay the constants they were
-            dim, eps = ctx.dim, ctx.eps
-            grad, = differentiable_grads(
-                lambda: (_bwd_kernel(grad_out, *args),),
-                lambda w: reference.spectral_norm(w, u_used, v_used, dim, 1, eps, training=False)[0],
-                (grad_out,), (weight,))
-        else:
-            grad = _bwd_kernel(grad_out, *args)
-        return (None, grad) + (None,) * 8
-
-
-class _SpectralNormVectorFunction(torch.autograd.Function):
-    """As _SpectralNormFunction, for 1-D weights."""
-
-    @staticmethod
-    def forward(ctx, traced, weight, eps, backend):
-        run = (lambda *args: below_autograd(spectral_norm_vector_fwd, *args)) if traced else _vector_fwd_kernel
-        out, sigma = run(weight, eps, backend)
-        ctx.save_for_backward(weight, sigma)
-        ctx.traced, ctx.eps, ctx.backend = traced, eps, backend
-        ctx.mark_non_differentiable(sigma)
-        ctx.set_materialize_grads(False)
-        return out, sigma
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_sigma):
-        if grad_out is None:
-            return None, None, None, None
-        weight, sigma = ctx.saved_tensors
-        eps, backend = ctx.eps, ctx.backend
-        if ctx.traced:
-            grad = spectral_norm_vector_bwd(grad_out, weight, sigma, eps, backend)
-        elif torch.is_grad_enabled():  # create_graph=True
-            grad, = differentiable_grads(lambda: (_vector_bwd_kernel(grad_out, weight, sigma, eps, backend),),
-                                         lambda w: reference.vector_normalize(w, eps)[0], (grad_out,), (weight,))
-        else:
-            grad = _vector_bwd_kernel(grad_out, weight, sigma, eps, backend)
-        return None, grad, None, None
-
-
-spectral_norm_fwd = define(
-    "spectral_norm_fwd(Tensor weight, Tensor(a!) u, Tensor(b!) v, Tensor? sigma, int dim, int n_power_iterations, "
-    "float eps, bool training, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
-    _fwd_kernel, _fwd_fake, lambda *args: _SpectralNormFunction.apply(True, *args))
-spectral_norm_bwd = define(
-    "spectral_norm_bwd(Tensor grad_out, Tensor weight, Tensor u, Tensor v, Tensor sigma, int dim, float eps, "
-    "str backend) -> Tensor",
-    _bwd_kernel, _bwd_fake, no_double_backward("spectral_norm_bwd"))
-spectral_norm_vector_fwd = define(
-    "spectral_norm_vector_fwd(Tensor weight, float eps, str backend) -> (Tensor, Tensor)",
-    _vector_fwd_kernel, _vector_fwd_fake, lambda *args: _SpectralNormVectorFunction.apply(True, *args))
-spectral_norm_vector_bwd = define(
-    "spectral_norm_vector_bwd(Tensor grad_out, Tensor weight, Tensor sigma, float eps, str backend) -> Tensor",
-    _vector_bwd_kernel, _vector_bwd_fake, no_double_backward("spectral_norm_vector_bwd"))
 
 
 def spectral_norm(weight: torch.Tensor, u: torch.Tensor | None = None, v: torch.Tensor | None = None, dim: int = 0,
@@ -243,16 +177,11 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor | None = None, v: torch.
         if name == "reference":
             out, denominator = reference.vector_normalize(weight, eps)
             return out, denominator.detach()
-        if torch.compiler.is_compiling():
-            return spectral_norm_vector_fwd(weight, eps, name)
-        return _SpectralNormVectorFunction.apply(False, weight, eps, name)
+        return SPECTRAL_NORM_VECTOR(weight, eps, name)
     if name == "reference":
         out, sigma = reference.spectral_norm(weight, u, v, dim, n_power_iterations, eps, training)
         return out, sigma.detach()
     cached = None if training else sigma
     args = (weight, u, v, cached, dim, n_power_iterations, eps, training, name)
-    if torch.compiler.is_compiling():
-        out, sigma, _, _ = spectral_norm_fwd(*args)
-    else:
-        out, sigma, _, _ = _SpectralNormFunction.apply(False, *args)
+    out, sigma, _, _ = SPECTRAL_NORM(*args)
     return out, sigma

@@ -1,22 +1,23 @@
 """Weight normalization as torch operators: w = g * v / ||v||, the norm over every dim of v
 but `dim` (dim=None or -1: the whole tensor, as in torch).
 
-`torch.ops.gannorm_kernels.weight_norm_fwd(v, g, dim, backend) -> (w, norms)` and its
-backward `weight_norm_bwd` run the chosen kernel backend (triton, cuda, cuda-emu); see
-`ops/__init__.py` for how they are registered and how eager calls bypass them. The
-`reference` backend is plain PyTorch, called directly.
+The family is declared once, as WEIGHT_NORM (see ops/__init__.py for what derives from it);
+its kernels: triton/weight_norm.py and csrc/weight_norm.cu. The `reference` backend is plain
+PyTorch, called directly.
 
-Launch budget (held by tests): forward 1, backward 1, for every dim.
+Launch budget (held by tests, from `cost`): forward 1, backward 1 per channel dim; 2 and 2
+for the whole tensor.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import backends, reference
-from ..dtypes import FLOAT_DTYPES, acc_dtype
-from . import below_autograd, define, differentiable_grads, no_double_backward
-
+from ..dtypes import FLOAT_DTYPES, acc_dtype, element_size
+from . import Cost, OpSpec
 
 
 def torch_dim(dim: int | None, ndim: int) -> int:
@@ -32,12 +33,6 @@ def torch_dim(dim: int | None, ndim: int) -> int:
         raise IndexError(f"dim={dim} is out of range for a {ndim}-d weight "
                          f"(expected None, -1 or a dim in [{-ndim}, {ndim - 1}])")
     return dim
-
-
-def normalize_dim(dim: int | None, ndim: int) -> int:
-    """torch's convention: None and -1 mean the whole tensor; other negatives count from the end."""
-    dim = torch_dim(dim, ndim)
-    return dim + ndim if dim < -1 else dim
 
 
 def _channels(shape, dim: int) -> int:
@@ -65,61 +60,34 @@ def check_weight_norm_args(v, g, dim) -> int:
     return dim
 
 
-def _weight_norm_fwd_kernel(v, g, dim, backend):
-    return backends.kernels(backend).weight_norm_fwd(v, g, dim)
+def cost(shape, dtype, dim: int | None, backward: bool = False) -> Cost:
+    """Forward: v read twice (norm, then scale), w written, g read, norms written. Backward:
+    grad_w and v read twice, grad_v written, g and norms read, grad_g written. The whole
+    tensor (dim None or -1) takes two launches each way (a partial-sum pass over many
+    programs, then the scale pass); its partials (a few KB) are left out of the bytes."""
+    n, s, acc = math.prod(shape), element_size(dtype), element_size(acc_dtype(dtype))
+    whole = dim is None or dim == -1
+    channels = 1 if whole else shape[dim]
+    launches = 2 if whole else 1
+    if backward:
+        return Cost(launches, 5 * n * s + channels * (2 * s + acc))
+    return Cost(launches, 3 * n * s + channels * (s + acc))
 
 
-def _weight_norm_fwd_fake(v, g, dim, backend=None):
-    return v.new_empty(v.shape), v.new_empty((_channels(v.shape, dim),), dtype=acc_dtype(v.dtype))
+def _triton():
+    from ..triton import weight_norm as kernels
+    return kernels.weight_norm_fwd, kernels.weight_norm_bwd
 
 
-def _weight_norm_bwd_kernel(grad_w, v, g, norms, dim, backend):
-    return backends.kernels(backend).weight_norm_bwd(grad_w, v, g, norms, dim)
-
-
-def _weight_norm_bwd_fake(grad_w, v, g, norms, dim, backend=None):
-    return v.new_empty(v.shape), g.new_empty(g.shape)
-
-
-class _WeightNormFunction(torch.autograd.Function):
-    """The autograd formula, for eager calls (`traced=False`: launchers called directly) and as
-    the operator's Autograd kernel (`traced=True`: the operators, so torch.compile sees them)."""
-
-    @staticmethod
-    def forward(ctx, traced, v, g, dim, backend):
-        if traced:
-            w, norms = below_autograd(weight_norm_fwd, v, g, dim, backend)
-        else:
-            w, norms = _weight_norm_fwd_kernel(v, g, dim, backend)
-        ctx.save_for_backward(v, g, norms)
-        ctx.traced, ctx.dim, ctx.backend = traced, dim, backend
-        ctx.mark_non_differentiable(norms)
-        ctx.set_materialize_grads(False)
-        return w, norms
-
-    @staticmethod
-    def backward(ctx, grad_w, _grad_norms):
-        if grad_w is None:
-            return None, None, None, None, None
-        v, g, norms = ctx.saved_tensors
-        dim, backend = ctx.dim, ctx.backend
-        if ctx.traced:
-            grad_v, grad_g = weight_norm_bwd(grad_w, v, g, norms, dim, backend)
-        elif torch.is_grad_enabled():  # create_graph=True
-            grad_v, grad_g = differentiable_grads(lambda: _weight_norm_bwd_kernel(grad_w, v, g, norms, dim, backend),
-                                                  lambda v, g: reference.weight_norm(v, g, dim), (grad_w,), (v, g))
-        else:
-            grad_v, grad_g = _weight_norm_bwd_kernel(grad_w, v, g, norms, dim, backend)
-        return None, grad_v, grad_g, None, None
-
-# (w, norms): the weight and the per-channel ||v|| (fp32; fp64 for fp64 v).
-weight_norm_fwd = define("weight_norm_fwd(Tensor v, Tensor g, int dim, str backend) -> (Tensor, Tensor)",
-                         _weight_norm_fwd_kernel, _weight_norm_fwd_fake,
-                         lambda *args: _WeightNormFunction.apply(True, *args))
-# (grad_v, grad_g).
-weight_norm_bwd = define(
-    "weight_norm_bwd(Tensor grad_w, Tensor v, Tensor g, Tensor norms, int dim, str backend) -> (Tensor, Tensor)",
-    _weight_norm_bwd_kernel, _weight_norm_bwd_fake, no_double_backward("weight_norm_bwd"))
+# norms: the per-channel ||v|| (fp32; fp64 for fp64 v)
+WEIGHT_NORM = OpSpec(
+    "weight_norm_fwd(Tensor v, Tensor g, int dim) -> (Tensor w, Tensor norms)",
+    "weight_norm_bwd(Tensor grad_w, Tensor v, Tensor g, Tensor norms, int dim) -> (Tensor grad_v, Tensor grad_g)",
+    forward_fake=lambda v, g, dim: (v.new_empty(v.shape),
+                                    v.new_empty((_channels(v.shape, dim),), dtype=acc_dtype(v.dtype))),
+    backward_fake=lambda grad_w, v, g, norms, dim: (v.new_empty(v.shape), g.new_empty(g.shape)),
+    reference=lambda v, g, norms, dim: reference.weight_norm(v, g, dim),
+    triton=_triton, cost=cost)
 
 
 def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int | None = 0, *, backend: str = "auto") -> torch.Tensor:
@@ -141,6 +109,4 @@ def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int | None = 0, *, backen
     name = backends.resolve(backend, v.device)
     if name == "reference":
         return reference.weight_norm(v, g, dim)
-    if torch.compiler.is_compiling():
-        return weight_norm_fwd(v, g, dim, name)[0]
-    return _WeightNormFunction.apply(False, v, g, dim, name)[0]
+    return WEIGHT_NORM(v, g, dim, name)[0]

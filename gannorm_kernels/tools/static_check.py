@@ -1,10 +1,9 @@
 """Static GPU check, for machines without a GPU: `python -m gannorm_kernels.tools.static_check`
 (`make static-check`, part of `make test`).
 
-- Triton: the launchers are run on meta tensors for every workload in
+- Triton: every op spec's launchers are run on meta tensors for every workload in
   `gannorm_kernels.tools.workloads` (GAN layers, minibatch shapes), every dim and dtype they
-  support, with launches recorded
-  instead of run; each distinct (kernel, dtypes, constexprs, num_warps) is compiled for sm_80
+  support (WORKLOAD_CALLS, one entry per op spec), with launches recorded instead of run; each distinct (kernel, dtypes, constexprs, num_warps) is compiled for sm_80
   and sm_90 with `triton.compile`, and the cubin's resource usage read with `cuobjdump`.
 - CUDA C++: `cuobjdump -res-usage` on the built extension, every kernel and arch.
 
@@ -17,6 +16,7 @@ counts are those of the generic variant.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import subprocess
 import sys
@@ -27,56 +27,112 @@ TARGET_ARCHS = (80, 90)
 _TRITON_DTYPES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp64"}
 
 
+def _meta(*shape, dtype):
+    import torch
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _acc(dtype):
+    from ..dtypes import acc_dtype
+    return acc_dtype(dtype)
+
+
+# Per op spec (by name): calls its Triton (forward, backward) launchers on meta tensors for the
+# workloads, for one dtype. An op spec without an entry here fails the check.
+def _weight_norm_calls(forward, backward, dtype):
+    from .workloads import GAN_LAYERS
+    for _, _, shape in GAN_LAYERS:
+        v = _meta(*shape, dtype=dtype)
+        for dim in (0, 1, len(shape) - 1, -1):
+            channels = 1 if dim == -1 else shape[dim]
+            g = _meta(channels, dtype=dtype)
+            forward(v, g, dim)
+            backward(v, v, g, _meta(channels, dtype=_acc(dtype)), dim)
+
+
+def _spectral_norm_calls(forward, backward, dtype):
+    from ..checks import matrix_shape
+    from .workloads import GAN_LAYERS
+    for _, _, shape in GAN_LAYERS:
+        weight = _meta(*shape, dtype=dtype)
+        for dim in (0, 1):
+            h, w = matrix_shape(shape, dim)
+            u, v = _meta(h, dtype=dtype), _meta(w, dtype=dtype)
+            sigma = _meta(dtype=_acc(dtype))
+            forward(weight, u, v, None, dim, 2, 1e-12, True)
+            forward(weight, u, v, None, dim, 1, 1e-12, False)
+            forward(weight, u, v, sigma, dim, 1, 1e-12, False)
+            backward(weight, weight, _meta(h, dtype=_acc(dtype)), _meta(w, dtype=_acc(dtype)), sigma, dim, 1e-12)
+
+
+def _spectral_norm_vector_calls(forward, backward, dtype):
+    from .workloads import GAN_LAYERS
+    for _, _, shape in GAN_LAYERS:
+        flat = _meta(math.prod(shape), dtype=dtype)
+        forward(flat, 1e-12)
+        backward(flat, flat, _meta(dtype=_acc(dtype)), 1e-12)
+
+
+def _similarity_cosine_calls(forward, backward, dtype):
+    from .workloads import MINIBATCH_FEATURES
+    for n, d in MINIBATCH_FEATURES:
+        f = _meta(n, d, dtype=dtype)
+        forward(f, 1e-12)
+        backward(_meta(dtype=dtype), f, _meta(d, dtype=_acc(dtype)), _meta(n, dtype=_acc(dtype)), 1e-12)
+
+
+def _similarity_rbf_calls(forward, backward, dtype):
+    from .workloads import MINIBATCH_FEATURES
+    for n, d in MINIBATCH_FEATURES:
+        f = _meta(n, d, dtype=dtype)
+        forward(f, 1.0)
+        backward(_meta(dtype=dtype), f, 1.0)
+
+
+def _minibatch_discrimination_calls(forward, backward, dtype):
+    from .workloads import MINIBATCH_DISCRIMINATION
+    for n, b, c in MINIBATCH_DISCRIMINATION:
+        m = _meta(n, b, c, dtype=dtype)
+        forward(m)
+        backward(_meta(n, b, dtype=dtype), m)
+
+
+def _minibatch_stddev_calls(forward, backward, dtype):
+    from .workloads import MINIBATCH_STDDEV
+    for shape in MINIBATCH_STDDEV:
+        x = _meta(*shape, dtype=dtype)
+        forward(x, 4, 1)
+        backward(_meta(shape[0], shape[1] + 1, *shape[2:], dtype=dtype), x, 4, 1)
+
+
+WORKLOAD_CALLS = {
+    "weight_norm": _weight_norm_calls,
+    "spectral_norm": _spectral_norm_calls,
+    "spectral_norm_vector": _spectral_norm_vector_calls,
+    "similarity_cosine": _similarity_cosine_calls,
+    "similarity_rbf": _similarity_rbf_calls,
+    "minibatch_discrimination": _minibatch_discrimination_calls,
+    "minibatch_stddev": _minibatch_stddev_calls,
+}
+
+
 def _workload_launches():
-    """Every Triton launch the launchers make for the GAN layers, recorded on meta tensors."""
+    """Every Triton launch each op spec's launchers make for the workloads, recorded on meta tensors."""
     import torch
 
-    from .. import triton as kernels
-    from ..ops.spectral_norm import matrix_shape
+    from .. import functional  # noqa: F401  (declares every op spec)
+    from ..ops import SPECS
     from ..triton.common import record_launches
-    from .workloads import GAN_LAYERS, MINIBATCH_DISCRIMINATION, MINIBATCH_FEATURES, MINIBATCH_STDDEV
 
-    def meta(*shape, dtype):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
+    missing = sorted(set(SPECS) - set(WORKLOAD_CALLS))
+    if missing:
+        raise SystemExit(f"static_check: no workload calls for the op spec(s) {', '.join(missing)}: add them to "
+                         "WORKLOAD_CALLS")
     with record_launches() as records:
-        for _, _, shape in GAN_LAYERS:
+        for name, spec in SPECS.items():
+            forward, backward = spec.triton()
             for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-                acc = torch.float64 if dtype == torch.float64 else torch.float32
-                v = meta(*shape, dtype=dtype)
-                for dim in (0, 1, len(shape) - 1, -1):
-                    channels = 1 if dim == -1 else shape[dim]
-                    g = meta(channels, dtype=dtype)
-                    kernels.weight_norm_fwd(v, g, dim)
-                    kernels.weight_norm_bwd(v, v, g, meta(channels, dtype=acc), dim)
-                for dim in (0, 1):
-                    h, w = matrix_shape(shape, dim)
-                    u, vec = meta(h, dtype=dtype), meta(w, dtype=dtype)
-                    sigma = meta(dtype=acc)
-                    kernels.spectral_norm_fwd(v, u, vec, None, dim, 2, 1e-12, True)
-                    kernels.spectral_norm_fwd(v, u, vec, None, dim, 1, 1e-12, False)
-                    kernels.spectral_norm_fwd(v, u, vec, sigma, dim, 1, 1e-12, False)
-                    kernels.spectral_norm_bwd(v, v, meta(h, dtype=acc), meta(w, dtype=acc), sigma, dim, 1e-12)
-                flat = meta(v.numel(), dtype=dtype)
-                kernels.spectral_norm_vector_fwd(flat, 1e-12)
-                kernels.spectral_norm_vector_bwd(flat, flat, meta(dtype=acc), 1e-12)
-        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
-            one = meta(dtype=dtype)
-            for n, d in MINIBATCH_FEATURES:
-                f = meta(n, d, dtype=dtype)
-                kernels.similarity_cosine_fwd(f, 1e-12)
-                kernels.similarity_cosine_bwd(one, f, meta(d, dtype=acc), meta(n, dtype=acc), 1e-12)
-                kernels.similarity_rbf_fwd(f, 1.0)
-                kernels.similarity_rbf_bwd(one, f, 1.0)
-            for n, b, c in MINIBATCH_DISCRIMINATION:
-                m = meta(n, b, c, dtype=dtype)
-                kernels.minibatch_discrimination_fwd(m)
-                kernels.minibatch_discrimination_bwd(meta(n, b, dtype=dtype), m)
-            for shape in MINIBATCH_STDDEV:
-                x = meta(*shape, dtype=dtype)
-                kernels.minibatch_stddev_fwd(x, 4, 1)
-                kernels.minibatch_stddev_bwd(meta(shape[0], shape[1] + 1, *shape[2:], dtype=dtype), x, 4, 1)
+                WORKLOAD_CALLS[name](forward, backward, dtype)
     return records
 
 

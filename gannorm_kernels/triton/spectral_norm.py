@@ -302,7 +302,7 @@ def _dot_partials_of(a, b):
     return partials
 
 
-def spectral_norm_bwd(grad_out, weight, u_used, v_used, sigma, dim: int, eps: float):
+def spectral_norm_bwd(grad_out, weight, u_used, v_used, sigma_used, dim: int, eps: float):
     """Returns grad_weight like torch.ops.gannorm_cuda.spectral_norm_bwd."""
     grad_out, weight = grad_out.contiguous(), weight.contiguous()
     _, h, B = matrix_layout(weight.shape, dim)
@@ -310,7 +310,7 @@ def spectral_norm_bwd(grad_out, weight, u_used, v_used, sigma, dim: int, eps: fl
     partials = _dot_partials_of(grad_out, weight)
     block = block_size(weight.numel(), 16, 1024)
     launch(_backward, _elementwise_grid(weight.numel(), block), grad_weight, grad_out, weight, u_used, v_used,
-           sigma, partials, weight.numel(), h, B, partials.numel(), eps, VECTOR=False,
+           sigma_used, partials, weight.numel(), h, B, partials.numel(), eps, VECTOR=False,
            ACC=acc_dtype(weight.dtype), BLOCK=block, BLOCK_P=_PARTIALS_BLOCK)
     return grad_weight
 

@@ -1,13 +1,14 @@
 """What this install can do: versions, the compiled extension and its archs, and every
-backend's availability with the reason when it cannot run. `python -m gannorm_kernels.info`."""
+backend's availability with the reason when it cannot run. `python -m gannorm_kernels` prints it."""
 
 from __future__ import annotations
 
+import json
 import platform
 
 import torch
 
-from .. import __version__, backends
+from . import __version__, backends
 
 
 def _triton_version() -> str | None:
@@ -58,3 +59,17 @@ def info() -> dict:
             auto[device] = f"none: {error}"
     result["auto"] = auto
     return result
+
+
+def main() -> None:
+    """Prints info(), one backend and device per line."""
+    report = info()
+    for key, value in report.items():
+        if key == "backends":
+            print("backends:")
+            for name, where in value.items():
+                for device, reason in where.items():
+                    print(f"  {name:<10} {device:<5} {'yes' if reason is None else 'no: ' + reason}")
+        else:
+            print(f"{key}: {json.dumps(value)}")
+
