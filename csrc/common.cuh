@@ -48,6 +48,9 @@ template <typename scalar_t> using acc_t = typename AccumulateType<scalar_t>::ty
 
 __device__ __forceinline__ float sqrt_acc(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_acc(double x) { return sqrt(x); }
+template <typename T> __device__ __forceinline__ T exp_acc(T x);
+template <> __device__ __forceinline__ float exp_acc<float>(float x) { return expf(x); }
+template <> __device__ __forceinline__ double exp_acc<double>(double x) { return exp(x); }
 
 // x rounded to scalar_t's precision (to nearest even) and kept in the accumulation type: the
 // rounding of an fp16/bf16 torch op's result. The identity for fp32/fp64.
@@ -115,5 +118,16 @@ inline void check_int32_indexable(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.numel() < (int64_t(1) << 31), name, " has ", t.numel(),
               " elements; the kernels index with 32-bit integers (at most 2^31 - 1)");
 }
+
+// A launcher's tensor argument: a float dtype, on the backend's device, int32-indexable, `dims` dims.
+inline void check_input(const at::Tensor& t, const char* name, int64_t dims) {
+  check_float(t, name);
+  check_device(t, name);
+  check_int32_indexable(t, name);
+  TORCH_CHECK(t.dim() == dims, name, " must have ", dims, " dims, got ", t.dim());
+}
+
+// Blocks of b covering a.
+inline int cdiv(int a, int b) { return (a + b - 1) / b; }
 
 GANNORM_NAMESPACE_END

@@ -104,7 +104,7 @@ def test_extension_holds_the_default_archs():
     library = str(next((ROOT / "gannorm_kernels").glob("_C*.so")))
     elf = subprocess.run([_cuobjdump(), "--list-elf", library], capture_output=True, text=True, check=True).stdout
     ptx = subprocess.run([_cuobjdump(), "--list-ptx", library], capture_output=True, text=True, check=True).stdout
-    for family in ("weight_norm", "spectral_norm", "minibatch"):
+    for family in ("weight_norm", "spectral_norm", "similarity", "minibatch_discrimination", "minibatch_stddev"):
         assert f"{family}.sm_80.cubin" in elf and f"{family}.sm_90.cubin" in elf, elf
         assert f"{family}.sm_90.ptx" in ptx, ptx
 

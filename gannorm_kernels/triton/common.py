@@ -1,5 +1,5 @@
 """Helpers shared by the Triton launchers and kernels: accumulation dtype, block sizes, launch
-counting, the matrix view of a weight along a dim."""
+counting, the int32 guard of the minibatch launchers, the matrix view of a weight along a dim."""
 
 import contextlib
 
@@ -79,6 +79,17 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _int32_indexable(t, name):
+    # The kernels' offsets (row * D + d, program_id * BLOCK) are int32: refuse what would wrap,
+    # naming the argument (as the CUDA launchers do), instead of reading the wrong elements.
+    if t.numel() >= 2 ** 31:
+        raise ValueError(f"{name} has {t.numel()} elements; the Triton kernels index with 32-bit integers "
+                         "(at most 2^31 - 1)")
+    return t
+
+
+def _acc(t):
+    return acc_dtype(t.dtype), torch_acc_dtype(t.dtype)
 
 
 def block_size(n: int, lo: int, hi: int) -> int:

@@ -1,25 +1,21 @@
-// Minibatch penalties: pairwise similarity (cosine, rbf), minibatch discrimination's pairwise
-// L1-exp features, the minibatch standard deviation. Nothing pairwise is materialised: memory
-// stays linear in the batch. Same algorithms, launch counts and formulas as
-// gannorm_kernels/triton/minibatch.py, which documents them:
+// Pairwise similarity penalties on (N, D) features: cosine and rbf, the mean over ordered pairs
+// i != j of the pair's similarity. Nothing pairwise is materialised: memory stays linear in
+// the batch. Same algorithms, launch counts and formulas as gannorm_kernels/triton/similarity.py,
+// which documents them:
 //   cosine  forward: rows (norms, per-block partial sums of unit rows) + total; backward: 1
 //   rbf     forward: pair tiles (16 x 16 threads, D staged through shared memory) + total;
 //           backward: 1 launch over (16 rows) x (32 columns of D), recomputing k tiles, the
 //           two folded into gridDim.x (gridDim.y would stop at D = 2,097,120)
-//   minibatch discrimination: forward 1 (a warp per row i, lanes over j), backward 1
-//   minibatch stddev: forward 1 (a block per group and channel group, the concatenation
-//           fused in), backward 1
-// Every sum is a fixed-order reduction: deterministic, no atomics. The loss gradient is read
-// on the device (no host sync). Non-contiguous or channels_last inputs are made contiguous by
-// the launchers: one copy each (one more launch), outside the budgets, which are for
-// contiguous inputs. Element offsets are int64 (row * D, sample offsets); row and column
-// counts are int, and inputs of 2^31 elements or more are refused (check_int32_indexable).
+// Bytes as in gannorm_kernels/triton/similarity.py. Every sum is a fixed-order reduction:
+// deterministic, no atomics. The loss gradient is read on the device (no host sync).
+// Non-contiguous inputs are made contiguous by the launchers: one copy each (one more launch),
+// outside the budgets, which are for contiguous inputs. Element offsets are int64 (row * D);
+// row and column counts are int, and inputs of 2^31 elements or more are refused
+// (check_int32_indexable).
 #include "common.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-
-#include <algorithm>
 
 GANNORM_NAMESPACE_BEGIN
 
@@ -31,11 +27,6 @@ constexpr int kTile = 16;         // pairs: 16 x 16 per block
 constexpr int kChunk = 32;        // feature columns staged per step
 
 template <typename T> __device__ __forceinline__ T max_of(T a, T b) { return a > b ? a : b; }
-template <typename T> __device__ __forceinline__ T exp_acc(T x);
-template <> __device__ __forceinline__ float exp_acc<float>(float x) { return expf(x); }
-template <> __device__ __forceinline__ double exp_acc<double>(double x) { return exp(x); }
-template <typename T> __device__ __forceinline__ T abs_of(T x) { return x < T(0) ? -x : x; }
-template <typename T> __device__ __forceinline__ T sign_of(T x) { return T((x > T(0)) - (x < T(0))); }
 
 template <typename scalar_t>
 __global__ void cosine_rows_kernel(
@@ -214,150 +205,7 @@ __global__ void rbf_backward_kernel(
   if (o1 < D) grad_f[int64_t(i) * D + o1] = static_cast<scalar_t>(c * (row_sum * static_cast<acc>(fi[o1]) - weighted1));
 }
 
-// exp(-||M_ib - M_jb||_1), 0 for j == i or out of range.
-template <typename scalar_t>
-__device__ __forceinline__ acc_t<scalar_t> l1_similarity(const scalar_t* __restrict__ m, int i, int j, int b,
-                                                         int N, int B, int C) {
-  using acc = acc_t<scalar_t>;
-  if (j >= N || j == i) return acc(0);
-  const scalar_t* mi = m + (int64_t(i) * B + b) * C;
-  const scalar_t* mj = m + (int64_t(j) * B + b) * C;
-  acc l1 = 0;
-  for (int c = 0; c < C; ++c) l1 += abs_of(static_cast<acc>(mi[c]) - static_cast<acc>(mj[c]));
-  return exp_acc(-l1);
-}
-
-template <typename scalar_t>
-__global__ void md_forward_kernel(
-    scalar_t* __restrict__ o,        // (N, B) out
-    const scalar_t* __restrict__ m,  // (N, B, C)
-    int N, int B, int C) {
-  using acc = acc_t<scalar_t>;
-  const int i = blockIdx.x * kRowsPerBlock + threadIdx.y, b = blockIdx.y;
-  if (i >= N) return;  // whole warps only
-  acc sum = 0;
-  for (int j = threadIdx.x; j < N; j += kWarpSize) sum += l1_similarity(m, i, j, b, N, B, C);
-  sum = warp_sum(sum);
-  if (threadIdx.x == 0) o[int64_t(i) * B + b] = static_cast<scalar_t>(sum);
-}
-
-// dM_ibc = -sum_{j != i} e_ijb (g_ib + g_jb) sign(M_ibc - M_jbc): a warp per row i; per chunk
-// of 32 j, the lanes compute the weights e (g_i + g_j), then each lane sums over the chunk for
-// its columns c.
-template <typename scalar_t>
-__global__ void md_backward_kernel(
-    scalar_t* __restrict__ grad_m,        // (N, B, C) out
-    const scalar_t* __restrict__ grad_o,  // (N, B)
-    const scalar_t* __restrict__ m,       // (N, B, C)
-    int N, int B, int C) {
-  using acc = acc_t<scalar_t>;
-  __shared__ acc weights[kRowsPerBlock][kWarpSize];
-  GANNORM_POISON_SHARED(weights);
-  const int i = blockIdx.x * kRowsPerBlock + threadIdx.y, b = blockIdx.y;
-  if (i >= N) return;  // whole warps only; the barriers below are per warp
-  const acc g_i = static_cast<acc>(grad_o[int64_t(i) * B + b]);
-  const scalar_t* mi = m + (int64_t(i) * B + b) * C;
-  for (int c0 = 0; c0 < C; c0 += kWarpSize) {
-    const int c = c0 + threadIdx.x;
-    const acc mic = c < C ? static_cast<acc>(mi[c]) : acc(0);
-    acc grad = 0;
-    for (int j0 = 0; j0 < N; j0 += kWarpSize) {
-      const int j = j0 + threadIdx.x;
-      const acc e = l1_similarity(m, i, j, b, N, B, C);
-      __syncwarp();  // the previous chunk's weights are read
-      weights[threadIdx.y][threadIdx.x] = j < N ? e * (g_i + static_cast<acc>(grad_o[int64_t(j) * B + b])) : acc(0);
-      __syncwarp();
-      if (c < C) {
-        for (int jj = 0; jj < kWarpSize && j0 + jj < N; ++jj) {
-          grad -= weights[threadIdx.y][jj] * sign_of(mic - static_cast<acc>(m[(int64_t(j0 + jj) * B + b) * C + c]));
-        }
-      }
-    }
-    if (c < C) grad_m[(int64_t(i) * B + b) * C + c] = static_cast<scalar_t>(grad);
-  }
-}
-
-struct StddevLayout {
-  int N, C, HW, groups, G, F, span;
-};
-
-// Per (group m, channel group f): mean and variance over the group's G samples at each of the
-// span positions; the statistic is the mean of sqrt(variance + 1e-8) over the positions.
-template <typename scalar_t>
-__global__ void mbstd_forward_kernel(
-    scalar_t* __restrict__ out,      // (N, C + F, H, W) out
-    const scalar_t* __restrict__ x,  // (N, C, H, W)
-    StddevLayout L) {
-  using acc = acc_t<scalar_t>;
-  const int m = blockIdx.x, f = blockIdx.y;
-  const int64_t in_sample = int64_t(L.C) * L.HW, out_sample = int64_t(L.C + L.F) * L.HW;
-  acc total = 0;
-  for (int pos = threadIdx.x; pos < L.span; pos += blockDim.x) {
-    acc mean = 0;
-    for (int g = 0; g < L.G; ++g) {
-      const int64_t sample = int64_t(g) * L.groups + m;
-      const scalar_t value = x[sample * in_sample + int64_t(f) * L.span + pos];
-      out[sample * out_sample + int64_t(f) * L.span + pos] = value;  // the concatenation
-      mean += static_cast<acc>(value);
-    }
-    mean /= acc(L.G);
-    acc variance = 0;
-    for (int g = 0; g < L.G; ++g) {
-      const acc d = static_cast<acc>(x[(int64_t(g) * L.groups + m) * in_sample + int64_t(f) * L.span + pos]) - mean;
-      variance += d * d;
-    }
-    total += sqrt_acc(variance / acc(L.G) + acc(1e-8));
-  }
-  const acc statistic = block_sum(total) / acc(L.span);
-  for (int g = 0; g < L.G; ++g) {
-    scalar_t* row = out + (int64_t(g) * L.groups + m) * out_sample + int64_t(L.C + f) * L.HW;
-    for (int hw = threadIdx.x; hw < L.HW; hw += blockDim.x) row[hw] = static_cast<scalar_t>(statistic);
-  }
-}
-
-template <typename scalar_t>
-__global__ void mbstd_backward_kernel(
-    scalar_t* __restrict__ grad_x,          // (N, C, H, W) out
-    const scalar_t* __restrict__ grad_out,  // (N, C + F, H, W)
-    const scalar_t* __restrict__ x,         // (N, C, H, W)
-    StddevLayout L) {
-  using acc = acc_t<scalar_t>;
-  const int m = blockIdx.x, f = blockIdx.y;
-  const int64_t in_sample = int64_t(L.C) * L.HW, out_sample = int64_t(L.C + L.F) * L.HW;
-  acc statistic_grad = 0;
-  for (int g = 0; g < L.G; ++g) {
-    const scalar_t* row = grad_out + (int64_t(g) * L.groups + m) * out_sample + int64_t(L.C + f) * L.HW;
-    for (int hw = threadIdx.x; hw < L.HW; hw += blockDim.x) statistic_grad += static_cast<acc>(row[hw]);
-  }
-  // d statistic / d x_g = (x_g - mean) / (G std) / span at each position
-  const acc coefficient = block_sum(statistic_grad) / (acc(L.span) * acc(L.G));
-  for (int pos = threadIdx.x; pos < L.span; pos += blockDim.x) {
-    acc mean = 0;
-    for (int g = 0; g < L.G; ++g) mean += static_cast<acc>(x[(int64_t(g) * L.groups + m) * in_sample + int64_t(f) * L.span + pos]);
-    mean /= acc(L.G);
-    acc variance = 0;
-    for (int g = 0; g < L.G; ++g) {
-      const acc d = static_cast<acc>(x[(int64_t(g) * L.groups + m) * in_sample + int64_t(f) * L.span + pos]) - mean;
-      variance += d * d;
-    }
-    const acc std = sqrt_acc(variance / acc(L.G) + acc(1e-8));
-    for (int g = 0; g < L.G; ++g) {
-      const int64_t sample = int64_t(g) * L.groups + m;
-      const int64_t at = sample * in_sample + int64_t(f) * L.span + pos;
-      const acc upstream = static_cast<acc>(grad_out[sample * out_sample + int64_t(f) * L.span + pos]);
-      grad_x[at] = static_cast<scalar_t>(upstream + coefficient * (static_cast<acc>(x[at]) - mean) / std);
-    }
-  }
-}
-
 at::ScalarType acc_type_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_input(const at::Tensor& t, const char* name, int64_t dims) {
-  check_float(t, name);
-  check_device(t, name);
-  check_int32_indexable(t, name);
-  TORCH_CHECK(t.dim() == dims, name, " must have ", dims, " dims, got ", t.dim());
-}
 
 void check_loss_grad(const at::Tensor& grad, const at::Tensor& like) {
   check_device(grad, "grad_penalty");
@@ -365,8 +213,6 @@ void check_loss_grad(const at::Tensor& grad, const at::Tensor& like) {
               "grad_penalty must be a one-element ", like.scalar_type(), " tensor, got ", grad.numel(), " ",
               grad.scalar_type());
 }
-
-int cdiv(int a, int b) { return (a + b - 1) / b; }
 
 }  // namespace
 
@@ -452,90 +298,6 @@ at::Tensor similarity_rbf_bwd(const at::Tensor& grad_penalty, const at::Tensor& 
     GANNORM_LAUNCH(kernel, dim3(unsigned(row_blocks) * unsigned(cdiv(D, kChunk))), dim3(kTile, kTile),
                    grad.data_ptr<scalar_t>(), grad_penalty.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
                    N, D, row_blocks, static_cast<acc>(1.0 / (2.0 * bandwidth * bandwidth)));
-  });
-  return grad;
-}
-
-at::Tensor minibatch_discrimination_fwd(const at::Tensor& m_in) {
-  check_input(m_in, "M", 3);
-  GANNORM_DEVICE_GUARD(m_in);
-  const at::Tensor m = m_in.contiguous();
-  const int N = m.size(0), B = m.size(1), C = m.size(2);
-  at::Tensor o = at::empty({N, B}, m.options());
-  if (N == 0 || B == 0) return o;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "minibatch_discrimination_fwd", [&] {
-    auto kernel = md_forward_kernel<scalar_t>;
-    GANNORM_LAUNCH(kernel, dim3(cdiv(N, kRowsPerBlock), B), dim3(kWarpSize, kRowsPerBlock), o.data_ptr<scalar_t>(),
-                   m.const_data_ptr<scalar_t>(), N, B, C);
-  });
-  return o;
-}
-
-at::Tensor minibatch_discrimination_bwd(const at::Tensor& grad_o_in, const at::Tensor& m_in) {
-  check_input(m_in, "M", 3);
-  check_device(grad_o_in, "grad_o");
-  TORCH_CHECK(grad_o_in.dim() == 2 && grad_o_in.size(0) == m_in.size(0) && grad_o_in.size(1) == m_in.size(1) &&
-                  grad_o_in.scalar_type() == m_in.scalar_type(),
-              "grad_o must have shape (N, B) = (", m_in.size(0), ", ", m_in.size(1), ") and M's dtype, got ",
-              grad_o_in.sizes(), " ", grad_o_in.scalar_type());
-  GANNORM_DEVICE_GUARD(m_in);
-  const at::Tensor m = m_in.contiguous();
-  const at::Tensor grad_o = grad_o_in.contiguous();
-  const int N = m.size(0), B = m.size(1), C = m.size(2);
-  at::Tensor grad = at::empty(m.sizes(), m.options());
-  if (N == 0 || B == 0 || C == 0) return grad;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "minibatch_discrimination_bwd", [&] {
-    auto kernel = md_backward_kernel<scalar_t>;
-    GANNORM_LAUNCH(kernel, dim3(cdiv(N, kRowsPerBlock), B), dim3(kWarpSize, kRowsPerBlock), grad.data_ptr<scalar_t>(),
-                   grad_o.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(), N, B, C);
-  });
-  return grad;
-}
-
-namespace {
-StddevLayout stddev_layout(const at::Tensor& x, int64_t group_size, int64_t num_channels) {
-  check_input(x, "x", 4);
-  TORCH_CHECK(group_size >= 1 && num_channels >= 1, "group_size and num_channels must be >= 1, got ", group_size,
-              " and ", num_channels);
-  const int N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const int G = static_cast<int>(std::min<int64_t>(group_size, N));
-  TORCH_CHECK(N > 0 && N % G == 0, "the batch (", N, ") must be a multiple of the group size (", G, ")");
-  TORCH_CHECK(C % num_channels == 0, "the channels (", C, ") must be a multiple of num_channels (", num_channels, ")");
-  return {N, C, HW, N / G, G, static_cast<int>(num_channels), static_cast<int>(C / num_channels * HW)};
-}
-}  // namespace
-
-at::Tensor minibatch_stddev_fwd(const at::Tensor& x_in, int64_t group_size, int64_t num_channels) {
-  const StddevLayout L = stddev_layout(x_in, group_size, num_channels);
-  GANNORM_DEVICE_GUARD(x_in);
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor out = at::empty({L.N, L.C + L.F, x.size(2), x.size(3)}, x.options());
-  if (L.HW == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "minibatch_stddev_fwd", [&] {
-    auto kernel = mbstd_forward_kernel<scalar_t>;
-    GANNORM_LAUNCH(kernel, dim3(L.groups, L.F), dim3(kThreads), out.data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), L);
-  });
-  return out;
-}
-
-at::Tensor minibatch_stddev_bwd(const at::Tensor& grad_out_in, const at::Tensor& x_in, int64_t group_size,
-                                int64_t num_channels) {
-  const StddevLayout L = stddev_layout(x_in, group_size, num_channels);
-  check_device(grad_out_in, "grad_out");
-  TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == L.N && grad_out_in.size(1) == L.C + L.F &&
-                  grad_out_in.size(2) == x_in.size(2) && grad_out_in.size(3) == x_in.size(3) &&
-                  grad_out_in.scalar_type() == x_in.scalar_type(),
-              "grad_out must have the forward output's shape and dtype, got ", grad_out_in.sizes(), " ",
-              grad_out_in.scalar_type());
-  GANNORM_DEVICE_GUARD(x_in);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor grad_out = grad_out_in.contiguous();
-  at::Tensor grad = at::empty(x.sizes(), x.options());
-  if (L.HW == 0) return grad;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "minibatch_stddev_bwd", [&] {
-    auto kernel = mbstd_backward_kernel<scalar_t>;
-    GANNORM_LAUNCH(kernel, dim3(L.groups, L.F), dim3(kThreads), grad.data_ptr<scalar_t>(),
-                   grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), L);
   });
   return grad;
 }

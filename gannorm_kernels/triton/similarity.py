@@ -1,9 +1,8 @@
-"""Minibatch penalties in Triton: pairwise similarity (cosine, rbf), minibatch discrimination's
-pairwise L1-exp features, and the minibatch standard deviation. Nothing pairwise is ever
-materialised: memory stays linear in the batch.
+"""Pairwise similarity penalties in Triton: the mean over ordered pairs i != j of the cosine or
+rbf similarity of (N, D) feature rows. Nothing pairwise is ever materialised: memory stays
+linear in the batch.
 
-Features are (N, D) rows, M is (N, B, C), x is (N, C, H, W); all contiguous: each launcher
-makes its tensor inputs contiguous, so a non-contiguous or channels_last input costs one copy
+The features are made contiguous by each launcher, so a non-contiguous input costs one copy
 (one more launch, n s bytes read and written) each way; the launch budgets are for contiguous
 inputs. Offsets are int32: inputs of 2^31 elements or more are refused with an error.
 - cosine: mean_{i != j} <f^_i, f^_j> = (||s||^2 - sum_i ||f^_i||^2) / (N (N - 1)) with
@@ -17,12 +16,6 @@ inputs. Offsets are int32: inputs of 2^31 elements or more are refused with an e
   -4 g / (2 h^2 N (N - 1)) sum_j k_ij (f_i - f_j); each program recomputes its k tiles, so the
   backward does D / BO times the forward's distance work in exchange for no N x N tensor.
   Its (row block, column chunk) programs are one folded grid dim, so any D launches.
-- minibatch discrimination: o_ib = sum_{j != i} exp(-||M_ib - M_jb||_1): one launch per
-  (row block, b). Backward, one launch: dM_ibc = -sum_{j != i} e_ijb (g_ib + g_jb)
-  sign(M_ibc - M_jbc).
-- minibatch stddev (StyleGAN2): one program per (group m, channel group f) reads its samples
-  g * (N / G) + m once, copies them into the output and writes the statistic channel: one
-  launch each way.
 Every sum is a fixed-order on-chip reduction or per-program partials summed in order:
 deterministic, no atomics. The gradient of a loss (grad_penalty) is read on the device.
 """
@@ -31,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, block_size, launch, torch_acc_dtype
+from .common import _acc, _int32_indexable, block_size, launch
 
 _PAIR_BLOCK = 16
 _FEATURE_BLOCK = 32
@@ -218,147 +211,6 @@ def _rbf_backward(
     tl.store(grad_f_ptr + i[:, None] * D + o[None, :], grad.to(grad_f_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _l1_similarities(m_ptr, i, j, b, N, B, C, ACC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
-                     BC: tl.constexpr):
-    # exp(-||M_ib - M_jb||_1) for a (BI, BJ) tile of pairs, 0 where i == j or out of range.
-    l1 = tl.zeros([BI, BJ], dtype=ACC)
-    for start in range(0, C, BC):
-        c = start + tl.arange(0, BC)
-        a = tl.load(m_ptr + (i[:, None] * B + b) * C + c[None, :], mask=(i < N)[:, None] & (c < C)[None, :], other=0.0)
-        d = tl.load(m_ptr + (j[:, None] * B + b) * C + c[None, :], mask=(j < N)[:, None] & (c < C)[None, :], other=0.0)
-        l1 += tl.sum(tl.abs(a.to(ACC)[:, None, :] - d.to(ACC)[None, :, :]), axis=2)
-    valid = (i < N)[:, None] & (j < N)[None, :] & (i[:, None] != j[None, :])
-    return tl.where(valid, tl.exp(-l1), 0.0)
-
-
-@triton.jit
-def _md_forward(
-    o_ptr,   # (N, B) out
-    m_ptr,   # (N, B, C)
-    N, B, C,
-    ACC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr,
-):
-    pid_i, b = tl.program_id(0), tl.program_id(1)
-    i = pid_i * BI + tl.arange(0, BI)
-    total = tl.zeros([BI], dtype=ACC)
-    for start in range(0, N, BJ):
-        j = start + tl.arange(0, BJ)
-        total += tl.sum(_l1_similarities(m_ptr, i, j, b, N, B, C, ACC, BI, BJ, BC), axis=1)
-    tl.store(o_ptr + i * B + b, total.to(o_ptr.dtype.element_ty), mask=i < N)
-
-
-@triton.jit
-def _md_backward(
-    grad_m_ptr,  # (N, B, C) out
-    grad_o_ptr,  # (N, B)
-    m_ptr,       # (N, B, C)
-    N, B, C,
-    ACC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr, BO: tl.constexpr,
-):
-    pid_i, b, pid_o = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i = pid_i * BI + tl.arange(0, BI)
-    o = pid_o * BO + tl.arange(0, BO)
-    mask = (i < N)[:, None] & (o < C)[None, :]
-    g_i = tl.load(grad_o_ptr + i * B + b, mask=i < N, other=0.0).to(ACC)
-    m_i = tl.load(m_ptr + (i[:, None] * B + b) * C + o[None, :], mask=mask, other=0.0).to(ACC)
-    grad = tl.zeros([BI, BO], dtype=ACC)
-    for start in range(0, N, BJ):
-        j = start + tl.arange(0, BJ)
-        e = _l1_similarities(m_ptr, i, j, b, N, B, C, ACC, BI, BJ, BC)
-        g_j = tl.load(grad_o_ptr + j * B + b, mask=j < N, other=0.0).to(ACC)
-        weight = e * (g_i[:, None] + g_j[None, :])
-        m_j = tl.load(m_ptr + (j[:, None] * B + b) * C + o[None, :], mask=(j < N)[:, None] & (o < C)[None, :],
-                      other=0.0).to(ACC)
-        diff = m_i[:, None, :] - m_j[None, :, :]
-        sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
-        grad -= tl.sum(weight[:, :, None] * sign, axis=1)
-    tl.store(grad_m_ptr + (i[:, None] * B + b) * C + o[None, :], grad.to(grad_m_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _mbstd_forward(
-    out_ptr,   # (N, C + F, H, W) out
-    x_ptr,     # (N, C, H, W)
-    C, HW, groups, G, F, span,  # span = (C / F) * HW: one channel group's elements per sample
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
-    m, f = tl.program_id(0), tl.program_id(1)
-    total = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(0, span, BLOCK):
-        pos = start + tl.arange(0, BLOCK)
-        mask = pos < span
-        mean = tl.zeros([BLOCK], dtype=ACC)
-        for g in range(0, G):
-            sample = g * groups + m
-            x = tl.load(x_ptr + sample * C * HW + f * span + pos, mask=mask, other=0.0)
-            tl.store(out_ptr + sample * (C + F) * HW + f * span + pos, x, mask=mask)  # the concatenation
-            mean += x.to(ACC)
-        mean = mean / G
-        variance = tl.zeros([BLOCK], dtype=ACC)
-        for g in range(0, G):
-            x = tl.load(x_ptr + (g * groups + m) * C * HW + f * span + pos, mask=mask, other=0.0).to(ACC)
-            variance += (x - mean) * (x - mean)
-        total += tl.where(mask, tl.sqrt(variance / G + 1e-8), 0.0)
-    statistic = tl.sum(total, axis=0) / span
-    for g in range(0, G):
-        for start in range(0, HW, BLOCK):
-            hw = start + tl.arange(0, BLOCK)
-            row = out_ptr + (g * groups + m) * (C + F) * HW + (C + f) * HW
-            value = tl.zeros([BLOCK], dtype=ACC) + statistic
-            tl.store(row + hw, value.to(out_ptr.dtype.element_ty), mask=hw < HW)
-
-
-@triton.jit
-def _mbstd_backward(
-    grad_x_ptr,    # (N, C, H, W) out
-    grad_out_ptr,  # (N, C + F, H, W)
-    x_ptr,         # (N, C, H, W)
-    C, HW, groups, G, F, span,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
-    m, f = tl.program_id(0), tl.program_id(1)
-    statistic_grad = tl.zeros([BLOCK], dtype=ACC)
-    for g in range(0, G):
-        row = grad_out_ptr + (g * groups + m) * (C + F) * HW + (C + f) * HW
-        for start in range(0, HW, BLOCK):
-            hw = start + tl.arange(0, BLOCK)
-            statistic_grad += tl.load(row + hw, mask=hw < HW, other=0.0).to(ACC)
-    # d statistic / d x_g = (x_g - mean) / (G std) / span at each position
-    coefficient = tl.sum(statistic_grad, axis=0) / (span * G)
-    for start in range(0, span, BLOCK):
-        pos = start + tl.arange(0, BLOCK)
-        mask = pos < span
-        mean = tl.zeros([BLOCK], dtype=ACC)
-        for g in range(0, G):
-            mean += tl.load(x_ptr + (g * groups + m) * C * HW + f * span + pos, mask=mask, other=0.0).to(ACC)
-        mean = mean / G
-        variance = tl.zeros([BLOCK], dtype=ACC)
-        for g in range(0, G):
-            x = tl.load(x_ptr + (g * groups + m) * C * HW + f * span + pos, mask=mask, other=0.0).to(ACC)
-            variance += (x - mean) * (x - mean)
-        std = tl.sqrt(variance / G + 1e-8)
-        for g in range(0, G):
-            sample = g * groups + m
-            x = tl.load(x_ptr + sample * C * HW + f * span + pos, mask=mask, other=0.0).to(ACC)
-            upstream = tl.load(grad_out_ptr + sample * (C + F) * HW + f * span + pos, mask=mask, other=0.0).to(ACC)
-            grad = upstream + coefficient * (x - mean) / std
-            tl.store(grad_x_ptr + sample * C * HW + f * span + pos, grad.to(grad_x_ptr.dtype.element_ty), mask=mask)
-
-
-def _int32_indexable(t, name):
-    # The kernels' offsets (row * D + d, program_id * BLOCK) are int32: refuse what would wrap,
-    # naming the argument (as the CUDA launchers do), instead of reading the wrong elements.
-    if t.numel() >= 2 ** 31:
-        raise ValueError(f"{name} has {t.numel()} elements; the Triton kernels index with 32-bit integers "
-                         "(at most 2^31 - 1)")
-    return t
-
-
-def _acc(t):
-    return acc_dtype(t.dtype), torch_acc_dtype(t.dtype)
-
-
 def similarity_cosine_fwd(features, eps: float):
     """(penalty, s, norms) for (N, D) features, like torch.ops.gannorm_cuda.similarity_cosine_fwd."""
     _int32_indexable(features, "features")
@@ -415,55 +267,3 @@ def similarity_rbf_bwd(grad_penalty, features, bandwidth: float):
            BJ=_PAIR_BLOCK, BD=_FEATURE_BLOCK, BO=_FEATURE_BLOCK)
     return grad
 
-
-def minibatch_discrimination_fwd(m):
-    """o (N, B) for M (N, B, C), like torch.ops.gannorm_cuda.minibatch_discrimination_fwd."""
-    _int32_indexable(m, "m")
-    m = m.contiguous()
-    N, B, C = m.shape
-    o = torch.empty((N, B), dtype=m.dtype, device=m.device)
-    if N and B:
-        launch(_md_forward, (triton.cdiv(N, _PAIR_BLOCK), B), o, m, N, B, C, ACC=_acc(m)[0], BI=_PAIR_BLOCK,
-               BJ=_PAIR_BLOCK, BC=block_size(C, 2, _FEATURE_BLOCK))
-    return o
-
-
-def minibatch_discrimination_bwd(grad_o, m):
-    _int32_indexable(m, "m")
-    m, grad_o = m.contiguous(), grad_o.contiguous()
-    N, B, C = m.shape
-    grad = torch.empty_like(m)
-    if N and B and C:
-        block_c = block_size(C, 2, _FEATURE_BLOCK)
-        launch(_md_backward, (triton.cdiv(N, _PAIR_BLOCK), B, triton.cdiv(C, block_c)), grad, grad_o, m, N, B, C,
-               ACC=_acc(m)[0], BI=_PAIR_BLOCK, BJ=_PAIR_BLOCK, BC=block_c, BO=block_c)
-    return grad
-
-
-def _stddev_layout(x, group_size: int, num_channels: int):
-    N, C, H, W = x.shape
-    G = min(group_size, N)
-    return N, C, H * W, N // G, G, num_channels, (C // num_channels) * H * W
-
-
-def minibatch_stddev_fwd(x, group_size: int, num_channels: int):
-    """cat([x, stddev channels]) like torch.ops.gannorm_cuda.minibatch_stddev_fwd."""
-    _int32_indexable(x, "x")
-    x = x.contiguous()
-    N, C, HW, groups, G, F, span = _stddev_layout(x, group_size, num_channels)
-    out = torch.empty((N, C + F, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device)
-    if N and HW:
-        launch(_mbstd_forward, (groups, F), out, x, C, HW, groups, G, F, span, ACC=_acc(x)[0],
-               BLOCK=block_size(span, 16, 1024))
-    return out
-
-
-def minibatch_stddev_bwd(grad_out, x, group_size: int, num_channels: int):
-    _int32_indexable(x, "x")
-    x, grad_out = x.contiguous(), grad_out.contiguous()
-    N, C, HW, groups, G, F, span = _stddev_layout(x, group_size, num_channels)
-    grad = torch.empty_like(x)
-    if N and HW:
-        launch(_mbstd_backward, (groups, F), grad, grad_out, x, C, HW, groups, G, F, span, ACC=_acc(x)[0],
-               BLOCK=block_size(span, 16, 1024))
-    return grad

@@ -1,0 +1,120 @@
+"""The ProGAN/StyleGAN2 minibatch standard-deviation layer in Triton: cat([x, stddev channels],
+1) for x (N, C, H, W), the concatenation fused in.
+
+x is made contiguous by each launcher (as is grad_out), so a non-contiguous or channels_last
+input costs one copy (one more launch, n s bytes read and written) each way; the launch
+budgets are for contiguous inputs. Offsets are int32: inputs of 2^31 elements or more are
+refused with an error.
+One program per (group m, channel group f) reads its samples g * (N / G) + m, copies them into
+the output and writes the statistic channel: one launch each way. Bytes (n = x's elements,
+s = element size, F stddev channels): forward reads x twice (mean and copy, then variance) and
+writes the output, 2 n s + (n + N F H W) s; backward reads x three times (mean, variance,
+gradient) and the output's gradient once, and writes x's, 5 n s + N F H W s. The re-reads are of
+the BLOCK-wide slice a program has just read.
+Every sum is a fixed-order on-chip reduction: deterministic, no atomics.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import _acc, _int32_indexable, block_size, launch
+
+
+@triton.jit
+def _mbstd_forward(
+    out_ptr,   # (N, C + F, H, W) out
+    x_ptr,     # (N, C, H, W)
+    C, HW, groups, G, F, span,  # span = (C / F) * HW: one channel group's elements per sample
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    m, f = tl.program_id(0), tl.program_id(1)
+    total = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, span, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        mask = pos < span
+        mean = tl.zeros([BLOCK], dtype=ACC)
+        for g in range(0, G):
+            sample = g * groups + m
+            x = tl.load(x_ptr + sample * C * HW + f * span + pos, mask=mask, other=0.0)
+            tl.store(out_ptr + sample * (C + F) * HW + f * span + pos, x, mask=mask)  # the concatenation
+            mean += x.to(ACC)
+        mean = mean / G
+        variance = tl.zeros([BLOCK], dtype=ACC)
+        for g in range(0, G):
+            x = tl.load(x_ptr + (g * groups + m) * C * HW + f * span + pos, mask=mask, other=0.0).to(ACC)
+            variance += (x - mean) * (x - mean)
+        total += tl.where(mask, tl.sqrt(variance / G + 1e-8), 0.0)
+    statistic = tl.sum(total, axis=0) / span
+    for g in range(0, G):
+        for start in range(0, HW, BLOCK):
+            hw = start + tl.arange(0, BLOCK)
+            row = out_ptr + (g * groups + m) * (C + F) * HW + (C + f) * HW
+            value = tl.zeros([BLOCK], dtype=ACC) + statistic
+            tl.store(row + hw, value.to(out_ptr.dtype.element_ty), mask=hw < HW)
+
+
+@triton.jit
+def _mbstd_backward(
+    grad_x_ptr,    # (N, C, H, W) out
+    grad_out_ptr,  # (N, C + F, H, W)
+    x_ptr,         # (N, C, H, W)
+    C, HW, groups, G, F, span,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    m, f = tl.program_id(0), tl.program_id(1)
+    statistic_grad = tl.zeros([BLOCK], dtype=ACC)
+    for g in range(0, G):
+        row = grad_out_ptr + (g * groups + m) * (C + F) * HW + (C + f) * HW
+        for start in range(0, HW, BLOCK):
+            hw = start + tl.arange(0, BLOCK)
+            statistic_grad += tl.load(row + hw, mask=hw < HW, other=0.0).to(ACC)
+    # d statistic / d x_g = (x_g - mean) / (G std) / span at each position
+    coefficient = tl.sum(statistic_grad, axis=0) / (span * G)
+    for start in range(0, span, BLOCK):
+        pos = start + tl.arange(0, BLOCK)
+        mask = pos < span
+        mean = tl.zeros([BLOCK], dtype=ACC)
+        for g in range(0, G):
+            mean += tl.load(x_ptr + (g * groups + m) * C * HW + f * span + pos, mask=mask, other=0.0).to(ACC)
+        mean = mean / G
+        variance = tl.zeros([BLOCK], dtype=ACC)
+        for g in range(0, G):
+            x = tl.load(x_ptr + (g * groups + m) * C * HW + f * span + pos, mask=mask, other=0.0).to(ACC)
+            variance += (x - mean) * (x - mean)
+        std = tl.sqrt(variance / G + 1e-8)
+        for g in range(0, G):
+            sample = g * groups + m
+            x = tl.load(x_ptr + sample * C * HW + f * span + pos, mask=mask, other=0.0).to(ACC)
+            upstream = tl.load(grad_out_ptr + sample * (C + F) * HW + f * span + pos, mask=mask, other=0.0).to(ACC)
+            grad = upstream + coefficient * (x - mean) / std
+            tl.store(grad_x_ptr + sample * C * HW + f * span + pos, grad.to(grad_x_ptr.dtype.element_ty), mask=mask)
+
+
+def _stddev_layout(x, group_size: int, num_channels: int):
+    N, C, H, W = x.shape
+    G = min(group_size, N)
+    return N, C, H * W, N // G, G, num_channels, (C // num_channels) * H * W
+
+
+def minibatch_stddev_fwd(x, group_size: int, num_channels: int):
+    """cat([x, stddev channels]) like torch.ops.gannorm_cuda.minibatch_stddev_fwd."""
+    _int32_indexable(x, "x")
+    x = x.contiguous()
+    N, C, HW, groups, G, F, span = _stddev_layout(x, group_size, num_channels)
+    out = torch.empty((N, C + F, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device)
+    if N and HW:
+        launch(_mbstd_forward, (groups, F), out, x, C, HW, groups, G, F, span, ACC=_acc(x)[0],
+               BLOCK=block_size(span, 16, 1024))
+    return out
+
+
+def minibatch_stddev_bwd(grad_out, x, group_size: int, num_channels: int):
+    _int32_indexable(x, "x")
+    x, grad_out = x.contiguous(), grad_out.contiguous()
+    N, C, HW, groups, G, F, span = _stddev_layout(x, group_size, num_channels)
+    grad = torch.empty_like(x)
+    if N and HW:
+        launch(_mbstd_backward, (groups, F), grad, grad_out, x, C, HW, groups, G, F, span, ACC=_acc(x)[0],
+               BLOCK=block_size(span, 16, 1024))
+    return grad
