@@ -43,5 +43,9 @@ def matrix_dim(dim, ndim: int) -> int:
 
 def matrix_shape(shape, dim: int) -> tuple[int, int]:
     """(rows, columns) of the matrix view along `dim`: rows = shape[dim], columns = the product
-    of the other sizes (reference.spectral_weight_matrix builds that matrix)."""
-    return shape[dim], math.prod(size for i, size in enumerate(shape) if i != dim)
+    of the other sizes (reference.weight_matrix builds that matrix)."""
+    columns = 1
+    for i, size in enumerate(shape):  # a loop, not a generator: torch.compile traces this
+        if i != dim:
+            columns *= size
+    return shape[dim], columns

@@ -232,7 +232,7 @@ class SpectralNorm(nn.Module):
         self.backend = backend
         with torch.no_grad():
             if weight.ndim > 1:
-                weight_mat = reference.spectral_weight_matrix(weight, self.dim)
+                weight_mat = reference.weight_matrix(weight, self.dim)
                 if u is None or v is None:
                     h, w = weight_mat.size()
                     u = nn.functional.normalize(weight_mat.new_empty(h).normal_(0, 1), dim=0, eps=self.eps)

@@ -104,7 +104,7 @@ def _fused_parts(v, g, dim):
     return x, g.to(x.dtype).reshape(norm.shape), rnorm
 
 
-def spectral_weight_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
+def weight_matrix(weight: torch.Tensor, dim: int) -> torch.Tensor:
     """The matrix spectral norm works on, as torch builds it: `dim` moved first, the rest flattened."""
     if dim != 0:
         weight = weight.permute(dim, *(d for d in range(weight.dim()) if d != dim))
@@ -132,7 +132,7 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: i
     then complex, u^H W v).
     """
     compute = acc_dtype(weight.dtype)
-    weight_mat = spectral_weight_matrix(weight, dim).to(compute)
+    weight_mat = weight_matrix(weight, dim).to(compute)
     u_used = u.detach().to(compute).clone()
     v_used = v.detach().to(compute).clone()
     if training:

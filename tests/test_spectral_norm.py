@@ -16,9 +16,9 @@ from torch.nn.utils import parametrizations
 
 import gannorm_kernels as gk
 from gannorm_kernels import backends, reference
+from gannorm_kernels.checks import matrix_shape
 from gannorm_kernels.ops.spectral_norm import SPECTRAL_NORM
 from gannorm_kernels.tools.launches import count_launches
-from gannorm_kernels.ops.spectral_norm import matrix_shape
 
 EPS = 1e-12
 # (shape, dim): single rows and columns, odd sizes, rows and columns longer than a block, dims
@@ -55,7 +55,7 @@ def make_inputs(shape, dim, dtype, device, seed=0):
     v = nn.functional.normalize(torch.randn(w, generator=gen, dtype=torch.float64), dim=0)
     # warmed as a layer's buffers are (15 iterations at registration, one per step since): with
     # random ones sigma = u^T W v nearly cancels and every bound would grow with 1 / that
-    reference.spectral_power_method(reference.spectral_weight_matrix(weight, dim), u, v, 15, EPS)
+    reference.spectral_power_method(reference.weight_matrix(weight, dim), u, v, 15, EPS)
     grad_out = torch.randn(shape, generator=gen, dtype=torch.float64)
     return tuple(t.to(device=device, dtype=dtype) for t in (weight, u, v, grad_out))
 
@@ -80,7 +80,7 @@ def term_scales(weight, u, v, grad_out, sigma, dim):
     with sum |u_i W_ij v_j|, kappa = that / |sigma| times its size, and W / sigma inherits it."""
     weight, u, v, grad_out = (t.detach().double().abs() for t in (weight, u, v, grad_out))
     s = abs(float(sigma))
-    kappa = torch.dot(u, reference.spectral_weight_matrix(weight, dim) @ v).item() / s
+    kappa = torch.dot(u, reference.weight_matrix(weight, dim) @ v).item() / s
     c = (grad_out * weight).sum().item() / s
     return {"out": kappa * weight.max().item() / s, "sigma": kappa * s, "u": u.max().item(), "v": v.max().item(),
             "grad": kappa * (grad_out.max().item() / s + c * u.max().item() * v.max().item() / s)}
@@ -421,7 +421,7 @@ def test_sigmas(backend):
     assert list(found) == ["0.weight", "2.weight", "4.weight", "5.weight"]
     for name in ("0", "2", "4"):
         sn = model.get_submodule(name).parametrizations.weight
-        expected = torch.dot(sn[0]._u, reference.spectral_weight_matrix(sn.original, sn[0].dim) @ sn[0]._v)
+        expected = torch.dot(sn[0]._u, reference.weight_matrix(sn.original, sn[0].dim) @ sn[0]._v)
         torch.testing.assert_close(found[f"{name}.weight"], expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(found["5.weight"], vector_holder.parametrizations.weight.original.detach().norm())
 
@@ -570,8 +570,8 @@ def test_small_shapes_reach_every_grid_stride_loop():
     caps), so the test shapes above run every grid-stride loop at least twice: recorded on meta
     tensors, each elementwise and reduction launch covers its elements in 2+ strides. The
     emulator caps the CUDA grids likewise (csrc/spectral_norm.cu)."""
-    from gannorm_kernels import triton as kernels
-    if not kernels.INTERPRETED:
+    from gannorm_kernels.triton import INTERPRETED, spectral_norm as kernels
+    if not INTERPRETED:
         pytest.skip("the caps are small under the interpreter only")
     from gannorm_kernels.triton.common import record_launches
     shape, dim = (48, 300), 0

@@ -17,7 +17,7 @@ import gannorm_kernels as gk
 from gannorm_kernels import backends, reference
 from gannorm_kernels.ops.weight_norm import WEIGHT_NORM
 from gannorm_kernels.tools.launches import count_launches
-from gannorm_kernels.ops.weight_norm import normalize_dim, torch_dim
+from gannorm_kernels.ops.weight_norm import torch_dim
 
 # (shape, dim): sizes of 1, odd sizes, channels longer than a block, every layout the kernels
 # have (rows with and without outer dims, columns, the whole tensor) and negative dims.
@@ -46,6 +46,12 @@ CASES = [
 def case_id(case):
     shape, dim = case
     return f"{'x'.join(map(str, shape))}-dim{dim}"
+
+
+def normalize_dim(dim, ndim):
+    """torch's convention: None and -1 mean the whole tensor (-1); other negatives count from the end."""
+    dim = torch_dim(dim, ndim)
+    return dim + ndim if dim < -1 else dim
 
 
 def g_shape(shape, dim):
