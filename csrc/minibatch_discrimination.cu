@@ -125,3 +125,15 @@ at::Tensor minibatch_discrimination_bwd(const at::Tensor& grad_o_in, const at::T
 }
 
 GANNORM_NAMESPACE_END
+
+// The operators of this file: the op specs' schemas (gannorm_kernels/ops/minibatch_discrimination.py) without
+// their backend argument; tests/test_op_spec.py holds the two equal.
+GANNORM_OPS_FRAGMENT(m) {
+  m.def("minibatch_discrimination_fwd(Tensor m) -> Tensor o");
+  m.def("minibatch_discrimination_bwd(Tensor grad_o, Tensor m) -> Tensor grad_m");
+}
+
+GANNORM_OPS_IMPL(m) {
+  m.impl("minibatch_discrimination_fwd", &gannorm::minibatch_discrimination_fwd);
+  m.impl("minibatch_discrimination_bwd", &gannorm::minibatch_discrimination_bwd);
+}

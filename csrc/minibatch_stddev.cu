@@ -142,3 +142,15 @@ at::Tensor minibatch_stddev_bwd(const at::Tensor& grad_out_in, const at::Tensor&
 }
 
 GANNORM_NAMESPACE_END
+
+// The operators of this file: the op specs' schemas (gannorm_kernels/ops/minibatch_stddev.py) without
+// their backend argument; tests/test_op_spec.py holds the two equal.
+GANNORM_OPS_FRAGMENT(m) {
+  m.def("minibatch_stddev_fwd(Tensor x, int group_size, int num_channels) -> Tensor out");
+  m.def("minibatch_stddev_bwd(Tensor grad_out, Tensor x, int group_size, int num_channels) -> Tensor grad_x");
+}
+
+GANNORM_OPS_IMPL(m) {
+  m.impl("minibatch_stddev_fwd", &gannorm::minibatch_stddev_fwd);
+  m.impl("minibatch_stddev_bwd", &gannorm::minibatch_stddev_bwd);
+}

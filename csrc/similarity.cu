@@ -303,3 +303,20 @@ at::Tensor similarity_rbf_bwd(const at::Tensor& grad_penalty, const at::Tensor& 
 }
 
 GANNORM_NAMESPACE_END
+
+// The operators of this file: the op specs' schemas (gannorm_kernels/ops/similarity.py) without
+// their backend argument; tests/test_op_spec.py holds the two equal.
+GANNORM_OPS_FRAGMENT(m) {
+  m.def("similarity_cosine_fwd(Tensor features, float eps) -> (Tensor penalty, Tensor s, Tensor norms)");
+  m.def("similarity_cosine_bwd(Tensor grad_penalty, Tensor features, Tensor s, Tensor norms, float eps) -> "
+        "Tensor grad_features");
+  m.def("similarity_rbf_fwd(Tensor features, float bandwidth) -> Tensor penalty");
+  m.def("similarity_rbf_bwd(Tensor grad_penalty, Tensor features, float bandwidth) -> Tensor grad_features");
+}
+
+GANNORM_OPS_IMPL(m) {
+  m.impl("similarity_cosine_fwd", &gannorm::similarity_cosine_fwd);
+  m.impl("similarity_cosine_bwd", &gannorm::similarity_cosine_bwd);
+  m.impl("similarity_rbf_fwd", &gannorm::similarity_rbf_fwd);
+  m.impl("similarity_rbf_bwd", &gannorm::similarity_rbf_bwd);
+}

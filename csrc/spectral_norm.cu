@@ -457,3 +457,22 @@ at::Tensor spectral_norm_vector_bwd(const at::Tensor& grad_out_in, const at::Ten
 }
 
 GANNORM_NAMESPACE_END
+
+// The operators of this file: the op specs' schemas (gannorm_kernels/ops/spectral_norm.py) without
+// their backend argument; tests/test_op_spec.py holds the two equal.
+GANNORM_OPS_FRAGMENT(m) {
+  m.def("spectral_norm_fwd(Tensor weight, Tensor(a!) u, Tensor(b!) v, Tensor? sigma, int dim, int "
+        "n_power_iterations, float eps, bool training) -> (Tensor out, Tensor sigma_used, Tensor u_used, "
+        "Tensor v_used)");
+  m.def("spectral_norm_bwd(Tensor grad_out, Tensor weight, Tensor u_used, Tensor v_used, Tensor sigma_used, "
+        "int dim, float eps) -> Tensor grad_weight");
+  m.def("spectral_norm_vector_fwd(Tensor weight, float eps) -> (Tensor out, Tensor sigma)");
+  m.def("spectral_norm_vector_bwd(Tensor grad_out, Tensor weight, Tensor sigma, float eps) -> Tensor grad_weight");
+}
+
+GANNORM_OPS_IMPL(m) {
+  m.impl("spectral_norm_fwd", &gannorm::spectral_norm_fwd);
+  m.impl("spectral_norm_bwd", &gannorm::spectral_norm_bwd);
+  m.impl("spectral_norm_vector_fwd", &gannorm::spectral_norm_vector_fwd);
+  m.impl("spectral_norm_vector_bwd", &gannorm::spectral_norm_vector_bwd);
+}

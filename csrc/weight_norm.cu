@@ -469,3 +469,15 @@ std::tuple<at::Tensor, at::Tensor> weight_norm_bwd(const at::Tensor& grad_w_in, 
 }
 
 GANNORM_NAMESPACE_END
+
+// The operators of this file: the op specs' schemas (gannorm_kernels/ops/weight_norm.py) without
+// their backend argument; tests/test_op_spec.py holds the two equal.
+GANNORM_OPS_FRAGMENT(m) {
+  m.def("weight_norm_fwd(Tensor v, Tensor g, int dim) -> (Tensor w, Tensor norms)");
+  m.def("weight_norm_bwd(Tensor grad_w, Tensor v, Tensor g, Tensor norms, int dim) -> (Tensor grad_v, Tensor grad_g)");
+}
+
+GANNORM_OPS_IMPL(m) {
+  m.impl("weight_norm_fwd", &gannorm::weight_norm_fwd);
+  m.impl("weight_norm_bwd", &gannorm::weight_norm_bwd);
+}
