@@ -1,4 +1,5 @@
-"""Shared by the tests: which backends run here, and the tolerance rule."""
+"""Shared by the tests: which backends run here, the tolerance rule, and the minibatch ops'
+inputs and comparison."""
 
 import pytest
 import torch
@@ -90,3 +91,31 @@ def assert_as_accurate_as(actual, theirs, ref64, what, ulps=1):
     assert error <= allowed, (
         f"{what}: ||ours - fp64|| = {error:.3g} exceeds 2 ||torch - fp64|| + {ulps} eps ||fp64|| "
         f"= {allowed:.3g} (torch's error {their_error:.3g})")
+
+
+# ---- the minibatch ops' tests (test_similarity.py, test_minibatch_discrimination.py,
+# test_minibatch_stddev.py): case ids, inputs, the comparison with the fp64 reference ----
+
+def case_id(case):
+    return "-".join(str(x) for x in (case if isinstance(case[1], int) else (case[0], *case[1])))
+
+
+def drawn(shape, dtype, device, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=gen, dtype=torch.float64)).to(device, dtype)
+
+
+def value_and_grad(fn, x, grad_out):
+    x = x.detach().clone().requires_grad_()
+    y = fn(x)
+    y.backward(grad_out)
+    return y.detach(), x.grad
+
+
+def compare(backend, op, x, grad_out, scales):
+    """op(x) and its gradient for `backend` against the fp64 reference, under the bound."""
+    ours = value_and_grad(lambda t: op(t, backend), x, grad_out)
+    ref64 = value_and_grad(lambda t: op(t, "reference"), x.double(), grad_out.double())
+    same = value_and_grad(lambda t: op(t, "reference"), x, grad_out)
+    for what, a, r, s in zip(("value", "grad"), ours, ref64, same):
+        assert_close_to_reference(a, r, s, what, scale=scales.get(what))

@@ -1,14 +1,15 @@
-"""Minibatch penalties: pairwise similarity (cosine, rbf), minibatch discrimination and the
-minibatch stddev, every backend against the fp64 reference, gradients, opcheck, torch.compile,
-launch budgets, memory linear in the batch, the global batch under DDP, and bad inputs."""
+"""Pairwise similarity penalty (cosine, rbf): every backend against the fp64 reference, gradients,
+the eps rule, the global batch under DDP, the rbf backward's grid; and the tests that run the three
+minibatch ops together (gradcheck, opcheck, torch.compile, launch budgets, memory linear in the
+batch, bad inputs), kept whole here."""
 
 import copy
 
 import pytest
 import torch
 from functorch.compile import make_boxed_func
-from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, assert_close_to_reference,
-                     backend_device)
+from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, backend_device, case_id, compare,
+                     drawn, value_and_grad)
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,39 +22,7 @@ from gannorm_kernels.tools.launches import count_launches
 F = gk.functional
 # (N, feature shape): 2 samples, odd sizes, more samples or features than a tile or a block
 SIMILARITY_CASES = [(2, (1,)), (3, (7,)), (17, (5, 3)), (40, (70,)), (5, (300,)), (300, (6,))]
-# (N, B, C) for minibatch discrimination: N = 1 (o = 0), odd sizes, C over a chunk
-DISCRIMINATION_CASES = [(1, 3, 5), (2, 1, 1), (7, 3, 5), (33, 4, 40), (200, 2, 3)]
-# (N, C, H, W, group_size, num_channels)
-STDDEV_CASES = [(8, 4, 3, 3, 4, 2), (3, 2, 2, 5, 4, 1), (1, 3, 2, 2, 4, 1), (6, 6, 1, 1, 2, 3), (4, 2, 9, 13, 4, 1),
-                (200, 4, 2, 2, 4, 1), (33, 2, 1, 3, 3, 2)]
 
-
-def case_id(case):
-    return "-".join(str(x) for x in (case if isinstance(case[1], int) else (case[0], *case[1])))
-
-
-def drawn(shape, dtype, device, seed, scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(shape, generator=gen, dtype=torch.float64)).to(device, dtype)
-
-
-def value_and_grad(fn, x, grad_out):
-    x = x.detach().clone().requires_grad_()
-    y = fn(x)
-    y.backward(grad_out)
-    return y.detach(), x.grad
-
-
-def compare(backend, op, x, grad_out, scales):
-    """op(x) and its gradient for `backend` against the fp64 reference, under the bound."""
-    ours = value_and_grad(lambda t: op(t, backend), x, grad_out)
-    ref64 = value_and_grad(lambda t: op(t, "reference"), x.double(), grad_out.double())
-    same = value_and_grad(lambda t: op(t, "reference"), x, grad_out)
-    for what, a, r, s in zip(("value", "grad"), ours, ref64, same):
-        assert_close_to_reference(a, r, s, what, scale=scales.get(what))
-
-
-# ---- pairwise similarity penalty ----
 
 def similarity_grad_scale(f, kernel, bandwidth, g):
     """The size of the terms each gradient element sums (for the tolerance)."""
@@ -128,88 +97,6 @@ def test_cosine_identity_is_the_naive_mean():
     s = unit.sum(0)
     torch.testing.assert_close(F.pairwise_similarity_penalty(f, backend="reference"), naive)
     torch.testing.assert_close((s @ s - 9) / (9 * 8), naive)
-
-
-# ---- minibatch discrimination ----
-
-def discrimination_grad_scale(m, g):
-    m, g = m.detach().double(), g.detach().double().abs()
-    e = torch.exp(-(m[:, None] - m[None, :]).abs().sum(-1))  # (N, N, B)
-    return (e * (g[:, None, :] + g[None, :, :])).sum(1).max().item() if m.shape[0] > 1 else 1.0
-
-
-@pytest.mark.parametrize("case", DISCRIMINATION_CASES, ids=case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_discrimination_features_match_fp64_reference(backend, dtype, case):
-    n, b, c = case
-    device = backend_device(backend)
-    m = drawn((n, b, c), dtype, device, seed=n + c, scale=1.5 / c)  # L1 distances of order 1
-    grad_out = drawn((n, b), dtype, device, seed=7)
-
-    def op(t, name):
-        if name == "reference":
-            return reference.minibatch_discrimination_features(t)
-        from gannorm_kernels.ops.minibatch_discrimination import _discrimination
-        return _discrimination(t, name)[0]
-
-    compare(backend, op, m, grad_out, {"grad": discrimination_grad_scale(m, grad_out)})
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_minibatch_discrimination_layer(backend):
-    device = backend_device(backend)
-    torch.manual_seed(0)
-    layer = gk.MinibatchDiscrimination(6, 4, 3, backend=backend).to(device)
-    assert layer.T.shape == (6, 4, 3)
-    x = drawn((5, 6), torch.float32, device, seed=2, scale=0.3)
-    y = layer(x)
-    assert y.shape == (5, 10) and torch.equal(y[:, :6], x)
-    m = (x.double() @ layer.T.detach().double().flatten(1)).view(5, 4, 3)
-    torch.testing.assert_close(y[:, 6:].double(), reference.minibatch_discrimination_features(m), rtol=1e-5,
-                               atol=1e-6)
-    single = layer(x[:1])  # N = 1: no other sample, o = 0
-    assert torch.equal(single[:, 6:], torch.zeros(1, 4, device=device))
-    single.sum().backward()
-    assert torch.equal(layer.T.grad, torch.zeros_like(layer.T))
-
-
-# ---- minibatch stddev ----
-
-def stddev_grad_scale(x, g, group_size, num_channels):
-    x, g = x.detach().double(), g.detach().double()
-    n, c, h, w = x.shape
-    groups = min(group_size, n)
-    y = x.reshape(groups, -1, num_channels, c // num_channels, h, w)
-    centred = (y - y.mean(0)).abs()
-    std = ((y - y.mean(0)).square().mean(0) + 1e-8).sqrt()
-    span = (c // num_channels) * h * w
-    stat_grad = g[:, c:].reshape(groups, -1, num_channels, h * w).abs().sum(dim=(0, 3))  # (n / G, F)
-    coefficient = stat_grad[:, :, None, None, None] / (span * groups)
-    return g[:, :c].abs().max().item() + (coefficient * centred / std).max().item()
-
-
-@pytest.mark.parametrize("case", STDDEV_CASES, ids=case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_stddev_matches_fp64_reference(backend, dtype, case):
-    n, c, h, w, group_size, num_channels = case
-    device = backend_device(backend)
-    x = drawn((n, c, h, w), dtype, device, seed=n * c)
-    grad_out = drawn((n, c + num_channels, h, w), dtype, device, seed=3)
-    compare(backend, lambda t, b: F.minibatch_stddev(t, group_size, num_channels, backend=b), x, grad_out,
-            {"grad": stddev_grad_scale(x, grad_out, group_size, num_channels)})
-
-
-def test_stddev_layer_is_stylegan2s():
-    """StyleGAN2's own code (torch_utils-free transcription) gives the same output."""
-    x = drawn((8, 6, 4, 4), torch.float64, "cpu", seed=5)
-    group, channels = 4, 2
-    y = x.reshape(group, -1, channels, 3, 4, 4)
-    y = (y - y.mean(dim=0)).square().mean(dim=0)
-    y = (y + 1e-8).sqrt().mean(dim=[2, 3, 4]).reshape(-1, channels, 1, 1).repeat(group, 1, 4, 4)
-    expected = torch.cat([x, y], dim=1)
-    torch.testing.assert_close(gk.MinibatchStdDev(group, channels, backend="reference")(x), expected)
 
 
 # ---- shared properties ----
