@@ -1,13 +1,17 @@
 """Minibatch discrimination: the pairwise L1-exp part on every backend against the fp64
-reference, gradients, and the layer."""
+reference, gradients, the layer, opcheck, the launch budget, memory linear in the batch, and bad
+inputs."""
 
 import pytest
 import torch
-from helpers import ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, backend_device, case_id, compare, drawn
+from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LargestTensor, backend_device,
+                     case_id, compare, drawn, measure, opcheck_cases)
 
 import gannorm_kernels as gk
-from gannorm_kernels import reference
+from gannorm_kernels import backends, reference
+from gannorm_kernels.tools import perf_model
 
+F = gk.functional
 # (N, B, C) for minibatch discrimination: N = 1 (o = 0), odd sizes, C over a chunk
 DISCRIMINATION_CASES = [(1, 3, 5), (2, 1, 1), (7, 3, 5), (33, 4, 40), (200, 2, 3)]
 
@@ -52,3 +56,61 @@ def test_minibatch_discrimination_layer(backend):
     assert torch.equal(single[:, 6:], torch.zeros(1, 4, device=device))
     single.sum().backward()
     assert torch.equal(layer.T.grad, torch.zeros_like(layer.T))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradcheck_fp64(backend):
+    device = backend_device(backend)
+    x = drawn((4, 3), torch.float64, device, seed=2).requires_grad_()
+    T = drawn((3, 2, 4), torch.float64, device, seed=3, scale=0.4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, T: F.minibatch_discrimination(x, T, backend=backend), (x, T))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend):
+    device = backend_device(backend)
+    ops = torch.ops.gannorm_kernels
+    for dtype in (torch.float32, torch.float64):
+        m = drawn((5, 3, 4), dtype, device, seed=2, scale=0.3)
+        cases = [
+            (ops.minibatch_discrimination_fwd, (m.clone().requires_grad_(),)),
+            (ops.minibatch_discrimination_bwd, (drawn((5, 3), dtype, device, seed=4), m)),
+        ]
+        opcheck_cases(cases, backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_launch_budget(backend):
+    device = backend_device(backend)
+    x, T = drawn((6, 5), torch.float32, device, seed=2), drawn((5, 3, 4), torch.float32, device, seed=3, scale=0.3)
+    grad = torch.ones((6, 8), device=device)
+    forward, backward = measure(lambda t: F.minibatch_discrimination(x, t, backend=backend), T, grad)
+    assert (forward.ours, backward.ours) == (1, 1)  # the pairwise part; torch's matmul and cat beside it
+    assert sorted(forward.aten_ops) == ["cat", "mm"]
+    assert perf_model.minibatch_discrimination(6, 3, 4, torch.float32).launches == forward.ours
+    assert perf_model.minibatch_discrimination(6, 3, 4, torch.float32, backward=True).launches == backward.ours
+    naive = measure(lambda t: F.minibatch_discrimination(x, t, backend="reference"), T, grad)
+    LAUNCH_COMPARISONS["minibatch_discrimination forward / backward"] = (
+        f"{forward.total} / {backward.total} (pairwise part 1 / 1)", f"naive {naive[0].total} / {naive[1].total}")
+
+
+def test_memory_is_linear_in_the_batch():
+    """The Triton launchers allocate in Python, where a dispatch mode sees every tensor: the
+    largest stays O(N B C) (the naive formulation's is N x N x B x C)."""
+    if backends.unavailable_reason("triton", "cpu") is not None:
+        pytest.skip("needs the Triton interpreter")
+    n = 64
+    m = drawn((n, 4, 6), torch.float32, "cpu", seed=2).requires_grad_()
+    from gannorm_kernels.ops.minibatch_discrimination import _discrimination
+    with LargestTensor() as largest:
+        _discrimination(m, "triton")[0].sum().backward()
+    assert largest.numel <= m.numel()
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match=r"T must have shape \(in_features=4"):
+        F.minibatch_discrimination(torch.randn(3, 4), torch.randn(5, 2, 2))
+    with pytest.raises(ValueError, match="kernel_dim must be a positive int"):
+        gk.MinibatchDiscrimination(4, 2, 0)
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        gk.MinibatchDiscrimination(4, 2, 3, backend="fast")

@@ -1,23 +1,21 @@
 """Pairwise similarity penalty (cosine, rbf): every backend against the fp64 reference, gradients,
-the eps rule, the global batch under DDP, the rbf backward's grid; and the tests that run the three
-minibatch ops together (gradcheck, opcheck, torch.compile, launch budgets, memory linear in the
-batch, bad inputs), kept whole here."""
+the eps rule, opcheck, launch budgets, memory linear in the batch, the global batch under DDP, the
+rbf backward's grid, and bad inputs; and torch.compile of a model running all three minibatch ops
+(one graph: it does not split), kept whole here."""
 
 import copy
 
 import pytest
 import torch
 from functorch.compile import make_boxed_func
-from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, backend_device, case_id, compare,
-                     drawn, value_and_grad)
+from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LargestTensor, backend_device,
+                     case_id, compare, drawn, measure, opcheck_cases, value_and_grad)
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gannorm_kernels as gk
 from gannorm_kernels import backends, reference
 from gannorm_kernels.tools import perf_model
-from gannorm_kernels.tools.launches import count_launches
 
 F = gk.functional
 # (N, feature shape): 2 samples, odd sizes, more samples or features than a tile or a block
@@ -99,7 +97,7 @@ def test_cosine_identity_is_the_naive_mean():
     torch.testing.assert_close((s @ s - 9) / (9 * 8), naive)
 
 
-# ---- shared properties ----
+# ---- properties ----
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gradcheck_fp64(backend):
@@ -108,39 +106,23 @@ def test_gradcheck_fp64(backend):
     for kernel in ("cosine", "rbf"):
         assert torch.autograd.gradcheck(lambda f: F.pairwise_similarity_penalty(f, kernel, 2.0, backend=backend),
                                         (features,))
-    x = drawn((4, 3), torch.float64, device, seed=2).requires_grad_()
-    T = drawn((3, 2, 4), torch.float64, device, seed=3, scale=0.4).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, T: F.minibatch_discrimination(x, T, backend=backend), (x, T))
-    images = drawn((4, 4, 2, 3), torch.float64, device, seed=4).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: F.minibatch_stddev(t, 2, 2, backend=backend), (images,))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_opcheck(backend):
     device = backend_device(backend)
     ops = torch.ops.gannorm_kernels
-    compiled = getattr(torch.ops, backends.OPS_NAMESPACE[backend]) if backend in backends.OPS_NAMESPACE else None
     for dtype in (torch.float32, torch.float64):
         f = drawn((6, 5), dtype, device, seed=1)
         grad = torch.ones((), dtype=dtype, device=device)
-        m = drawn((5, 3, 4), dtype, device, seed=2, scale=0.3)
-        x = drawn((4, 4, 2, 3), dtype, device, seed=3)
         _, s, norms = ops.similarity_cosine_fwd(f, 1e-12, backend)
         cases = [
             (ops.similarity_cosine_fwd, (f.clone().requires_grad_(), 1e-12)),
             (ops.similarity_cosine_bwd, (grad, f, s, norms, 1e-12)),
             (ops.similarity_rbf_fwd, (f.clone().requires_grad_(), 1.5)),
             (ops.similarity_rbf_bwd, (grad, f, 1.5)),
-            (ops.minibatch_discrimination_fwd, (m.clone().requires_grad_(),)),
-            (ops.minibatch_discrimination_bwd, (drawn((5, 3), dtype, device, seed=4), m)),
-            (ops.minibatch_stddev_fwd, (x.clone().requires_grad_(), 2, 2)),
-            (ops.minibatch_stddev_bwd, (drawn((4, 6, 2, 3), dtype, device, seed=5), x, 2, 2)),
         ]
-        for op, args in cases:
-            torch.library.opcheck(op, args + (backend,))
-            if compiled is not None:
-                torch.library.opcheck(getattr(compiled, op.__name__.split(".")[-1]),
-                                      tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        opcheck_cases(cases, backend)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -183,15 +165,6 @@ def test_torch_compile_fullgraph(backend):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_launch_budget(backend):
     device = backend_device(backend)
-
-    def measure(fn, x, grad):
-        x = x.detach().clone().requires_grad_()
-        with count_launches() as forward:
-            y = fn(x)
-        with count_launches() as backward:
-            y.backward(grad)
-        return forward, backward
-
     features = drawn((12, 9), torch.float32, device, seed=1)
     one = torch.ones((), device=device)
     for kernel in ("cosine", "rbf"):
@@ -203,44 +176,11 @@ def test_launch_budget(backend):
         naive = measure(lambda f: F.pairwise_similarity_penalty(f, kernel, 2.0, backend="reference"), features, one)
         LAUNCH_COMPARISONS[f"pairwise_similarity_penalty {kernel} forward / backward"] = (
             "2 / 1", f"naive {naive[0].total} / {naive[1].total}")
-    x, T = drawn((6, 5), torch.float32, device, seed=2), drawn((5, 3, 4), torch.float32, device, seed=3, scale=0.3)
-    grad = torch.ones((6, 8), device=device)
-    forward, backward = measure(lambda t: F.minibatch_discrimination(x, t, backend=backend), T, grad)
-    assert (forward.ours, backward.ours) == (1, 1)  # the pairwise part; torch's matmul and cat beside it
-    assert sorted(forward.aten_ops) == ["cat", "mm"]
-    assert perf_model.minibatch_discrimination(6, 3, 4, torch.float32).launches == forward.ours
-    assert perf_model.minibatch_discrimination(6, 3, 4, torch.float32, backward=True).launches == backward.ours
-    naive = measure(lambda t: F.minibatch_discrimination(x, t, backend="reference"), T, grad)
-    LAUNCH_COMPARISONS["minibatch_discrimination forward / backward"] = (
-        f"{forward.total} / {backward.total} (pairwise part 1 / 1)", f"naive {naive[0].total} / {naive[1].total}")
-    images = drawn((4, 3, 5, 5), torch.float32, device, seed=4)
-    forward, backward = measure(lambda t: F.minibatch_stddev(t, backend=backend), images,
-                                torch.ones((4, 4, 5, 5), device=device))
-    assert (forward.ours, forward.aten_ops, backward.ours, backward.aten_ops) == (1, [], 1, [])
-    assert perf_model.minibatch_stddev(images.shape, torch.float32).launches == forward.ours
-    assert perf_model.minibatch_stddev(images.shape, torch.float32, backward=True).launches == backward.ours
-    naive = measure(lambda t: F.minibatch_stddev(t, backend="reference"), images, torch.ones((4, 4, 5, 5), device=device))
-    LAUNCH_COMPARISONS["minibatch_stddev forward / backward"] = ("1 / 1", f"naive {naive[0].total} / {naive[1].total}")
-
-
-class LargestTensor(TorchDispatchMode):
-    """The largest tensor any operator returns inside the block (memory that was live)."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
 
 
 def test_memory_is_linear_in_the_batch():
     """The Triton launchers allocate in Python, where a dispatch mode sees every tensor: the
-    largest stays O(N D) (O(N B C)), while the naive formulation's is N x N (x D)."""
+    largest stays O(N D), while the naive formulation's is N x N (x D)."""
     if backends.unavailable_reason("triton", "cpu") is not None:
         pytest.skip("needs the Triton interpreter")
     n, d = 64, 20
@@ -252,11 +192,6 @@ def test_memory_is_linear_in_the_batch():
         with LargestTensor() as largest:
             F.pairwise_similarity_penalty(features, kernel, 3.0, backend="reference").backward()
         assert largest.numel >= naive, kernel  # the check would see a pairwise tensor
-    m = drawn((n, 4, 6), torch.float32, "cpu", seed=2).requires_grad_()
-    from gannorm_kernels.ops.minibatch_discrimination import _discrimination
-    with LargestTensor() as largest:
-        _discrimination(m, "triton")[0].sum().backward()
-    assert largest.numel <= m.numel()
 
 
 def _global_batch_worker(rank, world, init_file, backend, kernel, features, results):
@@ -311,20 +246,6 @@ def test_bad_inputs():
         gk.pairwise_similarity_penalty(torch.randn(3, 4), kernel="rbf", bandwidth=-1.0)
     with pytest.raises(TypeError, match="features must be float16"):
         gk.pairwise_similarity_penalty(torch.ones(3, 4, dtype=torch.int64))
-    with pytest.raises(ValueError, match="batch size 6 must be a multiple of the group size"):
-        gk.MinibatchStdDev(4)(torch.randn(6, 2, 3, 3))
-    with pytest.raises(ValueError, match="channel count 5 must be a multiple of num_channels=2"):
-        gk.MinibatchStdDev(2, 2)(torch.randn(4, 5, 3, 3))
-    with pytest.raises(ValueError, match=r"x must have shape \(N, C, H, W\)"):
-        gk.MinibatchStdDev()(torch.randn(4, 3, 3))
-    with pytest.raises(ValueError, match="group_size must be a positive int"):
-        gk.MinibatchStdDev(0)
-    with pytest.raises(ValueError, match=r"T must have shape \(in_features=4"):
-        F.minibatch_discrimination(torch.randn(3, 4), torch.randn(5, 2, 2))
-    with pytest.raises(ValueError, match="kernel_dim must be a positive int"):
-        gk.MinibatchDiscrimination(4, 2, 0)
-    with pytest.raises(ValueError, match="unknown backend 'fast'"):
-        gk.MinibatchDiscrimination(4, 2, 3, backend="fast")
 
 
 def test_rbf_backward_grid_fits_any_feature_size():
