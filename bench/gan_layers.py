@@ -1,10 +1,11 @@
 """The layers the benchmarks run on (gannorm_kernels.tools.workloads: three standard GAN
-discriminators), and the device. On a CPU-only machine only a small smoke set runs (CI:
---benchmark-disable), since CPU timings of emulated or interpreted kernels say nothing about
-GPU speed."""
+discriminators), the minibatch ops' batch sizes and runner, and the device. On a CPU-only machine
+only a small smoke set runs (CI: --benchmark-disable), since CPU timings of emulated or
+interpreted kernels say nothing about GPU speed."""
 
 import torch
 
+from gannorm_kernels.tools.launches import count_launches
 from gannorm_kernels.tools.workloads import GAN_LAYERS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,3 +103,26 @@ def peak_memory(step):
     step()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
+
+
+# ---- the minibatch ops' suites (bench_similarity.py, bench_minibatch_discrimination.py,
+# bench_minibatch_stddev.py) ----
+
+BATCHES = (64, 256, 1024) if DEVICE == "cuda" else (64,)
+FEATURES = 512 if DEVICE == "cuda" else 32
+
+
+def run(benchmark, step, op, mode, backend, workload, shape, cost):
+    with count_launches() as launches:
+        step()
+    describe(benchmark, op, mode, backend, workload, shape, torch.float32, cost, launches.total, peak_memory(step))
+    benchmark(step)
+
+
+def step_of(fn, x, mode):
+    def step():
+        y = fn(x)
+        if mode == "forward+backward":
+            y.backward(torch.ones_like(y))
+        synchronize()
+    return step

@@ -1,10 +1,13 @@
-"""Shared by the tests: which backends run here, and the tolerance rule."""
+"""Shared by the tests: which backends run here, the tolerance rule, and the minibatch ops'
+inputs and comparison."""
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gannorm_kernels import backends
+from gannorm_kernels.tools.launches import count_launches
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Every layer type the parametrizations support: (constructor, input shape or None for Embedding)
@@ -90,3 +93,69 @@ def assert_as_accurate_as(actual, theirs, ref64, what, ulps=1):
     assert error <= allowed, (
         f"{what}: ||ours - fp64|| = {error:.3g} exceeds 2 ||torch - fp64|| + {ulps} eps ||fp64|| "
         f"= {allowed:.3g} (torch's error {their_error:.3g})")
+
+
+# ---- the minibatch ops' tests (test_similarity.py, test_minibatch_discrimination.py,
+# test_minibatch_stddev.py): case ids, inputs, the comparison with the fp64 reference, opcheck,
+# launches, the largest tensor ----
+
+def case_id(case):
+    return "-".join(str(x) for x in (case if isinstance(case[1], int) else (case[0], *case[1])))
+
+
+def drawn(shape, dtype, device, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=gen, dtype=torch.float64)).to(device, dtype)
+
+
+def value_and_grad(fn, x, grad_out):
+    x = x.detach().clone().requires_grad_()
+    y = fn(x)
+    y.backward(grad_out)
+    return y.detach(), x.grad
+
+
+def compare(backend, op, x, grad_out, scales):
+    """op(x) and its gradient for `backend` against the fp64 reference, under the bound."""
+    ours = value_and_grad(lambda t: op(t, backend), x, grad_out)
+    ref64 = value_and_grad(lambda t: op(t, "reference"), x.double(), grad_out.double())
+    same = value_and_grad(lambda t: op(t, "reference"), x, grad_out)
+    for what, a, r, s in zip(("value", "grad"), ours, ref64, same):
+        assert_close_to_reference(a, r, s, what, scale=scales.get(what))
+
+
+def opcheck_cases(cases, backend):
+    """torch.library.opcheck of each (op, args) on `backend`, and of the backend's own op where it
+    registers one (backends.OPS_NAMESPACE); the opcheck tests of the minibatch ops."""
+    compiled = getattr(torch.ops, backends.OPS_NAMESPACE[backend]) if backend in backends.OPS_NAMESPACE else None
+    for op, args in cases:
+        torch.library.opcheck(op, args + (backend,))
+        if compiled is not None:
+            torch.library.opcheck(getattr(compiled, op.__name__.split(".")[-1]),
+                                  tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+
+
+def measure(fn, x, grad):
+    """The launches of fn(x) and of its backward with `grad` (the launch-budget tests of the
+    minibatch ops): (forward, backward) count_launches records."""
+    x = x.detach().clone().requires_grad_()
+    with count_launches() as forward:
+        y = fn(x)
+    with count_launches() as backward:
+        y.backward(grad)
+    return forward, backward
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest tensor any operator returns inside the block (memory that was live)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out

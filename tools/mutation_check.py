@@ -41,8 +41,11 @@ SN_TRITON = ("tests/test_spectral_norm.py", "tests/test_double_backward.py", "-k
 SN_EMU = ("tests/test_spectral_norm.py", "tests/test_emulator.py", "-k", "cuda-emu or emulator")
 WN_TRITON = ("tests/test_weight_norm.py", "-k", "triton")
 WN_EMU = ("tests/test_weight_norm.py", "tests/test_emulator.py", "-k", "cuda-emu or emulator")
-MB_TRITON = ("tests/test_minibatch.py", "-k", "triton")
-MB_EMU = ("tests/test_minibatch.py", "tests/test_emulator.py", "-k", "cuda-emu or emulator")
+SIM_TRITON = ("tests/test_similarity.py", "-k", "triton")
+SIM_EMU = ("tests/test_similarity.py", "tests/test_emulator.py", "-k", "cuda-emu or emulator")
+DISC_EMU = ("tests/test_minibatch_discrimination.py", "tests/test_emulator.py", "-k", "cuda-emu or emulator")
+STD_TRITON = ("tests/test_minibatch_stddev.py", "-k", "triton")
+STD_EMU = ("tests/test_minibatch_stddev.py", "tests/test_emulator.py", "-k", "cuda-emu or emulator")
 GLUE = ("tests/test_training_patterns.py", "tests/test_spectral_norm.py", "tests/test_double_backward.py",
         "tests/test_backends.py", "tests/test_torch_parametrization.py",
         "-k", "not triton and not built_where_nvcc")  # the scratch copy builds the emulator only
@@ -67,17 +70,17 @@ MUTATIONS = [
              "    for start in range(pid * 2 * BLOCK, numel, programs * BLOCK):\n        offsets = start + tl.arange(0, BLOCK)\n"
              "        mask = offsets < numel\n        weight =",
              SN_TRITON, "spectral norm scale pass: grid-stride loop starts at the wrong block"),
-    Mutation("T5", "gannorm_kernels/triton/minibatch.py",
+    Mutation("T5", "gannorm_kernels/triton/similarity.py",
              "    denominator = tl.maximum(norm, eps)\n    for start in range(0, D, BLOCK_D):",
              "    denominator = norm + eps\n    for start in range(0, D, BLOCK_D):",
-             MB_TRITON, "cosine penalty forward: max(norm, eps) became norm + eps"),
-    Mutation("T6", "gannorm_kernels/triton/minibatch.py",
+             SIM_TRITON, "cosine penalty forward: max(norm, eps) became norm + eps"),
+    Mutation("T6", "gannorm_kernels/triton/similarity.py",
              "    return 1.0 / (2.0 * h * h)", "    return 1.0 / (h * h)",
-             MB_TRITON, "rbf kernel: the 2 in 2 bandwidth^2 dropped"),
-    Mutation("T7", "gannorm_kernels/triton/minibatch.py",
+             SIM_TRITON, "rbf kernel: the 2 in 2 bandwidth^2 dropped"),
+    Mutation("T7", "gannorm_kernels/triton/minibatch_stddev.py",
              "        total += tl.where(mask, tl.sqrt(variance / G + 1e-8), 0.0)",
              "        total += tl.where(mask, tl.sqrt(variance / G), 0.0)",
-             MB_TRITON, "minibatch stddev: the 1e-8 under the root dropped"),
+             STD_TRITON, "minibatch stddev: the 1e-8 under the root dropped"),
     Mutation("T8", "gannorm_kernels/triton/weight_norm.py",
              "    tl.store(norms_ptr + c, norm, mask=c_mask)",
              "    tl.store(norms_ptr + c, norm)",
@@ -94,19 +97,19 @@ MUTATIONS = [
              "  if (tid % kWarpSize == 0) warp_totals[tid / kWarpSize] = x;\n  __syncthreads();\n",
              "  if (tid % kWarpSize == 0) warp_totals[tid / kWarpSize] = x;\n",
              SN_EMU, "block_sum: the barrier between the writes and the reads of warp_totals dropped"),
-    Mutation("C3", "csrc/minibatch.cu",
+    Mutation("C3", "csrc/similarity.cu",
              "    for (int d = 0; d < kChunk; ++d) {", "    for (int d = 0; d <= kChunk; ++d) {",
-             MB_EMU, "rbf: reads the shared tile's padding column"),
-    Mutation("C4", "csrc/minibatch.cu",
+             SIM_EMU, "rbf: reads the shared tile's padding column"),
+    Mutation("C4", "csrc/minibatch_discrimination.cu",
              "  for (int c = 0; c < C; ++c) l1 += ", "  for (int c = 0; c <= C; ++c) l1 += ",
-             MB_EMU, "minibatch discrimination: one element past each row (past the tensor on the last)"),
-    Mutation("C5", "csrc/minibatch.cu",
+             DISC_EMU, "minibatch discrimination: one element past each row (past the tensor on the last)"),
+    Mutation("C5", "csrc/similarity.cu",
              "    __syncthreads();  // the previous chunk is consumed\n", "",
-             MB_EMU, "rbf: the barrier before a tile is overwritten dropped"),
-    Mutation("C6", "csrc/minibatch.cu",
+             SIM_EMU, "rbf: the barrier before a tile is overwritten dropped"),
+    Mutation("C6", "csrc/minibatch_stddev.cu",
              "    total += sqrt_acc(variance / acc(L.G) + acc(1e-8));",
              "    total += sqrt_acc(variance / acc(L.G));",
-             MB_EMU, "minibatch stddev: the 1e-8 under the root dropped"),
+             STD_EMU, "minibatch stddev: the 1e-8 under the root dropped"),
     Mutation("C7", "csrc/spectral_norm.cu",
              "  return max_acc(sqrt_acc(sum_of_squares), eps);", "  return sqrt_acc(sum_of_squares) + eps;",
              SN_EMU, "spectral norm: max(norm, eps) became norm + eps"),

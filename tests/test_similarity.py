@@ -1,59 +1,26 @@
-"""Minibatch penalties: pairwise similarity (cosine, rbf), minibatch discrimination and the
-minibatch stddev, every backend against the fp64 reference, gradients, opcheck, torch.compile,
-launch budgets, memory linear in the batch, the global batch under DDP, and bad inputs."""
+"""Pairwise similarity penalty (cosine, rbf): every backend against the fp64 reference, gradients,
+the eps rule, opcheck, launch budgets, memory linear in the batch, the global batch under DDP, the
+rbf backward's grid, and bad inputs; and torch.compile of a model running all three minibatch ops
+(one graph: it does not split), kept whole here."""
 
 import copy
 
 import pytest
 import torch
 from functorch.compile import make_boxed_func
-from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, assert_close_to_reference,
-                     backend_device)
+from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LargestTensor, backend_device,
+                     case_id, compare, drawn, measure, opcheck_cases, value_and_grad)
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gannorm_kernels as gk
 from gannorm_kernels import backends, reference
 from gannorm_kernels.tools import perf_model
-from gannorm_kernels.tools.launches import count_launches
 
 F = gk.functional
 # (N, feature shape): 2 samples, odd sizes, more samples or features than a tile or a block
 SIMILARITY_CASES = [(2, (1,)), (3, (7,)), (17, (5, 3)), (40, (70,)), (5, (300,)), (300, (6,))]
-# (N, B, C) for minibatch discrimination: N = 1 (o = 0), odd sizes, C over a chunk
-DISCRIMINATION_CASES = [(1, 3, 5), (2, 1, 1), (7, 3, 5), (33, 4, 40), (200, 2, 3)]
-# (N, C, H, W, group_size, num_channels)
-STDDEV_CASES = [(8, 4, 3, 3, 4, 2), (3, 2, 2, 5, 4, 1), (1, 3, 2, 2, 4, 1), (6, 6, 1, 1, 2, 3), (4, 2, 9, 13, 4, 1),
-                (200, 4, 2, 2, 4, 1), (33, 2, 1, 3, 3, 2)]
 
-
-def case_id(case):
-    return "-".join(str(x) for x in (case if isinstance(case[1], int) else (case[0], *case[1])))
-
-
-def drawn(shape, dtype, device, seed, scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(shape, generator=gen, dtype=torch.float64)).to(device, dtype)
-
-
-def value_and_grad(fn, x, grad_out):
-    x = x.detach().clone().requires_grad_()
-    y = fn(x)
-    y.backward(grad_out)
-    return y.detach(), x.grad
-
-
-def compare(backend, op, x, grad_out, scales):
-    """op(x) and its gradient for `backend` against the fp64 reference, under the bound."""
-    ours = value_and_grad(lambda t: op(t, backend), x, grad_out)
-    ref64 = value_and_grad(lambda t: op(t, "reference"), x.double(), grad_out.double())
-    same = value_and_grad(lambda t: op(t, "reference"), x, grad_out)
-    for what, a, r, s in zip(("value", "grad"), ours, ref64, same):
-        assert_close_to_reference(a, r, s, what, scale=scales.get(what))
-
-
-# ---- pairwise similarity penalty ----
 
 def similarity_grad_scale(f, kernel, bandwidth, g):
     """The size of the terms each gradient element sums (for the tolerance)."""
@@ -130,89 +97,7 @@ def test_cosine_identity_is_the_naive_mean():
     torch.testing.assert_close((s @ s - 9) / (9 * 8), naive)
 
 
-# ---- minibatch discrimination ----
-
-def discrimination_grad_scale(m, g):
-    m, g = m.detach().double(), g.detach().double().abs()
-    e = torch.exp(-(m[:, None] - m[None, :]).abs().sum(-1))  # (N, N, B)
-    return (e * (g[:, None, :] + g[None, :, :])).sum(1).max().item() if m.shape[0] > 1 else 1.0
-
-
-@pytest.mark.parametrize("case", DISCRIMINATION_CASES, ids=case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_discrimination_features_match_fp64_reference(backend, dtype, case):
-    n, b, c = case
-    device = backend_device(backend)
-    m = drawn((n, b, c), dtype, device, seed=n + c, scale=1.5 / c)  # L1 distances of order 1
-    grad_out = drawn((n, b), dtype, device, seed=7)
-
-    def op(t, name):
-        if name == "reference":
-            return reference.minibatch_discrimination_features(t)
-        from gannorm_kernels.ops.minibatch_discrimination import _discrimination
-        return _discrimination(t, name)[0]
-
-    compare(backend, op, m, grad_out, {"grad": discrimination_grad_scale(m, grad_out)})
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_minibatch_discrimination_layer(backend):
-    device = backend_device(backend)
-    torch.manual_seed(0)
-    layer = gk.MinibatchDiscrimination(6, 4, 3, backend=backend).to(device)
-    assert layer.T.shape == (6, 4, 3)
-    x = drawn((5, 6), torch.float32, device, seed=2, scale=0.3)
-    y = layer(x)
-    assert y.shape == (5, 10) and torch.equal(y[:, :6], x)
-    m = (x.double() @ layer.T.detach().double().flatten(1)).view(5, 4, 3)
-    torch.testing.assert_close(y[:, 6:].double(), reference.minibatch_discrimination_features(m), rtol=1e-5,
-                               atol=1e-6)
-    single = layer(x[:1])  # N = 1: no other sample, o = 0
-    assert torch.equal(single[:, 6:], torch.zeros(1, 4, device=device))
-    single.sum().backward()
-    assert torch.equal(layer.T.grad, torch.zeros_like(layer.T))
-
-
-# ---- minibatch stddev ----
-
-def stddev_grad_scale(x, g, group_size, num_channels):
-    x, g = x.detach().double(), g.detach().double()
-    n, c, h, w = x.shape
-    groups = min(group_size, n)
-    y = x.reshape(groups, -1, num_channels, c // num_channels, h, w)
-    centred = (y - y.mean(0)).abs()
-    std = ((y - y.mean(0)).square().mean(0) + 1e-8).sqrt()
-    span = (c // num_channels) * h * w
-    stat_grad = g[:, c:].reshape(groups, -1, num_channels, h * w).abs().sum(dim=(0, 3))  # (n / G, F)
-    coefficient = stat_grad[:, :, None, None, None] / (span * groups)
-    return g[:, :c].abs().max().item() + (coefficient * centred / std).max().item()
-
-
-@pytest.mark.parametrize("case", STDDEV_CASES, ids=case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_stddev_matches_fp64_reference(backend, dtype, case):
-    n, c, h, w, group_size, num_channels = case
-    device = backend_device(backend)
-    x = drawn((n, c, h, w), dtype, device, seed=n * c)
-    grad_out = drawn((n, c + num_channels, h, w), dtype, device, seed=3)
-    compare(backend, lambda t, b: F.minibatch_stddev(t, group_size, num_channels, backend=b), x, grad_out,
-            {"grad": stddev_grad_scale(x, grad_out, group_size, num_channels)})
-
-
-def test_stddev_layer_is_stylegan2s():
-    """StyleGAN2's own code (torch_utils-free transcription) gives the same output."""
-    x = drawn((8, 6, 4, 4), torch.float64, "cpu", seed=5)
-    group, channels = 4, 2
-    y = x.reshape(group, -1, channels, 3, 4, 4)
-    y = (y - y.mean(dim=0)).square().mean(dim=0)
-    y = (y + 1e-8).sqrt().mean(dim=[2, 3, 4]).reshape(-1, channels, 1, 1).repeat(group, 1, 4, 4)
-    expected = torch.cat([x, y], dim=1)
-    torch.testing.assert_close(gk.MinibatchStdDev(group, channels, backend="reference")(x), expected)
-
-
-# ---- shared properties ----
+# ---- properties ----
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gradcheck_fp64(backend):
@@ -221,39 +106,23 @@ def test_gradcheck_fp64(backend):
     for kernel in ("cosine", "rbf"):
         assert torch.autograd.gradcheck(lambda f: F.pairwise_similarity_penalty(f, kernel, 2.0, backend=backend),
                                         (features,))
-    x = drawn((4, 3), torch.float64, device, seed=2).requires_grad_()
-    T = drawn((3, 2, 4), torch.float64, device, seed=3, scale=0.4).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, T: F.minibatch_discrimination(x, T, backend=backend), (x, T))
-    images = drawn((4, 4, 2, 3), torch.float64, device, seed=4).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: F.minibatch_stddev(t, 2, 2, backend=backend), (images,))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_opcheck(backend):
     device = backend_device(backend)
     ops = torch.ops.gannorm_kernels
-    compiled = getattr(torch.ops, backends.OPS_NAMESPACE[backend]) if backend in backends.OPS_NAMESPACE else None
     for dtype in (torch.float32, torch.float64):
         f = drawn((6, 5), dtype, device, seed=1)
         grad = torch.ones((), dtype=dtype, device=device)
-        m = drawn((5, 3, 4), dtype, device, seed=2, scale=0.3)
-        x = drawn((4, 4, 2, 3), dtype, device, seed=3)
         _, s, norms = ops.similarity_cosine_fwd(f, 1e-12, backend)
         cases = [
             (ops.similarity_cosine_fwd, (f.clone().requires_grad_(), 1e-12)),
             (ops.similarity_cosine_bwd, (grad, f, s, norms, 1e-12)),
             (ops.similarity_rbf_fwd, (f.clone().requires_grad_(), 1.5)),
             (ops.similarity_rbf_bwd, (grad, f, 1.5)),
-            (ops.minibatch_discrimination_fwd, (m.clone().requires_grad_(),)),
-            (ops.minibatch_discrimination_bwd, (drawn((5, 3), dtype, device, seed=4), m)),
-            (ops.minibatch_stddev_fwd, (x.clone().requires_grad_(), 2, 2)),
-            (ops.minibatch_stddev_bwd, (drawn((4, 6, 2, 3), dtype, device, seed=5), x, 2, 2)),
         ]
-        for op, args in cases:
-            torch.library.opcheck(op, args + (backend,))
-            if compiled is not None:
-                torch.library.opcheck(getattr(compiled, op.__name__.split(".")[-1]),
-                                      tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        opcheck_cases(cases, backend)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -296,15 +165,6 @@ def test_torch_compile_fullgraph(backend):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_launch_budget(backend):
     device = backend_device(backend)
-
-    def measure(fn, x, grad):
-        x = x.detach().clone().requires_grad_()
-        with count_launches() as forward:
-            y = fn(x)
-        with count_launches() as backward:
-            y.backward(grad)
-        return forward, backward
-
     features = drawn((12, 9), torch.float32, device, seed=1)
     one = torch.ones((), device=device)
     for kernel in ("cosine", "rbf"):
@@ -316,44 +176,11 @@ def test_launch_budget(backend):
         naive = measure(lambda f: F.pairwise_similarity_penalty(f, kernel, 2.0, backend="reference"), features, one)
         LAUNCH_COMPARISONS[f"pairwise_similarity_penalty {kernel} forward / backward"] = (
             "2 / 1", f"naive {naive[0].total} / {naive[1].total}")
-    x, T = drawn((6, 5), torch.float32, device, seed=2), drawn((5, 3, 4), torch.float32, device, seed=3, scale=0.3)
-    grad = torch.ones((6, 8), device=device)
-    forward, backward = measure(lambda t: F.minibatch_discrimination(x, t, backend=backend), T, grad)
-    assert (forward.ours, backward.ours) == (1, 1)  # the pairwise part; torch's matmul and cat beside it
-    assert sorted(forward.aten_ops) == ["cat", "mm"]
-    assert perf_model.minibatch_discrimination(6, 3, 4, torch.float32).launches == forward.ours
-    assert perf_model.minibatch_discrimination(6, 3, 4, torch.float32, backward=True).launches == backward.ours
-    naive = measure(lambda t: F.minibatch_discrimination(x, t, backend="reference"), T, grad)
-    LAUNCH_COMPARISONS["minibatch_discrimination forward / backward"] = (
-        f"{forward.total} / {backward.total} (pairwise part 1 / 1)", f"naive {naive[0].total} / {naive[1].total}")
-    images = drawn((4, 3, 5, 5), torch.float32, device, seed=4)
-    forward, backward = measure(lambda t: F.minibatch_stddev(t, backend=backend), images,
-                                torch.ones((4, 4, 5, 5), device=device))
-    assert (forward.ours, forward.aten_ops, backward.ours, backward.aten_ops) == (1, [], 1, [])
-    assert perf_model.minibatch_stddev(images.shape, torch.float32).launches == forward.ours
-    assert perf_model.minibatch_stddev(images.shape, torch.float32, backward=True).launches == backward.ours
-    naive = measure(lambda t: F.minibatch_stddev(t, backend="reference"), images, torch.ones((4, 4, 5, 5), device=device))
-    LAUNCH_COMPARISONS["minibatch_stddev forward / backward"] = ("1 / 1", f"naive {naive[0].total} / {naive[1].total}")
-
-
-class LargestTensor(TorchDispatchMode):
-    """The largest tensor any operator returns inside the block (memory that was live)."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
 
 
 def test_memory_is_linear_in_the_batch():
     """The Triton launchers allocate in Python, where a dispatch mode sees every tensor: the
-    largest stays O(N D) (O(N B C)), while the naive formulation's is N x N (x D)."""
+    largest stays O(N D), while the naive formulation's is N x N (x D)."""
     if backends.unavailable_reason("triton", "cpu") is not None:
         pytest.skip("needs the Triton interpreter")
     n, d = 64, 20
@@ -365,11 +192,6 @@ def test_memory_is_linear_in_the_batch():
         with LargestTensor() as largest:
             F.pairwise_similarity_penalty(features, kernel, 3.0, backend="reference").backward()
         assert largest.numel >= naive, kernel  # the check would see a pairwise tensor
-    m = drawn((n, 4, 6), torch.float32, "cpu", seed=2).requires_grad_()
-    from gannorm_kernels.ops.minibatch_discrimination import _discrimination
-    with LargestTensor() as largest:
-        _discrimination(m, "triton")[0].sum().backward()
-    assert largest.numel <= m.numel()
 
 
 def _global_batch_worker(rank, world, init_file, backend, kernel, features, results):
@@ -424,20 +246,6 @@ def test_bad_inputs():
         gk.pairwise_similarity_penalty(torch.randn(3, 4), kernel="rbf", bandwidth=-1.0)
     with pytest.raises(TypeError, match="features must be float16"):
         gk.pairwise_similarity_penalty(torch.ones(3, 4, dtype=torch.int64))
-    with pytest.raises(ValueError, match="batch size 6 must be a multiple of the group size"):
-        gk.MinibatchStdDev(4)(torch.randn(6, 2, 3, 3))
-    with pytest.raises(ValueError, match="channel count 5 must be a multiple of num_channels=2"):
-        gk.MinibatchStdDev(2, 2)(torch.randn(4, 5, 3, 3))
-    with pytest.raises(ValueError, match=r"x must have shape \(N, C, H, W\)"):
-        gk.MinibatchStdDev()(torch.randn(4, 3, 3))
-    with pytest.raises(ValueError, match="group_size must be a positive int"):
-        gk.MinibatchStdDev(0)
-    with pytest.raises(ValueError, match=r"T must have shape \(in_features=4"):
-        F.minibatch_discrimination(torch.randn(3, 4), torch.randn(5, 2, 2))
-    with pytest.raises(ValueError, match="kernel_dim must be a positive int"):
-        gk.MinibatchDiscrimination(4, 2, 0)
-    with pytest.raises(ValueError, match="unknown backend 'fast'"):
-        gk.MinibatchDiscrimination(4, 2, 3, backend="fast")
 
 
 def test_rbf_backward_grid_fits_any_feature_size():

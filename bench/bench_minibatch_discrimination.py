@@ -1,0 +1,32 @@
+"""Minibatch discrimination against its naive formulation (the reference backend: the
+N x N x B x C minibatch-discrimination tensor): time and, on a GPU, peak memory, for N in
+{64, 256, 1024}, forward and forward+backward. Each row carries measured launches and the
+modelled bytes and flops (gannorm_kernels.tools.perf_model). On a CPU-only machine a small smoke
+set runs."""
+
+import pytest
+import torch
+from gan_layers import BATCHES, DEVICE, FEATURES, run, step_of
+
+import gannorm_kernels as gk
+from gannorm_kernels import backends
+from gannorm_kernels.tools import perf_model
+
+DISCRIMINATION = (100, 5) if DEVICE == "cuda" else (8, 5)  # Salimans et al.'s num_kernels, kernel_dim
+BACKENDS = [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
+MODES = ["forward", "forward+backward"]
+
+
+@pytest.mark.parametrize("n", BATCHES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_minibatch_discrimination(benchmark, mode, backend, n):
+    b, c = DISCRIMINATION
+    layer = gk.MinibatchDiscrimination(FEATURES, b, c, backend=backend).to(DEVICE)
+    with torch.no_grad():
+        layer.T.mul_(0.05)  # keep L1 distances of order 1
+    x = torch.randn(n, FEATURES, device=DEVICE, requires_grad=True)
+    cost = perf_model.minibatch_discrimination(n, b, c, torch.float32)
+    if mode == "forward+backward":
+        cost = cost + perf_model.minibatch_discrimination(n, b, c, torch.float32, backward=True)
+    run(benchmark, step_of(layer, x, mode), "minibatch_discrimination", mode, backend, f"N={n}", (n, b, c), cost)

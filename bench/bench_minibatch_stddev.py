@@ -1,0 +1,29 @@
+"""Minibatch stddev against its naive formulation (the reference backend: StyleGAN2's layer as
+written): time and, on a GPU, peak memory, for N in {64, 256, 1024}, forward and
+forward+backward. Each row carries measured launches and the modelled bytes and flops
+(gannorm_kernels.tools.perf_model). On a CPU-only machine a small smoke set runs."""
+
+import pytest
+import torch
+from gan_layers import BATCHES, DEVICE, run, step_of
+
+import gannorm_kernels as gk
+from gannorm_kernels import backends
+from gannorm_kernels.tools import perf_model
+
+STDDEV = (512, 4, 4) if DEVICE == "cuda" else (8, 4, 4)
+BACKENDS = [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
+MODES = ["forward", "forward+backward"]
+
+
+@pytest.mark.parametrize("n", BATCHES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_minibatch_stddev(benchmark, mode, backend, n):
+    shape = (n, *STDDEV)
+    x = torch.randn(shape, device=DEVICE, requires_grad=True)
+    cost = perf_model.minibatch_stddev(shape, torch.float32)
+    if mode == "forward+backward":
+        cost = cost + perf_model.minibatch_stddev(shape, torch.float32, backward=True)
+    layer = gk.MinibatchStdDev(backend=backend)
+    run(benchmark, step_of(layer, x, mode), "minibatch_stddev", mode, backend, f"N={n}", shape, cost)

@@ -1,0 +1,28 @@
+"""Pairwise similarity penalty (cosine, rbf) against its naive formulation (the reference backend:
+the full N x N similarity matrix): time and, on a GPU, peak memory, for N in {64, 256, 1024},
+forward and forward+backward. Each row carries measured launches and the modelled bytes and flops
+(gannorm_kernels.tools.perf_model). On a CPU-only machine a small smoke set runs."""
+
+import pytest
+import torch
+from gan_layers import BATCHES, DEVICE, FEATURES, run, step_of
+
+import gannorm_kernels as gk
+from gannorm_kernels import backends
+from gannorm_kernels.tools import perf_model
+
+BACKENDS = [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
+MODES = ["forward", "forward+backward"]
+
+
+@pytest.mark.parametrize("kernel", ["cosine", "rbf"])
+@pytest.mark.parametrize("n", BATCHES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_similarity_penalty(benchmark, mode, backend, n, kernel):
+    features = torch.randn(n, FEATURES, device=DEVICE, requires_grad=True)
+    cost = perf_model.similarity_penalty(n, FEATURES, torch.float32, kernel)
+    if mode == "forward+backward":
+        cost = cost + perf_model.similarity_penalty(n, FEATURES, torch.float32, kernel, backward=True)
+    step = step_of(lambda f: gk.pairwise_similarity_penalty(f, kernel, 16.0, backend=backend), features, mode)
+    run(benchmark, step, f"similarity_{kernel}", mode, backend, f"N={n}", (n, FEATURES), cost)
