@@ -10,7 +10,7 @@ from gan_layers import BATCHES, DEVICE, FEATURES, run, step_of
 
 import gannorm_kernels as gk
 from gannorm_kernels import backends
-from gannorm_kernels.tools import perf_model
+from gannorm_kernels.ops.minibatch_discrimination import MINIBATCH_DISCRIMINATION
 
 DISCRIMINATION = (100, 5) if DEVICE == "cuda" else (8, 5)  # Salimans et al.'s num_kernels, kernel_dim
 BACKENDS = [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
@@ -26,7 +26,7 @@ def test_minibatch_discrimination(benchmark, mode, backend, n):
     with torch.no_grad():
         layer.T.mul_(0.05)  # keep L1 distances of order 1
     x = torch.randn(n, FEATURES, device=DEVICE, requires_grad=True)
-    cost = perf_model.minibatch_discrimination(n, b, c, torch.float32)
+    cost = MINIBATCH_DISCRIMINATION.cost(n, b, c, torch.float32)
     if mode == "forward+backward":
-        cost = cost + perf_model.minibatch_discrimination(n, b, c, torch.float32, backward=True)
+        cost = cost + MINIBATCH_DISCRIMINATION.cost(n, b, c, torch.float32, backward=True)
     run(benchmark, step_of(layer, x, mode), "minibatch_discrimination", mode, backend, f"N={n}", (n, b, c), cost)

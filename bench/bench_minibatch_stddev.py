@@ -9,7 +9,7 @@ from gan_layers import BATCHES, DEVICE, run, step_of
 
 import gannorm_kernels as gk
 from gannorm_kernels import backends
-from gannorm_kernels.tools import perf_model
+from gannorm_kernels.ops.minibatch_stddev import MINIBATCH_STDDEV
 
 STDDEV = (512, 4, 4) if DEVICE == "cuda" else (8, 4, 4)
 BACKENDS = [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
@@ -22,8 +22,8 @@ MODES = ["forward", "forward+backward"]
 def test_minibatch_stddev(benchmark, mode, backend, n):
     shape = (n, *STDDEV)
     x = torch.randn(shape, device=DEVICE, requires_grad=True)
-    cost = perf_model.minibatch_stddev(shape, torch.float32)
+    cost = MINIBATCH_STDDEV.cost(shape, torch.float32)
     if mode == "forward+backward":
-        cost = cost + perf_model.minibatch_stddev(shape, torch.float32, backward=True)
+        cost = cost + MINIBATCH_STDDEV.cost(shape, torch.float32, backward=True)
     layer = gk.MinibatchStdDev(backend=backend)
     run(benchmark, step_of(layer, x, mode), "minibatch_stddev", mode, backend, f"N={n}", shape, cost)

@@ -9,7 +9,7 @@ from gan_layers import BATCHES, DEVICE, FEATURES, run, step_of
 
 import gannorm_kernels as gk
 from gannorm_kernels import backends
-from gannorm_kernels.tools import perf_model
+from gannorm_kernels.ops.similarity import SIMILARITY_COSINE
 
 BACKENDS = [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
 MODES = ["forward", "forward+backward"]
@@ -21,8 +21,8 @@ MODES = ["forward", "forward+backward"]
 @pytest.mark.parametrize("mode", MODES)
 def test_similarity_penalty(benchmark, mode, backend, n, kernel):
     features = torch.randn(n, FEATURES, device=DEVICE, requires_grad=True)
-    cost = perf_model.similarity_penalty(n, FEATURES, torch.float32, kernel)
+    cost = SIMILARITY_COSINE.cost(n, FEATURES, torch.float32, kernel)
     if mode == "forward+backward":
-        cost = cost + perf_model.similarity_penalty(n, FEATURES, torch.float32, kernel, backward=True)
+        cost = cost + SIMILARITY_COSINE.cost(n, FEATURES, torch.float32, kernel, backward=True)
     step = step_of(lambda f: gk.pairwise_similarity_penalty(f, kernel, 16.0, backend=backend), features, mode)
     run(benchmark, step, f"similarity_{kernel}", mode, backend, f"N={n}", (n, FEATURES), cost)

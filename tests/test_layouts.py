@@ -9,7 +9,7 @@ from helpers import ALL_BACKENDS, assert_close_to_reference, backend_device
 
 import gannorm_kernels as gk
 from gannorm_kernels import reference
-from gannorm_kernels.ops.minibatch_discrimination import _discrimination
+from gannorm_kernels.ops.minibatch_discrimination import MINIBATCH_DISCRIMINATION
 
 # name -> (make the base tensor's shape, the view): the view is what the op sees
 VIEWS_2D = {
@@ -98,7 +98,7 @@ def test_minibatch_discrimination_views(backend, layout):
                    "sliced": ((6, 3, 10), lambda t: t[:, :, ::2])}[layout]
 
     def fn(m, name):
-        return reference.minibatch_discrimination_features(m) if name == "reference" else _discrimination(m, name)[0]
+        return reference.minibatch_discrimination_features(m) if name == "reference" else MINIBATCH_DISCRIMINATION(m, name)[0]
 
     check(backend, fn, shape, view, scale=0.3)
 

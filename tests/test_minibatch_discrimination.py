@@ -9,7 +9,7 @@ from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, 
 
 import gannorm_kernels as gk
 from gannorm_kernels import backends, reference
-from gannorm_kernels.tools import perf_model
+from gannorm_kernels.ops.minibatch_discrimination import MINIBATCH_DISCRIMINATION
 
 F = gk.functional
 # (N, B, C) for minibatch discrimination: N = 1 (o = 0), odd sizes, C over a chunk
@@ -34,8 +34,7 @@ def test_discrimination_features_match_fp64_reference(backend, dtype, case):
     def op(t, name):
         if name == "reference":
             return reference.minibatch_discrimination_features(t)
-        from gannorm_kernels.ops.minibatch_discrimination import _discrimination
-        return _discrimination(t, name)[0]
+        return MINIBATCH_DISCRIMINATION(t, name)[0]
 
     compare(backend, op, m, grad_out, {"grad": discrimination_grad_scale(m, grad_out)})
 
@@ -87,8 +86,8 @@ def test_launch_budget(backend):
     forward, backward = measure(lambda t: F.minibatch_discrimination(x, t, backend=backend), T, grad)
     assert (forward.ours, backward.ours) == (1, 1)  # the pairwise part; torch's matmul and cat beside it
     assert sorted(forward.aten_ops) == ["cat", "mm"]
-    assert perf_model.minibatch_discrimination(6, 3, 4, torch.float32).launches == forward.ours
-    assert perf_model.minibatch_discrimination(6, 3, 4, torch.float32, backward=True).launches == backward.ours
+    assert MINIBATCH_DISCRIMINATION.cost(6, 3, 4, torch.float32).launches == forward.ours
+    assert MINIBATCH_DISCRIMINATION.cost(6, 3, 4, torch.float32, backward=True).launches == backward.ours
     naive = measure(lambda t: F.minibatch_discrimination(x, t, backend="reference"), T, grad)
     LAUNCH_COMPARISONS["minibatch_discrimination forward / backward"] = (
         f"{forward.total} / {backward.total} (pairwise part 1 / 1)", f"naive {naive[0].total} / {naive[1].total}")
@@ -101,9 +100,8 @@ def test_memory_is_linear_in_the_batch():
         pytest.skip("needs the Triton interpreter")
     n = 64
     m = drawn((n, 4, 6), torch.float32, "cpu", seed=2).requires_grad_()
-    from gannorm_kernels.ops.minibatch_discrimination import _discrimination
     with LargestTensor() as largest:
-        _discrimination(m, "triton")[0].sum().backward()
+        MINIBATCH_DISCRIMINATION(m, "triton")[0].sum().backward()
     assert largest.numel <= m.numel()
 
 

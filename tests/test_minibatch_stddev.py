@@ -7,7 +7,7 @@ from helpers import (DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, backend_device
                      opcheck_cases)
 
 import gannorm_kernels as gk
-from gannorm_kernels.tools import perf_model
+from gannorm_kernels.ops.minibatch_stddev import MINIBATCH_STDDEV
 
 F = gk.functional
 # (N, C, H, W, group_size, num_channels)
@@ -78,8 +78,8 @@ def test_launch_budget(backend):
     forward, backward = measure(lambda t: F.minibatch_stddev(t, backend=backend), images,
                                 torch.ones((4, 4, 5, 5), device=device))
     assert (forward.ours, forward.aten_ops, backward.ours, backward.aten_ops) == (1, [], 1, [])
-    assert perf_model.minibatch_stddev(images.shape, torch.float32).launches == forward.ours
-    assert perf_model.minibatch_stddev(images.shape, torch.float32, backward=True).launches == backward.ours
+    assert MINIBATCH_STDDEV.cost(images.shape, torch.float32).launches == forward.ours
+    assert MINIBATCH_STDDEV.cost(images.shape, torch.float32, backward=True).launches == backward.ours
     naive = measure(lambda t: F.minibatch_stddev(t, backend="reference"), images, torch.ones((4, 4, 5, 5), device=device))
     LAUNCH_COMPARISONS["minibatch_stddev forward / backward"] = ("1 / 1", f"naive {naive[0].total} / {naive[1].total}")
 

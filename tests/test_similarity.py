@@ -15,7 +15,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 import gannorm_kernels as gk
 from gannorm_kernels import backends, reference
-from gannorm_kernels.tools import perf_model
+from gannorm_kernels.ops.similarity import SIMILARITY_COSINE
 
 F = gk.functional
 # (N, feature shape): 2 samples, odd sizes, more samples or features than a tile or a block
@@ -171,8 +171,8 @@ def test_launch_budget(backend):
         forward, backward = measure(lambda f: F.pairwise_similarity_penalty(f, kernel, 2.0, backend=backend),
                                     features, one)
         assert (forward.ours, forward.aten_ops, backward.ours, backward.aten_ops) == (2, [], 1, [])
-        assert perf_model.similarity_penalty(12, 9, torch.float32, kernel).launches == forward.ours
-        assert perf_model.similarity_penalty(12, 9, torch.float32, kernel, backward=True).launches == backward.ours
+        assert SIMILARITY_COSINE.cost(12, 9, torch.float32, kernel).launches == forward.ours
+        assert SIMILARITY_COSINE.cost(12, 9, torch.float32, kernel, backward=True).launches == backward.ours
         naive = measure(lambda f: F.pairwise_similarity_penalty(f, kernel, 2.0, backend="reference"), features, one)
         LAUNCH_COMPARISONS[f"pairwise_similarity_penalty {kernel} forward / backward"] = (
             "2 / 1", f"naive {naive[0].total} / {naive[1].total}")
@@ -255,7 +255,7 @@ def test_rbf_backward_grid_fits_any_feature_size():
     same way (its emulator refuses grids past those limits; a full-size emulated run is too
     slow for the test suite: 10^5 blocks of 256 emulated threads)."""
     pytest.importorskip("triton")
-    from gannorm_kernels import triton as kernels
+    from gannorm_kernels.triton import similarity as kernels
     from gannorm_kernels.triton.common import record_launches
 
     features = torch.empty(4, 3 * 1024 * 1024, device="meta")
