@@ -1,7 +1,7 @@
 """Minibatch discrimination against its naive formulation (the reference backend: the
 N x N x B x C minibatch-discrimination tensor): time and, on a GPU, peak memory, for N in
 {64, 256, 1024}, forward and forward+backward. Each row carries measured launches and the
-modelled bytes and flops (gannorm_kernels.tools.perf_model). On a CPU-only machine a small smoke
+modelled bytes and flops (each op spec's cost). On a CPU-only machine a small smoke
 set runs."""
 
 import pytest

@@ -1,7 +1,7 @@
 """Pairwise similarity penalty (cosine, rbf) against its naive formulation (the reference backend:
 the full N x N similarity matrix): time and, on a GPU, peak memory, for N in {64, 256, 1024},
 forward and forward+backward. Each row carries measured launches and the modelled bytes and flops
-(gannorm_kernels.tools.perf_model). On a CPU-only machine a small smoke set runs."""
+(each op spec's cost). On a CPU-only machine a small smoke set runs."""
 
 import pytest
 import torch

@@ -4,7 +4,7 @@ competitor), on GAN discriminator layers: a training forward (power iteration, s
 an eval forward (sigma recomputed from the weight and buffers, as torch does), for every backend that runs on this device.
 
 Each row's extra_info carries the measured launch count and the bytes the kernels move
-(gannorm_kernels.tools.perf_model: training reads W three times and writes W / sigma; backward reads
+(SPECTRAL_NORM.cost: training reads W three times and writes W / sigma; backward reads
 G twice and W once and writes dW; eval reads W twice and writes W / sigma).
 """
 

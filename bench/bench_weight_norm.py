@@ -3,7 +3,7 @@ and, on a GPU, under torch.compile (inductor), on GAN discriminator layers: forw
 forward+backward, every backend that runs on this device.
 
 Each row's extra_info carries the measured launch count and the bytes the kernels move
-(gannorm_kernels.tools.perf_model), so a GPU run can say how far each timing is from the hardware
+(each op spec's cost), so a GPU run can say how far each timing is from the hardware
 limit (see gan_layers.py for the layers and the CPU smoke set).
 """
 

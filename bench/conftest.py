@@ -1,4 +1,4 @@
-"""After a timed run, each benchmark as a fraction of its lower bound (perf_model: bytes /
+"""After a timed run, each benchmark as a fraction of its lower bound (the op spec's cost: bytes /
 peak bandwidth + launches x launch latency), where the GPU's bandwidth is known."""
 
 

@@ -15,7 +15,8 @@ Public API:
   in the batch.
 - ``convert(model)`` / ``revert(model)``: swap torch's weight and spectral norms (both APIs)
   for ours in place and back, every learned tensor kept; ``apply_norm(model, kind)`` adds ours
-  to every matching layer.
+  to every matching layer; ``fold(model)`` replaces every weight / spectral norm (ours or
+  torch's) by a plain weight equal to its eval weight, for inference and export.
 - ``functional``: the ops on plain tensors.
 - ``info()``: versions, the compiled extension and each backend's availability.
 
@@ -25,7 +26,7 @@ Backends: "reference", "triton", "cuda", "cuda-emu" and "auto" (see ``gannorm_ke
 __version__ = "0.1.0"
 
 from . import backends, functional  # noqa: E402
-from .convert import apply_norm, convert, revert  # noqa: E402
+from .convert import apply_norm, convert, fold, revert  # noqa: E402
 from .info import info  # noqa: E402
 from .ops.similarity import pairwise_similarity_penalty  # noqa: E402
 from .nn import (  # noqa: E402
@@ -51,6 +52,7 @@ __all__ = [
     "apply_norm",
     "backends",
     "convert",
+    "fold",
     "functional",
     "info",
     "pairwise_similarity_penalty",

@@ -257,3 +257,56 @@ def apply_norm(model: nn.Module, kind: str = "spectral", *, layer_types=DEFAULT_
         if not _normalised(module, name):
             apply(module, name, backend=backend, **kwargs)
     return model
+
+
+_NORM_PARAMETRIZATIONS = (WeightNorm, SpectralNorm, torch_parametrizations._WeightNorm,
+                          torch_parametrizations._SpectralNorm)
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Replaces every weight norm and spectral norm in ``model`` (ours, torch's
+    parametrizations and torch's legacy hooks, converted or not) by a plain ``Parameter``
+    holding the weight the layer uses in eval, in place; returns ``model``.
+
+    For inference and export: the folded model runs no per-call normalisation (a vocoder with
+    weight-normed convolutions recomputes every weight per audio chunk otherwise), its
+    state_dict has plain ``weight`` keys, and it exports like any model. Spectral norm folds to
+    ``W / sigma`` with sigma from the current ``u`` and ``v``, no power iteration (what eval
+    computes). Training cannot resume from a folded model; fold a copy
+    (``copy.deepcopy(G_ema)``) if you still need the original. A parametrization chain that
+    mixes a norm with other parametrizations is refused (it cannot be folded in part); warns
+    if there is nothing to fold.
+    """
+    folded = 0
+    with torch.no_grad():
+        for module in model.modules():
+            for hook in list(module._forward_pre_hooks.values()):
+                if isinstance(hook, LegacyWeightNorm):
+                    torch.nn.utils.remove_weight_norm(module, hook.name)
+                    folded += 1
+                elif isinstance(hook, LegacySpectralNorm):
+                    torch.nn.utils.remove_spectral_norm(module, hook.name)  # eval weight: no iteration
+                    folded += 1
+            if not parametrize.is_parametrized(module):
+                continue
+            for name, chain in list(module.parametrizations.items()):
+                norms = [isinstance(p, _NORM_PARAMETRIZATIONS) for p in chain]
+                if not any(norms):
+                    continue
+                if not all(norms):
+                    raise ValueError(f"fold: {type(module).__name__}.{name} has the parametrizations "
+                                     f"{[type(p).__name__ for p in chain]}; only a chain of weight and spectral "
+                                     "norms can be folded")
+                for p in chain:
+                    p.eval()  # spectral norm: W / (u^T W v) with the buffers as they are
+                # A deep copy shares its original's Parametrized<Layer> class, from which
+                # remove_parametrizations deletes the property: give this module its own first,
+                # or folding G_ema = deepcopy(G) would strip G's weight.
+                cls = type(module)
+                module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+                folded += 1
+    if not folded:
+        warnings.warn(f"fold: {type(model).__name__} has no weight or spectral norm to fold; nothing changed",
+                      stacklevel=2)
+    return model

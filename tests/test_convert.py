@@ -352,3 +352,83 @@ def test_weight_norm_warns_an_optimizer_built_before_it():
         warnings.simplefilter("error")
         before.step()
     assert not torch.equal(spectral[0].parametrizations.weight.original, weight)
+
+
+# ---- fold: every norm replaced by its eval weight, for inference and export ----
+
+def folded_pair(backend, convert):
+    """(the discriminator with ours or torch's norms and ours added by apply_norm, its folded
+    deep copy), both in eval after a few training forwards (u and v moved off their start)."""
+    model = discriminator()
+    model.insert(len(model) - 1, gk.weight_norm(nn.Linear(16 * 2 * 2, 16 * 2 * 2), backend=backend))  # ours
+    model.insert(len(model) - 1, gk.spectral_norm(nn.Linear(16 * 2 * 2, 16 * 2 * 2), backend=backend))
+    if convert:
+        gk.convert(model, backend=backend)
+    model = model.to(backend_device(backend))
+    with torch.no_grad():
+        for seed in range(3):
+            model(images(seed=seed).to(backend_device(backend)))
+    model.eval()
+    return model, gk.fold(copy.deepcopy(model))
+
+
+@pytest.mark.parametrize("convert", [False, True], ids=["torch-norms", "converted"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_fold_keeps_the_eval_output_and_leaves_plain_weights(backend, convert):
+    model, folded = folded_pair(backend, convert)
+    x = images(seed=7).to(backend_device(backend))
+    with torch.no_grad():
+        expected, got = model(x), folded(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the very weights eval computes
+    for module in folded.modules():
+        assert not parametrize.is_parametrized(module), module
+        assert not module._forward_pre_hooks, module
+    keys = set(folded.state_dict())
+    assert all(k.rsplit(".", 1)[1] in ("weight", "bias") for k in keys), keys
+    assert {k.rsplit(".", 1)[0] for k in keys} == {k.split(".")[0] for k in model.state_dict()}
+    # the model it came from still runs its norms (fold worked on the copy)
+    assert parametrize.is_parametrized(model[4]) and model[0]._forward_pre_hooks
+
+
+def test_fold_uses_the_buffers_as_they_are():
+    """Spectral norm folds to W / (u^T W v) with the current u and v: no power iteration runs."""
+    layer = gk.spectral_norm(nn.Linear(6, 5), backend="reference")
+    layer(torch.randn(2, 6))
+    u, v = layer.parametrizations.weight[0]._u.clone(), layer.parametrizations.weight[0]._v.clone()
+    original = layer.parametrizations.weight.original.detach().clone()
+    gk.fold(layer.eval())
+    sigma = torch.dot(u, original @ v)
+    torch.testing.assert_close(layer.weight.detach(), original / sigma, rtol=1e-6, atol=0)
+
+
+def test_fold_exports():
+    _, folded = folded_pair("reference", convert=True)
+    x = images(seed=2)
+    program = torch.export.export(folded, (x,))
+    torch.testing.assert_close(program.module()(x), folded(x), rtol=0, atol=0)
+    assert not any("gannorm" in str(node.target) for node in program.graph.nodes)
+
+
+def test_fold_refuses_a_mixed_chain_and_warns_on_nothing():
+    layer = gk.spectral_norm(nn.Linear(4, 4), backend="reference")
+    parametrize.register_parametrization(layer, "weight", nn.Identity())
+    with pytest.raises(ValueError, match=r"Linear.weight has the parametrizations \['SpectralNorm', 'Identity'\]"):
+        gk.fold(layer)
+    with pytest.warns(UserWarning, match="no weight or spectral norm to fold"):
+        gk.fold(nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_torch_export_of_a_converted_model(backend):
+    """Unfolded: our operators' fake kernels let torch.export trace them into the program."""
+    model = gk.convert(discriminator(), backend=backend).to(backend_device(backend)).eval()
+    x = images(seed=3).to(backend_device(backend))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # last_sigma and the legacy hooks' weight are attributes
+        program = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
+    ours = {str(node.target) for node in program.graph.nodes if "gannorm_kernels" in str(node.target)}
+    expected = set() if backend == "reference" else {"gannorm_kernels.spectral_norm_fwd.default",
+                                                      "gannorm_kernels.weight_norm_fwd.default"}
+    assert ours == expected

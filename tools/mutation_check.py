@@ -141,9 +141,14 @@ MUTATIONS = [
              "    u_used = u.detach().to(compute).clone()", "    u_used = u.detach().to(compute)",
              GLUE, "reference spectral norm: u used without a copy"),
     Mutation("P5", "gannorm_kernels/ops/spectral_norm.py",
-             "                lambda w: reference.spectral_norm(w, u_used, v_used, dim, 1, eps, training=False)[0],",
-             "                lambda w: reference.spectral_norm(w, u_used, v_used, dim, 1, eps, training=True)[0],",
+             "        weight, u_used, v_used, dim, 1, eps, training=False)[0],",
+             "        weight, u_used, v_used, dim, 1, eps, training=True)[0],",
              GLUE, "spectral norm double backward: differentiates a fresh power iteration"),
+    Mutation("P6", "gannorm_kernels/ops/__init__.py",
+             "        self.differentiable = tuple(inputs.index(name[5:]) for name in grads)",
+             "        self.differentiable = tuple(inputs.index(name[5:]) for name in reversed(grads))",
+             ("tests/test_weight_norm.py", "tests/test_double_backward.py", "-k", "not triton"),
+             "op spec: each backward gradient given to the wrong input (weight norm's grad_v and grad_g swapped)"),
 ]
 
 
