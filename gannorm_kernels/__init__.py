@@ -17,6 +17,9 @@ Public API:
   for ours in place and back, every learned tensor kept; ``apply_norm(model, kind)`` adds ours
   to every matching layer; ``fold(model)`` replaces every weight / spectral norm (ours or
   torch's) by a plain weight equal to its eval weight, for inference and export.
+- ``ema_update(ema_model, model, decay)``: the generator's moving average, spectral norm's
+  power-iteration buffers copied rather than averaged; ``reset_spectral_norm(model)``: redraw
+  and warm up those buffers.
 - ``functional``: the ops on plain tensors.
 - ``info()``: versions, the compiled extension and each backend's availability.
 
@@ -29,6 +32,7 @@ from . import backends, functional  # noqa: E402
 from .convert import apply_norm, convert, fold, revert  # noqa: E402
 from .info import info  # noqa: E402
 from .ops.similarity import pairwise_similarity_penalty  # noqa: E402
+from .training import ema_update, reset_spectral_norm  # noqa: E402
 from .nn import (  # noqa: E402
     AdaptiveWeightNorm,
     MinibatchDiscrimination,
@@ -52,10 +56,12 @@ __all__ = [
     "apply_norm",
     "backends",
     "convert",
+    "ema_update",
     "fold",
     "functional",
     "info",
     "pairwise_similarity_penalty",
+    "reset_spectral_norm",
     "revert",
     "scale_param_groups",
     "sigmas",
