@@ -45,6 +45,10 @@ GANNORM_NAMESPACE_BEGIN
 template <typename scalar_t> struct AccumulateType { using type = float; };
 template <> struct AccumulateType<double> { using type = double; };
 template <typename scalar_t> using acc_t = typename AccumulateType<scalar_t>::type;
+// The same rule for a tensor, host side: the dtype of the statistics the launchers allocate.
+inline at::ScalarType acc_scalar_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 __device__ __forceinline__ float sqrt_acc(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_acc(double x) { return sqrt(x); }

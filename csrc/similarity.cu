@@ -205,7 +205,6 @@ __global__ void rbf_backward_kernel(
   if (o1 < D) grad_f[int64_t(i) * D + o1] = static_cast<scalar_t>(c * (row_sum * static_cast<acc>(fi[o1]) - weighted1));
 }
 
-at::ScalarType acc_type_of(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_loss_grad(const at::Tensor& grad, const at::Tensor& like) {
   check_device(grad, "grad_penalty");
@@ -222,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cosine_fwd(const at::T
   GANNORM_DEVICE_GUARD(features_in);
   const at::Tensor f = features_in.contiguous();
   const int N = f.size(0), D = f.size(1);
-  const auto acc_options = f.options().dtype(acc_type_of(f));
+  const auto acc_options = f.options().dtype(acc_scalar_type(f));
   const int blocks = cdiv(N, kRowsPerBlock);
   at::Tensor s_partials = at::empty({blocks, D}, acc_options);
   at::Tensor norms = at::empty({N}, acc_options);
@@ -247,9 +246,9 @@ at::Tensor similarity_cosine_bwd(const at::Tensor& grad_penalty, const at::Tenso
   GANNORM_DEVICE_GUARD(features_in);
   const at::Tensor f = features_in.contiguous();
   const int N = f.size(0), D = f.size(1);
-  TORCH_CHECK(s.numel() == D && norms.numel() == N && s.scalar_type() == acc_type_of(f) &&
-                  norms.scalar_type() == acc_type_of(f),
-              "s and norms must be the forward's (", D, " and ", N, " ", acc_type_of(f), " values)");
+  TORCH_CHECK(s.numel() == D && norms.numel() == N && s.scalar_type() == acc_scalar_type(f) &&
+                  norms.scalar_type() == acc_scalar_type(f),
+              "s and norms must be the forward's (", D, " and ", N, " ", acc_scalar_type(f), " values)");
   at::Tensor grad = at::empty(f.sizes(), f.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "similarity_cosine_bwd", [&] {
     using acc = acc_t<scalar_t>;
@@ -269,7 +268,7 @@ at::Tensor similarity_rbf_fwd(const at::Tensor& features_in, double bandwidth) {
   const at::Tensor f = features_in.contiguous();
   const int N = f.size(0), D = f.size(1);
   const int tiles = cdiv(N, kTile);
-  at::Tensor partials = at::empty({tiles * tiles}, f.options().dtype(acc_type_of(f)));
+  at::Tensor partials = at::empty({tiles * tiles}, f.options().dtype(acc_scalar_type(f)));
   at::Tensor penalty = at::empty({}, f.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "similarity_rbf_fwd", [&] {
     using acc = acc_t<scalar_t>;

@@ -256,7 +256,6 @@ MatrixLayout matrix_layout(const at::Tensor& weight, int64_t dim) {
   return {static_cast<int>(A), static_cast<int>(weight.size(dim)), static_cast<int>(B)};
 }
 
-at::ScalarType acc_scalar_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 int blocks_for(int64_t n, int per_block, int cap) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + per_block - 1) / per_block, cap)));

@@ -373,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor> weight_norm_fwd(const at::Tensor& v_in, const
   GANNORM_DEVICE_GUARD(v_in);
   const at::Tensor v = v_in.contiguous();
   const at::Tensor g = g_in.contiguous();
-  const auto acc_dtype = v.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_scalar_type(v);
   at::Tensor w = at::empty(v.sizes(), v.options());
   at::Tensor norms = at::empty({L.C}, v.options().dtype(acc_dtype));
   if (L.C == 0) return {w, norms};
@@ -417,7 +417,7 @@ std::tuple<at::Tensor, at::Tensor> weight_norm_bwd(const at::Tensor& grad_w_in, 
   TORCH_CHECK(grad_w_in.sizes() == v_in.sizes() && grad_w_in.scalar_type() == v_in.scalar_type(),
               "grad_w must match v (", v_in.sizes(), ", ", v_in.scalar_type(), "), got ", grad_w_in.sizes(),
               ", ", grad_w_in.scalar_type());
-  const auto acc_dtype = v_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_scalar_type(v_in);
   TORCH_CHECK(norms_in.numel() == L.C && norms_in.scalar_type() == acc_dtype, "norms must hold ", L.C,
               " ", acc_dtype, " values (the forward's second output), got ", norms_in.numel(), " ",
               norms_in.scalar_type());

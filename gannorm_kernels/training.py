@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as LegacySpectralNorm
 
 from . import reference
+from .dtypes import acc_dtype
 from .nn import SpectralNorm
 
 
@@ -100,7 +101,7 @@ def reset_spectral_norm(model: nn.Module, n_warmup: int = 15, *, generator: torc
         raise ValueError(f"n_warmup must be a non-negative int, got {n_warmup!r}")
     count = 0
     for matrix, u, v, eps, legacy in list(_spectral_norms(model)):
-        compute = torch.float64 if matrix.dtype == torch.float64 else torch.float32
+        compute = acc_dtype(matrix.dtype)
         matrix = matrix.to(compute)
         new_u = nn.functional.normalize(torch.randn(u.shape, generator=generator, dtype=compute).to(u.device), dim=0,
                                         eps=eps)

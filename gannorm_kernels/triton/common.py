@@ -9,7 +9,7 @@ import triton.language as tl
 from torch.utils._python_dispatch import _disable_current_modes
 from triton.runtime.interpreter import InterpretedFunction
 
-from ..dtypes import acc_dtype as torch_acc_dtype  # noqa: F401 (the launchers' name for it)
+from ..dtypes import acc_dtype as torch_acc_dtype
 
 _launches = 0
 _recording = None
@@ -75,8 +75,8 @@ def launch_count() -> int:
 
 
 def acc_dtype(dtype: torch.dtype):
-    """fp32 math for fp16/bf16/fp32 data, fp64 for fp64 data (gradcheck precision)."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """The Triton dtype of gannorm_kernels.dtypes.acc_dtype (the one accumulation rule)."""
+    return {torch.float32: tl.float32, torch.float64: tl.float64}[torch_acc_dtype(dtype)]
 
 
 def _int32_indexable(t, name):
