@@ -432,3 +432,20 @@ def test_torch_export_of_a_converted_model(backend):
     expected = set() if backend == "reference" else {"gannorm_kernels.spectral_norm_fwd.default",
                                                       "gannorm_kernels.weight_norm_fwd.default"}
     assert ours == expected
+
+
+def test_fold_exports_to_onnx(tmp_path):
+    """After fold, the model is plain torch: torch.onnx.export (dynamo) and onnxruntime give the
+    eval output (onnxruntime's own convolutions: fp32 rounding apart)."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    _, folded = folded_pair("reference", convert=True)
+    x = images(seed=4)
+    path = tmp_path / "discriminator.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(folded, (x,), str(path), dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), folded(x), rtol=1e-5, atol=1e-6)
