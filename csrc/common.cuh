@@ -45,7 +45,10 @@ GANNORM_NAMESPACE_BEGIN
 template <typename scalar_t> struct AccumulateType { using type = float; };
 template <> struct AccumulateType<double> { using type = double; };
 template <typename scalar_t> using acc_t = typename AccumulateType<scalar_t>::type;
-// The same rule for a tensor, host side: the dtype of the statistics the launchers allocate.
+// The dtypes every launcher takes (gannorm_kernels.dtypes.FLOAT_DTYPES), as a dispatch.
+#define GANNORM_DISPATCH_FLOAT_DTYPES(type, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, name, __VA_ARGS__)
+// The accumulation rule for a tensor, host side: the dtype of the statistics the launchers allocate.
 inline at::ScalarType acc_scalar_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

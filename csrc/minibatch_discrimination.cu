@@ -95,7 +95,7 @@ at::Tensor minibatch_discrimination_fwd(const at::Tensor& m_in) {
   const int N = m.size(0), B = m.size(1), C = m.size(2);
   at::Tensor o = at::empty({N, B}, m.options());
   if (N == 0 || B == 0) return o;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "minibatch_discrimination_fwd", [&] {
+  GANNORM_DISPATCH_FLOAT_DTYPES(m.scalar_type(), "minibatch_discrimination_fwd", [&] {
     auto kernel = md_forward_kernel<scalar_t>;
     GANNORM_LAUNCH(kernel, dim3(cdiv(N, kRowsPerBlock), B), dim3(kWarpSize, kRowsPerBlock), o.data_ptr<scalar_t>(),
                    m.const_data_ptr<scalar_t>(), N, B, C);
@@ -116,7 +116,7 @@ at::Tensor minibatch_discrimination_bwd(const at::Tensor& grad_o_in, const at::T
   const int N = m.size(0), B = m.size(1), C = m.size(2);
   at::Tensor grad = at::empty(m.sizes(), m.options());
   if (N == 0 || B == 0 || C == 0) return grad;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "minibatch_discrimination_bwd", [&] {
+  GANNORM_DISPATCH_FLOAT_DTYPES(m.scalar_type(), "minibatch_discrimination_bwd", [&] {
     auto kernel = md_backward_kernel<scalar_t>;
     GANNORM_LAUNCH(kernel, dim3(cdiv(N, kRowsPerBlock), B), dim3(kWarpSize, kRowsPerBlock), grad.data_ptr<scalar_t>(),
                    grad_o.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(), N, B, C);

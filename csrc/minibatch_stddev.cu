@@ -112,7 +112,7 @@ at::Tensor minibatch_stddev_fwd(const at::Tensor& x_in, int64_t group_size, int6
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty({L.N, L.C + L.F, x.size(2), x.size(3)}, x.options());
   if (L.HW == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "minibatch_stddev_fwd", [&] {
+  GANNORM_DISPATCH_FLOAT_DTYPES(x.scalar_type(), "minibatch_stddev_fwd", [&] {
     auto kernel = mbstd_forward_kernel<scalar_t>;
     GANNORM_LAUNCH(kernel, dim3(L.groups, L.F), dim3(kThreads), out.data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), L);
   });
@@ -133,7 +133,7 @@ at::Tensor minibatch_stddev_bwd(const at::Tensor& grad_out_in, const at::Tensor&
   const at::Tensor grad_out = grad_out_in.contiguous();
   at::Tensor grad = at::empty(x.sizes(), x.options());
   if (L.HW == 0) return grad;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "minibatch_stddev_bwd", [&] {
+  GANNORM_DISPATCH_FLOAT_DTYPES(x.scalar_type(), "minibatch_stddev_bwd", [&] {
     auto kernel = mbstd_backward_kernel<scalar_t>;
     GANNORM_LAUNCH(kernel, dim3(L.groups, L.F), dim3(kThreads), grad.data_ptr<scalar_t>(),
                    grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), L);

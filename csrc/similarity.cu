@@ -227,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cosine_fwd(const at::T
   at::Tensor norms = at::empty({N}, acc_options);
   at::Tensor s = at::empty({D}, acc_options);
   at::Tensor penalty = at::empty({}, f.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "similarity_cosine_fwd", [&] {
+  GANNORM_DISPATCH_FLOAT_DTYPES(f.scalar_type(), "similarity_cosine_fwd", [&] {
     using acc = acc_t<scalar_t>;
     auto rows = cosine_rows_kernel<scalar_t>;
     GANNORM_LAUNCH(rows, dim3(blocks), dim3(kWarpSize, kRowsPerBlock), s_partials.data_ptr<acc>(),
@@ -250,7 +250,7 @@ at::Tensor similarity_cosine_bwd(const at::Tensor& grad_penalty, const at::Tenso
                   norms.scalar_type() == acc_scalar_type(f),
               "s and norms must be the forward's (", D, " and ", N, " ", acc_scalar_type(f), " values)");
   at::Tensor grad = at::empty(f.sizes(), f.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "similarity_cosine_bwd", [&] {
+  GANNORM_DISPATCH_FLOAT_DTYPES(f.scalar_type(), "similarity_cosine_bwd", [&] {
     using acc = acc_t<scalar_t>;
     auto kernel = cosine_backward_kernel<scalar_t>;
     GANNORM_LAUNCH(kernel, dim3(cdiv(N, kRowsPerBlock)), dim3(kWarpSize, kRowsPerBlock), grad.data_ptr<scalar_t>(),
@@ -270,7 +270,7 @@ at::Tensor similarity_rbf_fwd(const at::Tensor& features_in, double bandwidth) {
   const int tiles = cdiv(N, kTile);
   at::Tensor partials = at::empty({tiles * tiles}, f.options().dtype(acc_scalar_type(f)));
   at::Tensor penalty = at::empty({}, f.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "similarity_rbf_fwd", [&] {
+  GANNORM_DISPATCH_FLOAT_DTYPES(f.scalar_type(), "similarity_rbf_fwd", [&] {
     using acc = acc_t<scalar_t>;
     auto pairs = rbf_pairs_kernel<scalar_t>;
     GANNORM_LAUNCH(pairs, dim3(tiles, tiles), dim3(kTile, kTile), partials.data_ptr<acc>(),
@@ -290,7 +290,7 @@ at::Tensor similarity_rbf_bwd(const at::Tensor& grad_penalty, const at::Tensor& 
   const int N = f.size(0), D = f.size(1);
   at::Tensor grad = at::empty(f.sizes(), f.options());
   if (D == 0) return grad;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "similarity_rbf_bwd", [&] {
+  GANNORM_DISPATCH_FLOAT_DTYPES(f.scalar_type(), "similarity_rbf_bwd", [&] {
     using acc = acc_t<scalar_t>;
     auto kernel = rbf_backward_kernel<scalar_t>;
     const int row_blocks = cdiv(N, kTile);

@@ -281,7 +281,7 @@ at::Tensor dot_partials(const at::Tensor& a, const at::Tensor& b) {
   const int numel = static_cast<int>(a.numel());
   const int blocks = blocks_for(numel, 4 * kThreads, kMaxReduceBlocks);
   at::Tensor partials = at::empty({blocks}, a.options().dtype(acc_scalar_type(a)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "spectral_norm_dot_partials", [&] {
+  GANNORM_DISPATCH_FLOAT_DTYPES(a.scalar_type(), "spectral_norm_dot_partials", [&] {
     auto kernel = sn_dot_partials_kernel<scalar_t>;
     GANNORM_LAUNCH(kernel, dim3(blocks), dim3(kThreads), partials.data_ptr<acc_t<scalar_t>>(),
                    a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), numel);
@@ -320,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_fwd(
   at::Tensor t = at::empty({training ? L.w() : 0}, acc_options);
   at::Tensor t_partials = at::empty({training ? cols_blocks : 0}, acc_options);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "spectral_norm_fwd", [&] {
+  GANNORM_DISPATCH_FLOAT_DTYPES(weight.scalar_type(), "spectral_norm_fwd", [&] {
     using acc = acc_t<scalar_t>;
     const acc eps_acc = static_cast<acc>(eps);
     const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
@@ -390,7 +390,7 @@ at::Tensor spectral_norm_bwd(const at::Tensor& grad_out_in, const at::Tensor& we
   at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
   const int numel = static_cast<int>(weight.numel());
   const at::Tensor partials = dot_partials(grad_out, weight);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "spectral_norm_bwd", [&] {
+  GANNORM_DISPATCH_FLOAT_DTYPES(weight.scalar_type(), "spectral_norm_bwd", [&] {
     using acc = acc_t<scalar_t>;
     auto kernel = sn_backward_kernel<scalar_t, false>;
     GANNORM_LAUNCH(kernel, dim3(blocks_for(numel, 4 * kThreads, kMaxElementwiseBlocks)), dim3(kThreads),
@@ -414,7 +414,7 @@ std::tuple<at::Tensor, at::Tensor> spectral_norm_vector_fwd(const at::Tensor& we
   at::Tensor sigma = at::empty({}, weight.options().dtype(acc_scalar_type(weight)));
   const int numel = static_cast<int>(weight.numel());
   const at::Tensor partials = dot_partials(weight, weight);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "spectral_norm_vector_fwd", [&] {
+  GANNORM_DISPATCH_FLOAT_DTYPES(weight.scalar_type(), "spectral_norm_vector_fwd", [&] {
     using acc = acc_t<scalar_t>;
     auto kernel = sn_scale_kernel<scalar_t, kVector>;
     GANNORM_LAUNCH(kernel, dim3(blocks_for(numel, 4 * kThreads, kMaxElementwiseBlocks)), dim3(kThreads),
@@ -443,7 +443,7 @@ at::Tensor spectral_norm_vector_bwd(const at::Tensor& grad_out_in, const at::Ten
   at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
   const int numel = static_cast<int>(weight.numel());
   const at::Tensor partials = dot_partials(grad_out, weight);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "spectral_norm_vector_bwd", [&] {
+  GANNORM_DISPATCH_FLOAT_DTYPES(weight.scalar_type(), "spectral_norm_vector_bwd", [&] {
     using acc = acc_t<scalar_t>;
     auto kernel = sn_backward_kernel<scalar_t, true>;
     GANNORM_LAUNCH(kernel, dim3(blocks_for(numel, 4 * kThreads, kMaxElementwiseBlocks)), dim3(kThreads),

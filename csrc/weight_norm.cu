@@ -377,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor> weight_norm_fwd(const at::Tensor& v_in, const
   at::Tensor w = at::empty(v.sizes(), v.options());
   at::Tensor norms = at::empty({L.C}, v.options().dtype(acc_dtype));
   if (L.C == 0) return {w, norms};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "weight_norm_fwd", [&] {
+  GANNORM_DISPATCH_FLOAT_DTYPES(v.scalar_type(), "weight_norm_fwd", [&] {
     using acc = acc_t<scalar_t>;
     scalar_t* w_ptr = w.data_ptr<scalar_t>();
     acc* norms_ptr = norms.data_ptr<acc>();
@@ -431,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor> weight_norm_bwd(const at::Tensor& grad_w_in, 
   at::Tensor grad_v = at::empty(v.sizes(), v.options());
   at::Tensor grad_g = at::empty(g_in.sizes(), g.options());
   if (L.C == 0) return {grad_v, grad_g};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "weight_norm_bwd", [&] {
+  GANNORM_DISPATCH_FLOAT_DTYPES(v.scalar_type(), "weight_norm_bwd", [&] {
     using acc = acc_t<scalar_t>;
     scalar_t* grad_v_ptr = grad_v.data_ptr<scalar_t>();
     scalar_t* grad_g_ptr = grad_g.data_ptr<scalar_t>();

@@ -118,9 +118,8 @@ WORKLOAD_CALLS = {
 
 def _workload_launches():
     """Every Triton launch each op spec's launchers make for the workloads, recorded on meta tensors."""
-    import torch
-
     from .. import functional  # noqa: F401  (declares every op spec)
+    from ..dtypes import FLOAT_DTYPES
     from ..ops import SPECS
     from ..triton.common import record_launches
 
@@ -131,7 +130,7 @@ def _workload_launches():
     with record_launches() as records:
         for name, spec in SPECS.items():
             forward, backward = spec.triton()
-            for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            for dtype in FLOAT_DTYPES:
                 WORKLOAD_CALLS[name](forward, backward, dtype)
     return records
 
