@@ -27,9 +27,17 @@ ATOL = 2e-6  # fp32 rounding of O(1) outputs: sums ordered differently from torc
 RTOL = 1e-5  # fp32 rounding relative to the tensor's scale (a wrong update order is off by ~1e-2)
 
 
+# fp64 runs of the same steps: a summation order apart, the models stay equal to ~1e-15 of their
+# scale after three Adam steps (measured); anything computed in fp32 would be off by ~1e-7
+RTOL_FP64, ATOL_FP64 = 1e-10, 1e-12
+TRAINING_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+
+
 def _assert_close(expected, actual, what):
-    """|actual - expected| <= RTOL * max|expected| + ATOL, elementwise."""
-    bound = RTOL * expected.abs().max().item() + ATOL
+    """|actual - expected| <= RTOL * max|expected| + ATOL, elementwise (fp64: RTOL_FP64, ATOL_FP64)."""
+    assert actual.dtype == expected.dtype, f"{what}: {actual.dtype} vs {expected.dtype}"
+    rtol, atol = (RTOL_FP64, ATOL_FP64) if expected.dtype == torch.float64 else (RTOL, ATOL)
+    bound = rtol * expected.abs().max().item() + atol
     error = (actual - expected).abs().max().item()
     assert error <= bound, f"{what}: off by {error:.3g} (bound {bound:.3g})"
 
@@ -60,15 +68,15 @@ class LegacyD(nn.Module):
         return self.linear(h).squeeze(1) + (self.embed(y) * h).sum(1)
 
 
-def _legacy_discriminator(seed: int) -> nn.Module:
+def _legacy_discriminator(seed: int, dtype=torch.float32) -> nn.Module:
     torch.manual_seed(seed)
-    return LegacyD()
+    return LegacyD().to(dtype)
 
 
-def _twins(backend, device, seed=0):
+def _twins(backend, device, seed=0, dtype=torch.float32):
     """(theirs, ours): the same legacy model twice, ours converted."""
-    theirs = _legacy_discriminator(seed).to(device)
-    ours = _legacy_discriminator(seed + 1).to(device)
+    theirs = _legacy_discriminator(seed, dtype).to(device)
+    ours = _legacy_discriminator(seed + 1, dtype).to(device)
     ours.load_state_dict(theirs.state_dict())
     gk.convert(ours, backend=backend)
     return theirs, ours
@@ -81,23 +89,24 @@ def _assert_states_equal(theirs: nn.Module, ours: nn.Module, what: str):
         _assert_close(a[key], b[key], f"{what}: {key}")
 
 
-def _batch(device, n=4):
-    return torch.randn(n, 3, 6, 6, device=device), torch.randint(0, 5, (n,), device=device)
+def _batch(device, n=4, dtype=torch.float32):
+    return torch.randn(n, 3, 6, 6, device=device, dtype=dtype), torch.randint(0, 5, (n,), device=device)
 
 
+@TRAINING_DTYPES
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_converted_legacy_model_trains_like_its_unconverted_twin(backend):
+def test_converted_legacy_model_trains_like_its_unconverted_twin(backend, dtype):
     """SNGAN/StudioGAN's D step (hinge loss over a real and a fake forward, Adam), 3 steps:
-    outputs, gradients, parameters and u/v buffers stay within fp32 rounding, then eval."""
+    outputs, gradients, parameters and u/v buffers stay within rounding, then eval."""
     device = backend_device(backend)
-    theirs, ours = _twins(backend, device)
+    theirs, ours = _twins(backend, device, dtype=dtype)
     assert [type(h) for m in ours.modules() for h in m._forward_pre_hooks.values()] == \
         [LegacySpectralNormKernels, LegacySpectralNormKernels, LegacyWeightNormKernels, LegacyWeightNormKernels,
          LegacySpectralNormKernels, LegacySpectralNormKernels, LegacySpectralNormKernels]
     _assert_states_equal(theirs, ours, "after convert")
     optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2, betas=(0.0, 0.9)) for m in (theirs, ours)]
     for step in range(3):
-        real, fake = _batch(device), _batch(device)
+        real, fake = _batch(device, dtype=dtype), _batch(device, dtype=dtype)
         outputs = []
         for model, optimizer in zip((theirs, ours), optimizers):
             optimizer.zero_grad()
@@ -112,7 +121,7 @@ def test_converted_legacy_model_trains_like_its_unconverted_twin(backend):
             _assert_close(ga, gb, f"step {step}: gradient of {name}")
         _assert_states_equal(theirs, ours, f"after step {step}")
     theirs.eval(), ours.eval()
-    x = _batch(device)
+    x = _batch(device, dtype=dtype)
     u_before = ours.conv.weight_u.clone()
     _assert_close(theirs(*x), ours(*x), "outputs")
     assert torch.equal(ours.conv.weight_u, u_before), "eval must not run the power iteration"
@@ -254,8 +263,9 @@ def test_eval_output_follows_every_write(backend, writer):
     _assert_close(after_theirs, after_ours, "outputs")
 
 
+@TRAINING_DTYPES
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_biggan_ema_then_eval_sampling(backend):
+def test_biggan_ema_then_eval_sampling(backend, dtype):
     """BigGAN-PyTorch's `ema` class: G_ema's state_dict entries updated through
     `.data.copy_(...)` every step, G_ema sampled in eval. Ours on both G and G_ema (converted
     legacy hooks and parametrizations), torch's on the twins."""
@@ -269,14 +279,14 @@ def test_biggan_ema_then_eval_sampling(backend):
 
     models = {}
     for who in ("theirs", "ours"):
-        g, g_ema = _legacy_discriminator(3).to(device), _legacy_discriminator(3).to(device)
+        g, g_ema = _legacy_discriminator(3, dtype).to(device), _legacy_discriminator(3, dtype).to(device)
         if who == "ours":
             gk.convert(g, backend=backend), gk.convert(g_ema, backend=backend)
         g_ema.eval()
         models[who] = (g, g_ema, torch.optim.Adam(g.parameters(), lr=5e-2))
-    x = _batch(device)
+    x = _batch(device, dtype=dtype)
     for step in range(3):
-        real = _batch(device)
+        real = _batch(device, dtype=dtype)
         samples = []
         for g, g_ema, optimizer in models.values():
             optimizer.zero_grad()
@@ -287,14 +297,15 @@ def test_biggan_ema_then_eval_sampling(backend):
         _assert_close(*samples, f"step {step}: G_ema sample")
 
 
+@TRAINING_DTYPES
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_ema_across_converted_and_unconverted_copies(backend):
+def test_ema_across_converted_and_unconverted_copies(backend, dtype):
     """The EMA pattern across twins, by state_dict key (the same keys, so no KeyError): a
     converted G averaged into the user's own unconverted G_ema gives what torch's G gives, and
     the reverse (torch's G into a converted G_ema) too."""
     device = backend_device(backend)
-    theirs, ours = _twins(backend, device)
-    batch = _batch(device)
+    theirs, ours = _twins(backend, device, dtype=dtype)
+    batch = _batch(device, dtype=dtype)
     theirs(*batch), ours(*batch)  # training forwards move both models' buffers alike
 
     def ema(source, target):
@@ -305,13 +316,13 @@ def test_ema_across_converted_and_unconverted_copies(backend):
         return target
 
     # G_ema starts as a copy of G, as in BigGAN (averaging unrelated u, v could make sigma ~0)
-    from_ours, from_theirs = ema(ours, _legacy_discriminator(0).to(device)), ema(theirs, _legacy_discriminator(0).to(device))
+    from_ours, from_theirs = ema(ours, _legacy_discriminator(0, dtype).to(device)), ema(theirs, _legacy_discriminator(0, dtype).to(device))
     _assert_states_equal(from_theirs, from_ours, "converted G into an unconverted G_ema")
-    into_converted = _twins(backend, device, seed=0)[1]
+    into_converted = _twins(backend, device, seed=0, dtype=dtype)[1]
     _assert_states_equal(from_theirs, ema(theirs, into_converted), "torch's G into a converted G_ema")
     for model in (from_theirs, from_ours, into_converted):
         model.eval()
-    x = _batch(device)
+    x = _batch(device, dtype=dtype)
     _assert_close(from_theirs(*x), from_ours(*x), "G_ema samples")
     _assert_close(from_theirs(*x), into_converted(*x), "converted G_ema samples")
 
@@ -337,12 +348,13 @@ def test_convert_refuses_complex_weights_for_a_kernel_backend_up_front():
     assert type(model[0]._forward_pre_hooks[next(iter(model[0]._forward_pre_hooks))]) is LegacySpectralNorm
 
 
+@TRAINING_DTYPES
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_fused_adam_then_eval(backend):
+def test_fused_adam_then_eval(backend, dtype):
     """`Adam(fused=True)` writes parameters in one multi-tensor kernel; eval must see it."""
     device = backend_device(backend)
-    theirs, ours = _parametrized_twins(backend, device, _sn_generator)
-    z = torch.randn(4, 6, device=device)
+    theirs, ours = _parametrized_twins(backend, device, lambda: _sn_generator().to(dtype))
+    z = torch.randn(4, 6, device=device, dtype=dtype)
     for model in (theirs, ours):
         model.eval()
         model(z)  # an eval forward first: a cache, if any, would fill here
