@@ -169,6 +169,9 @@ class OpSpec:
         return f"OpSpec({self.forward_schema!r})"
 
 
+_SAVED = object()  # marks a backward argument kept by ctx.save_for_backward (None is a value)
+
+
 class _SpecFunction(torch.autograd.Function):
     """Every family's autograd formula: eager (`traced=False`, the launchers called directly) and
     as the forward operator's Autograd kernel (`traced=True`, the operators, so torch.compile
@@ -184,7 +187,7 @@ class _SpecFunction(torch.autograd.Function):
         sources = [(args if kind == "input" else outputs)[i] for kind, i in spec.backward_sources]
         ctx.save_for_backward(*(s for s in sources if isinstance(s, torch.Tensor)))
         ctx.spec, ctx.traced, ctx.backend = spec, traced, args[-1]
-        ctx.sources = [None if isinstance(s, torch.Tensor) else s for s in sources]
+        ctx.sources = [_SAVED if isinstance(s, torch.Tensor) else s for s in sources]
         ctx.mark_non_differentiable(*outputs[1:])
         ctx.set_materialize_grads(False)
         return outputs[0] if spec.single_output else outputs
@@ -196,7 +199,7 @@ class _SpecFunction(torch.autograd.Function):
         if grad is None:
             return tuple(result)
         saved = iter(ctx.saved_tensors)
-        sources = [next(saved) if s is None else s for s in ctx.sources]
+        sources = [next(saved) if s is _SAVED else s for s in ctx.sources]
         if ctx.traced:
             grads = spec.backward_op(grad, *sources, ctx.backend)
         elif torch.is_grad_enabled():  # create_graph=True: R1/R2, WGAN-GP
