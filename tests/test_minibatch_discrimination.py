@@ -5,7 +5,8 @@ inputs."""
 import pytest
 import torch
 from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LargestTensor, backend_device,
-                     case_id, compare, drawn, measure, opcheck_cases)
+                     case_id, compare, drawn, measure, opcheck_cases, value_and_grad)
+from loop_coverage import LoopCoverage, assert_every_loop_iterates, interpreted_kernels
 
 import gannorm_kernels as gk
 from gannorm_kernels import backends, reference
@@ -14,6 +15,7 @@ from gannorm_kernels.ops.minibatch_discrimination import MINIBATCH_DISCRIMINATIO
 F = gk.functional
 # (N, B, C) for minibatch discrimination: N = 1 (o = 0), odd sizes, C over a chunk
 DISCRIMINATION_CASES = [(1, 3, 5), (2, 1, 1), (7, 3, 5), (33, 4, 40), (200, 2, 3)]
+LOOP_COVERAGE_SKIPS = {(200, 2, 3)}  # left out of the loop-coverage test for time (about 10 s traced)
 
 
 def discrimination_grad_scale(m, g):
@@ -37,6 +39,25 @@ def test_discrimination_features_match_fp64_reference(backend, dtype, case):
         return MINIBATCH_DISCRIMINATION(t, name)[0]
 
     compare(backend, op, m, grad_out, {"grad": discrimination_grad_scale(m, grad_out)})
+
+
+def test_every_triton_loop_runs_twice():
+    """Every loop of every Triton kernel (tests/loop_coverage.py) averages 2+ iterations per
+    entry, forward and backward, in some case the fp64 comparison above runs (all of
+    DISCRIMINATION_CASES but LOOP_COVERAGE_SKIPS): a loop that ran once in every test could not
+    catch a wrong stride or accumulation."""
+    kernels = interpreted_kernels("minibatch_discrimination")
+    assert LOOP_COVERAGE_SKIPS <= set(DISCRIMINATION_CASES)
+    coverages = {}
+    for case in DISCRIMINATION_CASES:
+        if case in LOOP_COVERAGE_SKIPS:
+            continue
+        n, b, c = case
+        m = drawn((n, b, c), torch.float32, "cpu", seed=n + c, scale=1.5 / c)
+        grad_out = drawn((n, b), torch.float32, "cpu", seed=7)
+        with LoopCoverage(kernels) as coverages[case_id(case)]:
+            value_and_grad(lambda t: MINIBATCH_DISCRIMINATION(t, "triton")[0], m, grad_out)
+    assert_every_loop_iterates(kernels, coverages)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -4,15 +4,19 @@ against StyleGAN2's own code, opcheck, the launch budget, and bad inputs."""
 import pytest
 import torch
 from helpers import (DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, backend_device, case_id, compare, drawn, measure,
-                     opcheck_cases)
+                     opcheck_cases, value_and_grad)
+from loop_coverage import LoopCoverage, assert_every_loop_iterates, interpreted_kernels
 
 import gannorm_kernels as gk
 from gannorm_kernels.ops.minibatch_stddev import MINIBATCH_STDDEV
 
 F = gk.functional
-# (N, C, H, W, group_size, num_channels)
+# (N, C, H, W, group_size, num_channels); the last: a channel group and a plane longer than
+# the kernels' largest block (1024), so their loops over them run twice
 STDDEV_CASES = [(8, 4, 3, 3, 4, 2), (3, 2, 2, 5, 4, 1), (1, 3, 2, 2, 4, 1), (6, 6, 1, 1, 2, 3), (4, 2, 9, 13, 4, 1),
-                (200, 4, 2, 2, 4, 1), (33, 2, 1, 3, 3, 2)]
+                (200, 4, 2, 2, 4, 1), (33, 2, 1, 3, 3, 2), (4, 1, 33, 33, 4, 1)]
+# Left out of the loop-coverage test for time (about 5 s and 2 s traced)
+LOOP_COVERAGE_SKIPS = {(200, 4, 2, 2, 4, 1), (33, 2, 1, 3, 3, 2)}
 
 
 def stddev_grad_scale(x, g, group_size, num_channels):
@@ -38,6 +42,25 @@ def test_stddev_matches_fp64_reference(backend, dtype, case):
     grad_out = drawn((n, c + num_channels, h, w), dtype, device, seed=3)
     compare(backend, lambda t, b: F.minibatch_stddev(t, group_size, num_channels, backend=b), x, grad_out,
             {"grad": stddev_grad_scale(x, grad_out, group_size, num_channels)})
+
+
+def test_every_triton_loop_runs_twice():
+    """Every loop of every Triton kernel (tests/loop_coverage.py) averages 2+ iterations per
+    entry, forward and backward, in some case the fp64 comparison above runs (all of
+    STDDEV_CASES but LOOP_COVERAGE_SKIPS): a loop that ran once in every test could not catch a
+    wrong stride or accumulation."""
+    kernels = interpreted_kernels("minibatch_stddev")
+    assert LOOP_COVERAGE_SKIPS <= set(STDDEV_CASES)
+    coverages = {}
+    for case in STDDEV_CASES:
+        if case in LOOP_COVERAGE_SKIPS:
+            continue
+        n, c, h, w, group_size, num_channels = case
+        x = drawn((n, c, h, w), torch.float32, "cpu", seed=n * c)
+        grad_out = drawn((n, c + num_channels, h, w), torch.float32, "cpu", seed=3)
+        with LoopCoverage(kernels) as coverages[case_id(case)]:
+            value_and_grad(lambda t: F.minibatch_stddev(t, group_size, num_channels, backend="triton"), x, grad_out)
+    assert_every_loop_iterates(kernels, coverages)
 
 
 def test_stddev_layer_is_stylegan2s():

@@ -10,6 +10,7 @@ import torch
 from functorch.compile import make_boxed_func
 from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LargestTensor, backend_device,
                      case_id, compare, drawn, measure, opcheck_cases, value_and_grad)
+from loop_coverage import LoopCoverage, assert_every_loop_iterates, interpreted_kernels
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 
@@ -20,6 +21,8 @@ from gannorm_kernels.ops.similarity import SIMILARITY_COSINE
 F = gk.functional
 # (N, feature shape): 2 samples, odd sizes, more samples or features than a tile or a block
 SIMILARITY_CASES = [(2, (1,)), (3, (7,)), (17, (5, 3)), (40, (70,)), (5, (300,)), (300, (6,))]
+# Left out of the loop-coverage test for time (about 10 s traced): (kernel, case)
+LOOP_COVERAGE_SKIPS = {("rbf", (300, (6,)))}
 
 
 def similarity_grad_scale(f, kernel, bandwidth, g):
@@ -59,6 +62,28 @@ def test_similarity_matches_fp64_reference(backend, dtype, case, kernel):
               "grad": similarity_grad_scale(features, kernel, bandwidth, grad_out)}
     compare(backend, lambda t, b: F.pairwise_similarity_penalty(t, kernel, bandwidth, backend=b), features,
             grad_out, scales)
+
+
+def test_every_triton_loop_runs_twice():
+    """Every loop of every Triton kernel (tests/loop_coverage.py) averages 2+ iterations per
+    entry, forward and backward, in some case the fp64 comparisons above run (all of
+    SIMILARITY_CASES, both kernels, but LOOP_COVERAGE_SKIPS): a loop that ran once in every
+    test could not catch a wrong stride or accumulation. The single-program reductions get
+    there through their small interpreter blocks (triton/similarity.py)."""
+    kernels = interpreted_kernels("similarity")
+    assert LOOP_COVERAGE_SKIPS <= {(kernel, case) for kernel in ("cosine", "rbf") for case in SIMILARITY_CASES}
+    coverages = {}
+    for case in SIMILARITY_CASES:
+        for kernel in ("cosine", "rbf"):
+            if (kernel, case) in LOOP_COVERAGE_SKIPS:
+                continue
+            n, feature_shape = case
+            features = drawn((n, *feature_shape), torch.float32, "cpu", seed=n)
+            bandwidth = 0.5 * features[0].numel() ** 0.5
+            with LoopCoverage(kernels) as coverages[f"{kernel}-{case_id(case)}"]:
+                value_and_grad(lambda t: F.pairwise_similarity_penalty(t, kernel, bandwidth, backend="triton"),
+                               features, torch.tensor(1.5))
+    assert_every_loop_iterates(kernels, coverages)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LAYER_MODULES,
                      assert_as_accurate_as, assert_close_to_reference, backend_device)
+from loop_coverage import LoopCoverage, assert_every_loop_iterates, interpreted_kernels
 from torch import nn
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
@@ -109,6 +110,23 @@ def test_matches_fp64_reference(backend, dtype, case):
     scales = term_scales(v, g, grad_w, d)
     for what, a, r, s in zip(("w", "grad_v", "grad_g"), ours, ref64, same):
         assert_close_to_reference(a, r, s, what, scale=scales[what])
+
+
+def test_every_triton_loop_runs_twice():
+    """Every loop of every Triton kernel (tests/loop_coverage.py) averages 2+ iterations per
+    entry, forward and backward, in some case of CASES (which the fp64 comparison above runs):
+    a loop that ran once in every test could not catch a wrong stride or accumulation. The rows
+    layout's loops get there through (3, 1500) dim 0, the columns layout's through (17, 3, 3, 3)
+    dim 3 and (40, 130) dim 1, the whole tensor's through (3, 1500) dim None and the
+    interpreter's WHOLE_MAX_PROGRAMS (test_whole_tensor_uses_many_programs runs more)."""
+    kernels = interpreted_kernels("weight_norm")
+    coverages = {}
+    for case in CASES:
+        shape, dim = case
+        v, g, grad_w = make_inputs(shape, dim, torch.float32, "cpu")
+        with LoopCoverage(kernels) as coverages[case_id(case)]:
+            run(lambda v, g: gk.functional.weight_norm(v, g, dim, backend="triton"), v, g, grad_w)
+    assert_every_loop_iterates(kernels, coverages)
 
 
 @pytest.mark.parametrize("dim", [0, 1, None])

@@ -24,10 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _acc, _int32_indexable, block_size, launch
+from .common import INTERPRETED, _acc, _int32_indexable, block_size, launch
 
 _PAIR_BLOCK = 16
 _FEATURE_BLOCK = 32
+# The single-program reductions (_cosine_total over D and N, _sum_to_penalty over the tiles'
+# partials) take up to 1024 elements a step; under the interpreter (the tests without a GPU)
+# far fewer, so the tests' small shapes run those loops several times (tests/loop_coverage.py).
+# Compiled (and the static check) uses the real sizes. The kernels are the same.
+_REDUCE_BLOCK = 16 if INTERPRETED else 1024
+_PARTIALS_BLOCK = 2 if INTERPRETED else 1024
 
 
 @triton.jit
@@ -226,7 +232,7 @@ def similarity_cosine_fwd(features, eps: float):
     launch(_cosine_rows, (programs,), s_partials, norms, features, N, D, eps, ACC=acc, BLOCK_R=block_r,
            BLOCK_D=block_d)
     launch(_cosine_total, (1,), penalty, s, s_partials, norms, N, D, programs, eps, ACC=acc,
-           BLOCK_D=block_size(D, 16, 1024), BLOCK_N=block_size(N, 16, 1024))
+           BLOCK_D=block_size(D, 16, _REDUCE_BLOCK), BLOCK_N=block_size(N, 16, _REDUCE_BLOCK))
     return penalty, s, norms
 
 
@@ -252,7 +258,7 @@ def similarity_rbf_fwd(features, bandwidth: float):
     penalty = torch.empty((), dtype=features.dtype, device=features.device)
     launch(_rbf_pairs, (tiles, tiles), partials, features, N, D, bandwidth, ACC=acc,
            BI=_PAIR_BLOCK, BJ=_PAIR_BLOCK, BD=_FEATURE_BLOCK)
-    launch(_sum_to_penalty, (1,), penalty, partials, partials.numel(), N, ACC=acc, BLOCK=1024)
+    launch(_sum_to_penalty, (1,), penalty, partials, partials.numel(), N, ACC=acc, BLOCK=_PARTIALS_BLOCK)
     return penalty
 
 
