@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from functorch.compile import make_boxed_func
+from loop_coverage import LoopCoverage, assert_every_loop_iterates, interpreted_kernels
 from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LAYER_MODULES,
                      assert_as_accurate_as, assert_close_to_reference, backend_device)
 from torch import nn
@@ -36,6 +37,7 @@ CASES = [
     ((9, 130), 1),
     ((48, 300), 0),  # with the interpreter's and emulator's small grid caps: every grid-stride loop 2+ times
 ]
+VECTOR_SIZES = [1, 7, 2000]  # 1-D weights
 # (training, n_power_iterations, cached sigma)
 MODES = {"train1": (True, 1, False), "train2": (True, 2, False), "eval": (False, 1, False),
          "eval-cached": (False, 1, True)}
@@ -101,7 +103,7 @@ def test_matches_fp64_reference(backend, dtype, case, mode):
         assert_close_to_reference(a, r, s, what, scale=scales[what])
 
 
-@pytest.mark.parametrize("n", [1, 7, 2000])
+@pytest.mark.parametrize("n", VECTOR_SIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_vector_matches_fp64_reference(backend, dtype, n):
@@ -142,6 +144,33 @@ def test_tiny_sigma_divides_by_eps(backend):
     out.sum().backward()
     assert (out == 0).all() and sigma.item() == pytest.approx(1e-6)
     torch.testing.assert_close(vector.grad, torch.full_like(vector, 1e6))
+
+
+def test_every_triton_loop_runs_twice():
+    """Every loop of every Triton spectral-norm kernel (tests/loop_coverage.py) averages 2+
+    iterations per entry in some case the fp64 comparisons run: each mode of CASES forward and
+    backward (train2 left out: the kernels of train1, launched twice), and the 1-D weights of
+    test_vector_matches_fp64_reference."""
+    kernels = interpreted_kernels("spectral_norm")
+    coverages = {}
+    for case in CASES:
+        shape, dim = case
+        for mode, (training, n, cached) in MODES.items():
+            if mode == "train2":
+                continue
+            weight, u, v, grad_out = make_inputs(shape, dim, torch.float32, "cpu")
+            weight.requires_grad_()
+            with LoopCoverage(kernels) as coverages[f"{case_id(case)}-{mode}"]:
+                out, sigma = gk.functional.spectral_norm(weight, u, v, dim, n, EPS, training, backend="triton")
+                if cached:
+                    out, _ = gk.functional.spectral_norm(weight, u, v, dim, n, EPS, False, sigma=sigma,
+                                                         backend="triton")
+                out.backward(grad_out)
+    for n in VECTOR_SIZES:
+        weight = torch.randn(n, generator=torch.Generator().manual_seed(n)).requires_grad_()
+        with LoopCoverage(kernels) as coverages[f"vector-{n}"]:
+            gk.functional.spectral_norm(weight, eps=EPS, backend="triton")[0].sum().backward()
+    assert_every_loop_iterates(kernels, coverages)
 
 
 @pytest.mark.parametrize("case", [((3, 5), 0), ((4, 3, 2), 1), ((2, 3, 2, 2), 0)], ids=case_id)

@@ -38,6 +38,9 @@ _TRAIN, _EVAL, _CACHED, _VECTOR = 0, 1, 2, 3
 _PARTIALS_BLOCK = 2 if INTERPRETED else 256
 _MAX_REDUCE_PROGRAMS = 3 if INTERPRETED else 512
 _MAX_ELEMENTWISE_PROGRAMS = 2 if INTERPRETED else 4096
+# Elementwise blocks: small under the interpreter too, so the tests' vectors of a few hundred
+# elements take each grid-stride loop over u and v (_copy, _scale's v) 2+ times.
+_MAX_ELEMENTWISE_BLOCK = 32 if INTERPRETED else 1024
 
 
 @triton.jit
@@ -264,7 +267,7 @@ def spectral_norm_fwd(weight, u, v, sigma, dim: int, n_power_iterations: int, ep
     rows_grid = triton.cdiv(h, block_i)
     cols_block_i, cols_block_j = block_size(h, 2, 32), block_size(w, 16, 64)
     cols_grid = triton.cdiv(w, cols_block_j)
-    scale_block = block_size(numel, 16, 1024)
+    scale_block = block_size(numel, 16, _MAX_ELEMENTWISE_BLOCK)
     scale_grid = _elementwise_grid(max(numel, h, w), scale_block)
     common = dict(ACC=acc, BLOCK_P=_PARTIALS_BLOCK)
     outer = A > 1
@@ -295,7 +298,7 @@ def spectral_norm_fwd(weight, u, v, sigma, dim: int, n_power_iterations: int, ep
 
 def _dot_partials_of(a, b):
     numel = a.numel()
-    block = block_size(numel, 16, 2048)
+    block = block_size(numel, 16, 2 * _MAX_ELEMENTWISE_BLOCK)
     grid = max(1, min(triton.cdiv(numel, block), _MAX_REDUCE_PROGRAMS))
     partials = torch.empty(grid, dtype=torch_acc_dtype(a.dtype), device=a.device)
     launch(_dot_partials, (grid,), partials, a, b, numel, ACC=acc_dtype(a.dtype), BLOCK=block)
@@ -308,7 +311,7 @@ def spectral_norm_bwd(grad_out, weight, u_used, v_used, sigma_used, dim: int, ep
     _, h, B = matrix_layout(weight.shape, dim)
     grad_weight = torch.empty_like(weight)
     partials = _dot_partials_of(grad_out, weight)
-    block = block_size(weight.numel(), 16, 1024)
+    block = block_size(weight.numel(), 16, _MAX_ELEMENTWISE_BLOCK)
     launch(_backward, _elementwise_grid(weight.numel(), block), grad_weight, grad_out, weight, u_used, v_used,
            sigma_used, partials, weight.numel(), h, B, partials.numel(), eps, VECTOR=False,
            ACC=acc_dtype(weight.dtype), BLOCK=block, BLOCK_P=_PARTIALS_BLOCK)
@@ -323,7 +326,7 @@ def spectral_norm_vector_fwd(weight, eps: float):
     out = torch.empty_like(weight)
     sigma = torch.empty((), dtype=acc_torch, device=weight.device)
     partials = _dot_partials_of(weight, weight)
-    block = block_size(numel, 16, 1024)
+    block = block_size(numel, 16, _MAX_ELEMENTWISE_BLOCK)
     launch(_scale, _elementwise_grid(numel, block), out, sigma, weight, weight, weight, weight, partials, weight,
            weight, weight, sigma, numel, 0, 0, partials.numel(), eps, MODE=_VECTOR, ACC=acc_dtype(weight.dtype),
            BLOCK=block, BLOCK_P=_PARTIALS_BLOCK)
@@ -334,7 +337,7 @@ def spectral_norm_vector_bwd(grad_out, weight, sigma, eps: float):
     grad_out, weight = grad_out.contiguous(), weight.contiguous()
     grad_weight = torch.empty_like(weight)
     partials = _dot_partials_of(grad_out, weight)
-    block = block_size(weight.numel(), 16, 1024)
+    block = block_size(weight.numel(), 16, _MAX_ELEMENTWISE_BLOCK)
     launch(_backward, _elementwise_grid(weight.numel(), block), grad_weight, grad_out, weight, weight, weight,
            sigma, partials, weight.numel(), 1, 1, partials.numel(), eps, VECTOR=True,
            ACC=acc_dtype(weight.dtype), BLOCK=block, BLOCK_P=_PARTIALS_BLOCK)
