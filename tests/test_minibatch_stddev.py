@@ -186,8 +186,8 @@ def _stddev_at_scale(backend, shape, group_size, num_channels, h_chunk):
     chunks of rows of each group (the last past element 2^31 of x and of the output, at scale).
     grad_out is standard normal on x's channels and 1 on the appended ones, so the statistic's
     part of the gradient is ~(x - mean) / (F std), as large as the rest. Tolerances: fp16 results
-    of fp32 math, one ulp (fp32 sums of up to 2^16 terms per accumulator, ~2^8 2^-24 relative,
-    stay far below it); the gradient's two parts can cancel, so it also gets 2^-12 of the
+    of fp32 math, one ulp (fp32 sums of up to 2^18 terms per accumulator, a CUDA thread's share
+    of 6.7e7 positions, ~2^9 2^-24 relative, stay far below it); the gradient's two parts can cancel, so it also gets 2^-12 of the
     chunk's largest value, still ~100x below what one misplaced element does."""
     device = backend_device(backend)
     n, c, h, w = shape
