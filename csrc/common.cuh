@@ -120,17 +120,33 @@ inline void check_device(const at::Tensor& t, const char* name) {
 #endif
 }
 
-// Kernels index with 32-bit ints: weights are far below 2^31 elements.
-inline void check_int32_indexable(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.numel() < (int64_t(1) << 31), name, " has ", t.numel(),
-              " elements; the kernels index with 32-bit integers (at most 2^31 - 1)");
+// Element offsets are int64 (where a row, sample or channel starts, plus an int offset within
+// it), so a tensor may have any number of elements. What still must fit, checked by the
+// launchers with the argument's name:
+// - each size a kernel loops over with an int index (a row's length, the number of rows, a
+//   channel's elements): at most kMaxExtent, so that the index stepping one block (at most
+//   4096) past the end cannot wrap around;
+// - each grid dimension: 2^31 - 1 blocks along x, 65,535 along y and z.
+// gannorm_kernels/triton/common.py has the same limits (MAX_EXTENT, MAX_GRID).
+constexpr int64_t kMaxExtent = (int64_t(1) << 31) - 4096;
+
+inline void check_extent(int64_t value, const char* name, const char* what) {
+  TORCH_CHECK(value <= kMaxExtent, name, " has ", value, " ", what,
+              "; the kernels loop over it with a 32-bit index: at most 2^31 - 4096 = ", kMaxExtent);
 }
 
-// A launcher's tensor argument: a float dtype, on the backend's device, int32-indexable, `dims` dims.
+// `value` blocks, one per `what` of `name`, along grid dimension `axis` (0 = x).
+inline void check_grid(int64_t value, int axis, const char* name, const char* what) {
+  const int64_t limit = axis == 0 ? (int64_t(1) << 31) - 1 : 65535;
+  TORCH_CHECK(value <= limit, name, " needs ", value, " ", what, ", one block each along grid dimension ", axis,
+              "; a GPU launches at most ", limit);
+}
+
+// A launcher's tensor argument: a float dtype, on the backend's device, `dims` dims (the
+// launcher checks its sizes: check_extent, check_grid).
 inline void check_input(const at::Tensor& t, const char* name, int64_t dims) {
   check_float(t, name);
   check_device(t, name);
-  check_int32_indexable(t, name);
   TORCH_CHECK(t.dim() == dims, name, " must have ", dims, " dims, got ", t.dim());
 }
 

@@ -7,8 +7,8 @@
 // Bytes as in gannorm_kernels/triton/minibatch_discrimination.py. Every sum is a fixed-order
 // reduction: deterministic, no atomics. Non-contiguous inputs are made contiguous by the
 // launchers: one copy each (one more launch), outside the budgets, which are for contiguous
-// inputs. Element offsets are int64 ((i * B + b) * C); N, B and C are int, and inputs of 2^31
-// elements or more are refused (check_int32_indexable).
+// inputs. Element offsets are int64 ((i * B + b) * C), so any number of elements is fine; N, B
+// and C are int: N and C at most kMaxExtent (2^31 - 4096), B at most 65,535 (it is gridDim.y).
 #include "common.cuh"
 
 #include <ATen/Dispatch.h>
@@ -86,10 +86,17 @@ __global__ void md_backward_kernel(
   }
 }
 
+void check_m(const at::Tensor& m) {
+  check_input(m, "M", 3);
+  check_extent(m.size(0), "M", "rows (samples)");
+  check_extent(m.size(2), "M", "columns (kernel_dim)");
+  check_grid(m.size(1), 1, "M", "kernels (num_kernels)");
+}
+
 }  // namespace
 
 at::Tensor minibatch_discrimination_fwd(const at::Tensor& m_in) {
-  check_input(m_in, "M", 3);
+  check_m(m_in);
   GANNORM_DEVICE_GUARD(m_in);
   const at::Tensor m = m_in.contiguous();
   const int N = m.size(0), B = m.size(1), C = m.size(2);
@@ -104,7 +111,7 @@ at::Tensor minibatch_discrimination_fwd(const at::Tensor& m_in) {
 }
 
 at::Tensor minibatch_discrimination_bwd(const at::Tensor& grad_o_in, const at::Tensor& m_in) {
-  check_input(m_in, "M", 3);
+  check_m(m_in);
   check_device(grad_o_in, "grad_o");
   TORCH_CHECK(grad_o_in.dim() == 2 && grad_o_in.size(0) == m_in.size(0) && grad_o_in.size(1) == m_in.size(1) &&
                   grad_o_in.scalar_type() == m_in.scalar_type(),

@@ -5,8 +5,9 @@
 // Bytes as in gannorm_kernels/triton/minibatch_stddev.py. Every sum is a fixed-order reduction:
 // deterministic, no atomics. Non-contiguous or channels_last inputs are made contiguous by the
 // launchers: one copy each (one more launch), outside the budgets, which are for contiguous
-// inputs. Element offsets are int64 (sample offsets); sizes are int, and inputs of 2^31
-// elements or more are refused (check_int32_indexable).
+// inputs. Element offsets are int64 (sample and channel offsets), so any number of elements is
+// fine; sizes are int: N, C, H W and a channel group's span (C / F) H W at most kMaxExtent
+// (2^31 - 4096), F at most 65,535 (it is gridDim.y).
 #include "common.cuh"
 
 #include <ATen/Dispatch.h>
@@ -33,7 +34,7 @@ __global__ void mbstd_forward_kernel(
     StddevLayout L) {
   using acc = acc_t<scalar_t>;
   const int m = blockIdx.x, f = blockIdx.y;
-  const int64_t in_sample = int64_t(L.C) * L.HW, out_sample = int64_t(L.C + L.F) * L.HW;
+  const int64_t in_sample = int64_t(L.C) * L.HW, out_sample = (int64_t(L.C) + L.F) * L.HW;
   acc total = 0;
   for (int pos = threadIdx.x; pos < L.span; pos += blockDim.x) {
     acc mean = 0;
@@ -53,7 +54,7 @@ __global__ void mbstd_forward_kernel(
   }
   const acc statistic = block_sum(total) / acc(L.span);
   for (int g = 0; g < L.G; ++g) {
-    scalar_t* row = out + (int64_t(g) * L.groups + m) * out_sample + int64_t(L.C + f) * L.HW;
+    scalar_t* row = out + (int64_t(g) * L.groups + m) * out_sample + (int64_t(L.C) + f) * L.HW;
     for (int hw = threadIdx.x; hw < L.HW; hw += blockDim.x) row[hw] = static_cast<scalar_t>(statistic);
   }
 }
@@ -66,10 +67,10 @@ __global__ void mbstd_backward_kernel(
     StddevLayout L) {
   using acc = acc_t<scalar_t>;
   const int m = blockIdx.x, f = blockIdx.y;
-  const int64_t in_sample = int64_t(L.C) * L.HW, out_sample = int64_t(L.C + L.F) * L.HW;
+  const int64_t in_sample = int64_t(L.C) * L.HW, out_sample = (int64_t(L.C) + L.F) * L.HW;
   acc statistic_grad = 0;
   for (int g = 0; g < L.G; ++g) {
-    const scalar_t* row = grad_out + (int64_t(g) * L.groups + m) * out_sample + int64_t(L.C + f) * L.HW;
+    const scalar_t* row = grad_out + (int64_t(g) * L.groups + m) * out_sample + (int64_t(L.C) + f) * L.HW;
     for (int hw = threadIdx.x; hw < L.HW; hw += blockDim.x) statistic_grad += static_cast<acc>(row[hw]);
   }
   // d statistic / d x_g = (x_g - mean) / (G std) / span at each position
@@ -97,11 +98,18 @@ StddevLayout stddev_layout(const at::Tensor& x, int64_t group_size, int64_t num_
   check_input(x, "x", 4);
   TORCH_CHECK(group_size >= 1 && num_channels >= 1, "group_size and num_channels must be >= 1, got ", group_size,
               " and ", num_channels);
-  const int N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const int G = static_cast<int>(std::min<int64_t>(group_size, N));
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int64_t G = std::min<int64_t>(group_size, N);
   TORCH_CHECK(N > 0 && N % G == 0, "the batch (", N, ") must be a multiple of the group size (", G, ")");
   TORCH_CHECK(C % num_channels == 0, "the channels (", C, ") must be a multiple of num_channels (", num_channels, ")");
-  return {N, C, HW, N / G, G, static_cast<int>(num_channels), static_cast<int>(C / num_channels * HW)};
+  const int64_t span = C / num_channels * HW;
+  check_extent(N, "x", "samples");
+  check_extent(C, "x", "channels");
+  check_extent(HW, "x", "positions per channel (H W)");
+  check_extent(span, "x", "elements per sample in each of its num_channels channel groups");
+  check_grid(num_channels, 1, "x", "channel groups (num_channels)");
+  return {static_cast<int>(N), static_cast<int>(C), static_cast<int>(HW), static_cast<int>(N / G),
+          static_cast<int>(G), static_cast<int>(num_channels), static_cast<int>(span)};
 }
 
 }  // namespace

@@ -9,9 +9,9 @@
 // Bytes as in gannorm_kernels/triton/similarity.py. Every sum is a fixed-order reduction:
 // deterministic, no atomics. The loss gradient is read on the device (no host sync).
 // Non-contiguous inputs are made contiguous by the launchers: one copy each (one more launch),
-// outside the budgets, which are for contiguous inputs. Element offsets are int64 (row * D);
-// row and column counts are int, and inputs of 2^31 elements or more are refused
-// (check_int32_indexable).
+// outside the budgets, which are for contiguous inputs. Element offsets are int64 (row * D),
+// so any number of elements is fine; N and D are int, each at most kMaxExtent (2^31 - 4096),
+// and the rbf forward's 16-row tiles fit gridDim.y (N <= 1,048,560).
 #include "common.cuh"
 
 #include <ATen/Dispatch.h>
@@ -153,17 +153,17 @@ __global__ void rbf_pairs_kernel(
   const acc squared = tile_squared_distance(f, blockIdx.x * kTile, blockIdx.y * kTile, N, D);
   const acc k = (i < N && j < N && i != j) ? exp_acc(-squared * scale) : acc(0);
   const acc total = block_sum(k);
-  if (threadIdx.x == 0 && threadIdx.y == 0) partials[blockIdx.x * gridDim.y + blockIdx.y] = total;
+  if (threadIdx.x == 0 && threadIdx.y == 0) partials[int64_t(blockIdx.x) * gridDim.y + blockIdx.y] = total;
 }
 
 template <typename scalar_t>
 __global__ void sum_to_penalty_kernel(
     scalar_t* __restrict__ penalty,                // (1,) out: sum(partials) / (N (N - 1))
     const acc_t<scalar_t>* __restrict__ partials,  // (n_partials,)
-    int n_partials, int N) {
+    int64_t n_partials, int N) {                   // up to 65,535^2 tiles: int64 (one block)
   using acc = acc_t<scalar_t>;
   acc sum = 0;
-  for (int p = threadIdx.x; p < n_partials; p += blockDim.x) sum += partials[p];
+  for (int64_t p = threadIdx.x; p < n_partials; p += blockDim.x) sum += partials[p];
   sum = block_sum(sum);
   if (threadIdx.x == 0) *penalty = static_cast<scalar_t>(sum / (acc(N) * acc(N - 1)));
 }
@@ -206,6 +206,12 @@ __global__ void rbf_backward_kernel(
 }
 
 
+void check_features(const at::Tensor& features) {
+  check_input(features, "features", 2);
+  check_extent(features.size(0), "features", "rows (samples)");
+  check_extent(features.size(1), "features", "columns (features per sample)");
+}
+
 void check_loss_grad(const at::Tensor& grad, const at::Tensor& like) {
   check_device(grad, "grad_penalty");
   TORCH_CHECK(grad.numel() == 1 && grad.scalar_type() == like.scalar_type(),
@@ -216,7 +222,7 @@ void check_loss_grad(const at::Tensor& grad, const at::Tensor& like) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cosine_fwd(const at::Tensor& features_in, double eps) {
-  check_input(features_in, "features", 2);
+  check_features(features_in);
   TORCH_CHECK(features_in.size(0) >= 2, "features must have at least 2 rows (pairs), got ", features_in.size(0));
   GANNORM_DEVICE_GUARD(features_in);
   const at::Tensor f = features_in.contiguous();
@@ -241,14 +247,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cosine_fwd(const at::T
 
 at::Tensor similarity_cosine_bwd(const at::Tensor& grad_penalty, const at::Tensor& features_in, const at::Tensor& s,
                                  const at::Tensor& norms, double eps) {
-  check_input(features_in, "features", 2);
+  check_features(features_in);
   check_loss_grad(grad_penalty, features_in);
+  const int N = features_in.size(0), D = features_in.size(1);
+  TORCH_CHECK(s.numel() == D && norms.numel() == N && s.scalar_type() == acc_scalar_type(features_in) &&
+                  norms.scalar_type() == acc_scalar_type(features_in),
+              "s and norms must be the forward's (", D, " and ", N, " ", acc_scalar_type(features_in), " values)");
   GANNORM_DEVICE_GUARD(features_in);
   const at::Tensor f = features_in.contiguous();
-  const int N = f.size(0), D = f.size(1);
-  TORCH_CHECK(s.numel() == D && norms.numel() == N && s.scalar_type() == acc_scalar_type(f) &&
-                  norms.scalar_type() == acc_scalar_type(f),
-              "s and norms must be the forward's (", D, " and ", N, " ", acc_scalar_type(f), " values)");
   at::Tensor grad = at::empty(f.sizes(), f.options());
   GANNORM_DISPATCH_FLOAT_DTYPES(f.scalar_type(), "similarity_cosine_bwd", [&] {
     using acc = acc_t<scalar_t>;
@@ -261,14 +267,16 @@ at::Tensor similarity_cosine_bwd(const at::Tensor& grad_penalty, const at::Tenso
 }
 
 at::Tensor similarity_rbf_fwd(const at::Tensor& features_in, double bandwidth) {
-  check_input(features_in, "features", 2);
+  check_features(features_in);
   TORCH_CHECK(features_in.size(0) >= 2, "features must have at least 2 rows (pairs), got ", features_in.size(0));
   TORCH_CHECK(bandwidth > 0, "bandwidth must be > 0, got ", bandwidth);
+  const int tiles = cdiv(static_cast<int>(features_in.size(0)), kTile);
+  check_grid(tiles, 1, "features", "tiles of 16 rows");
   GANNORM_DEVICE_GUARD(features_in);
   const at::Tensor f = features_in.contiguous();
   const int N = f.size(0), D = f.size(1);
-  const int tiles = cdiv(N, kTile);
-  at::Tensor partials = at::empty({tiles * tiles}, f.options().dtype(acc_scalar_type(f)));
+  const int64_t n_partials = int64_t(tiles) * tiles;
+  at::Tensor partials = at::empty({n_partials}, f.options().dtype(acc_scalar_type(f)));
   at::Tensor penalty = at::empty({}, f.options());
   GANNORM_DISPATCH_FLOAT_DTYPES(f.scalar_type(), "similarity_rbf_fwd", [&] {
     using acc = acc_t<scalar_t>;
@@ -277,24 +285,26 @@ at::Tensor similarity_rbf_fwd(const at::Tensor& features_in, double bandwidth) {
                    f.const_data_ptr<scalar_t>(), N, D, static_cast<acc>(1.0 / (2.0 * bandwidth * bandwidth)));
     auto total = sum_to_penalty_kernel<scalar_t>;
     GANNORM_LAUNCH(total, dim3(1), dim3(kThreads), penalty.data_ptr<scalar_t>(), partials.const_data_ptr<acc>(),
-                   tiles * tiles, N);
+                   n_partials, N);
   });
   return penalty;
 }
 
 at::Tensor similarity_rbf_bwd(const at::Tensor& grad_penalty, const at::Tensor& features_in, double bandwidth) {
-  check_input(features_in, "features", 2);
+  check_features(features_in);
   check_loss_grad(grad_penalty, features_in);
+  const int N = features_in.size(0), D = features_in.size(1);
+  const int row_blocks = cdiv(N, kTile);
+  const int64_t blocks = int64_t(row_blocks) * cdiv(D, kChunk);
+  check_grid(blocks, 0, "features", "blocks of 16 rows x 32 columns");
   GANNORM_DEVICE_GUARD(features_in);
   const at::Tensor f = features_in.contiguous();
-  const int N = f.size(0), D = f.size(1);
   at::Tensor grad = at::empty(f.sizes(), f.options());
   if (D == 0) return grad;
   GANNORM_DISPATCH_FLOAT_DTYPES(f.scalar_type(), "similarity_rbf_bwd", [&] {
     using acc = acc_t<scalar_t>;
     auto kernel = rbf_backward_kernel<scalar_t>;
-    const int row_blocks = cdiv(N, kTile);
-    GANNORM_LAUNCH(kernel, dim3(unsigned(row_blocks) * unsigned(cdiv(D, kChunk))), dim3(kTile, kTile),
+    GANNORM_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kTile, kTile),
                    grad.data_ptr<scalar_t>(), grad_penalty.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
                    N, D, row_blocks, static_cast<acc>(1.0 / (2.0 * bandwidth * bandwidth)));
   });

@@ -16,6 +16,10 @@
 // Launches: training forward 2 n + 1, eval 1 or 2, backward 2, 1-D 2 / 2. Bytes as in
 // gannorm_kernels/triton/spectral_norm.py. Reductions sum per-block partials in a fixed
 // order: deterministic, no atomics; every block that needs a total computes the same one.
+// Offsets are int64, so a weight may have any number of elements: rows and cols start row i at
+// int64 i * B and add the column's offset (the int j for dim 0, else the int64 a * h * B + b);
+// the grid-stride loops count in int64, and the backward walks (row, column) along with its
+// flat offset instead of dividing it. h and w are int, each at most kMaxExtent (2^31 - 4096).
 #include "common.cuh"
 
 #include <ATen/Dispatch.h>
@@ -58,12 +62,42 @@ __device__ __forceinline__ T block_sum_of(const T* __restrict__ values, int n) {
   return block_sum(sum);
 }
 
+// Column j's offset from its row's start (row i starts at i * B): j for dim 0 (rows are
+// contiguous), else a * h * B + b for j = a * B + b, int64 (it passes 2^31 in large weights).
+// hB = h * B.
 template <bool kOuter>
-__device__ __forceinline__ int matrix_offset(int i, int j, int h, int B) {
-  if (!kOuter) return i * B + j;  // dim 0: rows are contiguous
+__device__ __forceinline__ int64_t column_offset(int j, int B, int64_t hB) {
+  if (!kOuter) return j;
   const int a = j / B;
-  return (a * h + i) * B + (j - a * B);
+  return int64_t(a) * hB + (j - a * B);
 }
+
+// Row i and column j of the matrix at flat offsets e = (a h + i) B + b (j = a B + b) of a
+// grid-stride loop, without dividing per element: the first offset and the stride (ints: both
+// below the grid's thread count) are split once, then each step carries.
+struct MatrixWalk {
+  int a, i, b, step_a, step_i, step_b, h, B;
+  __device__ MatrixWalk(int first, int stride, int h_, int B_) : h(h_), B(B_) {
+    split(first, a, i, b);
+    split(stride, step_a, step_i, step_b);
+  }
+  __device__ void split(int e, int& a_, int& i_, int& b_) const {
+    const int rows = e / B;
+    b_ = e - rows * B;
+    a_ = rows / h;
+    i_ = rows - a_ * h;
+  }
+  __device__ int column() const { return a * B + b; }
+  __device__ void advance() {
+    b += step_b;  // < 2 B
+    int carry = 0;
+    if (b >= B) b -= B, carry = 1;
+    i += step_i + carry;  // < 2 h
+    carry = 0;
+    if (i >= h) i -= h, carry = 1;
+    a += step_a + carry;
+  }
+};
 
 template <typename scalar_t, typename v_t, bool kOuter, bool kVFromT, bool kEval>
 __global__ void sn_rows_kernel(
@@ -82,10 +116,12 @@ __global__ void sn_rows_kernel(
   const int i = blockIdx.x * kRowsPerBlock + threadIdx.y;
   acc sum = 0;
   if (i < h) {
+    const scalar_t* row = weight + int64_t(i) * B;  // row i's start: int64, once per row
+    const int64_t hB = int64_t(h) * B;
     for (int j = threadIdx.x; j < w; j += kWarpSize) {
       acc vj = static_cast<acc>(v[j]);
       if (kVFromT) vj = vj / v_denominator;
-      sum += static_cast<acc>(weight[matrix_offset<kOuter>(i, j, h, B)]) * vj;
+      sum += static_cast<acc>(row[column_offset<kOuter>(j, B, hB)]) * vj;
     }
   }
   sum = warp_sum(sum);
@@ -124,8 +160,9 @@ __global__ void sn_cols_kernel(
   const int j = blockIdx.x * kWarpSize + threadIdx.x;
   acc sum = 0;
   if (j < w) {
+    const scalar_t* column = weight + column_offset<kOuter>(j, B, int64_t(h) * B);  // once per column
     for (int i = threadIdx.y; i < h; i += kColumnPhases) {
-      sum += static_cast<acc>(weight[matrix_offset<kOuter>(i, j, h, B)]) * (x[i] / u_denominator);
+      sum += static_cast<acc>(column[int64_t(i) * B]) * (x[i] / u_denominator);  // row i: per row
     }
   }
   partial[threadIdx.y][threadIdx.x] = sum;
@@ -138,7 +175,8 @@ __global__ void sn_cols_kernel(
     if (threadIdx.x == 0) t_partials[blockIdx.x] = squares;
   }
   const int tid = threadIdx.x + kWarpSize * threadIdx.y;
-  for (int k = blockIdx.x * kThreads + tid; k < h; k += gridDim.x * kThreads) {
+  // int64: h plus the stride (gridDim.x * 256, about 8 w) can pass 2^31
+  for (int64_t k = int64_t(blockIdx.x) * kThreads + tid; k < h; k += int64_t(gridDim.x) * kThreads) {
     const acc uk = x[k] / u_denominator;
     u_used[k] = uk;
     u_buffer[k] = static_cast<scalar_t>(uk);
@@ -158,7 +196,7 @@ __global__ void sn_scale_kernel(
     const scalar_t* __restrict__ u_src,              // (h,) the u buffer (kEval, kCached)
     const scalar_t* __restrict__ v_src,              // (w,) the v buffer (kEval, kCached)
     const acc_t<scalar_t>* __restrict__ sigma_in,    // (1,) (kCached)
-    int numel, int h, int w, int n_partials, acc_t<scalar_t> eps) {
+    int64_t numel, int h, int w, int n_partials, acc_t<scalar_t> eps) {
   using acc = acc_t<scalar_t>;
   acc sigma;
   acc t_denominator = 1;
@@ -177,20 +215,21 @@ __global__ void sn_scale_kernel(
   }
   const acc denominator = abs_acc(sigma) > eps ? sigma : eps;
   const int tid = threadIdx.x;
-  const int stride = gridDim.x * blockDim.x;
-  for (int e = blockIdx.x * blockDim.x + tid; e < numel; e += stride) {
+  // grid-stride loops in int64: numel, and h or w plus the stride, can pass 2^31
+  const int64_t first = int64_t(blockIdx.x) * blockDim.x + tid, stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = first; e < numel; e += stride) {
     out[e] = static_cast<scalar_t>(static_cast<acc>(weight[e]) / denominator);
   }
   if (blockIdx.x == 0 && tid == 0) *sigma_out = sigma;
   if (kMode == kTrain) {
-    for (int j = blockIdx.x * blockDim.x + tid; j < w; j += stride) {
+    for (int64_t j = first; j < w; j += stride) {
       const acc vj = t[j] / t_denominator;
       v_used[j] = vj;
       v_buffer[j] = static_cast<scalar_t>(vj);
     }
   } else if (kMode != kVector) {
-    for (int i = blockIdx.x * blockDim.x + tid; i < h; i += stride) u_used[i] = static_cast<acc>(u_src[i]);
-    for (int j = blockIdx.x * blockDim.x + tid; j < w; j += stride) v_used[j] = static_cast<acc>(v_src[j]);
+    for (int64_t i = first; i < h; i += stride) u_used[i] = static_cast<acc>(u_src[i]);
+    for (int64_t j = first; j < w; j += stride) v_used[j] = static_cast<acc>(v_src[j]);
   }
 }
 
@@ -199,10 +238,11 @@ __global__ void sn_dot_partials_kernel(
     acc_t<scalar_t>* __restrict__ partials,  // (gridDim.x,) out: per block, the sum of a * b
     const scalar_t* __restrict__ a,          // (numel,)
     const scalar_t* __restrict__ b,          // (numel,)
-    int numel) {
+    int64_t numel) {
   using acc = acc_t<scalar_t>;
   acc sum = 0;
-  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < numel; e += gridDim.x * blockDim.x) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < numel; e += stride) {
     sum += static_cast<acc>(a[e]) * static_cast<acc>(b[e]);
   }
   sum = block_sum(sum);
@@ -218,7 +258,7 @@ __global__ void sn_backward_kernel(
     const acc_t<scalar_t>* __restrict__ v,         // (w,) the forward's v (not kVector)
     const acc_t<scalar_t>* __restrict__ sigma_in,  // (1,)
     const acc_t<scalar_t>* __restrict__ partials,  // (n_partials,) of <G, W>
-    int numel, int h, int B, int n_partials, acc_t<scalar_t> eps) {
+    int64_t numel, int h, int B, int n_partials, acc_t<scalar_t> eps) {
   using acc = acc_t<scalar_t>;
   const acc sigma = *sigma_in;
   const bool above_eps = abs_acc(sigma) > eps;
@@ -227,15 +267,16 @@ __global__ void sn_backward_kernel(
   // eps was replaced by the constant eps, whose gradient is G / eps.
   const acc total = block_sum_of(partials, n_partials);
   const acc c = above_eps ? total / denominator : acc(0);
-  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < numel; e += gridDim.x * blockDim.x) {
+  const int first = blockIdx.x * blockDim.x + threadIdx.x, stride = gridDim.x * blockDim.x;
+  if (first >= numel) return;  // no barrier below; and h, B >= 1 from here on
+  MatrixWalk walk(first, stride, h, B);  // (row, column) of e (unused for kVector)
+  for (int64_t e = first; e < numel; e += stride) {
     acc projection;
     if (kVector) {
       projection = static_cast<acc>(weight[e]) / denominator;
     } else {
-      const int row_major = e / B;
-      const int i = row_major % h;
-      const int j = (row_major / h) * B + (e - row_major * B);
-      projection = u[i] * v[j];
+      projection = u[walk.i] * v[walk.column()];
+      walk.advance();
     }
     grad_weight[e] = static_cast<scalar_t>((static_cast<acc>(grad_out[e]) - c * projection) / denominator);
   }
@@ -253,6 +294,9 @@ MatrixLayout matrix_layout(const at::Tensor& weight, int64_t dim) {
   int64_t A = 1, B = 1;
   for (int64_t d = 0; d < dim; ++d) A *= weight.size(d);
   for (int64_t d = dim + 1; d < weight.dim(); ++d) B *= weight.size(d);
+  // the kernels loop over rows and columns (and index u, v) in int
+  check_extent(weight.size(dim), "weight", "rows (its size along dim)");
+  check_extent(A * B, "weight", "columns (the product of its other sizes)");
   return {static_cast<int>(A), static_cast<int>(weight.size(dim)), static_cast<int>(B)};
 }
 
@@ -278,7 +322,7 @@ void check_acc_vector(const at::Tensor& t, const at::Tensor& weight, int64_t siz
 
 // Partial sums of <a, b> over at most kMaxReduceBlocks blocks.
 at::Tensor dot_partials(const at::Tensor& a, const at::Tensor& b) {
-  const int numel = static_cast<int>(a.numel());
+  const int64_t numel = a.numel();
   const int blocks = blocks_for(numel, 4 * kThreads, kMaxReduceBlocks);
   at::Tensor partials = at::empty({blocks}, a.options().dtype(acc_scalar_type(a)));
   GANNORM_DISPATCH_FLOAT_DTYPES(a.scalar_type(), "spectral_norm_dot_partials", [&] {
@@ -296,7 +340,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_fwd(
     int64_t dim, int64_t n_power_iterations, double eps, bool training) {
   check_float(weight_in, "weight");
   check_device(weight_in, "weight");
-  check_int32_indexable(weight_in, "weight");
   const MatrixLayout L = matrix_layout(weight_in, dim);
   check_buffer(u, weight_in, L.h, "u");
   check_buffer(v, weight_in, L.w(), "v");
@@ -310,10 +353,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_fwd(
   at::Tensor sigma = at::empty({}, acc_options);
   at::Tensor u_used = at::empty({L.h}, acc_options);
   at::Tensor v_used = at::empty({L.w()}, acc_options);
-  const int numel = static_cast<int>(weight.numel());
+  const int64_t numel = weight.numel();
   const int rows_blocks = (L.h + kRowsPerBlock - 1) / kRowsPerBlock;
   const int cols_blocks = (L.w() + kWarpSize - 1) / kWarpSize;
-  const int scale_blocks = blocks_for(std::max({numel, L.h, L.w()}), 4 * kThreads, kMaxElementwiseBlocks);
+  const int scale_blocks =
+      blocks_for(std::max<int64_t>({numel, L.h, L.w()}), 4 * kThreads, kMaxElementwiseBlocks);
   const dim3 warp_rows(kWarpSize, kRowsPerBlock), warp_columns(kWarpSize, kColumnPhases);
   at::Tensor x = at::empty({L.h}, acc_options);
   at::Tensor x_partials = at::empty({rows_blocks}, acc_options);
@@ -388,7 +432,7 @@ at::Tensor spectral_norm_bwd(const at::Tensor& grad_out_in, const at::Tensor& we
   const at::Tensor u = u_used.contiguous();
   const at::Tensor v = v_used.contiguous();
   at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
-  const int numel = static_cast<int>(weight.numel());
+  const int64_t numel = weight.numel();
   const at::Tensor partials = dot_partials(grad_out, weight);
   GANNORM_DISPATCH_FLOAT_DTYPES(weight.scalar_type(), "spectral_norm_bwd", [&] {
     using acc = acc_t<scalar_t>;
@@ -405,14 +449,13 @@ at::Tensor spectral_norm_bwd(const at::Tensor& grad_out_in, const at::Tensor& we
 std::tuple<at::Tensor, at::Tensor> spectral_norm_vector_fwd(const at::Tensor& weight_in, double eps) {
   check_float(weight_in, "weight");
   check_device(weight_in, "weight");
-  check_int32_indexable(weight_in, "weight");
   TORCH_CHECK(weight_in.dim() == 1, "weight must be 1-d, got ", weight_in.dim(), " dims");
   TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
   GANNORM_DEVICE_GUARD(weight_in);
   const at::Tensor weight = weight_in.contiguous();
   at::Tensor out = at::empty(weight.sizes(), weight.options());
   at::Tensor sigma = at::empty({}, weight.options().dtype(acc_scalar_type(weight)));
-  const int numel = static_cast<int>(weight.numel());
+  const int64_t numel = weight.numel();
   const at::Tensor partials = dot_partials(weight, weight);
   GANNORM_DISPATCH_FLOAT_DTYPES(weight.scalar_type(), "spectral_norm_vector_fwd", [&] {
     using acc = acc_t<scalar_t>;
@@ -441,7 +484,7 @@ at::Tensor spectral_norm_vector_bwd(const at::Tensor& grad_out_in, const at::Ten
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous();
   at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
-  const int numel = static_cast<int>(weight.numel());
+  const int64_t numel = weight.numel();
   const at::Tensor partials = dot_partials(grad_out, weight);
   GANNORM_DISPATCH_FLOAT_DTYPES(weight.scalar_type(), "spectral_norm_vector_bwd", [&] {
     using acc = acc_t<scalar_t>;

@@ -34,6 +34,12 @@
 // Non-contiguous or channels_last v (and grad_w) are made contiguous by the launchers: one copy
 // each (one more launch, n s bytes read and written), outside these budgets, which are for
 // contiguous inputs (tests/test_layouts.py holds the results).
+// Offsets are int64, so any number of elements is fine: rows start at channel c's int64
+// offset c * B (once per channel) and add the element's offset within the channel (the int k
+// when A == 1, else the int64 a * C * B + b, which passes 2^31 in large weights); columns index
+// row a at int64 a * C (once per row) plus the int channel; the whole tensor is int64
+// throughout. A channel's A * B elements and the channel count C are int, each at most
+// kMaxExtent (2^31 - 4096).
 #include "common.cuh"
 
 #include <ATen/Dispatch.h>
@@ -60,6 +66,9 @@ ChannelLayout channel_layout(const at::Tensor& v, int64_t dim) {
   int64_t A = 1, B = 1;
   for (int64_t d = 0; d < dim; ++d) A *= v.size(d);
   for (int64_t d = dim + 1; d < v.dim(); ++d) B *= v.size(d);
+  // the rows and columns layouts loop over a channel's elements and over the channels in int
+  check_extent(A * B, "v", "elements per channel");
+  check_extent(v.size(dim), "v", "channels");
   return {static_cast<int>(A), static_cast<int>(v.size(dim)), static_cast<int>(B), false, fused};
 }
 
@@ -101,12 +110,14 @@ WholePlan whole_plan(int64_t n) {
   return {static_cast<int>(blocks), chunk};
 }
 
-// Offset of the k-th element (k < A*B) of channel c.
+// Offset of the k-th element (k < A*B) of a channel from the channel's first element (at c * B):
+// k when A == 1 (the channel is one contiguous run), else a * C * B + b for k = a * B + b, int64
+// (it passes 2^31 in weights of 2^31 elements or more). CB = C * B.
 template <bool kOuter>
-__device__ __forceinline__ int channel_offset(int k, int c, int C, int B) {
-  if (!kOuter) return c * B + k;  // A == 1: the channel is one contiguous run
+__device__ __forceinline__ int64_t channel_offset(int k, int B, int64_t CB) {
+  if (!kOuter) return k;
   const int a = k / B;
-  return (a * C + c) * B + (k - a * B);
+  return int64_t(a) * CB + (k - a * B);
 }
 
 template <typename scalar_t, bool kOuter, bool kFused>
@@ -119,9 +130,12 @@ __global__ void weight_norm_fwd_rows_kernel(
   using acc = acc_t<scalar_t>;
   const int c = blockIdx.x;
   const int K = A * B;
+  const int64_t CB = int64_t(C) * B;
+  v += int64_t(c) * B;  // channel c's first element
+  w += int64_t(c) * B;
   acc sumsq = 0;
   for (int k = threadIdx.x; k < K; k += blockDim.x) {
-    const acc x = static_cast<acc>(v[channel_offset<kOuter>(k, c, C, B)]);
+    const acc x = static_cast<acc>(v[channel_offset<kOuter>(k, B, CB)]);
     sumsq += x * x;
   }
   acc norm = sqrt_acc(block_sum(sumsq));
@@ -136,7 +150,7 @@ __global__ void weight_norm_fwd_rows_kernel(
   }
   if (threadIdx.x == 0) norms[c] = norm;
   for (int k = threadIdx.x; k < K; k += blockDim.x) {
-    const int i = channel_offset<kOuter>(k, c, C, B);
+    const int64_t i = channel_offset<kOuter>(k, B, CB);
     const acc x = static_cast<acc>(v[i]);
     w[i] = static_cast<scalar_t>(kFused ? gc * x * factor : mul_rn(x, factor));
   }
@@ -157,7 +171,7 @@ __global__ void weight_norm_fwd_cols_kernel(
   acc sumsq = 0;
   if (active) {
     for (int a = threadIdx.y; a < A; a += kColumnRows) {
-      const acc x = static_cast<acc>(v[a * C + c]);
+      const acc x = static_cast<acc>(v[int64_t(a) * C + c]);  // row a's start: int64, per row
       sumsq += x * x;
     }
   }
@@ -171,7 +185,8 @@ __global__ void weight_norm_fwd_cols_kernel(
   const acc gc = static_cast<acc>(g[c]);
   if (threadIdx.y == 0) norms[c] = norm;
   for (int a = threadIdx.y; a < A; a += kColumnRows) {
-    w[a * C + c] = static_cast<scalar_t>(gc * static_cast<acc>(v[a * C + c]) * rnorm);
+    const int64_t i = int64_t(a) * C + c;
+    w[i] = static_cast<scalar_t>(gc * static_cast<acc>(v[i]) * rnorm);
   }
 }
 
@@ -214,9 +229,13 @@ __global__ void weight_norm_bwd_rows_kernel(
   using acc = acc_t<scalar_t>;
   const int c = blockIdx.x;
   const int K = A * B;
+  const int64_t CB = int64_t(C) * B;
+  grad_v += int64_t(c) * B;  // channel c's first element
+  grad_w += int64_t(c) * B;
+  v += int64_t(c) * B;
   acc dot = 0;
   for (int k = threadIdx.x; k < K; k += blockDim.x) {
-    const int i = channel_offset<kOuter>(k, c, C, B);
+    const int64_t i = channel_offset<kOuter>(k, B, CB);
     const acc product = static_cast<acc>(grad_w[i]) * static_cast<acc>(v[i]);
     dot += kFused ? product : round_to<scalar_t>(product);
   }
@@ -228,7 +247,7 @@ __global__ void weight_norm_bwd_rows_kernel(
     const acc rnorm3 = rnorm * rnorm * rnorm;
     if (threadIdx.x == 0) grad_g[c] = static_cast<scalar_t>(dot * rnorm);
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
-      const int i = channel_offset<kOuter>(k, c, C, B);
+      const int64_t i = channel_offset<kOuter>(k, B, CB);
       const acc dw = static_cast<acc>(grad_w[i]), x = static_cast<acc>(v[i]);
       grad_v[i] = static_cast<scalar_t>(gc * (rnorm * dw - rnorm3 * x * dot));  // torch's expression
     }
@@ -236,7 +255,7 @@ __global__ void weight_norm_bwd_rows_kernel(
     const CompositeScalars<scalar_t> sc(dot, gc, norm);
     if (threadIdx.x == 0) grad_g[c] = static_cast<scalar_t>(sc.grad_g);
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
-      const int i = channel_offset<kOuter>(k, c, C, B);
+      const int64_t i = channel_offset<kOuter>(k, B, CB);
       grad_v[i] = composite_grad_v<scalar_t>(static_cast<acc>(grad_w[i]), static_cast<acc>(v[i]), sc.s, sc.grad_n,
                                              norm);
     }
@@ -260,7 +279,8 @@ __global__ void weight_norm_bwd_cols_kernel(
   acc dot = 0;
   if (active) {
     for (int a = threadIdx.y; a < A; a += kColumnRows) {
-      dot += static_cast<acc>(grad_w[a * C + c]) * static_cast<acc>(v[a * C + c]);
+      const int64_t i = int64_t(a) * C + c;  // row a's start: int64, per row
+      dot += static_cast<acc>(grad_w[i]) * static_cast<acc>(v[i]);
     }
   }
   partial[threadIdx.y][threadIdx.x] = dot;
@@ -274,7 +294,7 @@ __global__ void weight_norm_bwd_cols_kernel(
   if (threadIdx.y == 0) grad_g[c] = static_cast<scalar_t>(total * rnorm);
   const acc gc = static_cast<acc>(g[c]);
   for (int a = threadIdx.y; a < A; a += kColumnRows) {
-    const int i = a * C + c;
+    const int64_t i = int64_t(a) * C + c;
     const acc dw = static_cast<acc>(grad_w[i]), x = static_cast<acc>(v[i]);
     grad_v[i] = static_cast<scalar_t>(gc * (rnorm * dw - rnorm3 * x * total));  // torch's expression
   }
@@ -356,8 +376,6 @@ void check_weight_norm_inputs(const at::Tensor& v, const at::Tensor& g, const Ch
   check_float(v, "v");
   check_device(v, "v");
   check_device(g, "g");
-  // Rows and columns index in int32; the whole-tensor kernels in int64.
-  if (!L.whole) check_int32_indexable(v, "v");
   TORCH_CHECK(g.scalar_type() == v.scalar_type(), "g must have v's dtype ", v.scalar_type(), ", got ",
               g.scalar_type());
   TORCH_CHECK(g.device() == v.device(), "g must be on v's device ", v.device(), ", got ", g.device());

@@ -1,5 +1,8 @@
-"""Shared by the tests: which backends run here, the tolerance rule, and the minibatch ops'
-inputs and comparison."""
+"""Shared by the tests: which backends run here, the tolerance rule, the minibatch ops' inputs
+and comparison, and the tests of tensors of 2^31 elements or more."""
+
+import contextlib
+import os
 
 import pytest
 import torch
@@ -159,3 +162,89 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.numel = max(self.numel, t.numel())
         return out
+
+
+# ---- tensors of 2^31 elements or more (the kernels' int64 offsets) ----
+
+def large_gpu_test(gib: int):
+    """Marks a test that runs an op on a tensor of 2^31 elements or more: skipped without a CUDA
+    GPU, with the reason (the test itself checks the free memory: large_gpu_memory)."""
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason=f"needs a CUDA GPU with {gib} GiB free")
+
+
+@contextlib.contextmanager
+def large_gpu_memory(gib: int):
+    """The block runs where the CUDA GPU has `gib` GiB free (else the test is skipped, saying
+    so), one such block at a time across the parallel test shards of `make gpu-check` (an
+    exclusive lock on a file): several at once would not fit. The allocator's cache is emptied
+    on either side, so the next one finds the memory free. Put the work in a function called
+    inside the block, so that its tensors are gone when the block ends."""
+    import fcntl
+    import tempfile
+
+    with open(os.path.join(tempfile.gettempdir(), "gannorm_kernels_large_tensor_tests.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            torch.cuda.empty_cache()
+            free = torch.cuda.mem_get_info()[0]
+            if free < gib * 2 ** 30:
+                pytest.skip(f"needs a CUDA GPU with {gib} GiB free, {free / 2 ** 30:.1f} GiB are")
+            yield
+        finally:
+            torch.cuda.empty_cache()
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def kernel_launchers(backend: str, family: str):
+    """A backend's launchers of an op family by their common names (similarity_cosine_fwd, ...):
+    the Triton module, or the compiled ops (torch.ops.gannorm_cuda, torch.ops.gannorm_emu)."""
+    if backend == "triton":
+        import importlib
+        return importlib.import_module(f"gannorm_kernels.triton.{family}")
+    return backends.compiled_ops(backend)
+
+
+def assert_grids_fit(records):
+    """Every recorded Triton launch (record_launches) has a grid a GPU can launch: at most
+    2^31 - 1 programs along the first dimension, 65,535 along the others."""
+    assert records, "no launch was recorded"
+    for kernel, grid, _, _ in records:
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        assert 1 <= grid[0] < 2 ** 31 and 1 <= grid[1] <= 65535 and 1 <= grid[2] <= 65535, (kernel.fn.__name__, grid)
+
+
+def expanded(shape, dtype=torch.float16):
+    """A CPU tensor of `shape` that takes no memory (every element is the one stored zero): for
+    the CUDA launchers' size checks, which come before any work."""
+    return torch.zeros((), dtype=dtype).expand(shape)
+
+
+def fp16_ulps(x: torch.Tensor) -> torch.Tensor:
+    """The fp16 ulp at each value of x: 2^(e - 10) for |x| in [2^e, 2^(e + 1)), 2^-24 below
+    2^-14 (subnormals)."""
+    x = x.double()
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(2.0 ** -14))) - 10)
+
+
+def assert_fp16_close(actual, ref64, what, ulps=1.0, atol=0.0, rtol=0.0):
+    """|actual - ref64| <= ulps fp16 ulps of ref64 + rtol |ref64| + atol, elementwise: an fp16
+    result of fp32 math is its fp64 value rounded once (half an ulp) plus fp32 error far below
+    the rest. In chunks of 2^24 elements (the tests of tensors of 2^31 elements or more compare
+    slices of hundreds of millions)."""
+    assert actual.shape == ref64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
+    got_all, ref_all = actual.detach().reshape(-1), ref64.detach().reshape(-1)
+    bad, worst = 0, None
+    for start in range(0, got_all.numel(), 2 ** 24):
+        got = got_all[start:start + 2 ** 24].double()
+        ref = ref_all[start:start + 2 ** 24].double().to(got.device)
+        excess = (got - ref).abs() - (ulps * fp16_ulps(ref) + rtol * ref.abs() + atol)
+        chunk_bad = ~(excess <= 0)  # NaN fails too
+        if chunk_bad.any():
+            bad += int(chunk_bad.sum())
+            i = int(excess.nan_to_num(float("inf")).argmax())
+            if worst is None or excess[i] > worst[0]:
+                worst = (excess[i].item(), start + i, got[i].item(), ref[i].item())
+    if bad:
+        raise AssertionError(
+            f"{what}: {bad} of {got_all.numel()} elements exceed {ulps} fp16 ulps + {rtol:.3g} relative + "
+            f"{atol:.3g}; worst at flat index {worst[1]}: got {worst[2]:.8g}, fp64 {worst[3]:.8g}")

@@ -1,11 +1,13 @@
 """Minibatch discrimination: the pairwise L1-exp part on every backend against the fp64
-reference, gradients, the layer, opcheck, the launch budget, memory linear in the batch, and bad
-inputs."""
+reference, gradients, the layer, opcheck, the launch budget, memory linear in the batch, bad
+inputs, and tensors of 2^31 elements or more (the size limits, the Triton launchers on meta
+tensors, the op on a GPU against fp64)."""
 
 import pytest
 import torch
-from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LargestTensor, backend_device,
-                     case_id, compare, drawn, measure, opcheck_cases, value_and_grad)
+from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LargestTensor, assert_fp16_close,
+                     assert_grids_fit, backend_device, backend_params, case_id, compare, drawn, expanded,
+                     kernel_launchers, large_gpu_memory, large_gpu_test, measure, opcheck_cases, value_and_grad)
 from loop_coverage import LoopCoverage, assert_every_loop_iterates, interpreted_kernels
 
 import gannorm_kernels as gk
@@ -133,3 +135,128 @@ def test_bad_inputs():
         gk.MinibatchDiscrimination(4, 2, 0)
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         gk.MinibatchDiscrimination(4, 2, 3, backend="fast")
+
+
+# ---- tensors of 2^31 elements or more ----
+
+MAX_EXTENT = 2 ** 31 - 4096  # a size the kernels loop over with a 32-bit index
+# (N, B, C): 2.15e9 elements at the most kernels (B, the grid's second dimension) and the fewest
+# columns (the backward's work grows with N C), N a multiple of 16
+LARGE_M = (32, 65535, 1025)
+SIZE_CHECK_BACKENDS = backend_params(("triton", "cuda-emu"))
+
+
+def _sized(shape, backend):
+    # meta tensors for the Triton launchers (recorded, not run); memoryless CPU ones for cuda-emu
+    return torch.empty(shape, dtype=torch.float16, device="meta") if backend == "triton" else expanded(shape)
+
+
+@pytest.mark.parametrize("shape", [LARGE_M, (2, 3, 2 ** 22)], ids=case_id)
+def test_triton_launchers_take_2_31_elements(shape):
+    """The Triton launchers take an M of 2^31 elements or more (they used to refuse it), and
+    any C: the backward's column blocks share the grid's first dimension with the row blocks
+    (as the third, 2^22 columns would be 131,072 blocks, past 65,535). Recorded on meta tensors
+    (no work), each grid within a GPU's limits."""
+    pytest.importorskip("triton")
+    from gannorm_kernels.triton.common import record_launches
+
+    kernels = kernel_launchers("triton", "minibatch_discrimination")
+    m = torch.empty(shape, dtype=torch.float16, device="meta")
+    with record_launches() as records:
+        kernels.minibatch_discrimination_bwd(kernels.minibatch_discrimination_fwd(m), m)
+    assert [kernel.fn.__name__ for kernel, *_ in records] == ["_md_forward", "_md_backward"]
+    assert_grids_fit(records)
+
+
+@pytest.mark.parametrize("backend", SIZE_CHECK_BACKENDS)
+def test_size_limits(backend):
+    """What must still fit with int64 offsets, each limit taken and one past it refused with an
+    error naming the argument and the limit: N and C at most 2^31 - 4096 (looped over with 32-bit
+    indexes), B at most 65,535 (the grid's second dimension); Triton's backward, (N / 16) x
+    (C / 32) blocks along the first, at most 2^31 - 1. Triton's launchers record their launches
+    on meta tensors; cuda-emu's get memoryless CPU tensors and show a size taken by stopping at
+    the check of grad_o that follows (past it they would run)."""
+    pytest.importorskip("triton")
+    from gannorm_kernels.triton.common import record_launches
+
+    kernels = kernel_launchers(backend, "minibatch_discrimination")
+
+    def refused(match):
+        return pytest.raises((ValueError, RuntimeError), match=match)
+
+    def backward(shape):
+        # cuda-emu: a grad_o of the wrong shape stops it after the size checks
+        grad_o = _sized(shape[:2], backend) if backend == "triton" else torch.empty(0, dtype=torch.float16)
+        return kernels.minibatch_discrimination_bwd(grad_o, _sized(shape, backend))
+
+    def taken(shape):
+        if backend == "triton":
+            with record_launches() as records:
+                kernels.minibatch_discrimination_fwd(_sized(shape, backend))
+                backward(shape)
+            assert_grids_fit(records)
+        else:
+            with refused("grad_o must have shape"):
+                backward(shape)
+
+    for shape in [(MAX_EXTENT, 1, 1), (2, 1, MAX_EXTENT), (2, 65535, 1)]:
+        taken(shape)
+    with refused(r"has 2147479553 rows \(samples\); the kernels loop over it with a 32-bit index: at most "
+                 r"2\^31 - 4096 = 2147479552"):
+        backward((MAX_EXTENT + 1, 1, 1))
+    with refused(r"has 2147479553 columns \(kernel_dim\); .* at most 2\^31 - 4096 = 2147479552"):
+        kernels.minibatch_discrimination_fwd(_sized((2, 1, MAX_EXTENT + 1), backend))
+    with refused(r"needs 65536 kernels \(num_kernels\), one (program|block) each along grid dimension 1; a GPU "
+                 r"launches at most 65535"):
+        kernels.minibatch_discrimination_fwd(_sized((2, 65536, 1), backend))
+    if backend == "triton":
+        with refused(r"m needs 2147549184 blocks of 16 rows x 32 columns, one program each along grid "
+                     r"dimension 0; a GPU launches at most 2147483647"):
+            backward((2 ** 20, 1, 2 ** 20 + 32))
+        taken((2 ** 20, 1, 2 ** 20 - 32))
+
+
+def _discrimination_at_scale(backend, shape, samples):
+    """The pairwise features forward and backward (the op spec: M in, o out) on an fp16 M of
+    `shape` (on the backend's device), against fp64 on `samples` columns b of M, each an
+    independent problem: the reference's o[:, b] and, by autograd, the gradient of
+    sum(o[:, b] grad_o[:, b]) in M[:, b]. The samples are the first and last b, and those around
+    the first whose last row holds element 2^31 (or the middle). M is z / (1.13 C), z standard
+    normal: L1 distances ~1, similarities ~e^-1 (not all 0). Tolerances: fp16 results of fp32
+    math, one ulp (the fp32 error of sums of C terms is far below it); the gradient, a sum of
+    +-e (g_i + g_j) terms that can cancel, also 2^-12 of the sample's largest value."""
+    device = backend_device(backend)
+    n, b, c = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    m = torch.randn(shape, generator=gen, dtype=torch.float16, device=device).mul_(1 / (1.13 * c))
+    grad_o = torch.randn((n, b), generator=gen, dtype=torch.float16, device=device)
+    leaf = m.detach().requires_grad_()
+    (o,) = MINIBATCH_DISCRIMINATION(leaf, backend)
+    o.backward(grad_o)
+    grad = leaf.grad
+    del leaf
+    last_row = (n - 1) * b * c
+    cross = (2 ** 31 - last_row) // c if last_row <= 2 ** 31 < n * b * c else b // 2  # column of element 2^31
+    columns = sorted({0, b - 1, *(min(max(cross + k, 0), b - 1) for k in range(-samples // 2, samples // 2))})
+    for column in columns:
+        ref_m = m[:, column].double().requires_grad_()
+        ref_o = reference.minibatch_discrimination_features(ref_m[:, None])[:, 0]
+        (ref_grad,) = torch.autograd.grad((ref_o * grad_o[:, column].double()).sum(), ref_m)
+        assert_fp16_close(o[:, column], ref_o, f"o[:, {column}]")
+        assert_fp16_close(grad[:, column], ref_grad, f"grad M[:, {column}]", atol=2 ** -12 * ref_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_at_scale_check_itself(backend):
+    """test_past_2_31_elements_on_the_gpu's check at a size that runs anywhere, so that it
+    cannot rot where no GPU runs it."""
+    _discrimination_at_scale(backend, (20, 9, 37), samples=4)
+
+
+@pytest.mark.parametrize("backend", backend_params(("cuda", "triton")))
+@large_gpu_test(gib=12)
+def test_past_2_31_elements_on_the_gpu(backend):
+    """An fp16 M of 2.15e9 elements (4.3 GB; 12 GB with its gradient) forward and backward on
+    the GPU, checked against fp64 on 10 of its columns (_discrimination_at_scale)."""
+    with large_gpu_memory(gib=12):
+        _discrimination_at_scale(backend, LARGE_M, samples=8)

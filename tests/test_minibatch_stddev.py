@@ -1,10 +1,13 @@
 """Minibatch stddev (StyleGAN2's): every backend against the fp64 reference, gradients, the layer
-against StyleGAN2's own code, opcheck, the launch budget, and bad inputs."""
+against StyleGAN2's own code, opcheck, the launch budget, bad inputs, and tensors of 2^31
+elements or more (the size limits, the Triton launchers on meta tensors, the op on a GPU against
+fp64)."""
 
 import pytest
 import torch
-from helpers import (DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, backend_device, case_id, compare, drawn, measure,
-                     opcheck_cases, value_and_grad)
+from helpers import (DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, assert_fp16_close, assert_grids_fit, backend_device,
+                     backend_params, case_id, compare, drawn, expanded, kernel_launchers, large_gpu_memory,
+                     large_gpu_test, measure, opcheck_cases, value_and_grad)
 from loop_coverage import LoopCoverage, assert_every_loop_iterates, interpreted_kernels
 
 import gannorm_kernels as gk
@@ -116,3 +119,151 @@ def test_bad_inputs():
         gk.MinibatchStdDev()(torch.randn(4, 3, 3))
     with pytest.raises(ValueError, match="group_size must be a positive int"):
         gk.MinibatchStdDev(0)
+
+
+# ---- tensors of 2^31 elements or more ----
+
+MAX_EXTENT = 2 ** 31 - 4096  # a size the kernels loop over with a 32-bit index
+# (N, C, H, W, group_size, num_channels): 2.15e9 elements; 2 groups x 2 channel groups (4
+# programs), samples 4 to 7 of the 6.4e9-element output past 2^31
+LARGE_X = ((8, 4, 8192, 8193), 4, 2)
+SIZE_CHECK_BACKENDS = backend_params(("triton", "cuda-emu"))
+
+
+def _sized(shape, backend):
+    # meta tensors for the Triton launchers (recorded, not run); memoryless CPU ones for cuda-emu
+    return torch.empty(shape, dtype=torch.float16, device="meta") if backend == "triton" else expanded(shape)
+
+
+def test_triton_launchers_take_2_31_elements():
+    """The Triton launchers take an x of 2^31 elements or more (they used to refuse it):
+    recorded on meta tensors (no work), each grid within a GPU's limits."""
+    pytest.importorskip("triton")
+    from gannorm_kernels.triton.common import record_launches
+
+    kernels = kernel_launchers("triton", "minibatch_stddev")
+    shape, group_size, num_channels = LARGE_X
+    x = torch.empty(shape, dtype=torch.float16, device="meta")
+    with record_launches() as records:
+        out = kernels.minibatch_stddev_fwd(x, group_size, num_channels)
+        kernels.minibatch_stddev_bwd(out, x, group_size, num_channels)
+    assert [kernel.fn.__name__ for kernel, *_ in records] == ["_mbstd_forward", "_mbstd_backward"]
+    assert_grids_fit(records)
+
+
+@pytest.mark.parametrize("backend", SIZE_CHECK_BACKENDS)
+def test_size_limits(backend):
+    """What must still fit with int64 offsets, each limit taken and one past it refused with an
+    error naming the argument and the limit: N, C, H W and a channel group's (C / F) H W at most
+    2^31 - 4096 (looped over with 32-bit indexes), F = num_channels at most 65,535 (the grid's
+    second dimension). Triton's launchers record their launches on meta tensors; cuda-emu's get
+    memoryless CPU tensors and show a size taken by stopping at the check of grad_out that
+    follows (past it they would run)."""
+    pytest.importorskip("triton")
+    from gannorm_kernels.triton.common import record_launches
+
+    kernels = kernel_launchers(backend, "minibatch_stddev")
+
+    def refused(match):
+        return pytest.raises((ValueError, RuntimeError), match=match)
+
+    def taken(shape, group_size, num_channels):
+        x = _sized(shape, backend)
+        if backend == "triton":
+            with record_launches() as records:
+                out = kernels.minibatch_stddev_fwd(x, group_size, num_channels)
+                kernels.minibatch_stddev_bwd(out, x, group_size, num_channels)
+            assert_grids_fit(records)
+        else:  # a grad_out of the wrong shape stops it after the size checks
+            with refused("grad_out must have the forward output's shape"):
+                kernels.minibatch_stddev_bwd(torch.empty(0, dtype=torch.float16), x, group_size, num_channels)
+
+    def forward(shape, group_size, num_channels):
+        return kernels.minibatch_stddev_fwd(_sized(shape, backend), group_size, num_channels)
+
+    limit = r"; the kernels loop over it with a 32-bit index: at most 2\^31 - 4096 = 2147479552"
+    taken((MAX_EXTENT, 1, 1, 1), 1, 1)
+    with refused(r"x has 2147479553 samples" + limit):
+        forward((MAX_EXTENT + 1, 1, 1, 1), 1, 1)
+    taken((1, MAX_EXTENT, 1, 1), 4, 1)
+    with refused(r"x has 2147479553 channels" + limit):
+        forward((1, MAX_EXTENT + 1, 1, 1), 4, 1)
+    taken((1, 1, MAX_EXTENT // 4, 4), 4, 1)
+    with refused(r"x has 2147479553 positions per channel \(H W\)" + limit):
+        forward((1, 1, 1, MAX_EXTENT + 1), 4, 1)
+    taken((1, 2, 2 ** 30, 1), 4, 2)
+    with refused(r"x has 2147483648 elements per sample in each of its num_channels channel groups" + limit):
+        forward((1, 2, 2 ** 30, 1), 4, 1)
+    taken((1, 65535, 1, 1), 4, 65535)
+    with refused(r"x needs 65536 channel groups \(num_channels\), one (program|block) each along grid dimension 1; "
+                 r"a GPU launches at most 65535"):
+        forward((1, 65536, 1, 1), 4, 65536)
+
+
+def _stddev_at_scale(backend, shape, group_size, num_channels, h_chunk):
+    """The layer forward and backward on an fp16 x of `shape` (on the backend's device), against
+    fp64 computed a chunk of rows at a time: the copy of x exact; every position of each
+    appended channel the group's statistic, mean over (C / F) H W of sqrt(var over the group +
+    1e-8); the gradient, grad_out plus coefficient (x - mean) / std with coefficient the sum of
+    the channel's grad_out over the group and positions / ((C / F) H W G), in the first and last
+    chunks of rows of each group (the last past element 2^31 of x and of the output, at scale).
+    grad_out is standard normal on x's channels and 1 on the appended ones, so the statistic's
+    part of the gradient is ~(x - mean) / (F std), as large as the rest. Tolerances: fp16 results
+    of fp32 math, one ulp (fp32 sums of up to 2^18 terms per accumulator, a CUDA thread's share
+    of 6.7e7 positions, ~2^9 2^-24 relative, stay far below it); the gradient's two parts can cancel, so it also gets 2^-12 of the
+    chunk's largest value, still ~100x below what one misplaced element does."""
+    device = backend_device(backend)
+    n, c, h, w = shape
+    G = min(group_size, n)
+    groups, per_group = n // G, c // num_channels
+    span = per_group * h * w
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=torch.float16, device=device)
+    grad_out = torch.empty((n, c + num_channels, h, w), dtype=torch.float16, device=device)
+    grad_out[:, :c].normal_(generator=gen)
+    grad_out[:, c:].fill_(1)
+    leaf = x.detach().requires_grad_()
+    out = F.minibatch_stddev(leaf, group_size, num_channels, backend=backend)
+    out.backward(grad_out)
+    grad = leaf.grad
+    del leaf
+    assert torch.equal(out[:, :c], x), "the copy of x"
+    chunks = range(0, h, h_chunk)
+    for m in range(groups):
+        samples = [g * groups + m for g in range(G)]
+        for f in range(num_channels):
+            channels = slice(f * per_group, (f + 1) * per_group)
+
+            def mean_std(rows):
+                xs = x[samples, channels, rows].double()
+                mean = xs.mean(0)
+                return xs, mean, ((xs - mean).square().mean(0) + 1e-8).sqrt()
+
+            stat = sum(mean_std(slice(h0, h0 + h_chunk))[2].sum() for h0 in chunks) / span
+            appended = out[samples, c + f]
+            assert_fp16_close(torch.stack([appended.amin(), appended.amax()]), stat.expand(2),
+                              f"appended channel {f} of group {m} (its least and greatest values)")
+            coefficient = grad_out[samples, c + f].sum(dtype=torch.float64) / (span * G)
+            for rows in (slice(0, h_chunk), slice(h - h_chunk, h)):
+                xs, mean, std = mean_std(rows)
+                ref = grad_out[samples, channels, rows].double() + coefficient * (xs - mean) / std
+                assert_fp16_close(grad[samples, channels, rows], ref, f"grad x, group {m}, channel group {f}, rows "
+                                  f"{rows.start}:{rows.stop}", atol=2 ** -12 * ref.abs().max().item())
+                del xs, mean, std, ref
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_at_scale_check_itself(backend):
+    """test_past_2_31_elements_on_the_gpu's check at a size that runs anywhere, so that it
+    cannot rot where no GPU runs it."""
+    _stddev_at_scale(backend, (8, 4, 6, 5), 4, 2, h_chunk=2)
+
+
+@pytest.mark.parametrize("backend", backend_params(("cuda", "triton")))
+@large_gpu_test(gib=26)
+def test_past_2_31_elements_on_the_gpu(backend):
+    """An fp16 x of 2.15e9 elements (4.3 GB; 22 GB with the output, their gradients and the fp64
+    chunks) forward and backward on the GPU, checked against fp64 (_stddev_at_scale)."""
+    shape, group_size, num_channels = LARGE_X
+    with large_gpu_memory(gib=26):
+        _stddev_at_scale(backend, shape, group_size, num_channels, h_chunk=1024)

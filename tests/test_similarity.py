@@ -1,15 +1,18 @@
 """Pairwise similarity penalty (cosine, rbf): every backend against the fp64 reference, gradients,
 the eps rule, opcheck, launch budgets, memory linear in the batch, the global batch under DDP, the
-rbf backward's grid, and bad inputs; and torch.compile of a model running all three minibatch ops
-(one graph: it does not split), kept whole here."""
+rbf backward's grid, bad inputs and tensors of 2^31 elements or more (the size limits, the Triton
+launchers on meta tensors, the ops on a GPU against fp64); and torch.compile of a model running
+all three minibatch ops (one graph: it does not split), kept whole here."""
 
 import copy
+import math
 
 import pytest
 import torch
 from functorch.compile import make_boxed_func
-from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LargestTensor, backend_device,
-                     case_id, compare, drawn, measure, opcheck_cases, value_and_grad)
+from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LargestTensor, assert_fp16_close,
+                     assert_grids_fit, backend_device, backend_params, case_id, compare, drawn, expanded,
+                     kernel_launchers, large_gpu_memory, large_gpu_test, measure, opcheck_cases, value_and_grad)
 from loop_coverage import LoopCoverage, assert_every_loop_iterates, interpreted_kernels
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
@@ -289,3 +292,174 @@ def test_rbf_backward_grid_fits_any_feature_size():
     (_, grid, _, _), = records
     grid = tuple(grid) + (1,) * (3 - len(grid))
     assert grid[0] < 2 ** 31 and grid[1] <= 65535 and grid[2] <= 65535, grid
+
+
+# ---- tensors of 2^31 elements or more ----
+
+# The issue's batch: 1024 images of 3x1024x1024, 3.2e9 elements (the kernels used to refuse 2^31).
+ISSUE_BATCH = (1024, 3, 1024, 1024)
+MAX_EXTENT = 2 ** 31 - 4096  # a size the kernels loop over with a 32-bit index
+SIZE_CHECK_BACKENDS = backend_params(("triton", "cuda-emu"))
+
+
+def _sized(shape, backend):
+    # meta tensors for the Triton launchers (recorded, not run); memoryless CPU ones for cuda-emu
+    return torch.empty(shape, dtype=torch.float16, device="meta") if backend == "triton" else expanded(shape)
+
+
+def test_triton_launchers_take_the_issues_batch():
+    """Every Triton launcher of both kernels takes the issue's 3.2e9-element batch (2^31 elements
+    or more used to be refused): recorded on meta tensors (no work), each grid within a GPU's
+    limits. test_past_2_31_elements_on_the_gpu runs it."""
+    pytest.importorskip("triton")
+    from gannorm_kernels.triton.common import record_launches
+
+    kernels = kernel_launchers("triton", "similarity")
+    f = torch.empty(ISSUE_BATCH[0], math.prod(ISSUE_BATCH[1:]), dtype=torch.float16, device="meta")
+    with record_launches() as records:
+        penalty, s, norms = kernels.similarity_cosine_fwd(f, 1e-12)
+        kernels.similarity_cosine_bwd(penalty, f, s, norms, 1e-12)
+        kernels.similarity_rbf_bwd(kernels.similarity_rbf_fwd(f, 1.0), f, 1.0)
+    assert [kernel.fn.__name__ for kernel, *_ in records] == [
+        "_cosine_rows", "_cosine_total", "_cosine_backward", "_rbf_pairs", "_sum_to_penalty", "_rbf_backward"]
+    assert_grids_fit(records)
+
+
+@pytest.mark.parametrize("backend", SIZE_CHECK_BACKENDS)
+def test_size_limits(backend):
+    """What must still fit with int64 offsets, each limit taken and one past it refused with an
+    error naming the argument and the limit: N and D at most 2^31 - 4096 (looped over with 32-bit
+    indexes), the rbf forward's (N / 16)^2 tiles at most 65,535 along the grid's second
+    dimension, the rbf backward's (N / 16) (D / 32) blocks at most 2^31 - 1. Triton's launchers
+    record their launches on meta tensors; cuda-emu's get memoryless CPU tensors and show a size
+    taken by stopping at a later argument check (past the size checks they would run)."""
+    pytest.importorskip("triton")
+    from gannorm_kernels.triton.common import record_launches
+
+    kernels = kernel_launchers(backend, "similarity")
+    grad = torch.empty((), dtype=torch.float16, device="meta" if backend == "triton" else "cpu")
+
+    def refused(match):
+        return pytest.raises((ValueError, RuntimeError), match=match)
+
+    def cosine_bwd(n, d):
+        # cuda-emu: s and norms of the wrong size stop it after the size checks
+        s, norms = (torch.empty(d, device="meta"), torch.empty(n, device="meta")) if backend == "triton" else \
+            (torch.empty(0), torch.empty(0))
+        return kernels.similarity_cosine_bwd(grad, _sized((n, d), backend), s, norms, 1e-12)
+
+    def taken(call, n, d):
+        if backend == "triton":
+            with record_launches() as records:
+                call(n, d)
+            assert_grids_fit(records)
+        else:
+            with refused("s and norms must be the forward's|bandwidth must be > 0"):
+                call(n, d)
+
+    taken(cosine_bwd, 2, MAX_EXTENT)
+    taken(cosine_bwd, MAX_EXTENT, 1)
+    with refused(r"features has 2147479553 columns \(features per sample\); the kernels loop over it with a "
+                 r"32-bit index: at most 2\^31 - 4096 = 2147479552"):
+        cosine_bwd(2, MAX_EXTENT + 1)
+    with refused(r"features has 2147479553 rows \(samples\); .* at most 2\^31 - 4096 = 2147479552"):
+        kernels.similarity_cosine_fwd(_sized((MAX_EXTENT + 1, 1), backend), 1e-12)
+    with refused(r"features needs 65536 tiles of 16 rows, one (program|block) each along grid dimension 1; "
+                 r"a GPU launches at most 65535"):
+        kernels.similarity_rbf_fwd(_sized((65535 * 16 + 1, 2), backend), 1.0)
+    with refused(r"features needs 2147549184 blocks of 16 rows x 32 columns, one (program|block) each along "
+                 r"grid dimension 0; a GPU launches at most 2147483647"):
+        kernels.similarity_rbf_bwd(grad, _sized((2 ** 20, 2 ** 20 + 32), backend), 1.0)
+    if backend == "triton":
+        taken(lambda n, d: kernels.similarity_rbf_fwd(_sized((n, d), backend), 1.0), 65535 * 16, 2)
+        taken(lambda n, d: kernels.similarity_rbf_bwd(grad, _sized((n, d), backend), 1.0), 2 ** 20, 2 ** 20 - 32)
+    else:  # cuda-emu checks the bandwidth after the sizes
+        taken(lambda n, d: kernels.similarity_rbf_fwd(_sized((n, d), backend), 0.0), 2, MAX_EXTENT)
+
+
+def _similarity_at_scale(backend, shape, col_chunk, row_chunk):
+    """The cosine penalty forward and backward and the rbf penalty forward on fp16 features of
+    `shape` (on the backend's device), against fp64 computed a chunk at a time: the rows' norms,
+    s (the sum of the unit rows) and the Gram matrix from column chunks; the gradient of three
+    row chunks (the first, the one holding element 2^31 or the middle one, the last) by autograd
+    through the penalty as a function of those rows alone (s less their unit rows is constant).
+    The features are (z + 1/2) / 1024, z standard normal: the rows share a direction (penalty
+    ~0.2, no cancellation) and the gradients are fp16 normals for a loss gradient of 2^14.
+    Tolerances: an fp16 result of fp32 math is its fp64 value rounded (half an ulp) plus fp32
+    error, sums of up to 10^5 terms per accumulator, ~sqrt(10^5) 2^-24 ~ 2e-5 relative: one
+    ulp bounds both; the gradient's two terms (s and the projection) can cancel, so it also gets
+    2^-12 of its chunk's largest value, still ~100x below what one misplaced element does. The
+    per-row norms (fp32 outputs) get 2^-12 relative. rbf's backward, D / 32 recomputations of
+    the forward (~2^57 operations at 2^31 elements, any shape), cannot run at this size."""
+    device = backend_device(backend)
+    n, d = shape[0], math.prod(shape[1:])
+    gen = torch.Generator(device=device).manual_seed(0)
+    images = torch.randn(shape, generator=gen, dtype=torch.float16, device=device).add_(0.5).mul_(2 ** -10)
+    f = images.view(n, d)
+    eps, pairs = 1e-12, n * (n - 1)
+    columns = [slice(c, min(c + col_chunk, d)) for c in range(0, d, col_chunk)]
+    norms2 = torch.zeros(n, dtype=torch.float64, device=device)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+    for c in columns:
+        x = f[:, c].double()
+        norms2 += x.square().sum(1)
+        gram += x @ x.T
+        del x
+    norms = norms2.sqrt()
+    denominators = norms.clamp_min(eps)
+    s = torch.cat([(f[:, c].double() / denominators[:, None]).sum(0) for c in columns])
+    units2 = (norms / denominators).square()
+    cosine = (s.dot(s) - units2.sum()) / pairs
+
+    # the per-row quantities the forward keeps for backward
+    _, s_ours, norms_ours = kernel_launchers(backend, "similarity").similarity_cosine_fwd(f, eps)
+    assert_fp16_close(norms_ours, norms, "row norms", ulps=0, rtol=2 ** -12)
+    assert_fp16_close(s_ours, s, "s, the sum of the unit rows", ulps=0, rtol=2 ** -12)
+    del s_ours, norms_ours
+
+    grad_penalty = torch.tensor(2.0 ** 14, dtype=torch.float16, device=device)
+    leaf = images.detach().requires_grad_()
+    penalty = F.pairwise_similarity_penalty(leaf, "cosine", eps=eps, backend=backend)
+    assert_fp16_close(penalty, cosine, "cosine penalty")
+    penalty.backward(grad_penalty)
+    grad = leaf.grad.view(n, d)
+    del leaf
+    cross = 2 ** 31 // d if n * d > 2 ** 31 else n // 2  # the row holding element 2^31, else the middle one
+    starts = sorted({0, max(0, min(cross - row_chunk // 2, n - row_chunk)), n - row_chunk})
+    for r in (slice(start, start + row_chunk) for start in starts):
+        rows = f[r].double().requires_grad_()
+        rows_norms = rows.norm(dim=1)
+        rows_denominators = rows_norms.clamp_min(eps)
+        total = s - (f[r].double() / denominators[r, None]).sum(0) + (rows / rows_denominators[:, None]).sum(0)
+        value = (total.dot(total) - (units2.sum() - units2[r].sum()) - (rows_norms / rows_denominators).square().sum())
+        (ref,) = torch.autograd.grad(value / pairs * float(grad_penalty), rows)
+        assert_fp16_close(grad[r], ref, f"cosine gradient, rows {r.start}:{r.stop}",
+                          atol=2 ** -12 * ref.abs().max().item())
+        del rows, rows_norms, total, value, ref
+    del grad
+
+    bandwidth = 0.5 * 2 ** -10 * d ** 0.5  # squared distances ~2 d 2^-20 = 4 (2 h^2): k ~ e^-4
+    squared = norms2[:, None] + norms2[None, :] - 2 * gram
+    k = torch.exp(-squared / (2 * bandwidth ** 2))
+    rbf = (k.sum() - k.diagonal().sum()) / pairs
+    with torch.no_grad():
+        penalty = F.pairwise_similarity_penalty(images, "rbf", bandwidth, backend=backend)
+    assert_fp16_close(penalty, rbf, "rbf penalty")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_at_scale_check_itself(backend):
+    """test_past_2_31_elements_on_the_gpu's check at a size that runs anywhere, so that it
+    cannot rot where no GPU runs it; chunks smaller than the tensor, the gradient's row chunks
+    apart."""
+    _similarity_at_scale(backend, (40, 3, 7, 5), col_chunk=16, row_chunk=8)
+
+
+@pytest.mark.parametrize("backend", backend_params(("cuda", "triton")))
+@large_gpu_test(gib=24)
+def test_past_2_31_elements_on_the_gpu(backend):
+    """The issue's batch (3.2e9 fp16 elements, 6.4 GB; 24 GB with its gradient and the fp64
+    chunks) through the cosine penalty forward and backward and the rbf forward, on the GPU,
+    checked against fp64 (_similarity_at_scale)."""
+    with large_gpu_memory(gib=24):
+        _similarity_at_scale(backend, ISSUE_BATCH, col_chunk=2 ** 18, row_chunk=64)

@@ -1,7 +1,8 @@
 """Spectral norm: every backend against the fp64 reference (training, eval, cached eval, 1-D),
 gradients, opcheck, torch.compile, launch budgets, sigmas(), and the drop-in contract with
 torch.nn.utils.parametrizations.spectral_norm (state, warm-up, update order, training
-trajectories, eval, legacy checkpoints)."""
+trajectories, eval, legacy checkpoints), and tensors of 2^31 elements or more (the size limits,
+the Triton launchers on meta tensors, dims 0 and 1 and 1-D on a GPU against fp64)."""
 
 import copy
 
@@ -10,7 +11,8 @@ import torch
 from functorch.compile import make_boxed_func
 from loop_coverage import LoopCoverage, assert_every_loop_iterates, interpreted_kernels
 from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LAYER_MODULES,
-                     assert_as_accurate_as, assert_close_to_reference, backend_device)
+                     assert_as_accurate_as, assert_close_to_reference, assert_fp16_close, assert_grids_fit,
+                     backend_device, backend_params, expanded, kernel_launchers, large_gpu_memory, large_gpu_test)
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torch.nn.utils import parametrizations
@@ -617,3 +619,202 @@ def test_small_shapes_reach_every_grid_stride_loop():
     for name, grid, constexprs in strided:
         assert grid[0] * constexprs["BLOCK"] * 2 <= weight.numel(), f"{name}: {grid} x {constexprs['BLOCK']} covers " \
             f"{weight.numel()} elements in one stride"
+
+
+# ---- tensors of 2^31 elements or more ----
+
+MAX_EXTENT = 2 ** 31 - 4096  # a size the kernels loop over with a 32-bit index
+# 2.15e9 elements; dim 0: 8 rows of 2.7e8 columns (rows contiguous), dim 1: 256 rows of 8.4e6
+# columns (a ConvTranspose's dim, outer dims); flattened, the 1-D path
+LARGE_WEIGHT = (8, 256, 2 ** 20 + 1)
+SIZE_CHECK_BACKENDS = backend_params(("triton", "cuda-emu"))
+
+
+def _sized(shape, backend):
+    # meta tensors for the Triton launchers (recorded, not run); memoryless CPU ones for cuda-emu
+    return torch.empty(shape, dtype=torch.float16, device="meta") if backend == "triton" else expanded(shape)
+
+
+@pytest.mark.parametrize("dim", [0, 1, None], ids=lambda d: "1-D" if d is None else f"dim{d}")
+def test_triton_launchers_take_2_31_elements(dim):
+    """The Triton launchers take a weight of 2^31 elements or more (its matrix, or flattened, the
+    1-D path): training with two power iterations, eval, cached eval and backward, recorded on
+    meta tensors (no work), each grid within a GPU's limits. The matrix kernels indexed it in
+    int32 without refusing it before."""
+    pytest.importorskip("triton")
+    from gannorm_kernels.triton.common import record_launches
+
+    kernels = kernel_launchers("triton", "spectral_norm")
+    weight = torch.empty(LARGE_WEIGHT, dtype=torch.float16, device="meta")
+    sigma = torch.empty((), device="meta")
+    with record_launches() as records:
+        if dim is None:
+            flat = weight.view(-1)
+            kernels.spectral_norm_vector_bwd(flat, flat, kernels.spectral_norm_vector_fwd(flat, EPS)[1], EPS)
+        else:
+            h, w = matrix_shape(LARGE_WEIGHT, dim)
+            u, v = torch.empty(h, dtype=torch.float16, device="meta"), torch.empty(w, dtype=torch.float16, device="meta")
+            _, sigma, u_used, v_used = kernels.spectral_norm_fwd(weight, u, v, None, dim, 2, EPS, True)
+            kernels.spectral_norm_fwd(weight, u, v, None, dim, 1, EPS, False)
+            kernels.spectral_norm_fwd(weight, u, v, sigma, dim, 1, EPS, False)
+            kernels.spectral_norm_bwd(weight, weight, u_used, v_used, sigma, dim, EPS)
+    assert_grids_fit(records)
+
+
+@pytest.mark.parametrize("backend", SIZE_CHECK_BACKENDS)
+def test_size_limits(backend):
+    """What must still fit with int64 offsets, each limit taken and one past it refused with an
+    error naming the argument and the limit: the matrix's rows and columns at most 2^31 - 4096
+    (looped over with 32-bit indexes); a 1-D weight has no limit. Triton's launchers record
+    their launches on meta tensors; cuda-emu's get memoryless CPU tensors and show a size taken
+    by stopping at the check of u (or, 1-D, eps) that follows (past it they would run)."""
+    pytest.importorskip("triton")
+    from gannorm_kernels.triton.common import record_launches
+
+    kernels = kernel_launchers(backend, "spectral_norm")
+
+    def refused(match):
+        return pytest.raises((ValueError, RuntimeError), match=match)
+
+    def buffers(shape, dim):
+        h, w = matrix_shape(shape, dim)
+        if backend == "triton":
+            return torch.empty(h, dtype=torch.float16, device="meta"), torch.empty(w, dtype=torch.float16, device="meta")
+        return torch.empty(0, dtype=torch.float16), torch.empty(0, dtype=torch.float16)  # wrong: stops after sizes
+
+    def forward(shape, dim):
+        return kernels.spectral_norm_fwd(_sized(shape, backend), *buffers(shape, dim), None, dim, 1, EPS, True)
+
+    def taken(shape, dim):
+        if backend == "triton":
+            with record_launches() as records:
+                _, sigma, u_used, v_used = forward(shape, dim)
+                weight = _sized(shape, backend)
+                kernels.spectral_norm_bwd(weight, weight, u_used, v_used, sigma, dim, EPS)
+            assert_grids_fit(records)
+        else:
+            with refused("u must have shape"):
+                forward(shape, dim)
+
+    limit = r"; the kernels loop over it with a 32-bit index: at most 2\^31 - 4096 = 2147479552"
+    taken((MAX_EXTENT, 1), 0)
+    with refused(r"weight has 2147479553 rows \(its size along dim\)" + limit):
+        forward((MAX_EXTENT + 1, 1), 0)
+    taken((1, MAX_EXTENT), 0)
+    taken((2, 3, MAX_EXTENT // 2), 1)
+    with refused(r"weight has 2147479554 columns \(the product of its other sizes\)" + limit):
+        forward((2, 3, MAX_EXTENT // 2 + 1), 1)
+    flat = _sized((2 ** 31 + 1,), backend)  # 1-D: no limit
+    if backend == "triton":
+        with record_launches() as records:
+            kernels.spectral_norm_vector_bwd(flat, flat, kernels.spectral_norm_vector_fwd(flat, EPS)[1], EPS)
+        assert_grids_fit(records)
+    else:
+        with refused("eps must be > 0"):
+            kernels.spectral_norm_vector_fwd(flat, 0.0)
+
+
+def _matrix_blocks(shape, dim):
+    """(a, rows, columns): the matrix of a 3-d weight along dim 0 or 1 a row of dim 0 at a time,
+    each the block of the matrix at those rows and columns: row a (dim 0), or the columns a B to
+    (a + 1) B (dim 1). _block(t, a, dim) is that block of a tensor of the weight's shape."""
+    if dim == 0:
+        return [(a, slice(a, a + 1), slice(None)) for a in range(shape[0])]
+    return [(a, slice(None), slice(a * shape[2], (a + 1) * shape[2])) for a in range(shape[0])]
+
+
+def _block(t, a, dim):
+    return t[a].view(1, -1) if dim == 0 else t[a]
+
+
+def _spectral_norm_at_scale(backend, shape, dims):
+    """The forward (training, one power iteration) and backward launchers on an fp16 weight of
+    3-d `shape` (on the backend's device) along each of `dims`, and the 1-D path on it flattened,
+    against fp64 computed a block of the matrix at a time: x = W v0, u = x / |x|, t = W^T u,
+    sigma = |t|, v = t / |t| (sigma, u and v as used and as left in the buffers); W / sigma and
+    the gradient (G - <G, W> / sigma u v^T) / sigma on the first and last blocks (the last past
+    element 2^31 at scale), both with the launchers' own sigma, u and v, so that they test the
+    indexing alone. G = W + z / 4: <G, W> / sigma u v^T is then larger than G, so a misplaced
+    u_i or v_j shows. Tolerances: sigma, u and v come from fp32 sums of up to 2^23 terms per
+    accumulator (a warp's lane over a 2^28-column row), ~sqrt(2^23) 2^-24 ~ 2e-4 relative: 2^-9
+    relative (and of the largest component); fp16 results of fp32 math, one ulp (two for the
+    buffers, rounded from u and v as used); the gradient's terms can cancel: also 2^-12 of the
+    block's largest value, far below what a misplaced element does."""
+    device = backend_device(backend)
+    kernels = kernel_launchers(backend, "spectral_norm")
+    gen = torch.Generator(device=device).manual_seed(0)
+    weight = torch.randn(shape, generator=gen, dtype=torch.float16, device=device)
+    grad_out = torch.randn(shape, generator=gen, dtype=torch.float16, device=device).mul_(0.25).add_(weight)
+    rtol = 2 ** -9
+
+    def close(actual, ref, what):
+        assert_fp16_close(actual, ref, what, ulps=0, rtol=rtol, atol=rtol * ref.abs().max().item())
+
+    for dim in dims:
+        h, w = matrix_shape(shape, dim)
+        u = torch.nn.functional.normalize(torch.randn(h, generator=gen, device=device), dim=0).to(torch.float16)
+        v = torch.nn.functional.normalize(torch.randn(w, generator=gen, device=device), dim=0).to(torch.float16)
+        v0 = v.double()  # the iteration starts from the buffers as stored
+        out, sigma, u_used, v_used = kernels.spectral_norm_fwd(weight, u, v, None, dim, 1, EPS, True)
+        blocks = _matrix_blocks(shape, dim)
+        x = torch.zeros(h, dtype=torch.float64, device=device)
+        for a, rows, columns in blocks:
+            x[rows] += _block(weight, a, dim).double() @ v0[columns]
+        u1 = x / x.norm().clamp_min(EPS)
+        t = torch.zeros(w, dtype=torch.float64, device=device)
+        for a, rows, columns in blocks:
+            t[columns] += _block(weight, a, dim).double().T @ u1[rows]
+        t_norm = t.norm()
+        v1 = t / t_norm.clamp_min(EPS)
+        del x, t, v0
+        close(sigma, t_norm.square() / t_norm.clamp_min(EPS), f"sigma, dim {dim}")
+        close(u_used, u1, f"u as used, dim {dim}")
+        close(v_used, v1, f"v as used, dim {dim}")
+        assert_fp16_close(u, u1, f"the u buffer, dim {dim}", ulps=2, atol=rtol * u1.abs().max().item())
+        assert_fp16_close(v, v1, f"the v buffer, dim {dim}", ulps=2, atol=rtol * v1.abs().max().item())
+        del u1, v1
+        s = sigma.double()
+        for a, _, _ in (blocks[0], blocks[-1]):
+            assert_fp16_close(out[a], weight[a].double() / s, f"W / sigma, dim {dim}, row {a} of dim 0")
+        del out
+        grad = kernels.spectral_norm_bwd(grad_out, weight, u_used, v_used, sigma, dim, EPS)
+        c = sum((grad_out[a].double() * weight[a].double()).sum() for a in range(shape[0])) / s
+        for a, rows, columns in (blocks[0], blocks[-1]):
+            ref = (_block(grad_out, a, dim).double() - c * u_used[rows].double()[:, None]
+                   * v_used[columns].double()[None, :]) / s
+            assert_fp16_close(_block(grad, a, dim), ref, f"grad, dim {dim}, row {a} of dim 0",
+                              atol=2 ** -12 * ref.abs().max().item())
+            del ref
+        del grad, u_used, v_used
+
+    flat, flat_grad_out = weight.view(-1), grad_out.view(-1)
+    out, sigma = kernels.spectral_norm_vector_fwd(flat, EPS)
+    chunks = [slice(k, min(k + 2 ** 28, flat.numel())) for k in range(0, flat.numel(), 2 ** 28)]
+    norm = sum(flat[k].double().square().sum() for k in chunks).sqrt()
+    close(sigma, norm.clamp_min(EPS), "1-D sigma")
+    s = sigma.double()
+    for k in (chunks[0], chunks[-1]):
+        assert_fp16_close(out[k], flat[k].double() / s, "1-D W / sigma")
+    del out
+    grad = kernels.spectral_norm_vector_bwd(flat_grad_out, flat, sigma, EPS)
+    c = sum((flat_grad_out[k].double() * flat[k].double()).sum() for k in chunks) / s
+    for k in (chunks[0], chunks[-1]):
+        ref = (flat_grad_out[k].double() - c * flat[k].double() / s) / s
+        assert_fp16_close(grad[k], ref, "1-D grad", atol=2 ** -12 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_at_scale_check_itself(backend):
+    """test_past_2_31_elements_on_the_gpu's check at a size that runs anywhere, so that it
+    cannot rot where no GPU runs it."""
+    _spectral_norm_at_scale(backend, (3, 6, 70), dims=[0, 1])
+
+
+@pytest.mark.parametrize("backend", backend_params(("cuda", "triton")))
+@large_gpu_test(gib=28)
+def test_past_2_31_elements_on_the_gpu(backend):
+    """An fp16 weight of 2.15e9 elements (4.3 GB; 28 GB with G, W / sigma or the gradient, the
+    buffers and the fp64 blocks) forward and backward on the GPU along dims 0 and 1 and as 1-D,
+    checked against fp64 (_spectral_norm_at_scale)."""
+    with large_gpu_memory(gib=28):
+        _spectral_norm_at_scale(backend, LARGE_WEIGHT, dims=[0, 1])

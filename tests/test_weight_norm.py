@@ -1,5 +1,7 @@
 """Weight norm: every backend against the fp64 reference, gradients, opcheck, torch.compile,
-launch budgets, and the drop-in contract with torch.nn.utils.parametrizations.weight_norm."""
+launch budgets, the drop-in contract with torch.nn.utils.parametrizations.weight_norm, and
+tensors of 2^31 elements or more (the size limits, the Triton launchers on meta tensors, every
+layout on a GPU against fp64)."""
 
 import copy
 import warnings
@@ -7,7 +9,8 @@ import warnings
 import pytest
 import torch
 from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LAYER_MODULES,
-                     assert_as_accurate_as, assert_close_to_reference, backend_device)
+                     assert_as_accurate_as, assert_close_to_reference, assert_fp16_close, assert_grids_fit,
+                     backend_device, backend_params, expanded, kernel_launchers, large_gpu_memory, large_gpu_test)
 from loop_coverage import LoopCoverage, assert_every_loop_iterates, interpreted_kernels
 from torch import nn
 from functorch.compile import make_boxed_func
@@ -605,3 +608,179 @@ def test_whole_tensor_uses_many_programs(backend, dtype, monkeypatch):
     for what, a, b, r, s in zip(("w", "grad_v", "grad_g"), ours, again, ref64, same):
         assert_close_to_reference(a, r, s, what, scale=scales[what])
         assert_bitwise(a, b, f"{what}, run twice")
+
+
+# ---- tensors of 2^31 elements or more ----
+
+MAX_EXTENT = 2 ** 31 - 4096  # a size the kernels loop over with a 32-bit index
+# 2.15e9 elements; dim 0: the rows layout (8 channels of 2.7e8), dim 1: rows with outer dims
+# (256 channels), dim 2 (the last): the columns layout (2^20 + 1 channels), None: the whole tensor
+LARGE_V = (8, 256, 2 ** 20 + 1)
+LAYOUT_KERNELS = {0: "_weight_norm_fwd_rows", 1: "_weight_norm_fwd_rows", 2: "_weight_norm_fwd_cols",
+                  None: "_whole_partials"}
+SIZE_CHECK_BACKENDS = backend_params(("triton", "cuda-emu"))
+
+
+def _sized(shape, backend):
+    # meta tensors for the Triton launchers (recorded, not run); memoryless CPU ones for cuda-emu
+    return torch.empty(shape, dtype=torch.float16, device="meta") if backend == "triton" else expanded(shape)
+
+
+@pytest.mark.parametrize("dim", list(LAYOUT_KERNELS), ids=str)
+def test_triton_launchers_take_2_31_elements(dim):
+    """The Triton launchers take a v of 2^31 elements or more in every layout (the per-channel
+    ones used to refuse it): recorded on meta tensors (no work), each grid within a GPU's
+    limits."""
+    pytest.importorskip("triton")
+    from gannorm_kernels.triton.common import record_launches
+
+    kernels = kernel_launchers("triton", "weight_norm")
+    v = torch.empty(LARGE_V, dtype=torch.float16, device="meta")
+    channels = 1 if dim is None else LARGE_V[dim]
+    g = torch.empty(channels, dtype=torch.float16, device="meta")
+    with record_launches() as records:
+        w, norms = kernels.weight_norm_fwd(v, g, torch_dim(dim, 3))
+        kernels.weight_norm_bwd(w, v, g, norms, torch_dim(dim, 3))
+    assert records[0][0].fn.__name__ == LAYOUT_KERNELS[dim]
+    assert_grids_fit(records)
+
+
+@pytest.mark.parametrize("backend", SIZE_CHECK_BACKENDS)
+def test_size_limits(backend):
+    """What must still fit with int64 offsets, each limit taken and one past it refused with an
+    error naming the argument and the limit: for the per-channel layouts a channel's elements and
+    the channel count at most 2^31 - 4096 (looped over with 32-bit indexes); the whole tensor has
+    no limit. Triton's launchers record their launches on meta tensors; cuda-emu's get
+    memoryless CPU tensors and show a size taken by stopping at the check of g that follows
+    (past it they would run)."""
+    pytest.importorskip("triton")
+    from gannorm_kernels.triton.common import record_launches
+
+    kernels = kernel_launchers(backend, "weight_norm")
+
+    def refused(match):
+        return pytest.raises((ValueError, RuntimeError), match=match)
+
+    def taken(shape, dim):
+        v = _sized(shape, backend)
+        channels = 1 if dim == -1 else shape[dim]
+        if backend == "triton":
+            g = torch.empty(channels, dtype=torch.float16, device="meta")
+            with record_launches() as records:
+                w, norms = kernels.weight_norm_fwd(v, g, dim)
+                kernels.weight_norm_bwd(w, v, g, norms, dim)
+            assert_grids_fit(records)
+        else:  # a g of the wrong size stops it after the size checks
+            with refused("g must have one element per channel"):
+                kernels.weight_norm_fwd(v, torch.empty(channels + 1, dtype=torch.float16), dim)
+
+    def forward(shape, dim):
+        g = torch.empty(1 if dim == -1 else shape[dim], dtype=torch.float16, device=_sized((), backend).device)
+        return kernels.weight_norm_fwd(_sized(shape, backend), g, dim)
+
+    limit = r"; the kernels loop over it with a 32-bit index: at most 2\^31 - 4096 = 2147479552"
+    taken((1, MAX_EXTENT), 0)  # rows: one channel of MAX_EXTENT
+    with refused(r"v has 2147479553 elements per channel" + limit):
+        forward((1, MAX_EXTENT + 1), 0)
+    taken((2, MAX_EXTENT // 2, 1), 1)  # rows with outer dims (A = 2)
+    with refused(r"v has 2147479554 elements per channel" + limit):
+        forward((2, 1, MAX_EXTENT // 2 + 1), 1)
+    taken((MAX_EXTENT, 2), 1)  # columns: each channel's MAX_EXTENT rows
+    with refused(r"v has 2147479553 elements per channel" + limit):
+        forward((MAX_EXTENT + 1, 2), 1)
+    taken((MAX_EXTENT, 1), 0)  # MAX_EXTENT channels (one program each)
+    with refused(r"v has 2147479553 channels" + limit):
+        forward((MAX_EXTENT + 1, 1), 0)
+    taken((2, 2 ** 31), -1)  # the whole tensor: no limit
+
+
+def _channel_sums(fn, shape, dims, device):
+    """{dim: per-channel sums over the other dims of fn(rows) (fp64)}, a row of dim 0 at a time
+    (dim None: the whole tensor's one sum)."""
+    sums = {dim: torch.zeros(1 if dim is None else shape[dim], dtype=torch.float64, device=device) for dim in dims}
+    for a in range(shape[0]):
+        x = fn(a)  # (1, *shape[1:]) fp64
+        for dim in dims:
+            if dim is None:
+                sums[dim] += x.sum()
+            elif dim == 0:
+                sums[dim][a] = x.sum()
+            else:
+                sums[dim] += x.sum(dim=[d for d in range(x.dim()) if d != dim])
+        del x
+    return sums
+
+
+def _weight_norm_at_scale(backend, shape, dims):
+    """The forward and backward launchers of every layout in `dims` on an fp16 v of 3-d `shape`
+    (on the backend's device), against fp64 per-channel sums a row of dim 0 at a time: the norms
+    the forward returns; grad_g = <grad_w, v> / ||v||; w = g v / ||v|| and grad_v = g grad_w /
+    ||v|| - g <grad_w, v> v / ||v||^3 on the first and last rows of dim 0 (the last past element
+    2^31 at scale). v is (z + 1/2) / 16 times 1 + i / size along each dim i, so that channels
+    differ (a misplaced channel shows) and the whole tensor's norm stays below fp16's largest
+    (torch's composite rounds it to fp16); grad_w is (z + 1/2) / 4096 (<grad_w, v> likewise);
+    g is the channel's norm times 0.5 to 1.5 (g / ||v|| ~ 1). Tolerances, in fp16 ulps of the
+    value: fused (dims 0 and 2) 2, half an ulp of rounding plus fp32 sums of up to 2^20 terms per
+    accumulator, ~2^-14 relative; composite (dim 1, None) 4, torch's formula rounding up to four
+    times; norms 1 (composite: rounded to fp16) or 2^-12 relative (fused, fp32); grad_v's terms
+    can cancel, so it also gets 2^-10 of the row's largest value, far below what a misplaced
+    element does."""
+    device = backend_device(backend)
+    kernels = kernel_launchers(backend, "weight_norm")
+    gen = torch.Generator(device=device).manual_seed(0)
+    v = torch.randn(shape, generator=gen, dtype=torch.float16, device=device).add_(0.5).mul_(2 ** -4)
+    for d, size in enumerate(shape):
+        v.mul_((1 + torch.arange(size, device=device) / size).to(torch.float16).view([-1 if i == d else 1 for i in
+                                                                                      range(3)]))
+    grad_w = torch.randn(shape, generator=gen, dtype=torch.float16, device=device).add_(0.5).mul_(2 ** -12)
+    norms = {dim: s.sqrt() for dim, s in _channel_sums(lambda a: v[a:a + 1].double().square(), shape, dims,
+                                                         device).items()}
+    dots = _channel_sums(lambda a: v[a:a + 1].double() * grad_w[a:a + 1].double(), shape, dims, device)
+    rows = [0, shape[0] - 1]
+    for dim in dims:
+        fused = reference.weight_norm_fuses(torch_dim(dim, 3), 3)
+        ulps = 2 if fused else 4
+        n = norms[dim]
+        g = (n * (0.5 + torch.rand(n.shape, generator=gen, device=device, dtype=torch.float64))).to(torch.float16)
+        view = [1, 1, 1] if dim is None else [-1 if i == dim else 1 for i in range(3)]
+
+        def channels(t, a):  # the per-channel values of row a of dim 0, to broadcast over it
+            return (t[a:a + 1] if dim == 0 else t).view(view)
+
+        w, norms_ours = kernels.weight_norm_fwd(v, g, torch_dim(dim, 3))
+        if fused:
+            assert_fp16_close(norms_ours, n, f"norms, dim {dim}", ulps=0, rtol=2 ** -12)
+        else:
+            assert_fp16_close(norms_ours, n, f"norms, dim {dim}")
+        for a in rows:
+            ref = channels(g.double(), a) * v[a:a + 1].double() / channels(n, a)
+            assert_fp16_close(w[a:a + 1], ref, f"w, dim {dim}, row {a} of dim 0", ulps=ulps)
+            del ref
+        del w
+        grad_v, grad_g = kernels.weight_norm_bwd(grad_w, v, g, norms_ours, torch_dim(dim, 3))
+        assert_fp16_close(grad_g, dots[dim] / n, f"grad_g, dim {dim}", ulps=ulps)
+        for a in rows:
+            gc, nc, dc = channels(g.double(), a), channels(n, a), channels(dots[dim], a)
+            ref = gc / nc * grad_w[a:a + 1].double()
+            ref -= gc * dc / nc ** 3 * v[a:a + 1].double()
+            assert_fp16_close(grad_v[a:a + 1], ref, f"grad_v, dim {dim}, row {a} of dim 0", ulps=ulps,
+                              atol=2 ** -10 * ref.abs().max().item())
+            del ref
+        del grad_v
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_at_scale_check_itself(backend):
+    """test_past_2_31_elements_on_the_gpu's check at a size that runs anywhere, so that it
+    cannot rot where no GPU runs it."""
+    _weight_norm_at_scale(backend, (3, 5, 70), dims=list(LAYOUT_KERNELS))
+
+
+@pytest.mark.parametrize("backend", backend_params(("cuda", "triton")))
+@large_gpu_test(gib=28)
+def test_past_2_31_elements_on_the_gpu(backend):
+    """An fp16 v of 2.15e9 elements (4.3 GB; 28 GB with w, the gradients and the fp64 rows)
+    forward and backward on the GPU in each of the four layouts, checked against fp64
+    (_weight_norm_at_scale)."""
+    with large_gpu_memory(gib=28):
+        _weight_norm_at_scale(backend, LARGE_V, dims=list(LAYOUT_KERNELS))

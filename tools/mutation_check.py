@@ -65,10 +65,10 @@ MUTATIONS = [
              "        total += tl.load(ptr + offsets, mask=offsets <= n, other=0.0).to(ACC)",
              SN_TRITON, "partial sums: mask off by one (reads one past the partials)"),
     Mutation("T4", "gannorm_kernels/triton/spectral_norm.py",
-             "    for start in range(pid * BLOCK, numel, programs * BLOCK):\n        offsets = start + tl.arange(0, BLOCK)\n"
-             "        mask = offsets < numel\n        weight =",
-             "    for start in range(pid * 2 * BLOCK, numel, programs * BLOCK):\n        offsets = start + tl.arange(0, BLOCK)\n"
-             "        mask = offsets < numel\n        weight =",
+             "    for start in range(pid.to(tl.int64) * BLOCK, numel, programs * BLOCK):\n"
+             "        offsets, mask = block_at(start, numel, BLOCK)\n        weight =",
+             "    for start in range(pid.to(tl.int64) * 2 * BLOCK, numel, programs * BLOCK):\n"
+             "        offsets, mask = block_at(start, numel, BLOCK)\n        weight =",
              SN_TRITON, "spectral norm scale pass: grid-stride loop starts at the wrong block"),
     Mutation("T5", "gannorm_kernels/triton/similarity.py",
              "    denominator = tl.maximum(norm, eps)\n    for start in range(0, D, BLOCK_D):",

@@ -2,7 +2,8 @@
 (`make static-check`, part of `make test`).
 
 - Triton: every op spec's launchers are run on meta tensors for every workload in
-  `gannorm_kernels.tools.workloads` (GAN layers, minibatch shapes), every dim and dtype they
+  `gannorm_kernels.tools.workloads` (GAN layers, minibatch shapes) and for inputs of 2^31
+  elements or more (LARGE_WEIGHT, LARGE_STDDEV), every dim and dtype they
   support (WORKLOAD_CALLS, one entry per op spec), with launches recorded instead of run; each distinct (kernel, dtypes, constexprs, num_warps) is compiled for sm_80
   and sm_90 with `triton.compile`, and the cubin's resource usage read with `cuobjdump`.
 - CUDA C++: `cuobjdump -res-usage` on the built extension, every kernel and arch.
@@ -37,11 +38,18 @@ def _acc(dtype):
     return acc_dtype(dtype)
 
 
+# Tensors of 2^31 elements or more: some of their sizes reach the kernels as int64 arguments
+# (the element count of the weight norm and spectral norm grid-stride loops, a sample's size in
+# minibatch stddev), which Triton compiles as other variants; those are compiled too.
+LARGE_WEIGHT = (8, 256, 2 ** 20 + 1)  # 2.15e9 elements
+LARGE_STDDEV = (4, 8, 2 ** 14, 2 ** 14 + 1)  # samples of 2.1e9 elements, in 2 channel groups
+
+
 # Per op spec (by name): calls its Triton (forward, backward) launchers on meta tensors for the
 # workloads, for one dtype. An op spec without an entry here fails the check.
 def _weight_norm_calls(forward, backward, dtype):
     from .workloads import GAN_LAYERS
-    for _, _, shape in GAN_LAYERS:
+    for _, _, shape in GAN_LAYERS + [("large", "", LARGE_WEIGHT)]:
         v = _meta(*shape, dtype=dtype)
         for dim in (0, 1, len(shape) - 1, -1):
             channels = 1 if dim == -1 else shape[dim]
@@ -53,7 +61,7 @@ def _weight_norm_calls(forward, backward, dtype):
 def _spectral_norm_calls(forward, backward, dtype):
     from ..checks import matrix_shape
     from .workloads import GAN_LAYERS
-    for _, _, shape in GAN_LAYERS:
+    for _, _, shape in GAN_LAYERS + [("large", "", LARGE_WEIGHT)]:
         weight = _meta(*shape, dtype=dtype)
         for dim in (0, 1):
             h, w = matrix_shape(shape, dim)
@@ -67,7 +75,7 @@ def _spectral_norm_calls(forward, backward, dtype):
 
 def _spectral_norm_vector_calls(forward, backward, dtype):
     from .workloads import GAN_LAYERS
-    for _, _, shape in GAN_LAYERS:
+    for _, _, shape in GAN_LAYERS + [("large", "", LARGE_WEIGHT)]:
         flat = _meta(math.prod(shape), dtype=dtype)
         forward(flat, 1e-12)
         backward(flat, flat, _meta(dtype=_acc(dtype)), 1e-12)
@@ -99,10 +107,10 @@ def _minibatch_discrimination_calls(forward, backward, dtype):
 
 def _minibatch_stddev_calls(forward, backward, dtype):
     from .workloads import MINIBATCH_STDDEV
-    for shape in MINIBATCH_STDDEV:
+    for shape, num_channels in [(shape, 1) for shape in MINIBATCH_STDDEV] + [(LARGE_STDDEV, 2)]:
         x = _meta(*shape, dtype=dtype)
-        forward(x, 4, 1)
-        backward(_meta(shape[0], shape[1] + 1, *shape[2:], dtype=dtype), x, 4, 1)
+        forward(x, 4, num_channels)
+        backward(_meta(shape[0], shape[1] + num_channels, *shape[2:], dtype=dtype), x, 4, num_channels)
 
 
 WORKLOAD_CALLS = {
@@ -197,8 +205,9 @@ def check_triton():
         fp_fusion = constexprs.pop("enable_fp_fusion", True)
         signature, values = _signature(kernel, args, constexprs)
         pointer_types = ",".join(sorted({t for t in signature.values() if t.startswith("*")}))
+        wide = [name for name, kind in signature.items() if kind == "i64"]
         config = (", ".join(f"{k}={getattr(v, 'name', v)}" for k, v in values.items()) + f", warps={num_warps}"
-                  + ("" if fp_fusion else ", no fp fusion"))
+                  + ("" if fp_fusion else ", no fp fusion") + (f", int64 {', '.join(wide)}" if wide else ""))
         key = (kernel.fn.__module__, kernel.fn.__name__, pointer_types, config, tuple(signature.values()))
         if key in seen:
             continue

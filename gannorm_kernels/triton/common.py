@@ -1,5 +1,5 @@
 """Helpers shared by the Triton launchers and kernels: accumulation dtype, block sizes, launch
-counting, the int32 guard of the minibatch launchers, the matrix view of a weight along a dim."""
+counting, the size limits the launchers check, the matrix view of a weight along a dim."""
 
 import contextlib
 
@@ -79,13 +79,31 @@ def acc_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.float64: tl.float64}[torch_acc_dtype(dtype)]
 
 
-def _int32_indexable(t, name):
-    # The kernels' offsets (row * D + d, program_id * BLOCK) are int32: refuse what would wrap,
-    # naming the argument (as the CUDA launchers do), instead of reading the wrong elements.
-    if t.numel() >= 2 ** 31:
-        raise ValueError(f"{name} has {t.numel()} elements; the Triton kernels index with 32-bit integers "
-                         "(at most 2^31 - 1)")
-    return t
+# Element offsets are 64-bit: a row's (or sample's, channel's) base offset is computed in int64
+# and the offset within it in int32, so a tensor may have any number of elements. What still
+# must fit:
+# - each size a kernel loops over with a 32-bit index (a row's length, the number of rows, a
+#   channel's elements): at most MAX_EXTENT, so that the index stepping one block (at most
+#   4096) past the end cannot wrap around;
+# - each grid dimension: 2^31 - 1 programs along the first, 65,535 along the others.
+MAX_EXTENT = 2 ** 31 - 4096
+MAX_GRID = (2 ** 31 - 1, 65535, 65535)
+
+
+def check_extent(value: int, name: str, what: str):
+    """Refuses a size that a kernel loops over in 32 bits past MAX_EXTENT, naming the argument
+    (`name` has `value` `what`)."""
+    if value > MAX_EXTENT:
+        raise ValueError(f"{name} has {value} {what}; the kernels loop over it with a 32-bit index: "
+                         f"at most 2^31 - 4096 = {MAX_EXTENT}")
+
+
+def check_grid(value: int, axis: int, name: str, what: str):
+    """Refuses a launch whose grid dimension `axis` would be `value` programs, one per `what`
+    of `name`, past a GPU's limit."""
+    if value > MAX_GRID[axis]:
+        raise ValueError(f"{name} needs {value} {what}, one program each along grid dimension {axis}; "
+                         f"a GPU launches at most {MAX_GRID[axis]}")
 
 
 def _acc(t):
@@ -98,14 +116,32 @@ def block_size(n: int, lo: int, hi: int) -> int:
 
 
 @triton.jit
-def matrix_offsets(i, j, h, B, OUTER: tl.constexpr):
-    # Element (i, j) of a (A, h, B) tensor viewed as the (h, A * B) matrix of its dim; without
-    # OUTER (A == 1) each row i is a contiguous run of B.
+def matrix_row_offsets(i, B):
+    # The int64 offset of row i in rows of B elements: a 64-bit multiply per row. For the
+    # (h, A * B) matrix view of a (A, h, B) tensor, where row i's column 0 lies.
+    return i.to(tl.int64) * B
+
+
+@triton.jit
+def block_at(start, n, BLOCK: tl.constexpr):
+    # The BLOCK elements of an n-element array from int64 `start` on: their int32 offsets from
+    # start and the mask of those before n (a grid-stride loop adds the offsets to pointers
+    # advanced to start, so no per-element index is 64-bit).
+    offsets = tl.arange(0, BLOCK)
+    return offsets, offsets < tl.minimum(n - start, BLOCK).to(tl.int32)
+
+
+@triton.jit
+def matrix_column_offsets(j, h, B, OUTER: tl.constexpr):
+    # Column j's offset from its row's start, for matrix_row_offsets: without OUTER (A == 1)
+    # each row is one contiguous run of B, so j itself (int32); with OUTER column j = a * B + b
+    # lies a * h * B + b past the row's start, which can pass 2^31 for a tensor of 2^31
+    # elements or more: int64, a multiply per column.
     if OUTER:
         a = j // B
-        return (a * h + i) * B + (j - a * B)
+        return a.to(tl.int64) * (tl.cast(h, tl.int64) * B) + (j - a * B)
     else:
-        return i * B + j
+        return j
 
 
 @triton.jit

@@ -4,7 +4,9 @@ linear in the batch.
 
 The features are made contiguous by each launcher, so a non-contiguous input costs one copy
 (one more launch, n s bytes read and written) each way; the launch budgets are for contiguous
-inputs. Offsets are int32: inputs of 2^31 elements or more are refused with an error.
+inputs. Offsets are int64 per row (row * D, once per row) plus an int32 column within it, so
+any number of elements is fine; N and D must each be at most MAX_EXTENT (2^31 - 4096), and the
+rbf forward's tiles of 16 rows fit a grid's second dimension (N <= 1,048,560).
 - cosine: mean_{i != j} <f^_i, f^_j> = (||s||^2 - sum_i ||f^_i||^2) / (N (N - 1)) with
   f^ = f / max(||f||, eps) and s = sum_i f^_i: no pairs at all. Forward: _cosine_rows (row
   norms, per-program partial s) + _cosine_total (s, the penalty): 2 launches, O(N D) bytes.
@@ -24,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETED, _acc, _int32_indexable, block_size, launch
+from .common import INTERPRETED, _acc, block_size, check_extent, check_grid, launch
 
 _PAIR_BLOCK = 16
 _FEATURE_BLOCK = 32
@@ -60,20 +62,22 @@ def _cosine_rows(
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = r < N
+    rows = f_ptr + r.to(tl.int64)[:, None] * D  # each row's start: int64, once per row
     squares = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
     for start in range(0, D, BLOCK_D):
         d = start + tl.arange(0, BLOCK_D)
         mask = r_mask[:, None] & (d < D)[None, :]
-        x = tl.load(f_ptr + r[:, None] * D + d[None, :], mask=mask, other=0.0).to(ACC)
+        x = tl.load(rows + d[None, :], mask=mask, other=0.0).to(ACC)
         squares += x * x
     norm = tl.sqrt(tl.sum(squares, axis=1))
     tl.store(norms_ptr + r, norm, mask=r_mask)
+    s_partials_row = s_partials_ptr + pid.to(tl.int64) * D
     denominator = tl.maximum(norm, eps)
     for start in range(0, D, BLOCK_D):
         d = start + tl.arange(0, BLOCK_D)
         mask = r_mask[:, None] & (d < D)[None, :]
-        x = tl.load(f_ptr + r[:, None] * D + d[None, :], mask=mask, other=0.0).to(ACC)
-        tl.store(s_partials_ptr + pid * D + d, tl.sum(x / denominator[:, None], axis=0), mask=d < D)
+        x = tl.load(rows + d[None, :], mask=mask, other=0.0).to(ACC)
+        tl.store(s_partials_row + d, tl.sum(x / denominator[:, None], axis=0), mask=d < D)
 
 
 @triton.jit
@@ -90,7 +94,7 @@ def _cosine_total(
         d = start + tl.arange(0, BLOCK_D)
         s = tl.zeros([BLOCK_D], dtype=ACC)
         for p in range(0, n_partials):
-            s += tl.load(s_partials_ptr + p * D + d, mask=d < D, other=0.0)
+            s += tl.load(s_partials_ptr + tl.cast(p, tl.int64) * D + d, mask=d < D, other=0.0)
         tl.store(s_ptr + d, s, mask=d < D)
         squares += s * s
     self_similarity = tl.zeros([BLOCK_N], dtype=ACC)
@@ -119,11 +123,12 @@ def _cosine_backward(
     norm = tl.load(norms_ptr + r, mask=r_mask, other=1.0)
     denominator = tl.maximum(norm, eps)
     c = tl.load(grad_penalty_ptr).to(ACC) * 2.0 / _ordered_pairs(N, ACC)
+    row_offsets = r.to(tl.int64)[:, None] * D  # each row's start: int64, once per row
     dots = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
     for start in range(0, D, BLOCK_D):
         d = start + tl.arange(0, BLOCK_D)
         mask = r_mask[:, None] & (d < D)[None, :]
-        x = tl.load(f_ptr + r[:, None] * D + d[None, :], mask=mask, other=0.0).to(ACC)
+        x = tl.load(f_ptr + row_offsets + d[None, :], mask=mask, other=0.0).to(ACC)
         s = tl.load(s_ptr + d, mask=d < D, other=0.0)
         dots += x * s[None, :]
     # (f^ . s) for rows whose norm the guard does not replace; a guarded row's f^ = f / eps is
@@ -132,22 +137,24 @@ def _cosine_backward(
     for start in range(0, D, BLOCK_D):
         d = start + tl.arange(0, BLOCK_D)
         mask = r_mask[:, None] & (d < D)[None, :]
-        x = tl.load(f_ptr + r[:, None] * D + d[None, :], mask=mask, other=0.0).to(ACC)
+        x = tl.load(f_ptr + row_offsets + d[None, :], mask=mask, other=0.0).to(ACC)
         s = tl.load(s_ptr + d, mask=d < D, other=0.0)
         unit = x / denominator[:, None]
         grad = (c / denominator)[:, None] * (s[None, :] - projection[:, None] * unit)
-        tl.store(grad_f_ptr + r[:, None] * D + d[None, :], grad.to(grad_f_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_f_ptr + row_offsets + d[None, :], grad.to(grad_f_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _squared_distances(f_ptr, i, j, N, D, ACC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
                        BD: tl.constexpr):
     # ||f_i - f_j||^2 for a (BI, BJ) tile of pairs, summed over D in chunks on chip.
+    rows_i = f_ptr + i.to(tl.int64)[:, None] * D  # the rows' starts: int64, once per row
+    rows_j = f_ptr + j.to(tl.int64)[:, None] * D
     squared = tl.zeros([BI, BJ], dtype=ACC)
     for start in range(0, D, BD):
         d = start + tl.arange(0, BD)
-        a = tl.load(f_ptr + i[:, None] * D + d[None, :], mask=(i < N)[:, None] & (d < D)[None, :], other=0.0)
-        b = tl.load(f_ptr + j[:, None] * D + d[None, :], mask=(j < N)[:, None] & (d < D)[None, :], other=0.0)
+        a = tl.load(rows_i + d[None, :], mask=(i < N)[:, None] & (d < D)[None, :], other=0.0)
+        b = tl.load(rows_j + d[None, :], mask=(j < N)[:, None] & (d < D)[None, :], other=0.0)
         diff = a.to(ACC)[:, None, :] - b.to(ACC)[None, :, :]
         squared += tl.sum(diff * diff, axis=2)
     return squared
@@ -167,7 +174,7 @@ def _rbf_pairs(
     k = tl.exp(-_squared_distances(f_ptr, i, j, N, D, ACC, BI, BJ, BD) * scale)
     valid = (i < N)[:, None] & (j < N)[None, :] & (i[:, None] != j[None, :])
     tile_sum = tl.sum(tl.sum(tl.where(valid, k, 0.0), axis=1), axis=0)
-    tl.store(partials_ptr + pid_i * tl.num_programs(1) + pid_j, tile_sum)
+    tl.store(partials_ptr + pid_i.to(tl.int64) * tl.num_programs(1) + pid_j, tile_sum)  # up to 65,535^2 tiles
 
 
 @triton.jit
@@ -178,7 +185,7 @@ def _sum_to_penalty(
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     total = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(0, n_partials, BLOCK):
+    for start in range(0, tl.cast(n_partials, tl.int64), BLOCK):  # up to 65,535^2 partials: int64 (one program)
         offsets = start + tl.arange(0, BLOCK)
         total += tl.load(partials_ptr + offsets, mask=offsets < n_partials, other=0.0)
     penalty = tl.sum(total, axis=0) / _ordered_pairs(N, ACC)
@@ -209,17 +216,29 @@ def _rbf_backward(
         k = tl.exp(-_squared_distances(f_ptr, i, j, N, D, ACC, BI, BJ, BD) * scale)
         k = tl.where((i < N)[:, None] & (j < N)[None, :] & (i[:, None] != j[None, :]), k, 0.0)
         row_sums += tl.sum(k, axis=1)
-        fj = tl.load(f_ptr + j[:, None] * D + o[None, :], mask=(j < N)[:, None] & o_mask[None, :], other=0.0)
+        fj = tl.load(f_ptr + j.to(tl.int64)[:, None] * D + o[None, :], mask=(j < N)[:, None] & o_mask[None, :],
+                     other=0.0)
         weighted += tl.sum(k[:, :, None] * fj.to(ACC)[None, :, :], axis=1)
     mask = (i < N)[:, None] & o_mask[None, :]
-    fi = tl.load(f_ptr + i[:, None] * D + o[None, :], mask=mask, other=0.0).to(ACC)
+    offsets = i.to(tl.int64)[:, None] * D + o[None, :]
+    fi = tl.load(f_ptr + offsets, mask=mask, other=0.0).to(ACC)
     grad = c * (row_sums[:, None] * fi - weighted)
-    tl.store(grad_f_ptr + i[:, None] * D + o[None, :], grad.to(grad_f_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_f_ptr + offsets, grad.to(grad_f_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_sizes(features):
+    check_extent(features.shape[0], "features", "rows (samples)")
+    check_extent(features.shape[1], "features", "columns (features per sample)")
+
+
+def _check_pair_tiles(features):
+    # the rbf forward's grid is (tiles, tiles) of 16 rows: the second dim stops at 65,535
+    check_grid(triton.cdiv(features.shape[0], _PAIR_BLOCK), 1, "features", f"tiles of {_PAIR_BLOCK} rows")
 
 
 def similarity_cosine_fwd(features, eps: float):
     """(penalty, s, norms) for (N, D) features, like torch.ops.gannorm_cuda.similarity_cosine_fwd."""
-    _int32_indexable(features, "features")
+    _check_sizes(features)
     features = features.contiguous()
     N, D = features.shape
     acc, acc_torch = _acc(features)
@@ -237,7 +256,7 @@ def similarity_cosine_fwd(features, eps: float):
 
 
 def similarity_cosine_bwd(grad_penalty, features, s, norms, eps: float):
-    _int32_indexable(features, "features")
+    _check_sizes(features)
     features = features.contiguous()
     N, D = features.shape
     grad = torch.empty_like(features)
@@ -249,7 +268,8 @@ def similarity_cosine_bwd(grad_penalty, features, s, norms, eps: float):
 
 def similarity_rbf_fwd(features, bandwidth: float):
     """The rbf penalty for (N, D) features, like torch.ops.gannorm_cuda.similarity_rbf_fwd."""
-    _int32_indexable(features, "features")
+    _check_sizes(features)
+    _check_pair_tiles(features)
     features = features.contiguous()
     N, D = features.shape
     acc, acc_torch = _acc(features)
@@ -263,12 +283,14 @@ def similarity_rbf_fwd(features, bandwidth: float):
 
 
 def similarity_rbf_bwd(grad_penalty, features, bandwidth: float):
-    _int32_indexable(features, "features")
-    features = features.contiguous()
+    _check_sizes(features)
     N, D = features.shape
-    grad = torch.empty_like(features)
     row_blocks = triton.cdiv(N, _PAIR_BLOCK)
-    launch(_rbf_backward, (row_blocks * triton.cdiv(D, _FEATURE_BLOCK),), grad, grad_penalty,
+    programs = row_blocks * triton.cdiv(D, _FEATURE_BLOCK)
+    check_grid(programs, 0, "features", f"blocks of {_PAIR_BLOCK} rows x {_FEATURE_BLOCK} columns")
+    features = features.contiguous()
+    grad = torch.empty_like(features)
+    launch(_rbf_backward, (programs,), grad, grad_penalty,
            features, N, D, bandwidth, row_blocks, ACC=_acc(features)[0], BI=_PAIR_BLOCK,
            BJ=_PAIR_BLOCK, BD=_FEATURE_BLOCK, BO=_FEATURE_BLOCK)
     return grad

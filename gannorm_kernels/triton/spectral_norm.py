@@ -22,13 +22,20 @@ Bytes (N = numel, s = element size): training forward >= (3 + 1) N s (three read
 write); backward >= 3 N s (reads G twice and W, writes dW) + N s; eval 3 N s (2 N s given a sigma).
 Every reduction sums per-program partials in a fixed order: deterministic, no atomics.
 A |sigma| <= eps divides by eps instead (torch would divide by ~0).
+Offsets are int64, so a weight may have any number of elements: _rows and _cols start each row
+at its int64 offset i * B (once per row) and add the column's offset (int32 for dim 0; the
+int64 a * h * B + b otherwise, once per column); the grid-stride loops step an int64 start and
+index within a step in int32 (_backward splits the step's start into (row, column) once and
+each element's offset from it in int32). h and w must each be at most MAX_EXTENT
+(2^31 - 4096): they are looped over in int32.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETED, acc_dtype, block_size, launch, matrix_offsets, torch_acc_dtype
+from .common import (INTERPRETED, acc_dtype, block_at, block_size, check_extent, launch, matrix_column_offsets,
+                     matrix_row_offsets, torch_acc_dtype)
 
 # _scale modes
 _TRAIN, _EVAL, _CACHED, _VECTOR = 0, 1, 2, 3
@@ -70,6 +77,7 @@ def _rows(
     v_denominator = 1.0
     if V_FROM_T:  # v = t / max(||t||, eps), normalised on the fly
         v_denominator = tl.maximum(tl.sqrt(_sum_partials(t_partials_ptr, n_t_partials, BLOCK_P, ACC)), eps)
+    rows = w_ptr + matrix_row_offsets(i, B)[:, None]  # the rows' starts: int64, once per row
     x = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
     for start in range(0, w, BLOCK_J):
         j = start + tl.arange(0, BLOCK_J)
@@ -77,7 +85,7 @@ def _rows(
         v = tl.load(v_ptr + j, mask=j_mask, other=0.0).to(ACC)
         if V_FROM_T:
             v = v / v_denominator
-        tile = tl.load(w_ptr + matrix_offsets(i[:, None], j[None, :], h, B, OUTER),
+        tile = tl.load(rows + matrix_column_offsets(j, h, B, OUTER)[None, :],
                        mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
         x += tile * v[None, :]
     x_rows = tl.sum(x, axis=1)
@@ -106,32 +114,32 @@ def _cols(
     j = pid * BLOCK_J + tl.arange(0, BLOCK_J)
     j_mask = j < w
     u_denominator = tl.maximum(tl.sqrt(_sum_partials(x_partials_ptr, n_x_partials, BLOCK_P, ACC)), eps)
+    columns = w_ptr + matrix_column_offsets(j, h, B, OUTER)[None, :]  # once per column
     t = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
     for start in range(0, h, BLOCK_I):
         i = start + tl.arange(0, BLOCK_I)
         i_mask = i < h
         u = tl.load(x_ptr + i, mask=i_mask, other=0.0) / u_denominator
-        tile = tl.load(w_ptr + matrix_offsets(i[:, None], j[None, :], h, B, OUTER),
+        tile = tl.load(columns + matrix_row_offsets(i, B)[:, None],
                        mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
         t += tile * u[:, None]
     t_cols = tl.sum(t, axis=0)
     tl.store(t_ptr + j, t_cols, mask=j_mask)
     tl.store(t_partials_ptr + pid, tl.sum(t_cols * t_cols, axis=0))
-    # the programs share out the writing of u
-    for start in range(pid * BLOCK_J, h, tl.num_programs(0) * BLOCK_J):
-        i = start + tl.arange(0, BLOCK_J)
-        i_mask = i < h
-        u = tl.load(x_ptr + i, mask=i_mask, other=0.0) / u_denominator
-        tl.store(u_used_ptr + i, u, mask=i_mask)
-        tl.store(u_buffer_ptr + i, u.to(u_buffer_ptr.dtype.element_ty), mask=i_mask)
+    # the programs share out the writing of u (an int64 start: h plus the stride can pass 2^31)
+    for start in range(pid.to(tl.int64) * BLOCK_J, h, tl.num_programs(0) * BLOCK_J):
+        i, i_mask = block_at(start, h, BLOCK_J)
+        u = tl.load(x_ptr + start + i, mask=i_mask, other=0.0) / u_denominator
+        tl.store(u_used_ptr + start + i, u, mask=i_mask)
+        tl.store(u_buffer_ptr + start + i, u.to(u_buffer_ptr.dtype.element_ty), mask=i_mask)
 
 
 @triton.jit
 def _copy(dst_ptr, src_ptr, n, pid, programs, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    for start in range(pid * BLOCK, n, programs * BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < n
-        tl.store(dst_ptr + offsets, tl.load(src_ptr + offsets, mask=mask, other=0.0).to(ACC), mask=mask)
+    for start in range(pid.to(tl.int64) * BLOCK, n, programs * BLOCK):
+        offsets, mask = block_at(start, n, BLOCK)
+        tl.store(dst_ptr + start + offsets, tl.load(src_ptr + start + offsets, mask=mask, other=0.0).to(ACC),
+                 mask=mask)
 
 
 @triton.jit
@@ -164,20 +172,18 @@ def _scale(
         else:
             sigma = tl.maximum(tl.sqrt(total), eps)
     denominator = tl.where(tl.abs(sigma) > eps, sigma, eps)
-    for start in range(pid * BLOCK, numel, programs * BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < numel
-        weight = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC)
-        tl.store(out_ptr + offsets, (weight / denominator).to(out_ptr.dtype.element_ty), mask=mask)
+    for start in range(pid.to(tl.int64) * BLOCK, numel, programs * BLOCK):
+        offsets, mask = block_at(start, numel, BLOCK)
+        weight = tl.load(w_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
+        tl.store(out_ptr + start + offsets, (weight / denominator).to(out_ptr.dtype.element_ty), mask=mask)
     if pid == 0:
         tl.store(sigma_ptr, sigma)
     if MODE == 0:
-        for start in range(pid * BLOCK, w, programs * BLOCK):
-            j = start + tl.arange(0, BLOCK)
-            j_mask = j < w
-            v = tl.load(t_ptr + j, mask=j_mask, other=0.0) / t_denominator
-            tl.store(v_used_ptr + j, v, mask=j_mask)
-            tl.store(v_buffer_ptr + j, v.to(v_buffer_ptr.dtype.element_ty), mask=j_mask)
+        for start in range(pid.to(tl.int64) * BLOCK, w, programs * BLOCK):
+            j, j_mask = block_at(start, w, BLOCK)
+            v = tl.load(t_ptr + start + j, mask=j_mask, other=0.0) / t_denominator
+            tl.store(v_used_ptr + start + j, v, mask=j_mask)
+            tl.store(v_buffer_ptr + start + j, v.to(v_buffer_ptr.dtype.element_ty), mask=j_mask)
     elif MODE != 3:
         _copy(u_used_ptr, u_src_ptr, h, pid, programs, BLOCK, ACC)
         _copy(v_used_ptr, v_src_ptr, w, pid, programs, BLOCK, ACC)
@@ -192,13 +198,29 @@ def _dot_partials(
 ):
     pid = tl.program_id(0)
     total = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(pid * BLOCK, numel, tl.num_programs(0) * BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < numel
-        a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(ACC)
-        b = tl.load(b_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    for start in range(pid.to(tl.int64) * BLOCK, numel, tl.num_programs(0) * BLOCK):
+        offsets, mask = block_at(start, numel, BLOCK)
+        a = tl.load(a_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
+        b = tl.load(b_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
         total += a * b
     tl.store(partials_ptr + pid, tl.sum(total, axis=0))
+
+
+@triton.jit
+def _matrix_indices(start, offsets, h, B):
+    # Row i and column j of the (h, w) matrix at elements start + offsets of the (A, h, B)
+    # weight, element e = (a * h + i) * B + b, column j = a * B + b: start (int64) is split once
+    # per step, each offset (int32, < BLOCK) carried in int32 (i < h and j < w fit; a masked-off
+    # element past the end may get any j).
+    row0 = start // B  # a * h + i of element start
+    b = (start - row0 * B).to(tl.int32) + offsets  # < B + BLOCK
+    rows = b // B
+    b = b - rows * B
+    r = (row0 % h).to(tl.int32) + rows  # < h + BLOCK
+    a_carry = r // h
+    i = r - a_carry * h
+    j = ((row0 // h) * B).to(tl.int32) + a_carry * B + b
+    return i, j
 
 
 @triton.jit
@@ -219,19 +241,16 @@ def _backward(
     # dW = (G - c P) / sigma with c = <G, W> / sigma and P = u v^T (VECTOR: W / sigma); a sigma
     # below eps was replaced by the constant eps, whose gradient is G / eps.
     c = tl.where(above_eps, _sum_partials(partials_ptr, n_partials, BLOCK_P, ACC) / denominator, 0.0)
-    for start in range(pid * BLOCK, numel, tl.num_programs(0) * BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < numel
-        g = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    for start in range(pid.to(tl.int64) * BLOCK, numel, tl.num_programs(0) * BLOCK):
+        offsets, mask = block_at(start, numel, BLOCK)
+        g = tl.load(grad_out_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
         if VECTOR:
-            projection = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(ACC) / denominator
+            projection = tl.load(w_ptr + start + offsets, mask=mask, other=0.0).to(ACC) / denominator
         else:
-            row_major = offsets // B
-            i = row_major % h
-            j = (row_major // h) * B + (offsets - row_major * B)
+            i, j = _matrix_indices(start, offsets, h, B)
             projection = (tl.load(u_ptr + i, mask=mask, other=0.0) * tl.load(v_ptr + j, mask=mask, other=0.0))
         grad = (g - c * projection) / denominator
-        tl.store(grad_w_ptr + offsets, grad.to(grad_w_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_w_ptr + start + offsets, grad.to(grad_w_ptr.dtype.element_ty), mask=mask)
 
 
 def matrix_layout(shape, dim: int):
@@ -249,12 +268,18 @@ def _elementwise_grid(numel: int, block: int):
     return (max(1, min(triton.cdiv(numel, block), _MAX_ELEMENTWISE_PROGRAMS)),)
 
 
+def _check_sizes(h: int, w: int):
+    check_extent(h, "weight", "rows (its size along dim)")
+    check_extent(w, "weight", "columns (the product of its other sizes)")
+
+
 def spectral_norm_fwd(weight, u, v, sigma, dim: int, n_power_iterations: int, eps: float, training: bool):
     """Returns (out, sigma, u_used, v_used) like torch.ops.gannorm_cuda.spectral_norm_fwd;
     training updates the buffers u and v in place."""
-    weight, u, v = weight.contiguous(), u.contiguous(), v.contiguous()
     A, h, B = matrix_layout(weight.shape, dim)
     w = A * B
+    _check_sizes(h, w)
+    weight, u, v = weight.contiguous(), u.contiguous(), v.contiguous()
     numel = weight.numel()
     device, acc = weight.device, acc_dtype(weight.dtype)
     acc_torch = torch_acc_dtype(weight.dtype)
@@ -307,8 +332,9 @@ def _dot_partials_of(a, b):
 
 def spectral_norm_bwd(grad_out, weight, u_used, v_used, sigma_used, dim: int, eps: float):
     """Returns grad_weight like torch.ops.gannorm_cuda.spectral_norm_bwd."""
+    A, h, B = matrix_layout(weight.shape, dim)
+    _check_sizes(h, A * B)
     grad_out, weight = grad_out.contiguous(), weight.contiguous()
-    _, h, B = matrix_layout(weight.shape, dim)
     grad_weight = torch.empty_like(weight)
     partials = _dot_partials_of(grad_out, weight)
     block = block_size(weight.numel(), 16, _MAX_ELEMENTWISE_BLOCK)

@@ -34,8 +34,12 @@ O(C) for g, the fp32 norms and grad_g, and for the whole tensor 2 x 4 P bytes of
 Non-contiguous or channels_last v (and grad_w) are made contiguous by the launchers: one copy
 each (one more launch, n s bytes read and written), outside these budgets, which are for
 contiguous inputs (tests/test_layouts.py holds the results).
-Offsets: rows and columns index in int32 (the CUDA launchers refuse weights of 2^31 elements
-or more; this one does too); the whole-tensor kernels in int64.
+Offsets are int64, so any number of elements is fine: rows start each channel at its int64
+offset c * B (once per channel) and add an int32 position when A == 1 (dim 0), or the int64
+a * C * B + b of the element's (a, b) otherwise (that term passes 2^31 in large weights);
+columns start each row a at a * C in int64 (once per row) and add the int32 channel; the
+whole-tensor kernels index in int64 throughout. A channel's A * B elements and the channel
+count C must each be at most MAX_EXTENT (2^31 - 4096): they are looped over in int32.
 """
 
 import math
@@ -45,8 +49,8 @@ import triton
 import triton.language as tl
 
 from ..reference import weight_norm_fuses
-from .common import (INTERPRETED, acc_dtype, block_size, div_ieee, launch, matrix_offsets, round_to, sqrt_ieee,
-                     torch_acc_dtype)
+from .common import (INTERPRETED, acc_dtype, block_size, check_extent, div_ieee, launch, matrix_column_offsets,
+                     matrix_row_offsets, round_to, sqrt_ieee, torch_acc_dtype)
 
 
 @triton.jit
@@ -61,10 +65,12 @@ def _weight_norm_fwd_rows(
     T: tl.constexpr = w_ptr.dtype.element_ty
     c = tl.program_id(0)
     K = A * B
+    v_ptr += matrix_row_offsets(c, B)  # channel c's first element
+    w_ptr += matrix_row_offsets(c, B)
     sumsq = tl.zeros([BLOCK], dtype=ACC)
     for start in range(0, K, BLOCK):
         k = start + tl.arange(0, BLOCK)
-        x = tl.load(v_ptr + matrix_offsets(c, k, C, B, OUTER), mask=k < K, other=0.0).to(ACC)
+        x = tl.load(v_ptr + matrix_column_offsets(k, C, B, OUTER), mask=k < K, other=0.0).to(ACC)
         sumsq += x * x
     norm = sqrt_ieee(tl.sum(sumsq, axis=0))
     g = tl.load(g_ptr + c).to(ACC)
@@ -78,7 +84,7 @@ def _weight_norm_fwd_rows(
     tl.store(norms_ptr + c, norm)
     for start in range(0, K, BLOCK):
         k = start + tl.arange(0, BLOCK)
-        offsets = matrix_offsets(c, k, C, B, OUTER)
+        offsets = matrix_column_offsets(k, C, B, OUTER)
         x = tl.load(v_ptr + offsets, mask=k < K, other=0.0).to(ACC)
         if FUSED:
             w = (g * x) * factor
@@ -103,7 +109,7 @@ def _weight_norm_fwd_cols(
     for start in range(0, A, BLOCK_A):
         a = start + tl.arange(0, BLOCK_A)
         mask = (a[:, None] < A) & c_mask[None, :]
-        x = tl.load(v_ptr + a[:, None] * C + c[None, :], mask=mask, other=0.0).to(ACC)
+        x = tl.load(v_ptr + matrix_row_offsets(a, C)[:, None] + c[None, :], mask=mask, other=0.0).to(ACC)
         sumsq += x * x
     norm = sqrt_ieee(tl.sum(sumsq, axis=0))
     g = tl.load(g_ptr + c, mask=c_mask, other=0.0).to(ACC)
@@ -112,7 +118,7 @@ def _weight_norm_fwd_cols(
     for start in range(0, A, BLOCK_A):
         a = start + tl.arange(0, BLOCK_A)
         mask = (a[:, None] < A) & c_mask[None, :]
-        offsets = a[:, None] * C + c[None, :]
+        offsets = matrix_row_offsets(a, C)[:, None] + c[None, :]  # row a's start: int64, once per row
         x = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(ACC)
         tl.store(w_ptr + offsets, round_to((g[None, :] * x) * rnorm[None, :], T).to(T), mask=mask)
 
@@ -131,10 +137,13 @@ def _weight_norm_bwd_rows(
     T: tl.constexpr = grad_v_ptr.dtype.element_ty
     c = tl.program_id(0)
     K = A * B
+    grad_v_ptr += matrix_row_offsets(c, B)  # channel c's first element
+    grad_w_ptr += matrix_row_offsets(c, B)
+    v_ptr += matrix_row_offsets(c, B)
     dot = tl.zeros([BLOCK], dtype=ACC)
     for start in range(0, K, BLOCK):
         k = start + tl.arange(0, BLOCK)
-        offsets = matrix_offsets(c, k, C, B, OUTER)
+        offsets = matrix_column_offsets(k, C, B, OUTER)
         dw = tl.load(grad_w_ptr + offsets, mask=k < K, other=0.0).to(ACC)
         x = tl.load(v_ptr + offsets, mask=k < K, other=0.0).to(ACC)
         if FUSED:
@@ -158,7 +167,7 @@ def _weight_norm_bwd_rows(
     tl.store(grad_g_ptr + c, round_to(grad_g, T).to(T))
     for start in range(0, K, BLOCK):
         k = start + tl.arange(0, BLOCK)
-        offsets = matrix_offsets(c, k, C, B, OUTER)
+        offsets = matrix_column_offsets(k, C, B, OUTER)
         dw = tl.load(grad_w_ptr + offsets, mask=k < K, other=0.0).to(ACC)
         x = tl.load(v_ptr + offsets, mask=k < K, other=0.0).to(ACC)
         if FUSED:
@@ -187,7 +196,7 @@ def _weight_norm_bwd_cols(
     for start in range(0, A, BLOCK_A):
         a = start + tl.arange(0, BLOCK_A)
         mask = (a[:, None] < A) & c_mask[None, :]
-        offsets = a[:, None] * C + c[None, :]
+        offsets = matrix_row_offsets(a, C)[:, None] + c[None, :]  # row a's start: int64, once per row
         dw = tl.load(grad_w_ptr + offsets, mask=mask, other=0.0).to(ACC)
         x = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(ACC)
         dot += dw * x
@@ -200,7 +209,7 @@ def _weight_norm_bwd_cols(
     for start in range(0, A, BLOCK_A):
         a = start + tl.arange(0, BLOCK_A)
         mask = (a[:, None] < A) & c_mask[None, :]
-        offsets = a[:, None] * C + c[None, :]
+        offsets = matrix_row_offsets(a, C)[:, None] + c[None, :]
         dw = tl.load(grad_w_ptr + offsets, mask=mask, other=0.0).to(ACC)
         x = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(ACC)
         grad_v = g[None, :] * (rnorm[None, :] * dw - (rnorm3[None, :] * x) * total[None, :])
@@ -335,10 +344,12 @@ def whole_plan(n: int):
     return triton.cdiv(n, chunk) if n else 1, chunk
 
 
-def _check_int32(v: torch.Tensor, dim: int):
-    if dim != -1 and v.numel() >= 2 ** 31:
-        raise ValueError(f"v has {v.numel()} elements; the per-channel kernels index with 32-bit integers "
-                         "(at most 2^31 - 1); dim=None (the whole tensor) has no such limit")
+def _check_sizes(A: int, C: int, B: int, dim: int):
+    # the per-channel layouts loop over a channel's A * B elements and over the C channels in
+    # int32; the whole tensor (dim -1) has no such limit
+    if dim != -1:
+        check_extent(A * B, "v", "elements per channel")
+        check_extent(C, "v", "channels")
 
 
 def _whole_partials_of(a: torch.Tensor, b: torch.Tensor, products: bool):
@@ -356,7 +367,7 @@ def _whole_partials_of(a: torch.Tensor, b: torch.Tensor, products: bool):
 def weight_norm_fwd(v: torch.Tensor, g: torch.Tensor, dim: int):
     """Returns (w, norms) like torch.ops.gannorm_cuda.weight_norm_fwd; `dim` as torch._weight_norm."""
     A, C, B = channel_layout(v.shape, dim)
-    _check_int32(v, dim)
+    _check_sizes(A, C, B, dim)
     v, g = v.contiguous(), g.contiguous()
     w = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     norms = torch.empty(C, dtype=torch_acc_dtype(v.dtype), device=v.device)
@@ -379,7 +390,7 @@ def weight_norm_fwd(v: torch.Tensor, g: torch.Tensor, dim: int):
 def weight_norm_bwd(grad_w: torch.Tensor, v: torch.Tensor, g: torch.Tensor, norms: torch.Tensor, dim: int):
     """Returns (grad_v, grad_g) like torch.ops.gannorm_cuda.weight_norm_bwd."""
     A, C, B = channel_layout(v.shape, dim)
-    _check_int32(v, dim)
+    _check_sizes(A, C, B, dim)
     grad_w, v, g, norms = grad_w.contiguous(), v.contiguous(), g.contiguous(), norms.contiguous()
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     grad_g = torch.empty(g.shape, dtype=g.dtype, device=g.device)
