@@ -73,7 +73,7 @@ bench: build
 	echo "make bench: no GPU here, so these are CPU timings of the reference and emulated paths; GPU numbers need a GPU (make gpu-check)"; fi
 
 # ---------------------------------------------------------------------------------------------
-# make gpu-check [STAGE=build|test|sanitize|bench] [GPU_CHECK_PYTHON=python3] [GPU_CHECK_OUT=dir]
+# make gpu-check [STAGE=build|test|large|sanitize|bench] [GPU_CHECK_PYTHON=python3] [GPU_CHECK_OUT=dir]
 #
 # The GPU verdict, made for the GPU machines as they are: offline, Python 3.12 with torch,
 # triton, nvcc and compute-sanitizer preinstalled, 10 minutes per call. Design:

@@ -168,8 +168,10 @@ class LargestTensor(TorchDispatchMode):
 
 def large_gpu_test(gib: int):
     """Marks a test that runs an op on a tensor of 2^31 elements or more: skipped without a CUDA
-    GPU, with the reason (the test itself checks the free memory: large_gpu_memory)."""
-    return pytest.mark.skipif(not torch.cuda.is_available(), reason=f"needs a CUDA GPU with {gib} GiB free")
+    GPU, with the reason (the test itself checks the free memory: large_gpu_memory), and marked
+    large_tensor: make gpu-check runs them in a stage of their own (STAGE=large)."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason=f"needs a CUDA GPU with {gib} GiB free")
+    return lambda test: pytest.mark.large_tensor(skip(test))
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""The GPU verdict: `make gpu-check [STAGE=build|test|sanitize|bench] [GPU_CHECK_PYTHON=python3]
+"""The GPU verdict: `make gpu-check [STAGE=build|test|large|sanitize|bench] [GPU_CHECK_PYTHON=python3]
 [GPU_CHECK_OUT=dir]` runs this with the chosen interpreter.
 
 Made for the GPU machines as they are: offline, torch/triton/nvcc/compute-sanitizer already
@@ -51,7 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "build" / "gpu-check"
-STAGES = ["build", "test", "sanitize", "bench"]
+STAGES = ["build", "test", "large", "sanitize", "bench"]
 FILES = {
     "environment": "environment.json", "build": "build.log", "tests_xml": "tests.xml", "tests": "tests.txt",
     "sanitizer": "sanitizer.txt", "bench_json": "bench.json", "bench_md": "bench.md", "bench_png": "bench.png",
@@ -61,7 +61,7 @@ MAX_BYTES = 16 * 2 ** 20
 LOG_BYTES = 4 * 2 ** 20  # a log is cut to this (head and tail kept)
 # Wall-clock limits per stage (seconds): together under 8 minutes on 16 cores is the aim,
 # each under the GPU machines' 10 minutes per call is the rule.
-STAGE_TIMEOUT = {"build": 300, "test": 420, "sanitize": 300, "bench": 420}
+STAGE_TIMEOUT = {"build": 300, "test": 420, "large": 540, "sanitize": 300, "bench": 420}
 SANITIZER_TOOLS = ["memcheck", "racecheck", "initcheck", "synccheck"]
 NO_GPU = ("make gpu-check: no CUDA GPU is visible here (torch.cuda.is_available() is False; torch {torch}, "
           "CUDA build {cuda}); nothing was built or written. Run it on a CUDA machine.")
@@ -259,9 +259,18 @@ def test_commands(jobs):
     commands = []
     for i, files in enumerate(test_shards(jobs)):
         commands.append([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "pytest_deadline",
-                         "-o", "faulthandler_timeout=240", "-q", "-rfE", f"--junitxml={WORK / f'tests-{i}.xml'}",
-                         *files])
+                         "-o", "faulthandler_timeout=240", "-q", "-rfE", "-m", "not large_tensor",
+                         f"--junitxml={WORK / f'tests-{i}.xml'}", *files])
     return commands, env
+
+
+def large_command():
+    """The tests of 2^31+ element tensors (marker large_tensor), one at a time: each needs most
+    of the GPU's memory, so they get their own stage and time rather than the test stage's."""
+    env = base_env()
+    env.setdefault("GANNORM_TEST_TIMEOUT", "300")
+    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "pytest_deadline", "-q", "-rfE",
+            "-m", "large_tensor", f"--junitxml={WORK / 'large.xml'}", "tests"], env
 
 
 def run_parallel(commands, env, timeout):
@@ -325,6 +334,18 @@ def stage_test(out, jobs):
     ok = all(code == 0 for code, _ in results) and totals["failures"] == totals["errors"] == 0 and totals["tests"]
     return ("ok" if ok else "failed"), {**totals, "exit_codes": [code for code, _ in results],
                                         "log_tail": "" if ok else tail("\n".join(t for _, t in results), 60)}
+
+
+def stage_large(out):
+    cmd, env = large_command()
+    code, text = run(cmd, env=env, timeout=STAGE_TIMEOUT["large"])
+    totals = merge_junit([WORK / "large.xml"], WORK / "large-merged.xml")
+    summary = (f"large tensors: {totals['tests']} run, {totals['failures']} failed, {totals['errors']} errors, "
+               f"{totals['skipped']} skipped (exit {code})")
+    with open(out / FILES["tests"], "a") as log:  # beside the test stage's report
+        log.write(cap(f"\n=== {summary}\n{tail(text, 150)}\n"))
+    ok = code == 0 and totals["failures"] == totals["errors"] == 0 and totals["tests"]
+    return ("ok" if ok else "failed"), {**totals, "exit_code": code, "log_tail": "" if ok else tail(text, 60)}
 
 
 def cuda_kernel_names():
@@ -473,6 +494,8 @@ def dry_run(stages, device, arch, out):
     if "test" in stages:
         for cmd in test_commands(test_jobs())[0]:
             print("[test] " + " ".join(cmd))
+    if "large" in stages:
+        print("[large] " + " ".join(large_command()[0]))
     if "sanitize" in stages:
         for label, cmd in sanitizer_commands(find_tool("compute-sanitizer") or "compute-sanitizer"):
             print(f"[sanitize] {label}: PYTORCH_NO_CUDA_MEMORY_CACHING=1 " + " ".join(cmd))
@@ -517,6 +540,8 @@ def main(argv=None):
                 status, detail = stage_build(out, arch, record)
             elif stage == "test":
                 status, detail = stage_test(out, test_jobs())
+            elif stage == "large":
+                status, detail = stage_large(out)
             elif stage == "sanitize":
                 status, detail = stage_sanitize(out)
             else:
