@@ -41,11 +41,20 @@ def matrix_dim(dim, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
-def matrix_shape(shape, dim: int) -> tuple[int, int]:
-    """(rows, columns) of the matrix view along `dim`: rows = shape[dim], columns = the product
-    of the other sizes (reference.weight_matrix builds that matrix)."""
-    columns = 1
+def matrix_sizes(shape, dim: int) -> tuple[int, int, int]:
+    """(outer, rows, inner): the sizes before `dim`, at it, and after it. The matrix view along
+    `dim` has `rows` rows and `outer * inner` columns; element (r, c) of it is the weight's
+    element (c // inner, r, c % inner) in that 3-d form (the kernels' index math)."""
+    outer = inner = 1
     for i, size in enumerate(shape):  # a loop, not a generator: torch.compile traces this
-        if i != dim:
-            columns *= size
-    return shape[dim], columns
+        if i < dim:
+            outer *= size
+        elif i > dim:
+            inner *= size
+    return outer, shape[dim], inner
+
+
+def matrix_shape(shape, dim: int) -> tuple[int, int]:
+    """(rows, columns) of the matrix view along `dim` (reference.weight_matrix builds it)."""
+    outer, rows, inner = matrix_sizes(shape, dim)
+    return rows, outer * inner

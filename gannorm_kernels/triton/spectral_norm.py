@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..checks import matrix_sizes
 from .common import (INTERPRETED, acc_dtype, block_at, block_size, check_extent, launch, matrix_column_offsets,
                      matrix_row_offsets, torch_acc_dtype)
 
@@ -253,17 +254,6 @@ def _backward(
         tl.store(grad_w_ptr + start + offsets, grad.to(grad_w_ptr.dtype.element_ty), mask=mask)
 
 
-def matrix_layout(shape, dim: int):
-    """(A, h, B): the weight as (sizes before dim, size(dim), sizes after dim)."""
-    A = 1
-    for s in shape[:dim]:
-        A *= s
-    B = 1
-    for s in shape[dim + 1:]:
-        B *= s
-    return A, shape[dim], B
-
-
 def _elementwise_grid(numel: int, block: int):
     return (max(1, min(triton.cdiv(numel, block), _MAX_ELEMENTWISE_PROGRAMS)),)
 
@@ -276,7 +266,7 @@ def _check_sizes(h: int, w: int):
 def spectral_norm_fwd(weight, u, v, sigma, dim: int, n_power_iterations: int, eps: float, training: bool):
     """Returns (out, sigma, u_used, v_used) like torch.ops.gannorm_cuda.spectral_norm_fwd;
     training updates the buffers u and v in place."""
-    A, h, B = matrix_layout(weight.shape, dim)
+    A, h, B = matrix_sizes(weight.shape, dim)
     w = A * B
     _check_sizes(h, w)
     weight, u, v = weight.contiguous(), u.contiguous(), v.contiguous()
@@ -332,7 +322,7 @@ def _dot_partials_of(a, b):
 
 def spectral_norm_bwd(grad_out, weight, u_used, v_used, sigma_used, dim: int, eps: float):
     """Returns grad_weight like torch.ops.gannorm_cuda.spectral_norm_bwd."""
-    A, h, B = matrix_layout(weight.shape, dim)
+    A, h, B = matrix_sizes(weight.shape, dim)
     _check_sizes(h, A * B)
     grad_out, weight = grad_out.contiguous(), weight.contiguous()
     grad_weight = torch.empty_like(weight)
