@@ -180,6 +180,6 @@ def loaded_ops_namespaces() -> list[str]:
 
 def compiled_ops(backend: str):
     """The torch.ops namespace of a compiled backend ("cuda" or "cuda-emu"), loading its library:
-    one operator per op spec's forward and backward (csrc/ops.cpp)."""
+    one operator per op spec's forward and backward (registered by csrc/<op>.cu)."""
     _import(_EXTENSION_MODULE[backend])
     return getattr(torch.ops, OPS_NAMESPACE[backend])

@@ -50,7 +50,7 @@ def test_one_basename_per_op_in_every_tree(name):
 @pytest.mark.parametrize("backend", ["cuda", "cuda-emu"])
 @pytest.mark.parametrize("name", NAMES)
 def test_compiled_schemas_are_the_specs(name, backend):
-    """csrc/ops.cpp repeats each schema for the compiled libraries: names, types, aliasing and
+    """Each csrc/<op>.cu repeats its schemas for the compiled libraries: names, types, aliasing and
     return names must be the spec's."""
     error = backends.extension_error(backend)
     if error is not None:

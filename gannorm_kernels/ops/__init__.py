@@ -1,7 +1,7 @@
 """The op spec: each kernel family declared once, as an `OpSpec`, and everything derived from it.
 
 A family is a forward operator and its backward, both written as `torch.library` schemas once
-(here; csrc/ops.cpp repeats them for the compiled libraries, and a test holds the two equal).
+(here; each csrc/<op>.cu repeats its own for the compiled libraries, and a test holds the two equal).
 The schemas carry the whole autograd contract, by argument name:
 - the backward's first argument is the gradient of the forward's first output (the only
   differentiable output; the others are returned for the caller or saved for backward);
