@@ -26,6 +26,8 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <utility>
+#include <vector>
 
 GANNORM_NAMESPACE_BEGIN
 
@@ -282,6 +284,224 @@ __global__ void sn_backward_kernel(
   }
 }
 
+// ---- Grouped: many weights' spectral norms in one launch set (gannorm_kernels/triton/spectral_norm.py
+// describes the same scheme). Up to kGroupLayers layers travel by value in the kernel's parameters (no
+// table to copy, nothing for a CUDA graph to keep alive); a block finds its layer among the launch's
+// block starts and runs the single-weight code on that layer. Larger groups run in chunks of
+// kGroupLayers, one launch set each.
+constexpr int kGroupLayers = 24;
+
+template <typename scalar_t>
+struct GroupLayers {
+  int n;                                    // layers in this chunk
+  int first_layer;                          // this chunk's first layer in the whole group (sigmas index)
+  const scalar_t* weight[kGroupLayers];
+  scalar_t* u[kGroupLayers];                // the u buffers (backward: the gradients, read only)
+  scalar_t* v[kGroupLayers];                // the v buffers
+  int h[kGroupLayers], w[kGroupLayers], B[kGroupLayers];
+  int64_t numel[kGroupLayers];
+  int64_t out_offset[kGroupLayers];         // in the flat out (backward: the flat grad_weight)
+  int64_t h_offset[kGroupLayers], w_offset[kGroupLayers];  // in the flat u-sized and v-sized vectors
+  int start[2][kGroupLayers + 1];           // each of the launch set's two kernel shapes: block starts
+};
+
+// The layer whose blocks hold this block in `starts`, and the block's index among them.
+template <typename scalar_t>
+__device__ __forceinline__ int group_layer(const GroupLayers<scalar_t>& g, int which, int& local) {
+  int layer = 0;
+  while (layer + 1 < g.n && g.start[which][layer + 1] <= int(blockIdx.x)) ++layer;
+  local = int(blockIdx.x) - g.start[which][layer];
+  return layer;
+}
+
+template <typename scalar_t, bool kVFromT, bool kEval>
+__global__ void sn_group_rows_kernel(
+    acc_t<scalar_t>* __restrict__ x,                 // (sum h,) out: W v
+    acc_t<scalar_t>* __restrict__ partials,          // (blocks,) out: sum of x^2 (kEval: u * x)
+    const acc_t<scalar_t>* __restrict__ t,           // (sum w,) when kVFromT
+    const acc_t<scalar_t>* __restrict__ t_partials,  // (cols blocks,) when kVFromT
+    const GroupLayers<scalar_t> g, acc_t<scalar_t> eps) {  // start[0]: rows blocks, start[1]: cols blocks
+  using acc = acc_t<scalar_t>;
+  __shared__ acc row_values[kRowsPerBlock];
+  GANNORM_POISON_SHARED(row_values);
+  int local;
+  const int layer = group_layer(g, 0, local);
+  const int h = g.h[layer], w = g.w[layer], B = g.B[layer];
+  acc v_denominator = 1;
+  if (kVFromT) {
+    const int first = g.start[1][layer];
+    v_denominator = norm_denominator(block_sum_of(t_partials + first, g.start[1][layer + 1] - first), eps);
+  }
+  const int i = local * kRowsPerBlock + threadIdx.y;
+  acc sum = 0;
+  if (i < h) {
+    const scalar_t* row = g.weight[layer] + int64_t(i) * B;
+    const int64_t hB = int64_t(h) * B;
+    const acc* t_layer = kVFromT ? t + g.w_offset[layer] : nullptr;
+    for (int j = threadIdx.x; j < w; j += kWarpSize) {
+      const acc vj = kVFromT ? t_layer[j] / v_denominator : static_cast<acc>(g.v[layer][j]);
+      sum += static_cast<acc>(row[column_offset<true>(j, B, hB)]) * vj;
+    }
+  }
+  sum = warp_sum(sum);
+  acc contribution = 0;
+  if (i < h) {
+    if (kEval) {
+      contribution = static_cast<acc>(g.u[layer][i]) * sum;
+    } else {
+      if (threadIdx.x == 0) x[g.h_offset[layer] + i] = sum;
+      contribution = sum * sum;
+    }
+  }
+  if (threadIdx.x == 0) row_values[threadIdx.y] = contribution;
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    acc total = 0;
+    for (int r = 0; r < kRowsPerBlock; ++r) total += row_values[r];
+    partials[blockIdx.x] = total;
+  }
+}
+
+template <typename scalar_t>
+__global__ void sn_group_cols_kernel(
+    acc_t<scalar_t>* __restrict__ t,                 // (sum w,) out: W^T u
+    acc_t<scalar_t>* __restrict__ t_partials,        // (blocks,) out: sum of t^2
+    acc_t<scalar_t>* __restrict__ u_used,            // (sum h,) out: u as used (and the u buffers)
+    const acc_t<scalar_t>* __restrict__ x,           // (sum h,) W v
+    const acc_t<scalar_t>* __restrict__ x_partials,  // (rows blocks,)
+    const GroupLayers<scalar_t> g, acc_t<scalar_t> eps) {  // start[0]: rows blocks, start[1]: cols blocks
+  using acc = acc_t<scalar_t>;
+  __shared__ acc partial[kColumnPhases][kWarpSize];
+  GANNORM_POISON_SHARED(partial);
+  int local;
+  const int layer = group_layer(g, 1, local);
+  const int h = g.h[layer], w = g.w[layer], B = g.B[layer];
+  const int rows_first = g.start[0][layer];
+  const acc u_denominator =
+      norm_denominator(block_sum_of(x_partials + rows_first, g.start[0][layer + 1] - rows_first), eps);
+  const acc* x_layer = x + g.h_offset[layer];
+  const int j = local * kWarpSize + threadIdx.x;
+  acc sum = 0;
+  if (j < w) {
+    const scalar_t* column = g.weight[layer] + column_offset<true>(j, B, int64_t(h) * B);
+    for (int i = threadIdx.y; i < h; i += kColumnPhases) {
+      sum += static_cast<acc>(column[int64_t(i) * B]) * (x_layer[i] / u_denominator);
+    }
+  }
+  partial[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0) {
+    acc total = 0;
+    for (int r = 0; r < kColumnPhases; ++r) total += partial[r][threadIdx.x];
+    if (j < w) t[g.w_offset[layer] + j] = total;
+    const acc squares = warp_sum(j < w ? total * total : acc(0));
+    if (threadIdx.x == 0) t_partials[blockIdx.x] = squares;
+  }
+  const int tid = threadIdx.x + kWarpSize * threadIdx.y;
+  const int64_t stride = int64_t(g.start[1][layer + 1] - g.start[1][layer]) * kThreads;
+  acc* u_used_layer = u_used + g.h_offset[layer];
+  for (int64_t k = int64_t(local) * kThreads + tid; k < h; k += stride) {
+    const acc uk = x_layer[k] / u_denominator;
+    u_used_layer[k] = uk;
+    g.u[layer][k] = static_cast<scalar_t>(uk);
+  }
+}
+
+template <typename scalar_t, bool kTrain>
+__global__ void sn_group_scale_kernel(
+    scalar_t* __restrict__ out,                     // (sum numel,) out: W / sigma
+    acc_t<scalar_t>* __restrict__ sigmas,           // (layers,) out
+    acc_t<scalar_t>* __restrict__ v_used,           // (sum w,) out (and the v buffers when kTrain)
+    acc_t<scalar_t>* __restrict__ u_used,           // (sum h,) out when !kTrain
+    const acc_t<scalar_t>* __restrict__ partials,   // t^2 by cols block (kTrain), u * x by rows block
+    const acc_t<scalar_t>* __restrict__ t,          // (sum w,) (kTrain)
+    const GroupLayers<scalar_t> g, acc_t<scalar_t> eps) {  // start[0]: partials' blocks, start[1]: scale blocks
+  using acc = acc_t<scalar_t>;
+  int local;
+  const int layer = group_layer(g, 1, local);
+  const int partials_first = g.start[0][layer];
+  const acc total = block_sum_of(partials + partials_first, g.start[0][layer + 1] - partials_first);
+  acc sigma = total, t_denominator = 1;
+  if (kTrain) {
+    t_denominator = norm_denominator(total, eps);
+    sigma = total / t_denominator;
+  }
+  const acc denominator = abs_acc(sigma) > eps ? sigma : eps;
+  const int64_t first = int64_t(local) * blockDim.x + threadIdx.x;
+  const int64_t stride = int64_t(g.start[1][layer + 1] - g.start[1][layer]) * blockDim.x;
+  const scalar_t* weight = g.weight[layer];
+  scalar_t* out_layer = out + g.out_offset[layer];
+  for (int64_t e = first; e < g.numel[layer]; e += stride) {
+    out_layer[e] = static_cast<scalar_t>(static_cast<acc>(weight[e]) / denominator);
+  }
+  if (local == 0 && threadIdx.x == 0) sigmas[g.first_layer + layer] = sigma;
+  acc* v_used_layer = v_used + g.w_offset[layer];
+  if (kTrain) {
+    const acc* t_layer = t + g.w_offset[layer];
+    for (int64_t j = first; j < g.w[layer]; j += stride) {
+      const acc vj = t_layer[j] / t_denominator;
+      v_used_layer[j] = vj;
+      g.v[layer][j] = static_cast<scalar_t>(vj);
+    }
+  } else {
+    acc* u_used_layer = u_used + g.h_offset[layer];
+    for (int64_t i = first; i < g.h[layer]; i += stride) u_used_layer[i] = static_cast<acc>(g.u[layer][i]);
+    for (int64_t j = first; j < g.w[layer]; j += stride) v_used_layer[j] = static_cast<acc>(g.v[layer][j]);
+  }
+}
+
+// The backward's GroupLayers: u holds the gradients G, weight the weights.
+template <typename scalar_t>
+__global__ void sn_group_dot_partials_kernel(
+    acc_t<scalar_t>* __restrict__ partials,  // (blocks,) out: per block, the sum of G * W
+    const GroupLayers<scalar_t> g) {         // start[0]: these blocks
+  using acc = acc_t<scalar_t>;
+  int local;
+  const int layer = group_layer(g, 0, local);
+  const scalar_t* grad = g.u[layer];
+  const scalar_t* weight = g.weight[layer];
+  acc sum = 0;
+  const int64_t stride = int64_t(g.start[0][layer + 1] - g.start[0][layer]) * blockDim.x;
+  for (int64_t e = int64_t(local) * blockDim.x + threadIdx.x; e < g.numel[layer]; e += stride) {
+    sum += static_cast<acc>(grad[e]) * static_cast<acc>(weight[e]);
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) partials[blockIdx.x] = sum;
+}
+
+template <typename scalar_t>
+__global__ void sn_group_backward_kernel(
+    scalar_t* __restrict__ grad_weight,            // (sum numel,) out
+    const acc_t<scalar_t>* __restrict__ u,         // (sum h,) the forward's u
+    const acc_t<scalar_t>* __restrict__ v,         // (sum w,) the forward's v
+    const acc_t<scalar_t>* __restrict__ sigmas,    // (layers,)
+    const acc_t<scalar_t>* __restrict__ partials,  // of <G, W>, by dot block
+    const GroupLayers<scalar_t> g, acc_t<scalar_t> eps) {  // start[0]: dot blocks, start[1]: these blocks
+  using acc = acc_t<scalar_t>;
+  int local;
+  const int layer = group_layer(g, 1, local);
+  const acc sigma = sigmas[g.first_layer + layer];
+  const bool above_eps = abs_acc(sigma) > eps;
+  const acc denominator = above_eps ? sigma : eps;
+  const int dot_first = g.start[0][layer];
+  const acc total = block_sum_of(partials + dot_first, g.start[0][layer + 1] - dot_first);
+  const acc c = above_eps ? total / denominator : acc(0);
+  const int first = local * blockDim.x + threadIdx.x;
+  const int stride = (g.start[1][layer + 1] - g.start[1][layer]) * blockDim.x;
+  const int64_t numel = g.numel[layer];
+  if (first >= numel) return;  // no barrier below
+  const scalar_t* grad = g.u[layer];
+  const acc* u_layer = u + g.h_offset[layer];
+  const acc* v_layer = v + g.w_offset[layer];
+  scalar_t* grad_layer = grad_weight + g.out_offset[layer];
+  MatrixWalk walk(first, stride, g.h[layer], g.B[layer]);
+  for (int64_t e = first; e < numel; e += stride) {
+    const acc projection = u_layer[walk.i] * v_layer[walk.column()];
+    walk.advance();
+    grad_layer[e] = static_cast<scalar_t>((static_cast<acc>(grad[e]) - c * projection) / denominator);
+  }
+}
+
 struct MatrixLayout {
   int A, h, B;
   int w() const { return A * B; }
@@ -333,7 +553,192 @@ at::Tensor dot_partials(const at::Tensor& a, const at::Tensor& b) {
   return partials;
 }
 
+// A group's layers in chunks of kGroupLayers: sizes, offsets in the flat outputs (over the whole
+// group) and the block counts of each kernel shape.
+struct GroupPlan {
+  std::vector<MatrixLayout> layouts;
+  std::vector<int64_t> out_offset, h_offset, w_offset;
+  int64_t total_numel = 0, total_h = 0, total_w = 0;
+};
+
+GroupPlan group_plan(at::TensorList weights, at::IntArrayRef dims, const char* name) {
+  TORCH_CHECK(!weights.empty(), name, ": weights must hold at least one weight");
+  TORCH_CHECK(dims.size() == weights.size(), name, ": dims must have one entry per weight, got ", dims.size(),
+              " for ", weights.size());
+  GroupPlan plan;
+  for (size_t k = 0; k < weights.size(); ++k) {
+    const at::Tensor& weight = weights[k];
+    check_float(weight, "weights");
+    check_device(weight, "weights");
+    TORCH_CHECK(weight.scalar_type() == weights[0].scalar_type() && weight.device() == weights[0].device(),
+                "weights[", k, "] must have weights[0]'s dtype and device");
+    plan.layouts.push_back(matrix_layout(weight, dims[k]));
+    plan.out_offset.push_back(plan.total_numel);
+    plan.h_offset.push_back(plan.total_h);
+    plan.w_offset.push_back(plan.total_w);
+    plan.total_numel += weight.numel();
+    plan.total_h += plan.layouts.back().h;
+    plan.total_w += plan.layouts.back().w();
+  }
+  return plan;
+}
+
+// Fills a chunk's GroupLayers: layers [first, first + n); `starts(layer)` gives each kernel
+// shape's block count for a layer; returns the two shapes' block totals.
+template <typename scalar_t, typename Counts>
+std::pair<int, int> fill_group(GroupLayers<scalar_t>& g, const GroupPlan& plan, int first, int n,
+                               at::TensorList weights, at::TensorList us, at::TensorList vs, Counts counts) {
+  g.n = n;
+  g.first_layer = first;
+  g.start[0][0] = g.start[1][0] = 0;
+  for (int k = 0; k < n; ++k) {
+    const int layer = first + k;
+    const MatrixLayout& L = plan.layouts[layer];
+    g.weight[k] = weights[layer].const_data_ptr<scalar_t>();
+    g.u[k] = us[layer].defined() ? const_cast<scalar_t*>(us[layer].const_data_ptr<scalar_t>()) : nullptr;
+    g.v[k] = vs.empty() ? nullptr : vs[layer].data_ptr<scalar_t>();
+    g.h[k] = L.h;
+    g.w[k] = L.w();
+    g.B[k] = L.B;
+    g.numel[k] = weights[layer].numel();
+    g.out_offset[k] = plan.out_offset[layer];
+    g.h_offset[k] = plan.h_offset[layer];
+    g.w_offset[k] = plan.w_offset[layer];
+    const std::pair<int, int> c = counts(L, g.numel[k]);
+    g.start[0][k + 1] = g.start[0][k] + c.first;
+    g.start[1][k + 1] = g.start[1][k] + c.second;
+  }
+  return {g.start[0][n], g.start[1][n]};
+}
+
 }  // namespace
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> spectral_norm_group_fwd(
+    at::TensorList weights_in, at::TensorList us, at::TensorList vs, at::IntArrayRef dims, int64_t n_power_iterations,
+    double eps, bool training) {
+  const GroupPlan plan = group_plan(weights_in, dims, "spectral_norm_group_fwd");
+  TORCH_CHECK(us.size() == weights_in.size() && vs.size() == weights_in.size(),
+              "us and vs must have one buffer per weight");
+  for (size_t k = 0; k < weights_in.size(); ++k) {
+    check_buffer(us[k], weights_in[k], plan.layouts[k].h, "u");
+    check_buffer(vs[k], weights_in[k], plan.layouts[k].w(), "v");
+  }
+  TORCH_CHECK(n_power_iterations >= 1, "n_power_iterations must be >= 1, got ", n_power_iterations);
+  TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  GANNORM_DEVICE_GUARD(weights_in[0]);
+  std::vector<at::Tensor> weights;
+  for (const at::Tensor& w : weights_in) weights.push_back(w.contiguous());
+  const auto options = weights[0].options();
+  const auto acc_options = options.dtype(acc_scalar_type(weights[0]));
+  const int64_t layers = static_cast<int64_t>(weights.size());
+  at::Tensor flat_out = at::empty({plan.total_numel}, options);
+  at::Tensor sigmas = at::empty({layers}, acc_options);
+  at::Tensor u_used = at::empty({plan.total_h}, acc_options);
+  at::Tensor v_used = at::empty({plan.total_w}, acc_options);
+  at::Tensor x = at::empty({plan.total_h}, acc_options);
+  at::Tensor t = at::empty({training ? plan.total_w : 0}, acc_options);
+  const dim3 warp_rows(kWarpSize, kRowsPerBlock), warp_columns(kWarpSize, kColumnPhases);
+  GANNORM_DISPATCH_FLOAT_DTYPES(weights[0].scalar_type(), "spectral_norm_group_fwd", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc eps_acc = static_cast<acc>(eps);
+    acc* x_ptr = x.data_ptr<acc>();
+    acc* t_ptr = training ? t.data_ptr<acc>() : nullptr;
+    for (int first = 0; first < layers; first += kGroupLayers) {
+      const int n = static_cast<int>(std::min<int64_t>(kGroupLayers, layers - first));
+      GroupLayers<scalar_t> g;  // start[0]: rows blocks, start[1]: cols blocks
+      const auto blocks = fill_group(g, plan, first, n, weights, us, vs, [](const MatrixLayout& L, int64_t) {
+        return std::make_pair((L.h + kRowsPerBlock - 1) / kRowsPerBlock, (L.w() + kWarpSize - 1) / kWarpSize);
+      });
+      GroupLayers<scalar_t> scale_g;  // start[0]: the partials' blocks, start[1]: scale blocks
+      const int scale_blocks = fill_group(scale_g, plan, first, n, weights, us, vs,
+                                          [&](const MatrixLayout& L, int64_t numel) {
+        return std::make_pair(training ? (L.w() + kWarpSize - 1) / kWarpSize : (L.h + kRowsPerBlock - 1) / kRowsPerBlock,
+                              blocks_for(std::max<int64_t>({numel, L.h, L.w()}), 4 * kThreads, kMaxElementwiseBlocks));
+      }).second;
+      at::Tensor x_partials = at::empty({blocks.first}, acc_options);
+      acc* x_partials_ptr = x_partials.data_ptr<acc>();
+      if (training) {
+        at::Tensor t_partials = at::empty({blocks.second}, acc_options);
+        acc* t_partials_ptr = t_partials.data_ptr<acc>();
+        for (int64_t iteration = 0; iteration < n_power_iterations; ++iteration) {
+          auto rows = iteration == 0 ? sn_group_rows_kernel<scalar_t, false, false>
+                                     : sn_group_rows_kernel<scalar_t, true, false>;
+          GANNORM_LAUNCH(rows, dim3(blocks.first), warp_rows, x_ptr, x_partials_ptr, static_cast<const acc*>(t_ptr),
+                         static_cast<const acc*>(t_partials_ptr), g, eps_acc);
+          GANNORM_LAUNCH(sn_group_cols_kernel<scalar_t>, dim3(blocks.second), warp_columns, t_ptr, t_partials_ptr,
+                         u_used.data_ptr<acc>(), static_cast<const acc*>(x_ptr),
+                         static_cast<const acc*>(x_partials_ptr), g, eps_acc);
+        }
+        auto scale = sn_group_scale_kernel<scalar_t, true>;
+        GANNORM_LAUNCH(scale, dim3(scale_blocks), dim3(kThreads),
+                       flat_out.data_ptr<scalar_t>(), sigmas.data_ptr<acc>(), v_used.data_ptr<acc>(),
+                       u_used.data_ptr<acc>(), static_cast<const acc*>(t_partials_ptr),
+                       static_cast<const acc*>(t_ptr), scale_g, eps_acc);
+      } else {
+        auto rows = sn_group_rows_kernel<scalar_t, false, true>;
+        auto scale = sn_group_scale_kernel<scalar_t, false>;
+        GANNORM_LAUNCH(rows, dim3(blocks.first), warp_rows, x_ptr,
+                       x_partials_ptr, static_cast<const acc*>(nullptr), static_cast<const acc*>(nullptr), g, eps_acc);
+        GANNORM_LAUNCH(scale, dim3(scale_blocks), dim3(kThreads),
+                       flat_out.data_ptr<scalar_t>(), sigmas.data_ptr<acc>(), v_used.data_ptr<acc>(),
+                       u_used.data_ptr<acc>(), static_cast<const acc*>(x_partials_ptr),
+                       static_cast<const acc*>(nullptr), scale_g, eps_acc);
+      }
+    }
+  });
+  std::vector<at::Tensor> outs;
+  for (int64_t k = 0; k < layers; ++k) {
+    outs.push_back(flat_out.narrow(0, plan.out_offset[k], weights[k].numel()).view(weights[k].sizes()));
+  }
+  return {outs, sigmas, u_used, v_used};
+}
+
+std::vector<at::Tensor> spectral_norm_group_bwd(at::TensorList grad_outs_in, at::TensorList weights_in,
+                                                const at::Tensor& u_used, const at::Tensor& v_used,
+                                                const at::Tensor& sigmas, at::IntArrayRef dims, double eps) {
+  const GroupPlan plan = group_plan(weights_in, dims, "spectral_norm_group_bwd");
+  TORCH_CHECK(grad_outs_in.size() == weights_in.size(), "grad_outs must have one gradient per weight");
+  for (size_t k = 0; k < weights_in.size(); ++k) {
+    check_device(grad_outs_in[k], "grad_outs");
+    TORCH_CHECK(grad_outs_in[k].sizes() == weights_in[k].sizes() &&
+                grad_outs_in[k].scalar_type() == weights_in[k].scalar_type(),
+                "grad_outs[", k, "] must match weights[", k, "] (", weights_in[k].sizes(), ", ",
+                weights_in[k].scalar_type(), "), got ", grad_outs_in[k].sizes(), ", ", grad_outs_in[k].scalar_type());
+  }
+  const int64_t layers = static_cast<int64_t>(weights_in.size());
+  check_acc_vector(u_used, weights_in[0], plan.total_h, "u_used");
+  check_acc_vector(v_used, weights_in[0], plan.total_w, "v_used");
+  check_acc_vector(sigmas, weights_in[0], layers, "sigmas");
+  GANNORM_DEVICE_GUARD(weights_in[0]);
+  std::vector<at::Tensor> weights, grads;
+  for (const at::Tensor& w : weights_in) weights.push_back(w.contiguous());
+  for (const at::Tensor& g : grad_outs_in) grads.push_back(g.contiguous());
+  const auto options = weights[0].options();
+  at::Tensor flat_grad = at::empty({plan.total_numel}, options);
+  const at::Tensor u = u_used.contiguous(), v = v_used.contiguous();
+  GANNORM_DISPATCH_FLOAT_DTYPES(weights[0].scalar_type(), "spectral_norm_group_bwd", [&] {
+    using acc = acc_t<scalar_t>;
+    for (int first = 0; first < layers; first += kGroupLayers) {
+      const int n = static_cast<int>(std::min<int64_t>(kGroupLayers, layers - first));
+      GroupLayers<scalar_t> g;  // u: the gradients; start[0]: dot blocks, start[1]: backward blocks
+      const auto blocks = fill_group(g, plan, first, n, weights, grads, {}, [](const MatrixLayout&, int64_t numel) {
+        return std::make_pair(blocks_for(numel, 4 * kThreads, kMaxReduceBlocks),
+                              blocks_for(numel, 4 * kThreads, kMaxElementwiseBlocks));
+      });
+      at::Tensor partials = at::empty({blocks.first}, options.dtype(acc_scalar_type(weights[0])));
+      GANNORM_LAUNCH(sn_group_dot_partials_kernel<scalar_t>, dim3(blocks.first), dim3(kThreads),
+                     partials.data_ptr<acc>(), g);
+      GANNORM_LAUNCH(sn_group_backward_kernel<scalar_t>, dim3(blocks.second), dim3(kThreads),
+                     flat_grad.data_ptr<scalar_t>(), u.const_data_ptr<acc>(), v.const_data_ptr<acc>(),
+                     sigmas.const_data_ptr<acc>(), partials.const_data_ptr<acc>(), g, static_cast<acc>(eps));
+    }
+  });
+  std::vector<at::Tensor> grad_weights;
+  for (int64_t k = 0; k < layers; ++k) {
+    grad_weights.push_back(flat_grad.narrow(0, plan.out_offset[k], weights[k].numel()).view(weights[k].sizes()));
+  }
+  return grad_weights;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_fwd(
     const at::Tensor& weight_in, const at::Tensor& u, const at::Tensor& v, const std::optional<at::Tensor>& sigma_in,
@@ -510,6 +915,11 @@ GANNORM_OPS_FRAGMENT(m) {
         "int dim, float eps) -> Tensor grad_weight");
   m.def("spectral_norm_vector_fwd(Tensor weight, float eps) -> (Tensor out, Tensor sigma)");
   m.def("spectral_norm_vector_bwd(Tensor grad_out, Tensor weight, Tensor sigma, float eps) -> Tensor grad_weight");
+  m.def("spectral_norm_group_fwd(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, int "
+        "n_power_iterations, float eps, bool training) -> (Tensor[] outs, Tensor sigmas, Tensor u_used, Tensor "
+        "v_used)");
+  m.def("spectral_norm_group_bwd(Tensor[] grad_outs, Tensor[] weights, Tensor u_used, Tensor v_used, Tensor "
+        "sigmas, int[] dims, float eps) -> Tensor[] grad_weights");
 }
 
 GANNORM_OPS_IMPL(m) {
@@ -517,4 +927,6 @@ GANNORM_OPS_IMPL(m) {
   m.impl("spectral_norm_bwd", &gannorm::spectral_norm_bwd);
   m.impl("spectral_norm_vector_fwd", &gannorm::spectral_norm_vector_fwd);
   m.impl("spectral_norm_vector_bwd", &gannorm::spectral_norm_vector_bwd);
+  m.impl("spectral_norm_group_fwd", &gannorm::spectral_norm_group_fwd);
+  m.impl("spectral_norm_group_bwd", &gannorm::spectral_norm_group_bwd);
 }

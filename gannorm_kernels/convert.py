@@ -134,7 +134,12 @@ class LegacySpectralNormKernels(LegacySpectralNorm):
         super().__init__(name, n_power_iterations, dim, eps)
         self.backend = backend
 
+    grouped = None  # as SpectralNorm.grouped
+
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
+        if self.grouped is not None:
+            out, self.grouped = self.grouped, None
+            return out
         weight = getattr(module, self.name + "_orig")
         matrix = self.reshape_weight_to_matrix(weight)  # (h, w); rows along self.dim
         u, v = getattr(module, self.name + "_u"), getattr(module, self.name + "_v")

@@ -247,7 +247,14 @@ class SpectralNorm(nn.Module):
                 sigma = torch.linalg.vector_norm(weight).clamp_min(self.eps)
         self.last_sigma = sigma.to(acc_dtype(sigma.dtype))
 
+    # Set by a SpectralNormGroup (training.group_spectral_norms) when its model's forward starts:
+    # this layer's W / sigma, computed with the others'; the first use takes it.
+    grouped: torch.Tensor | None = None
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.grouped is not None:
+            out, self.grouped = self.grouped, None
+            return out
         if weight.ndim == 1:
             out, self.last_sigma = spectral_norm_ops.spectral_norm(weight, eps=self.eps, backend=self.backend)
         else:

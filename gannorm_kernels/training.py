@@ -118,3 +118,123 @@ def reset_spectral_norm(model: nn.Module, n_warmup: int = 15, *, generator: torc
         warnings.warn(f"reset_spectral_norm: {type(model).__name__} has no spectral norm with power-iteration "
                       "vectors; nothing changed", stacklevel=2)
     return count
+
+
+class SpectralNormGroup:
+    """What :func:`group_spectral_norms` returns: the model's hooks that compute its spectral
+    norms together. ``layers`` names the grouped weights; ``remove()`` undoes the grouping."""
+
+    def __init__(self, model: nn.Module, members: list) -> None:
+        self.model = model
+        self._members = members  # (qualified name, module, owner, tensor name; None for a legacy hook)
+        self.layers = [name for name, *_ in members]
+        for _, _, owner, _ in members:
+            owner.in_group = True
+        self._warned: set[str] = set()
+        self._handles = [model.register_forward_pre_hook(self._before),
+                         model.register_forward_hook(self._after, always_call=True)]
+
+    def _before(self, model, args) -> None:
+        from .backends import resolve
+        from .ops.spectral_norm import SPECTRAL_NORM_GROUP
+        buckets = defaultdict(list)
+        for member in self._members:
+            _, module, owner, tensor_name = member
+            if tensor_name is None:  # torch's legacy order (v, then u) is ours on the transposed matrix: see convert
+                weight = getattr(module, owner.name + "_orig")
+                matrix = weight.reshape(weight.shape[0], -1)
+                entry = (matrix, getattr(module, owner.name + "_v"), getattr(module, owner.name + "_u"), 1)
+                training = module.training
+            else:
+                weight = module.parametrizations[tensor_name].original
+                entry = (weight, owner._u, owner._v, owner.dim)
+                training = owner.training
+            backend = resolve(owner.backend, weight.device)
+            if backend == "reference":
+                continue  # plain PyTorch has nothing to group: the layer runs on its own
+            key = (backend, weight.device, weight.dtype, owner.n_power_iterations, owner.eps, training)
+            buckets[key].append((member, entry))
+        for (backend, _, _, n, eps, training), entries in buckets.items():
+            weights, us, vs, dims = (list(column) for column in zip(*(entry for _, entry in entries)))
+            outs, sigmas, _, _ = SPECTRAL_NORM_GROUP(weights, us, vs, dims, n, float(eps), training, backend)
+            for k, ((_, module, owner, tensor_name), _) in enumerate(entries):
+                out = outs[k]
+                owner.grouped = out.view(getattr(module, owner.name + "_orig").shape) if tensor_name is None else out
+                owner.last_sigma = sigmas[k]
+
+    def _after(self, model, args, output) -> None:
+        for name, _, owner, _ in self._members:
+            if owner.grouped is not None:  # computed for this forward, never used
+                owner.grouped = None
+                if name not in self._warned:
+                    self._warned.add(name)
+                    warnings.warn(f"group_spectral_norms: {name} was not used by this forward of "
+                                  f"{type(model).__name__}, but its power iteration ran (torch's would not have): "
+                                  "leave it out of the group (group_spectral_norms(model, exclude=...))",
+                                  UserWarning, stacklevel=2)
+
+    def remove(self) -> None:
+        """Removes the hooks: every layer computes its own spectral norm again."""
+        for handle in self._handles:
+            handle.remove()
+        for _, _, owner, _ in self._members:
+            owner.grouped, owner.in_group = None, False
+        self._handles = []
+
+    def __repr__(self) -> str:
+        return f"SpectralNormGroup({type(self.model).__name__}, {len(self.layers)} layers)"
+
+
+def group_spectral_norms(model: nn.Module, *, exclude: tuple[str, ...] = ()) -> SpectralNormGroup:
+    """Computes every spectral norm of ``model`` in one launch set when ``model``'s forward
+    starts, and their gradients in one backward: a discriminator's 5 to 50 layers cost the
+    launches of one (train 3, backward 2, eval 2) instead of each their own.
+
+    The grouped layers are this package's (:func:`spectral_norm`, or torch's converted by
+    :func:`convert`: the parametrizations API, and the legacy hooks with ``dim=0``) on a
+    kernel backend, with 2+ dim real weights. Each stays exactly what it was: its own ``u``
+    and ``v``, updated once per forward of the model in training, in its own API's order; the
+    outputs, gradients, buffers and ``sigmas(model)`` are those of the ungrouped model (tested
+    to fp32 rounding); eval, ``state_dict`` and ``revert`` are unchanged. Layers are grouped
+    by backend, device, dtype, ``n_power_iterations``, ``eps`` and train/eval mode, one launch
+    set each. A layer used twice in one forward runs its second use on its own (a second power
+    iteration, as torch). Called on its own (``model.layer(x)``), a layer computes its own norm.
+
+    A grouped layer that the forward does not use had its power iteration run anyway (torch's
+    would not): warned once; pass its name in ``exclude``. Legacy layers with ``dim != 0``
+    (ConvTranspose), 1-D and complex weights and the reference backend run on their own.
+
+    Args:
+        model: the module whose forward computes every grouped layer (a discriminator).
+        exclude: qualified weight names (as in ``sigmas(model)``) to leave out.
+
+    Returns:
+        a :class:`SpectralNormGroup`; ``.remove()`` undoes the grouping.
+    """
+    from .convert import LegacySpectralNormKernels
+    members = []
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, LegacySpectralNormKernels) and hook.dim == 0:
+                weight = getattr(module, hook.name + "_orig")
+                if weight.dim() >= 2 and not weight.is_complex():
+                    members.append((prefix + hook.name, module, hook, None))
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name, chain in module.parametrizations.items():
+            if len(chain) == 1 and isinstance(chain[0], SpectralNorm):
+                if chain.original.dim() >= 2 and not chain.original.is_complex():
+                    members.append((prefix + tensor_name, module, chain[0], tensor_name))
+    for name in exclude:
+        if name not in {m[0] for m in members}:
+            raise ValueError(f"exclude: {name!r} is not a grouped spectral-norm weight of {type(model).__name__} "
+                             f"(those are: {', '.join(m[0] for m in members) or 'none'})")
+    members = [m for m in members if m[0] not in exclude]
+    if not members:
+        raise ValueError(f"group_spectral_norms: {type(model).__name__} has no spectral norm of this package to "
+                         "group (apply spectral_norm / apply_norm, or convert torch's, first)")
+    for name, _, owner, _ in members:
+        if getattr(owner, "in_group", False):
+            raise ValueError(f"group_spectral_norms: {name} is already in a group; remove() that group first")
+    return SpectralNormGroup(model, members)

@@ -8,7 +8,9 @@ The schemas carry the whole autograd contract, by argument name:
 - its other arguments are forward inputs or outputs of the same name: the tensors among them
   are saved for backward, the rest kept as they are;
 - it returns `grad_<name>` for each differentiable forward input `<name>`;
-- `Tensor(a!)` marks an input the forward updates in place (spectral norm's u and v).
+- `Tensor(a!)` marks an input the forward updates in place (spectral norm's u and v);
+- `Tensor[]` lists work anywhere: a list first output is a list of differentiable outputs
+  (its gradient a list), a list input has a list of gradients (the grouped spectral norm).
 
 From a spec come: the operators `torch.ops.gannorm_kernels.<name>` (the backend name appended
 as a last `str backend` argument), their fake kernels, the one autograd.Function that runs the
@@ -57,6 +59,37 @@ class Cost:
 
 
 SPECS: dict[str, "OpSpec"] = {}
+
+
+def _is_tensor_list(type_) -> bool:
+    return isinstance(type_, torch.ListType) and isinstance(type_.getElementType(), torch.TensorType)
+
+
+def _flatten(values, lists):
+    """The tensors of `values` with the lists (where `lists` is true) spliced in, and the
+    lengths to undo it (None for a value that was not a list): autograd.Function only tracks
+    tensors passed to it directly."""
+    flat, lengths = [], []
+    for value, is_list in zip(values, lists):
+        if is_list:
+            flat.extend(value)
+            lengths.append(len(value))
+        else:
+            flat.append(value)
+            lengths.append(None)
+    return flat, tuple(lengths)
+
+
+def _unflatten(flat, lengths):
+    values, k = [], 0
+    for n in lengths:
+        if n is None:
+            values.append(flat[k])
+            k += 1
+        else:
+            values.append(list(flat[k:k + n]))
+            k += n
+    return values
 
 
 def _below_autograd(op, *args):
@@ -108,10 +141,13 @@ class OpSpec:
         # where each differentiable input sits among the backward's arguments (for the reference)
         self.differentiable_in_backward = tuple(self.backward_sources.index(("input", i)) for i in self.differentiable)
         self.single_output = len(outputs) == 1
+        self.input_lists = tuple(_is_tensor_list(a.type) for a in forward.arguments) + (False,)  # + backend
+        self.output_lists = tuple(_is_tensor_list(r.type) for r in forward.returns)
+        self.backward_lists = tuple(_is_tensor_list(a.type) for a in backward.arguments[1:])
         self.triton, self.cost, self.reference = triton, cost, reference
         self._launchers: dict[str, tuple[Callable, Callable]] = {}
         self.forward_op = self._define(forward_schema, self._forward_kernel, forward_fake,
-                                       lambda *args: _SpecFunction.apply(self, True, *args))
+                                       lambda *args: self._apply(True, args))
         self.backward_op = self._define(backward_schema, self._backward_kernel, backward_fake,
                                         self._backward_autograd)
         SPECS[self.name] = self
@@ -156,13 +192,20 @@ class OpSpec:
                 "supports it")
         return _below_autograd(self.backward_op, *args)
 
+    def _apply(self, traced: bool, args):
+        flat, lengths = _flatten(args, self.input_lists)
+        layout = {"inputs": lengths}  # the Function adds "outputs"
+        outputs = _SpecFunction.apply(self, traced, layout, *flat)
+        outputs = _unflatten(_as_tuple(outputs), layout["outputs"])
+        return outputs[0] if self.single_output else tuple(outputs)
+
     def __call__(self, *args):
         """args: the forward's, backend last; returns its outputs as a tuple (the first
         differentiable, the others not). Eager: the launchers; under torch.compile: the operator."""
         if torch.compiler.is_compiling():
             outputs = self.forward_op(*args)
         else:
-            outputs = _SpecFunction.apply(self, False, *args)
+            outputs = self._apply(False, args)
         return outputs if isinstance(outputs, tuple) else (outputs,)
 
     def __repr__(self) -> str:
@@ -175,47 +218,91 @@ _SAVED = object()  # marks a backward argument kept by ctx.save_for_backward (No
 class _SpecFunction(torch.autograd.Function):
     """Every family's autograd formula: eager (`traced=False`, the launchers called directly) and
     as the forward operator's Autograd kernel (`traced=True`, the operators, so torch.compile
-    sees them)."""
+    sees them). Takes and returns flat tensors; `layout` holds the list lengths (see _flatten)."""
 
     @staticmethod
-    def forward(ctx, spec, traced, *args):
+    def forward(ctx, spec, traced, layout, *flat):
+        args = _unflatten(flat, layout["inputs"])
         if traced:
             outputs = _below_autograd(spec.forward_op, *args)
         else:
             outputs = spec.launchers(args[-1])[0](*args[:-1])
         outputs = (outputs,) if spec.single_output else tuple(outputs)
         sources = [(args if kind == "input" else outputs)[i] for kind, i in spec.backward_sources]
-        ctx.save_for_backward(*(s for s in sources if isinstance(s, torch.Tensor)))
+        flat_sources, ctx.source_lengths = _flatten(sources, spec.backward_lists)
+        ctx.save_for_backward(*(s for s in flat_sources if isinstance(s, torch.Tensor)))
         ctx.spec, ctx.traced, ctx.backend = spec, traced, args[-1]
-        ctx.sources = [_SAVED if isinstance(s, torch.Tensor) else s for s in sources]
-        ctx.mark_non_differentiable(*outputs[1:])
+        ctx.flat_sources = [_SAVED if isinstance(s, torch.Tensor) else s for s in flat_sources]
+        ctx.input_lengths = layout["inputs"]
+        flat_outputs, layout["outputs"] = _flatten(outputs, spec.output_lists)
+        differentiable = layout["outputs"][0] or 1
+        ctx.first_output = [(t.shape, t.dtype, t.device) for t in flat_outputs[:differentiable]]
+        ctx.mark_non_differentiable(*flat_outputs[differentiable:])
         ctx.set_materialize_grads(False)
-        return outputs[0] if spec.single_output else outputs
+        return flat_outputs[0] if len(flat_outputs) == 1 else tuple(flat_outputs)
 
     @staticmethod
-    def backward(ctx, grad, *_):
+    def backward(ctx, *flat_grads):
         spec = ctx.spec
-        result = [None] * (3 + spec.n_inputs)  # spec, traced, the inputs, backend
-        if grad is None:
+        result = [None] * len(ctx.needs_input_grad)  # spec, traced, layout, the flat inputs
+        grads_in = flat_grads[:len(ctx.first_output)]
+        if all(g is None for g in grads_in):
             return tuple(result)
+        if spec.output_lists[0]:  # a layer whose output took no part: a zero gradient
+            grad = [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+                    for g, (shape, dtype, device) in zip(grads_in, ctx.first_output)]
+        else:
+            grad = grads_in[0]
         saved = iter(ctx.saved_tensors)
-        sources = [next(saved) if s is _SAVED else s for s in ctx.sources]
+        sources = _unflatten([next(saved) if s is _SAVED else s for s in ctx.flat_sources], ctx.source_lengths)
         if ctx.traced:
-            grads = spec.backward_op(grad, *sources, ctx.backend)
+            grads = _per_input(spec, spec.backward_op(grad, *sources, ctx.backend))
         elif torch.is_grad_enabled():  # create_graph=True: R1/R2, WGAN-GP
+            wrt = [sources[p] for p in spec.differentiable_in_backward]
+            wrt_lists = [spec.backward_lists[p] for p in spec.differentiable_in_backward]
+            flat_wrt, wrt_lengths = _flatten(wrt, wrt_lists)
+
             def reference(*leaves):
                 args = list(sources)
-                for position, leaf in zip(spec.differentiable_in_backward, leaves):
+                for position, leaf in zip(spec.differentiable_in_backward, _unflatten(leaves, wrt_lengths)):
                     args[position] = leaf
-                return spec.reference(*args)
+                out = spec.reference(*args)
+                return tuple(out) if spec.output_lists[0] else out
 
-            grads = differentiable_grads(lambda: _as_tuple(spec.launchers(ctx.backend)[1](grad, *sources)),
-                                         reference, (grad,), [sources[p] for p in spec.differentiable_in_backward])
+            def kernel_grads():
+                return _flatten(_per_input(spec, spec.launchers(ctx.backend)[1](grad, *sources)), wrt_lists)[0]
+
+            grads = _unflatten(differentiable_grads(kernel_grads, reference, tuple(_as_tuple(grad)), flat_wrt),
+                               wrt_lengths)
         else:
-            grads = spec.launchers(ctx.backend)[1](grad, *sources)
-        for i, g in zip(spec.differentiable, _as_tuple(grads)):
-            result[2 + i] = g
+            grads = _per_input(spec, spec.launchers(ctx.backend)[1](grad, *sources))
+        positions = _flat_positions(ctx.input_lengths)
+        for i, g in zip(spec.differentiable, grads):
+            if isinstance(g, (list, tuple)):
+                for k, gk in zip(positions[i], g):
+                    result[3 + k] = gk
+            else:
+                result[3 + positions[i]] = g
         return tuple(result)
+
+
+def _per_input(spec, grads):
+    """A backward's returns as one value (a tensor, or a list for a list input) per
+    differentiable input."""
+    return (grads,) if len(spec.differentiable) == 1 else tuple(grads)
+
+
+def _flat_positions(lengths):
+    """Each value's position among the flat tensors (a list's: a range)."""
+    positions, k = [], 0
+    for n in lengths:
+        if n is None:
+            positions.append(k)
+            k += 1
+        else:
+            positions.append(range(k, k + n))
+            k += n
+    return positions
 
 
 def _as_tuple(outputs):

@@ -185,3 +185,105 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor | None = None, v: torch.
     args = (weight, u, v, cached, dim, n_power_iterations, eps, training, name)
     out, sigma, _, _ = SPECTRAL_NORM(*args)
     return out, sigma
+
+
+# ---- Grouped: many weights' spectral norms in one launch set (a model's layers) --------------
+
+def check_group_args(weights, us, vs, dims, n_power_iterations, eps) -> list[int]:
+    """Validates a group (each layer as spectral_norm would, and one dtype and device for all,
+    2+ dims, real), naming the bad argument; returns the normalised dims."""
+    for name, value in (("weights", weights), ("us", us), ("vs", vs), ("dims", dims)):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a list, got {type(value).__name__}")
+    if not weights:
+        raise ValueError("weights must hold at least one weight")
+    if not len(weights) == len(us) == len(vs) == len(dims):
+        raise ValueError(f"weights, us, vs and dims must have one entry per layer, got {len(weights)}, {len(us)}, "
+                         f"{len(vs)}, {len(dims)}")
+    normalised = []
+    for k, (weight, u, v, dim) in enumerate(zip(weights, us, vs, dims)):
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 2 or weight.is_complex():
+            raise TypeError(f"weights[{k}] must be a real tensor of 2 or more dims (1-d and complex weights are "
+                            "normalised one at a time), got "
+                            f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        if weight.dtype != weights[0].dtype or weight.device != weights[0].device:
+            raise TypeError(f"weights[{k}] must have weights[0]'s dtype and device ({weights[0].dtype}, "
+                            f"{weights[0].device}), got ({weight.dtype}, {weight.device})")
+        try:
+            normalised.append(check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, None))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"layer {k}: {error}") from None
+    return normalised
+
+
+def group_cost(shapes, dtype, dims, mode: str = "train", n_power_iterations: int = 1) -> Cost:
+    """A group's launches do every layer's work at once: the layers' bytes added up, the
+    launches those of one weight (train 2 n + 1, eval 2, backward 2)."""
+    costs = [cost(shape, dtype, dim, mode, n_power_iterations) for shape, dim in zip(shapes, dims)]
+    return Cost(costs[0].launches, sum(c.bytes for c in costs), sum(c.flops for c in costs))
+
+
+def _group_forward_fake(weights, us, vs, dims, n_power_iterations, eps, training):
+    acc = acc_dtype(weights[0].dtype)
+    layouts = [checks.matrix_shape(w.shape, d) for w, d in zip(weights, dims)]
+    return ([w.new_empty(w.shape) for w in weights], weights[0].new_empty((len(weights),), dtype=acc),
+            weights[0].new_empty((sum(h for h, _ in layouts),), dtype=acc),
+            weights[0].new_empty((sum(w for _, w in layouts),), dtype=acc))
+
+
+def _group_reference(weights, u_used, v_used, sigmas, dims, eps):
+    """Each layer's W / (u^T W v) from its slice of the flat u_used, v_used."""
+    outs, h_at, w_at = [], 0, 0
+    for weight, dim in zip(weights, dims):
+        h, w = checks.matrix_shape(weight.shape, dim)
+        outs.append(reference.spectral_norm(weight, u_used[h_at:h_at + h], v_used[w_at:w_at + w], dim, 1, eps,
+                                            training=False)[0])
+        h_at, w_at = h_at + h, w_at + w
+    return outs
+
+
+def _triton_group():
+    from ..triton import spectral_norm as kernels
+    return kernels.spectral_norm_group_fwd, kernels.spectral_norm_group_bwd
+
+
+# sigmas (L,), u_used (sum of the h), v_used (sum of the w): flat, in the layers' order.
+SPECTRAL_NORM_GROUP = OpSpec(
+    "spectral_norm_group_fwd(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, int n_power_iterations, "
+    "float eps, bool training) -> (Tensor[] outs, Tensor sigmas, Tensor u_used, Tensor v_used)",
+    "spectral_norm_group_bwd(Tensor[] grad_outs, Tensor[] weights, Tensor u_used, Tensor v_used, Tensor sigmas, "
+    "int[] dims, float eps) -> Tensor[] grad_weights",
+    forward_fake=_group_forward_fake,
+    backward_fake=lambda grad_outs, weights, u_used, v_used, sigmas, dims, eps: [w.new_empty(w.shape)
+                                                                                for w in weights],
+    reference=_group_reference, triton=_triton_group, cost=group_cost)
+
+
+def spectral_norm_group(weights, us, vs, dims, n_power_iterations: int = 1, eps: float = 1e-12,
+                        training: bool = True, *, backend: str = "auto") -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The spectral norms of many weights at once: returns ``([w / sigma(w) for w in weights],
+    sigmas)``, each layer exactly as :func:`spectral_norm` would compute it (the same power
+    iteration on its own ``u``, ``v``, updated in place when ``training``), in one launch set
+    for all of them: 2 n + 1 launches to train, 2 in eval, 2 backward, however many weights.
+
+    Args:
+        weights: real tensors of 2 or more dims, one dtype and device.
+        us, vs: each weight's power-iteration buffers (as in :func:`spectral_norm`).
+        dims: each weight's rows dim.
+        n_power_iterations, eps, training: shared by every weight.
+        backend: "auto", "reference" (each weight on its own, plain PyTorch), "triton", "cuda"
+            or "cuda-emu".
+
+    ``sigmas`` is a ``(len(weights),)`` tensor (fp32; fp64 for fp64 weights), no gradient.
+    """
+    dims = check_group_args(weights, us, vs, dims, n_power_iterations, eps)
+    name = backends.resolve(backend, weights[0].device)
+    eps = float(eps)
+    if name == "reference":
+        results = [reference.spectral_norm(w, u, v, d, n_power_iterations, eps, training)
+                   for w, u, v, d in zip(weights, us, vs, dims)]
+        return [out for out, _ in results], torch.stack([s.detach().to(acc_dtype(weights[0].dtype))
+                                                         for _, s in results])
+    outs, sigmas, _, _ = SPECTRAL_NORM_GROUP(list(weights), list(us), list(vs), dims, n_power_iterations, eps,
+                                             training, name)
+    return outs, sigmas

@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 
 TARGET_ARCHS = (80, 90)
-_TRITON_DTYPES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp64"}
+_TRITON_DTYPES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float64": "fp64",
+                  "torch.int64": "i64"}  # int64: the grouped kernels' tables
 
 
 def _meta(*shape, dtype):
@@ -73,6 +74,21 @@ def _spectral_norm_calls(forward, backward, dtype):
             backward(weight, weight, _meta(h, dtype=_acc(dtype)), _meta(w, dtype=_acc(dtype)), sigma, dim, 1e-12)
 
 
+def _spectral_norm_group_calls(forward, backward, dtype):
+    from ..checks import matrix_shape
+    from .workloads import GAN_LAYERS
+    weights = [_meta(*shape, dtype=dtype) for _, _, shape in GAN_LAYERS]  # one model's layers, one group
+    for dim in (0, 1):
+        dims = [dim] * len(weights)
+        layouts = [matrix_shape(w.shape, dim) for w in weights]
+        us, vs = [_meta(h, dtype=dtype) for h, _ in layouts], [_meta(w, dtype=dtype) for _, w in layouts]
+        forward(weights, us, vs, dims, 2, 1e-12, True)
+        forward(weights, us, vs, dims, 1, 1e-12, False)
+        backward(weights, weights, _meta(sum(h for h, _ in layouts), dtype=_acc(dtype)),
+                 _meta(sum(w for _, w in layouts), dtype=_acc(dtype)), _meta(len(weights), dtype=_acc(dtype)), dims,
+                 1e-12)
+
+
 def _spectral_norm_vector_calls(forward, backward, dtype):
     from .workloads import GAN_LAYERS
     for _, _, shape in GAN_LAYERS + [("large", "", LARGE_WEIGHT)]:
@@ -117,6 +133,7 @@ WORKLOAD_CALLS = {
     "weight_norm": _weight_norm_calls,
     "spectral_norm": _spectral_norm_calls,
     "spectral_norm_vector": _spectral_norm_vector_calls,
+    "spectral_norm_group": _spectral_norm_group_calls,
     "similarity_cosine": _similarity_cosine_calls,
     "similarity_rbf": _similarity_rbf_calls,
     "minibatch_discrimination": _minibatch_discrimination_calls,

@@ -34,9 +34,10 @@ def _device_of(args) -> torch.device:
     return devices.pop()
 
 
-def launch(kernel, grid, *args, **constexprs):
+def launch(kernel, grid, *args, tables_address=(), **constexprs):
     """Launches `kernel` on `grid` on its tensors' device, counted for the launch-budget tests
-    (inside `record_launches()`: recorded instead, not run)."""
+    (inside `record_launches()`: recorded instead, not run). `tables_address`: the tensors the
+    kernel reaches through addresses in a `device_table` (memory it may touch too)."""
     global _launches, interpreted_launch_args
     if _recording is not None:
         _recording.append((kernel, grid, args, constexprs))
@@ -46,7 +47,7 @@ def launch(kernel, grid, *args, **constexprs):
         if INTERPRETED:
             # The interpreter's host copies of the arguments are no GPU work: hide them from
             # dispatch modes (the launch counter, torch.compile's fake tensors do not get here).
-            interpreted_launch_args = args
+            interpreted_launch_args = args + tuple(tables_address)
             try:
                 with _disable_current_modes():
                     kernel[grid](*args, **constexprs)
@@ -67,6 +68,36 @@ def record_launches():
         yield _recording
     finally:
         _recording = previous
+
+
+# device_table's cache: {(device, values): table}, oldest first
+_TABLES: dict = {}
+_TABLES_KEPT = 64
+_TABLES_CAPTURED: set = set()
+
+
+def device_table(values: tuple, device: torch.device) -> torch.Tensor:
+    """`values` (ints: sizes, offsets, tensor addresses) as an int64 tensor on `device`, for the
+    grouped kernels, which serve many tensors in one launch and read where each lies from it.
+    Made once per distinct values: a training loop's allocator hands out the same addresses step
+    after step, so past the first steps no copy is made. Pinned memory and a non-blocking copy,
+    so a CUDA graph can capture the copy; tables made during a capture are kept for good (the
+    graph's replays read them)."""
+    key = (device, values)
+    table = _TABLES.get(key)
+    if table is not None:
+        return table
+    with _disable_current_modes():  # the host-side tensor is no GPU work; the copy below is
+        host = torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda")
+    table = host.to(device, non_blocking=True) if device.type != "cpu" else host
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _TABLES_CAPTURED.add(key)
+    elif len(_TABLES) >= _TABLES_KEPT:
+        oldest = next((k for k in _TABLES if k not in _TABLES_CAPTURED), None)
+        if oldest is not None:
+            del _TABLES[oldest]
+    _TABLES[key] = table
+    return table
 
 
 def launch_count() -> int:
@@ -104,6 +135,12 @@ def check_grid(value: int, axis: int, name: str, what: str):
     if value > MAX_GRID[axis]:
         raise ValueError(f"{name} needs {value} {what}, one program each along grid dimension {axis}; "
                          f"a GPU launches at most {MAX_GRID[axis]}")
+
+
+def triton_dtype(dtype: torch.dtype):
+    """The Triton element type of a float torch dtype."""
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+            torch.float64: tl.float64}[dtype]
 
 
 def _acc(t):

@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from ..checks import matrix_sizes
-from .common import (INTERPRETED, acc_dtype, block_at, block_size, check_extent, launch, matrix_column_offsets,
+from .common import (INTERPRETED, acc_dtype, block_at, block_size, check_extent, device_table, launch,
+                     matrix_column_offsets, triton_dtype,
                      matrix_row_offsets, torch_acc_dtype)
 
 # _scale modes
@@ -358,3 +359,342 @@ def spectral_norm_vector_bwd(grad_out, weight, sigma, eps: float):
            sigma, partials, weight.numel(), 1, 1, partials.numel(), eps, VECTOR=True,
            ACC=acc_dtype(weight.dtype), BLOCK=block, BLOCK_P=_PARTIALS_BLOCK)
     return grad_weight
+
+
+# ---- Grouped: the spectral norms of many weights (a model's layers) in one launch set --------
+# The same passes as above, each one launch for every layer: a program finds its layer in a
+# table of program starts and runs the single-weight code on that layer's slice. Launches:
+# training forward 2 n + 1, eval 2, backward 2, whatever the number of layers.
+# `sizes` (int64, field-major, L + 1 entries a field) holds each layer's sizes, its offsets in
+# the flat outputs, and each launch's program starts; `addresses` the tensors that differ per
+# call (weights, u, v; backward: G, weights), both made once per distinct values
+# (common.device_table). Every layer's out is a slice of one flat buffer, its u/v vectors,
+# x, t slices of flat acc vectors, its partial sums those of its own programs.
+_FIELDS = ("h", "w", "B", "numel", "out_offset", "h_offset", "w_offset", "rows", "cols", "scale", "dot", "bwd")
+_H, _W, _B, _NUMEL, _OUT_OFF, _H_OFF, _W_OFF, _ROWS, _COLS, _SCALE, _DOT, _BWD = map(tl.constexpr, range(12))
+
+
+@triton.jit
+def _field(sizes, field: tl.constexpr, layer, L):
+    return tl.load(sizes + field * (L + 1) + layer)
+
+
+@triton.jit
+def _group_program(sizes, field: tl.constexpr, L, L_BLOCK: tl.constexpr):
+    # (layer, its first program, its program count) of this program in launch `field`
+    pid = tl.program_id(0)
+    k = tl.arange(0, L_BLOCK)
+    ends = tl.load(sizes + field * (L + 1) + 1 + k, mask=k < L, other=2 ** 62)
+    layer = tl.sum((ends <= pid).to(tl.int32), axis=0)
+    first = _field(sizes, field, layer, L)
+    return layer, first, _field(sizes, field, layer + 1, L) - first
+
+
+@triton.jit
+def _address(addresses, slot: tl.constexpr, layer, L, DTYPE: tl.constexpr):
+    return tl.load(addresses + slot * L + layer).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _group_rows(
+    x_ptr,             # (sum h,) out, ACC: W v of every layer
+    partials_ptr,      # (programs,) out, ACC: sum of x^2 (EVAL: of u * x) per program
+    sizes, addresses,  # tables: the layers' sizes; the weights', u's, v's addresses
+    t_ptr,             # (sum w,) ACC: t, when V_FROM_T
+    t_partials_ptr,    # (cols programs,) ACC: partial sums of t^2, when V_FROM_T
+    L, eps,
+    V_FROM_T: tl.constexpr, EVAL: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, L_BLOCK: tl.constexpr,
+):
+    layer, first, _ = _group_program(sizes, _ROWS, L, L_BLOCK)
+    h = _field(sizes, _H, layer, L).to(tl.int32)
+    w = _field(sizes, _W, layer, L).to(tl.int32)
+    B = _field(sizes, _B, layer, L).to(tl.int32)
+    i = (tl.program_id(0) - first).to(tl.int32) * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_mask = i < h
+    v_denominator = 1.0
+    if V_FROM_T:
+        v_src = t_ptr + _field(sizes, _W_OFF, layer, L)
+        cols_first = _field(sizes, _COLS, layer, L)
+        n_t = (_field(sizes, _COLS, layer + 1, L) - cols_first).to(tl.int32)
+        v_denominator = tl.maximum(tl.sqrt(_sum_partials(t_partials_ptr + cols_first, n_t, BLOCK_P, ACC)), eps)
+    else:
+        v_src = _address(addresses, 2, layer, L, DTYPE)
+    rows = _address(addresses, 0, layer, L, DTYPE) + matrix_row_offsets(i, B)[:, None]
+    x = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
+    for start in range(0, w, BLOCK_J):
+        j = start + tl.arange(0, BLOCK_J)
+        j_mask = j < w
+        v = tl.load(v_src + j, mask=j_mask, other=0.0).to(ACC)
+        if V_FROM_T:
+            v = v / v_denominator
+        tile = tl.load(rows + matrix_column_offsets(j, h, B, True)[None, :],
+                       mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
+        x += tile * v[None, :]
+    x_rows = tl.sum(x, axis=1)
+    if EVAL:
+        u = tl.load(_address(addresses, 1, layer, L, DTYPE) + i, mask=i_mask, other=0.0).to(ACC)
+        tl.store(partials_ptr + tl.program_id(0), tl.sum(u * x_rows, axis=0))
+    else:
+        tl.store(x_ptr + _field(sizes, _H_OFF, layer, L) + i, x_rows, mask=i_mask)
+        tl.store(partials_ptr + tl.program_id(0), tl.sum(x_rows * x_rows, axis=0))
+
+
+@triton.jit
+def _group_cols(
+    t_ptr,             # (sum w,) out, ACC: W^T u
+    t_partials_ptr,    # (programs,) out, ACC: sum of t^2 per program
+    u_used_ptr,        # (sum h,) out, ACC: u as used (the u buffers are updated in place too)
+    sizes, addresses,
+    x_ptr,             # (sum h,) ACC: W v from _group_rows
+    x_partials_ptr,    # (rows programs,) ACC
+    L, eps,
+    DTYPE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, L_BLOCK: tl.constexpr,
+):
+    layer, first, programs = _group_program(sizes, _COLS, L, L_BLOCK)
+    h = _field(sizes, _H, layer, L).to(tl.int32)
+    w = _field(sizes, _W, layer, L).to(tl.int32)
+    B = _field(sizes, _B, layer, L).to(tl.int32)
+    local = (tl.program_id(0) - first).to(tl.int32)
+    rows_first = _field(sizes, _ROWS, layer, L)
+    n_x = (_field(sizes, _ROWS, layer + 1, L) - rows_first).to(tl.int32)
+    u_denominator = tl.maximum(tl.sqrt(_sum_partials(x_partials_ptr + rows_first, n_x, BLOCK_P, ACC)), eps)
+    x_ptr += _field(sizes, _H_OFF, layer, L)
+    j = local * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_mask = j < w
+    columns = _address(addresses, 0, layer, L, DTYPE) + matrix_column_offsets(j, h, B, True)[None, :]
+    t = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
+    for start in range(0, h, BLOCK_I):
+        i = start + tl.arange(0, BLOCK_I)
+        i_mask = i < h
+        u = tl.load(x_ptr + i, mask=i_mask, other=0.0) / u_denominator
+        tile = tl.load(columns + matrix_row_offsets(i, B)[:, None],
+                       mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
+        t += tile * u[:, None]
+    t_cols = tl.sum(t, axis=0)
+    tl.store(t_ptr + _field(sizes, _W_OFF, layer, L) + j, t_cols, mask=j_mask)
+    tl.store(t_partials_ptr + tl.program_id(0), tl.sum(t_cols * t_cols, axis=0))
+    u_used_ptr += _field(sizes, _H_OFF, layer, L)
+    u_buffer_ptr = _address(addresses, 1, layer, L, DTYPE)
+    for start in range(local.to(tl.int64) * BLOCK_J, h, programs * BLOCK_J):
+        i, i_mask = block_at(start, h, BLOCK_J)
+        u = tl.load(x_ptr + start + i, mask=i_mask, other=0.0) / u_denominator
+        tl.store(u_used_ptr + start + i, u, mask=i_mask)
+        tl.store(u_buffer_ptr + start + i, u.to(DTYPE), mask=i_mask)
+
+
+@triton.jit
+def _group_scale(
+    out_ptr,           # (sum numel,) out: every layer's W / sigma
+    sigmas_ptr,        # (L,) out, ACC
+    v_used_ptr,        # (sum w,) out, ACC (the v buffers are updated in place when TRAIN)
+    u_used_ptr,        # (sum h,) out, ACC (not TRAIN: u as used)
+    sizes, addresses,
+    partials_ptr,      # ACC: of t^2 (TRAIN: the cols programs'), of u * x (EVAL: the rows programs')
+    t_ptr,             # (sum w,) ACC (TRAIN)
+    L, eps,
+    TRAIN: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+    L_BLOCK: tl.constexpr,
+):
+    layer, first, programs = _group_program(sizes, _SCALE, L, L_BLOCK)
+    local = tl.program_id(0) - first
+    numel = _field(sizes, _NUMEL, layer, L)
+    h = _field(sizes, _H, layer, L)
+    w = _field(sizes, _W, layer, L)
+    if TRAIN:
+        partials_first = _field(sizes, _COLS, layer, L)
+        n_partials = (_field(sizes, _COLS, layer + 1, L) - partials_first).to(tl.int32)
+    else:
+        partials_first = _field(sizes, _ROWS, layer, L)
+        n_partials = (_field(sizes, _ROWS, layer + 1, L) - partials_first).to(tl.int32)
+    total = _sum_partials(partials_ptr + partials_first, n_partials, BLOCK_P, ACC)
+    if TRAIN:
+        t_denominator = tl.maximum(tl.sqrt(total), eps)
+        sigma = total / t_denominator
+    else:
+        sigma = total
+    denominator = tl.where(tl.abs(sigma) > eps, sigma, eps)
+    w_ptr = _address(addresses, 0, layer, L, DTYPE)
+    out_ptr += _field(sizes, _OUT_OFF, layer, L)
+    for start in range(local * BLOCK, numel, programs * BLOCK):
+        offsets, mask = block_at(start, numel, BLOCK)
+        weight = tl.load(w_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
+        tl.store(out_ptr + start + offsets, (weight / denominator).to(DTYPE), mask=mask)
+    if local == 0:
+        tl.store(sigmas_ptr + layer, sigma)
+    v_used_ptr += _field(sizes, _W_OFF, layer, L)
+    v_buffer_ptr = _address(addresses, 2, layer, L, DTYPE)
+    if TRAIN:
+        t_ptr += _field(sizes, _W_OFF, layer, L)
+        for start in range(local * BLOCK, w, programs * BLOCK):
+            j, j_mask = block_at(start, w, BLOCK)
+            v = tl.load(t_ptr + start + j, mask=j_mask, other=0.0) / t_denominator
+            tl.store(v_used_ptr + start + j, v, mask=j_mask)
+            tl.store(v_buffer_ptr + start + j, v.to(DTYPE), mask=j_mask)
+    else:
+        _copy(u_used_ptr + _field(sizes, _H_OFF, layer, L), _address(addresses, 1, layer, L, DTYPE), h, local,
+              programs, BLOCK, ACC)
+        _copy(v_used_ptr, v_buffer_ptr, w, local, programs, BLOCK, ACC)
+
+
+@triton.jit
+def _group_dot_partials(
+    partials_ptr,      # (programs,) out, ACC: per program, the sum of G * W over its chunks
+    sizes, addresses,  # addresses: the gradients', the weights'
+    L,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, L_BLOCK: tl.constexpr,
+):
+    layer, first, programs = _group_program(sizes, _DOT, L, L_BLOCK)
+    local = tl.program_id(0) - first
+    numel = _field(sizes, _NUMEL, layer, L)
+    g_ptr = _address(addresses, 0, layer, L, DTYPE)
+    w_ptr = _address(addresses, 1, layer, L, DTYPE)
+    total = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(local * BLOCK, numel, programs * BLOCK):
+        offsets, mask = block_at(start, numel, BLOCK)
+        g = tl.load(g_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
+        weight = tl.load(w_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
+        total += g * weight
+    tl.store(partials_ptr + tl.program_id(0), tl.sum(total, axis=0))
+
+
+@triton.jit
+def _group_backward(
+    grad_w_ptr,        # (sum numel,) out: every layer's dW
+    sizes, addresses,  # addresses: the gradients', the weights'
+    u_ptr, v_ptr,      # (sum h,), (sum w,) ACC: the forward's u and v
+    sigmas_ptr,        # (L,) ACC
+    partials_ptr,      # ACC: of <G, W>, _group_dot_partials'
+    L, eps,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, L_BLOCK: tl.constexpr,
+):
+    layer, first, programs = _group_program(sizes, _BWD, L, L_BLOCK)
+    local = tl.program_id(0) - first
+    numel = _field(sizes, _NUMEL, layer, L)
+    h = _field(sizes, _H, layer, L).to(tl.int32)
+    B = _field(sizes, _B, layer, L).to(tl.int32)
+    sigma = tl.load(sigmas_ptr + layer)
+    above_eps = tl.abs(sigma) > eps
+    denominator = tl.where(above_eps, sigma, eps)
+    dot_first = _field(sizes, _DOT, layer, L)
+    n_partials = (_field(sizes, _DOT, layer + 1, L) - dot_first).to(tl.int32)
+    c = tl.where(above_eps, _sum_partials(partials_ptr + dot_first, n_partials, BLOCK_P, ACC) / denominator, 0.0)
+    g_ptr = _address(addresses, 0, layer, L, DTYPE)
+    u_ptr += _field(sizes, _H_OFF, layer, L)
+    v_ptr += _field(sizes, _W_OFF, layer, L)
+    grad_w_ptr += _field(sizes, _OUT_OFF, layer, L)
+    for start in range(local * BLOCK, numel, programs * BLOCK):
+        offsets, mask = block_at(start, numel, BLOCK)
+        g = tl.load(g_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
+        i, j = _matrix_indices(start, offsets, h, B)
+        projection = tl.load(u_ptr + i, mask=mask, other=0.0) * tl.load(v_ptr + j, mask=mask, other=0.0)
+        tl.store(grad_w_ptr + start + offsets, ((g - c * projection) / denominator).to(DTYPE), mask=mask)
+
+
+def _group_sizes(weights, dims, blocks):
+    """The `sizes` table's values (per field, L layer values and a last entry: the total of
+    the offsets and program starts), and those totals by field name."""
+    fields = {name: [] for name in _FIELDS}
+    totals = dict.fromkeys(_FIELDS, 0)
+    for weight, dim in zip(weights, dims):
+        A, h, B = matrix_sizes(weight.shape, dim)
+        w, numel = A * B, weight.numel()
+        _check_sizes(h, w)
+        values = {"h": h, "w": w, "B": B, "numel": numel}
+        extents = {"out_offset": numel, "h_offset": h, "w_offset": w,
+                   "rows": triton.cdiv(h, blocks["block_i"]), "cols": triton.cdiv(w, blocks["cols_block_j"]),
+                   "scale": _elementwise_grid(max(numel, h, w), blocks["scale_block"])[0],
+                   "dot": max(1, min(triton.cdiv(numel, blocks["dot_block"]), _MAX_REDUCE_PROGRAMS)),
+                   "bwd": _elementwise_grid(numel, blocks["bwd_block"])[0]}
+        for name, value in values.items():
+            fields[name].append(value)
+        for name, extent in extents.items():  # offsets and program starts: running totals
+            fields[name].append(totals[name])
+            totals[name] += extent
+    for name in _FIELDS:
+        fields[name].append(totals[name])
+    return tuple(v for name in _FIELDS for v in fields[name]), totals
+
+
+def _group_blocks(weights, dims):
+    """Block sizes shared by every layer of a group: as the single-weight launchers pick them,
+    for the largest layer."""
+    layouts = [matrix_sizes(weight.shape, dim) for weight, dim in zip(weights, dims)]
+    h = max(h for _, h, _ in layouts)
+    w = max(A * B for A, _, B in layouts)
+    numel = max(weight.numel() for weight in weights)
+    return dict(block_i=block_size(h, 2, 16), block_j=block_size(w, 16, 128), cols_block_i=block_size(h, 2, 32),
+                cols_block_j=block_size(w, 16, 64), scale_block=block_size(numel, 16, _MAX_ELEMENTWISE_BLOCK),
+                dot_block=block_size(numel, 16, 2 * _MAX_ELEMENTWISE_BLOCK),
+                bwd_block=block_size(numel, 16, _MAX_ELEMENTWISE_BLOCK))
+
+
+def _slices(flat, values, weights):
+    """Each layer's view of a flat buffer (its slice at out_offset)."""
+    first = _FIELDS.index("out_offset") * (len(weights) + 1)
+    return [flat[start:start + w.numel()].view(w.shape) for start, w in zip(values[first:], weights)]
+
+
+def _addresses(*tensor_lists):
+    return tuple(t.data_ptr() for tensors in tensor_lists for t in tensors)
+
+
+def spectral_norm_group_fwd(weights, us, vs, dims, n_power_iterations: int, eps: float, training: bool):
+    """Returns (outs, sigmas, u_used, v_used) like torch.ops.gannorm_cuda.spectral_norm_group_fwd;
+    training updates every u and v buffer in place."""
+    weights = [w.contiguous() for w in weights]
+    device, dtype, L = weights[0].device, weights[0].dtype, len(weights)
+    blocks = _group_blocks(weights, dims)
+    values, totals = _group_sizes(weights, dims, blocks)
+    sizes = device_table(values, device)
+    addresses = device_table(_addresses(weights, us, vs), device)
+    acc, acc_torch, element = acc_dtype(dtype), torch_acc_dtype(dtype), triton_dtype(dtype)
+    flat_out = torch.empty(totals["out_offset"], dtype=dtype, device=device)
+    sigmas = torch.empty(L, dtype=acc_torch, device=device)
+    u_used = torch.empty(totals["h_offset"], dtype=acc_torch, device=device)
+    v_used = torch.empty(totals["w_offset"], dtype=acc_torch, device=device)
+    x = torch.empty(totals["h_offset"], dtype=acc_torch, device=device)
+    x_partials = torch.empty(totals["rows"], dtype=acc_torch, device=device)
+    common = dict(DTYPE=element, ACC=acc, BLOCK_P=_PARTIALS_BLOCK, L_BLOCK=triton.next_power_of_2(L))
+    reached = (*weights, *us, *vs)
+    if training:
+        t = torch.empty(totals["w_offset"], dtype=acc_torch, device=device)
+        t_partials = torch.empty(totals["cols"], dtype=acc_torch, device=device)
+        for iteration in range(n_power_iterations):
+            launch(_group_rows, (totals["rows"],), x, x_partials, sizes, addresses, t, t_partials, L, eps,
+                   V_FROM_T=iteration > 0, EVAL=False, BLOCK_I=blocks["block_i"], BLOCK_J=blocks["block_j"],
+                   tables_address=reached, **common)
+            launch(_group_cols, (totals["cols"],), t, t_partials, u_used, sizes, addresses, x, x_partials, L, eps,
+                   BLOCK_I=blocks["cols_block_i"], BLOCK_J=blocks["cols_block_j"], tables_address=reached,
+                   **common)
+        launch(_group_scale, (totals["scale"],), flat_out, sigmas, v_used, u_used, sizes, addresses, t_partials, t,
+               L, eps, TRAIN=True, BLOCK=blocks["scale_block"], tables_address=reached, **common)
+    else:
+        launch(_group_rows, (totals["rows"],), x, x_partials, sizes, addresses, x, x_partials, L, eps,
+               V_FROM_T=False, EVAL=True, BLOCK_I=blocks["block_i"], BLOCK_J=blocks["block_j"],
+               tables_address=reached, **common)
+        launch(_group_scale, (totals["scale"],), flat_out, sigmas, v_used, u_used, sizes, addresses, x_partials, x,
+               L, eps, TRAIN=False, BLOCK=blocks["scale_block"], tables_address=reached, **common)
+    return _slices(flat_out, values, weights), sigmas, u_used, v_used
+
+
+def spectral_norm_group_bwd(grad_outs, weights, u_used, v_used, sigmas, dims, eps: float):
+    """Returns grad_weights like torch.ops.gannorm_cuda.spectral_norm_group_bwd."""
+    weights = [w.contiguous() for w in weights]
+    grad_outs = [g.contiguous() for g in grad_outs]
+    device, dtype, L = weights[0].device, weights[0].dtype, len(weights)
+    blocks = _group_blocks(weights, dims)
+    values, totals = _group_sizes(weights, dims, blocks)
+    sizes = device_table(values, device)
+    addresses = device_table(_addresses(grad_outs, weights), device)
+    acc_torch = torch_acc_dtype(dtype)
+    common = dict(DTYPE=triton_dtype(dtype), ACC=acc_dtype(dtype), L_BLOCK=triton.next_power_of_2(L))
+    reached = (*grad_outs, *weights)
+    partials = torch.empty(totals["dot"], dtype=acc_torch, device=device)
+    launch(_group_dot_partials, (totals["dot"],), partials, sizes, addresses, L, BLOCK=blocks["dot_block"],
+           tables_address=reached, **common)
+    flat_grad = torch.empty(totals["out_offset"], dtype=dtype, device=device)
+    launch(_group_backward, (totals["bwd"],), flat_grad, sizes, addresses, u_used, v_used, sigmas, partials, L, eps,
+           BLOCK=blocks["bwd_block"], BLOCK_P=_PARTIALS_BLOCK, tables_address=reached, **common)
+    return _slices(flat_grad, values, weights)
