@@ -22,16 +22,9 @@ from torch.nn.utils import parametrizations
 import gannorm_kernels as gk
 from gannorm_kernels import backends
 from gannorm_kernels.tools.launches import count_launches
+from gannorm_kernels.tools.workloads import dcgan64
 
 BACKENDS = ["torch"] + [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
-
-
-def dcgan64(ndf):
-    """Radford et al.'s 64x64 discriminator without batch norm (as with spectral norm)."""
-    layers = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2)]
-    for i in range(3):
-        layers += [nn.Conv2d(ndf * 2 ** i, ndf * 2 ** (i + 1), 4, 2, 1), nn.LeakyReLU(0.2)]
-    return nn.Sequential(*layers, nn.Conv2d(ndf * 8, 1, 4, 1, 0), nn.Flatten()), (3, 64, 64)
 
 
 def sngan_cifar_cnn():

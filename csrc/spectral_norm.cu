@@ -298,9 +298,9 @@ struct GroupLayers {
   const scalar_t* weight[kGroupLayers];
   scalar_t* u[kGroupLayers];                // the u buffers (backward: the gradients, read only)
   scalar_t* v[kGroupLayers];                // the v buffers
+  scalar_t* out[kGroupLayers];              // each layer's W / sigma (backward: its dW): tensors of their own
   int h[kGroupLayers], w[kGroupLayers], B[kGroupLayers];
   int64_t numel[kGroupLayers];
-  int64_t out_offset[kGroupLayers];         // in the flat out (backward: the flat grad_weight)
   int64_t h_offset[kGroupLayers], w_offset[kGroupLayers];  // in the flat u-sized and v-sized vectors
   int start[2][kGroupLayers + 1];           // each of the launch set's two kernel shapes: block starts
 };
@@ -409,7 +409,6 @@ __global__ void sn_group_cols_kernel(
 
 template <typename scalar_t, bool kTrain>
 __global__ void sn_group_scale_kernel(
-    scalar_t* __restrict__ out,                     // (sum numel,) out: W / sigma
     acc_t<scalar_t>* __restrict__ sigmas,           // (layers,) out
     acc_t<scalar_t>* __restrict__ v_used,           // (sum w,) out (and the v buffers when kTrain)
     acc_t<scalar_t>* __restrict__ u_used,           // (sum h,) out when !kTrain
@@ -430,7 +429,7 @@ __global__ void sn_group_scale_kernel(
   const int64_t first = int64_t(local) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(g.start[1][layer + 1] - g.start[1][layer]) * blockDim.x;
   const scalar_t* weight = g.weight[layer];
-  scalar_t* out_layer = out + g.out_offset[layer];
+  scalar_t* out_layer = g.out[layer];
   for (int64_t e = first; e < g.numel[layer]; e += stride) {
     out_layer[e] = static_cast<scalar_t>(static_cast<acc>(weight[e]) / denominator);
   }
@@ -450,7 +449,7 @@ __global__ void sn_group_scale_kernel(
   }
 }
 
-// The backward's GroupLayers: u holds the gradients G, weight the weights.
+// The backward's GroupLayers: u holds the gradients G, weight the weights, out the dW.
 template <typename scalar_t>
 __global__ void sn_group_dot_partials_kernel(
     acc_t<scalar_t>* __restrict__ partials,  // (blocks,) out: per block, the sum of G * W
@@ -471,7 +470,6 @@ __global__ void sn_group_dot_partials_kernel(
 
 template <typename scalar_t>
 __global__ void sn_group_backward_kernel(
-    scalar_t* __restrict__ grad_weight,            // (sum numel,) out
     const acc_t<scalar_t>* __restrict__ u,         // (sum h,) the forward's u
     const acc_t<scalar_t>* __restrict__ v,         // (sum w,) the forward's v
     const acc_t<scalar_t>* __restrict__ sigmas,    // (layers,)
@@ -493,7 +491,7 @@ __global__ void sn_group_backward_kernel(
   const scalar_t* grad = g.u[layer];
   const acc* u_layer = u + g.h_offset[layer];
   const acc* v_layer = v + g.w_offset[layer];
-  scalar_t* grad_layer = grad_weight + g.out_offset[layer];
+  scalar_t* grad_layer = g.out[layer];
   MatrixWalk walk(first, stride, g.h[layer], g.B[layer]);
   for (int64_t e = first; e < numel; e += stride) {
     const acc projection = u_layer[walk.i] * v_layer[walk.column()];
@@ -557,8 +555,8 @@ at::Tensor dot_partials(const at::Tensor& a, const at::Tensor& b) {
 // group) and the block counts of each kernel shape.
 struct GroupPlan {
   std::vector<MatrixLayout> layouts;
-  std::vector<int64_t> out_offset, h_offset, w_offset;
-  int64_t total_numel = 0, total_h = 0, total_w = 0;
+  std::vector<int64_t> h_offset, w_offset;
+  int64_t total_h = 0, total_w = 0;
 };
 
 GroupPlan group_plan(at::TensorList weights, at::IntArrayRef dims, const char* name) {
@@ -573,10 +571,8 @@ GroupPlan group_plan(at::TensorList weights, at::IntArrayRef dims, const char* n
     TORCH_CHECK(weight.scalar_type() == weights[0].scalar_type() && weight.device() == weights[0].device(),
                 "weights[", k, "] must have weights[0]'s dtype and device");
     plan.layouts.push_back(matrix_layout(weight, dims[k]));
-    plan.out_offset.push_back(plan.total_numel);
     plan.h_offset.push_back(plan.total_h);
     plan.w_offset.push_back(plan.total_w);
-    plan.total_numel += weight.numel();
     plan.total_h += plan.layouts.back().h;
     plan.total_w += plan.layouts.back().w();
   }
@@ -587,7 +583,8 @@ GroupPlan group_plan(at::TensorList weights, at::IntArrayRef dims, const char* n
 // shape's block count for a layer; returns the two shapes' block totals.
 template <typename scalar_t, typename Counts>
 std::pair<int, int> fill_group(GroupLayers<scalar_t>& g, const GroupPlan& plan, int first, int n,
-                               at::TensorList weights, at::TensorList us, at::TensorList vs, Counts counts) {
+                               at::TensorList weights, at::TensorList us, at::TensorList vs,
+                               const std::vector<at::Tensor>& outs, Counts counts) {
   g.n = n;
   g.first_layer = first;
   g.start[0][0] = g.start[1][0] = 0;
@@ -597,11 +594,11 @@ std::pair<int, int> fill_group(GroupLayers<scalar_t>& g, const GroupPlan& plan, 
     g.weight[k] = weights[layer].const_data_ptr<scalar_t>();
     g.u[k] = us[layer].defined() ? const_cast<scalar_t*>(us[layer].const_data_ptr<scalar_t>()) : nullptr;
     g.v[k] = vs.empty() ? nullptr : vs[layer].data_ptr<scalar_t>();
+    g.out[k] = outs[layer].data_ptr<scalar_t>();
     g.h[k] = L.h;
     g.w[k] = L.w();
     g.B[k] = L.B;
     g.numel[k] = weights[layer].numel();
-    g.out_offset[k] = plan.out_offset[layer];
     g.h_offset[k] = plan.h_offset[layer];
     g.w_offset[k] = plan.w_offset[layer];
     const std::pair<int, int> c = counts(L, g.numel[k]);
@@ -631,7 +628,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> spectral
   const auto options = weights[0].options();
   const auto acc_options = options.dtype(acc_scalar_type(weights[0]));
   const int64_t layers = static_cast<int64_t>(weights.size());
-  at::Tensor flat_out = at::empty({plan.total_numel}, options);
+  std::vector<at::Tensor> outs;
+  for (const at::Tensor& w : weights) outs.push_back(at::empty(w.sizes(), options));
   at::Tensor sigmas = at::empty({layers}, acc_options);
   at::Tensor u_used = at::empty({plan.total_h}, acc_options);
   at::Tensor v_used = at::empty({plan.total_w}, acc_options);
@@ -646,11 +644,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> spectral
     for (int first = 0; first < layers; first += kGroupLayers) {
       const int n = static_cast<int>(std::min<int64_t>(kGroupLayers, layers - first));
       GroupLayers<scalar_t> g;  // start[0]: rows blocks, start[1]: cols blocks
-      const auto blocks = fill_group(g, plan, first, n, weights, us, vs, [](const MatrixLayout& L, int64_t) {
+      const auto blocks = fill_group(g, plan, first, n, weights, us, vs, outs, [](const MatrixLayout& L, int64_t) {
         return std::make_pair((L.h + kRowsPerBlock - 1) / kRowsPerBlock, (L.w() + kWarpSize - 1) / kWarpSize);
       });
       GroupLayers<scalar_t> scale_g;  // start[0]: the partials' blocks, start[1]: scale blocks
-      const int scale_blocks = fill_group(scale_g, plan, first, n, weights, us, vs,
+      const int scale_blocks = fill_group(scale_g, plan, first, n, weights, us, vs, outs,
                                           [&](const MatrixLayout& L, int64_t numel) {
         return std::make_pair(training ? (L.w() + kWarpSize - 1) / kWarpSize : (L.h + kRowsPerBlock - 1) / kRowsPerBlock,
                               blocks_for(std::max<int64_t>({numel, L.h, L.w()}), 4 * kThreads, kMaxElementwiseBlocks));
@@ -671,7 +669,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> spectral
         }
         auto scale = sn_group_scale_kernel<scalar_t, true>;
         GANNORM_LAUNCH(scale, dim3(scale_blocks), dim3(kThreads),
-                       flat_out.data_ptr<scalar_t>(), sigmas.data_ptr<acc>(), v_used.data_ptr<acc>(),
+                       sigmas.data_ptr<acc>(), v_used.data_ptr<acc>(),
                        u_used.data_ptr<acc>(), static_cast<const acc*>(t_partials_ptr),
                        static_cast<const acc*>(t_ptr), scale_g, eps_acc);
       } else {
@@ -680,16 +678,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> spectral
         GANNORM_LAUNCH(rows, dim3(blocks.first), warp_rows, x_ptr,
                        x_partials_ptr, static_cast<const acc*>(nullptr), static_cast<const acc*>(nullptr), g, eps_acc);
         GANNORM_LAUNCH(scale, dim3(scale_blocks), dim3(kThreads),
-                       flat_out.data_ptr<scalar_t>(), sigmas.data_ptr<acc>(), v_used.data_ptr<acc>(),
+                       sigmas.data_ptr<acc>(), v_used.data_ptr<acc>(),
                        u_used.data_ptr<acc>(), static_cast<const acc*>(x_partials_ptr),
                        static_cast<const acc*>(nullptr), scale_g, eps_acc);
       }
     }
   });
-  std::vector<at::Tensor> outs;
-  for (int64_t k = 0; k < layers; ++k) {
-    outs.push_back(flat_out.narrow(0, plan.out_offset[k], weights[k].numel()).view(weights[k].sizes()));
-  }
   return {outs, sigmas, u_used, v_used};
 }
 
@@ -714,14 +708,15 @@ std::vector<at::Tensor> spectral_norm_group_bwd(at::TensorList grad_outs_in, at:
   for (const at::Tensor& w : weights_in) weights.push_back(w.contiguous());
   for (const at::Tensor& g : grad_outs_in) grads.push_back(g.contiguous());
   const auto options = weights[0].options();
-  at::Tensor flat_grad = at::empty({plan.total_numel}, options);
+  std::vector<at::Tensor> grad_weights;
+  for (const at::Tensor& w : weights) grad_weights.push_back(at::empty(w.sizes(), options));
   const at::Tensor u = u_used.contiguous(), v = v_used.contiguous();
   GANNORM_DISPATCH_FLOAT_DTYPES(weights[0].scalar_type(), "spectral_norm_group_bwd", [&] {
     using acc = acc_t<scalar_t>;
     for (int first = 0; first < layers; first += kGroupLayers) {
       const int n = static_cast<int>(std::min<int64_t>(kGroupLayers, layers - first));
       GroupLayers<scalar_t> g;  // u: the gradients; start[0]: dot blocks, start[1]: backward blocks
-      const auto blocks = fill_group(g, plan, first, n, weights, grads, {}, [](const MatrixLayout&, int64_t numel) {
+      const auto blocks = fill_group(g, plan, first, n, weights, grads, {}, grad_weights, [](const MatrixLayout&, int64_t numel) {
         return std::make_pair(blocks_for(numel, 4 * kThreads, kMaxReduceBlocks),
                               blocks_for(numel, 4 * kThreads, kMaxElementwiseBlocks));
       });
@@ -729,14 +724,10 @@ std::vector<at::Tensor> spectral_norm_group_bwd(at::TensorList grad_outs_in, at:
       GANNORM_LAUNCH(sn_group_dot_partials_kernel<scalar_t>, dim3(blocks.first), dim3(kThreads),
                      partials.data_ptr<acc>(), g);
       GANNORM_LAUNCH(sn_group_backward_kernel<scalar_t>, dim3(blocks.second), dim3(kThreads),
-                     flat_grad.data_ptr<scalar_t>(), u.const_data_ptr<acc>(), v.const_data_ptr<acc>(),
+                     u.const_data_ptr<acc>(), v.const_data_ptr<acc>(),
                      sigmas.const_data_ptr<acc>(), partials.const_data_ptr<acc>(), g, static_cast<acc>(eps));
     }
   });
-  std::vector<at::Tensor> grad_weights;
-  for (int64_t k = 0; k < layers; ++k) {
-    grad_weights.push_back(flat_grad.narrow(0, plan.out_offset[k], weights[k].numel()).view(weights[k].sizes()));
-  }
   return grad_weights;
 }
 

@@ -19,7 +19,8 @@ Public API:
   torch's) by a plain weight equal to its eval weight, for inference and export.
 - ``ema_update(ema_model, model, decay)``: the generator's moving average, spectral norm's
   power-iteration buffers copied rather than averaged; ``reset_spectral_norm(model)``: redraw
-  and warm up those buffers.
+  and warm up those buffers; ``group_spectral_norms(model)``: every spectral norm of a model
+  in one launch set per forward and one per backward.
 - ``functional``: the ops on plain tensors.
 - ``info()``: versions, the compiled extension and each backend's availability.
 
@@ -32,7 +33,7 @@ from . import backends, functional  # noqa: E402
 from .convert import apply_norm, convert, fold, revert  # noqa: E402
 from .info import info  # noqa: E402
 from .ops.similarity import pairwise_similarity_penalty  # noqa: E402
-from .training import ema_update, reset_spectral_norm  # noqa: E402
+from .training import SpectralNormGroup, ema_update, group_spectral_norms, reset_spectral_norm  # noqa: E402
 from .nn import (  # noqa: E402
     AdaptiveWeightNorm,
     MinibatchDiscrimination,
@@ -51,12 +52,14 @@ __all__ = [
     "MinibatchDiscrimination",
     "MinibatchStdDev",
     "SpectralNorm",
+    "SpectralNormGroup",
     "WeightNorm",
     "adaptive_weight_norm",
     "apply_norm",
     "backends",
     "convert",
     "ema_update",
+    "group_spectral_norms",
     "fold",
     "functional",
     "info",

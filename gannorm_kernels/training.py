@@ -137,6 +137,8 @@ class SpectralNormGroup:
     def _before(self, model, args) -> None:
         from .backends import resolve
         from .ops.spectral_norm import SPECTRAL_NORM_GROUP
+        if torch.compiler.is_compiling():
+            return  # torch cannot functionalize an operator mutating a Tensor[]: each layer runs its own
         buckets = defaultdict(list)
         for member in self._members:
             _, module, owner, tensor_name = member
@@ -202,7 +204,9 @@ def group_spectral_norms(model: nn.Module, *, exclude: tuple[str, ...] = ()) -> 
 
     A grouped layer that the forward does not use had its power iteration run anyway (torch's
     would not): warned once; pass its name in ``exclude``. Legacy layers with ``dim != 0``
-    (ConvTranspose), 1-D and complex weights and the reference backend run on their own.
+    (ConvTranspose), 1-D and complex weights and the reference backend run on their own, and
+    so does every layer under ``torch.compile`` (torch cannot yet trace an operator that
+    updates a list of buffers in place; the compiled graph schedules the layers itself).
 
     Args:
         model: the module whose forward computes every grouped layer (a discriminator).

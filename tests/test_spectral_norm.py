@@ -152,7 +152,7 @@ def test_every_triton_loop_runs_twice():
     """Every loop of every Triton spectral-norm kernel (tests/loop_coverage.py) averages 2+
     iterations per entry in some case the fp64 comparisons run: each mode of CASES forward and
     backward (train2 left out: the kernels of train1, launched twice), and the 1-D weights of
-    test_vector_matches_fp64_reference."""
+    test_vector_matches_fp64_reference, and the grouped kernels on one group of every case."""
     kernels = interpreted_kernels("spectral_norm")
     coverages = {}
     for case in CASES:
@@ -172,6 +172,10 @@ def test_every_triton_loop_runs_twice():
         weight = torch.randn(n, generator=torch.Generator().manual_seed(n)).requires_grad_()
         with LoopCoverage(kernels) as coverages[f"vector-{n}"]:
             gk.functional.spectral_norm(weight, eps=EPS, backend="triton")[0].sum().backward()
+    group = [(*make_inputs(shape, dim, torch.float32, "cpu", seed=k), dim) for k, (shape, dim) in enumerate(CASES)]
+    for mode in GROUP_MODES:  # the grouped kernels, on test_group_matches_fp64_reference's group
+        with LoopCoverage(kernels) as coverages[f"group-{mode}"]:
+            run_group("triton", group, mode)
     assert_every_loop_iterates(kernels, coverages)
 
 
@@ -818,3 +822,99 @@ def test_past_2_31_elements_on_the_gpu(backend):
     checked against fp64 (_spectral_norm_at_scale)."""
     with large_gpu_memory(gib=28):
         _spectral_norm_at_scale(backend, LARGE_WEIGHT, dims=[0, 1])
+
+
+# ---- The grouped op: many weights in one launch set ---------------------------------------
+
+GROUP_MODES = ("train1", "train2", "eval")
+
+
+def run_group(backend, inputs, mode):
+    """Every case of `inputs` [(weight, u, v, grad_out, dim)] in one spectral_norm_group call:
+    [(out, sigma, u after, v after, grad)] per weight."""
+    training, n, _ = MODES[mode]
+    weights = [w.detach().clone().requires_grad_() for w, *_ in inputs]
+    us, vs = [u.clone() for _, u, *_ in inputs], [v.clone() for _, _, v, *_ in inputs]
+    outs, sigmas = gk.functional.spectral_norm_group(weights, us, vs, [d for *_, d in inputs], n, EPS, training,
+                                                     backend=backend)
+    torch.autograd.backward(outs, [g for *_, g, _ in inputs])
+    return [(out, sigma, u, v, w.grad) for out, sigma, u, v, w in zip(outs, sigmas, us, vs, weights)]
+
+
+@pytest.mark.parametrize("mode", GROUP_MODES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_group_matches_fp64_reference(backend, dtype, mode):
+    """Every CASES weight (mixed shapes and dims) in one group: each layer's output, sigma,
+    updated buffers and gradient as the fp64 reference computes that layer alone."""
+    inputs = [(*make_inputs(shape, dim, dtype, backend_device(backend), seed=k), dim)
+              for k, (shape, dim) in enumerate(CASES)]
+    ours = run_group(backend, inputs, mode)
+    for (weight, u, v, grad_out, dim), layer, case in zip(inputs, ours, CASES):
+        ref64 = run("reference", *(t.double() for t in (weight, u, v, grad_out)), dim, mode)
+        same = run("reference", weight, u, v, grad_out, dim, mode)
+        scales = term_scales(weight, ref64[2], ref64[3], grad_out, ref64[1], dim)
+        for what, a, r, s in zip(("out", "sigma", "u", "v", "grad"), layer, ref64, same):
+            assert_close_to_reference(a, r, s, f"{case_id(case)} {what}", scale=scales[what])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_group_launch_budget(backend):
+    """One launch set for the whole group, however many weights: train 2 n + 1, eval 2,
+    backward 2 (the CUDA kernels carry 24 layers in their parameters: 30 take two sets)."""
+    device = backend_device(backend)
+    inputs = [make_inputs(shape, dim, torch.float32, device, seed=k) for k, (shape, dim) in enumerate(CASES)]
+    dims = [dim for _, dim in CASES]
+    for layers in (1, len(CASES), 30):
+        chosen = [inputs[k % len(inputs)] for k in range(layers)]
+        weights = [w.clone().requires_grad_() for w, *_ in chosen]
+        us, vs = [u.clone() for _, u, *_ in chosen], [v.clone() for _, _, v, _ in chosen]
+        sets = 2 if layers > 24 and backend != "triton" else 1
+        for training, n, launches in ((True, 1, 3), (True, 2, 5), (False, 1, 2)):
+            with count_launches() as forward:
+                outs, _ = gk.functional.spectral_norm_group(weights, us, vs, [dims[k % len(dims)] for k in range(layers)],
+                                                            n, EPS, training, backend=backend)
+            assert (forward.ours, forward.aten_ops) == (sets * launches, [])
+        grads = [torch.randn_like(o) for o in outs]
+        with count_launches() as backward:
+            torch.autograd.backward(outs, grads)
+        assert (backward.ours, backward.aten_ops) == (sets * 2, [])
+    shapes = [w.shape for w, *_ in inputs]
+    cost = gk.ops.spectral_norm.SPECTRAL_NORM_GROUP.cost
+    assert cost(shapes, torch.float32, dims, "train", 2).launches == 5
+    assert cost(shapes, torch.float32, dims, "backward").launches == 2
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_group_opcheck(backend):
+    device = backend_device(backend)
+    inputs = [make_inputs(shape, dim, torch.float32, device, seed=k) for k, (shape, dim) in enumerate(CASES[:4])]
+    weights = [w.clone().requires_grad_() for w, *_ in inputs]
+    us, vs = [u.clone() for _, u, *_ in inputs], [v.clone() for _, _, v, _ in inputs]
+    dims = [dim for _, dim in CASES[:4]]
+    # test_aot_dispatch_dynamic left out: torch's functionalization refuses operators that
+    # mutate a Tensor[] (the buffers); group_spectral_norms does not group under torch.compile
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for training in (True, False):
+        torch.library.opcheck(torch.ops.gannorm_kernels.spectral_norm_group_fwd.default,
+                              (weights, us, vs, dims, 1, EPS, training, backend), test_utils=checks)
+    outs, sigmas, u_used, v_used = torch.ops.gannorm_kernels.spectral_norm_group_fwd(
+        weights, us, vs, dims, 1, EPS, True, backend)
+    grads = [torch.randn_like(o) for o in outs]
+    torch.library.opcheck(torch.ops.gannorm_kernels.spectral_norm_group_bwd.default,
+                          (grads, [w.detach() for w in weights], u_used, v_used, sigmas, dims, EPS, backend))
+
+
+def test_group_bad_arguments():
+    w, u, v, _ = make_inputs((4, 3), 0, torch.float32, "cpu")
+    group = gk.functional.spectral_norm_group
+    with pytest.raises(ValueError, match="at least one weight"):
+        group([], [], [], [])
+    with pytest.raises(ValueError, match="one entry per layer"):
+        group([w, w], [u], [v], [0])
+    with pytest.raises(TypeError, match=r"weights\[1\] must have weights\[0\]'s dtype"):
+        group([w, w.double()], [u, u.double()], [v, v.double()], [0, 0], backend="triton")
+    with pytest.raises(TypeError, match=r"weights\[0\] must be a real tensor of 2 or more dims"):
+        group([torch.randn(5)], [u], [v], [0])
+    with pytest.raises(ValueError, match=r"layer 0: u must have shape \(4,\)"):
+        group([w], [torch.randn(5)], [v], [0])

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import ALL_BACKENDS, backend_device
+from helpers import ALL_BACKENDS, KERNEL_BACKENDS, backend_device
 from test_convert import discriminator, images
 from torch import nn
 from torch.nn.utils import parametrizations
@@ -15,6 +15,7 @@ from torch.nn.utils import parametrizations
 import gannorm_kernels as gk
 from gannorm_kernels import reference
 from gannorm_kernels.tools.launches import count_launches
+from gannorm_kernels.tools.workloads import dcgan64
 
 
 def trained_twins(backend):
@@ -168,3 +169,134 @@ def test_reset_spectral_norm_arguments():
         gk.reset_spectral_norm(nn.Linear(2, 2), n_warmup=-1)
     with pytest.warns(UserWarning, match="no spectral norm"):
         assert gk.reset_spectral_norm(nn.Linear(2, 2)) == 0
+
+
+# ---- group_spectral_norms -------------------------------------------------------------------
+
+def grouped_discriminator(backend, dtype=torch.float64):
+    """Every kind of spectral norm a group takes (ours, torch's parametrizations converted, a
+    legacy dim-0 hook converted) and one it leaves alone (a legacy ConvTranspose, dim 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.utils.spectral_norm(nn.Conv2d(3, 8, 4, 2, 1)), nn.LeakyReLU(0.2),                 # legacy, dim 0
+        parametrizations.spectral_norm(nn.Conv2d(8, 16, 4, 2, 1)), nn.LeakyReLU(0.2),        # torch's new API
+        nn.utils.spectral_norm(nn.ConvTranspose2d(16, 8, 3, 1, 1)), nn.LeakyReLU(0.2),        # legacy, dim 1
+        gk.spectral_norm(nn.Conv2d(8, 16, 3, 1, 1), n_power_iterations=2), nn.LeakyReLU(0.2),  # ours, n = 2
+        nn.Flatten(), parametrizations.spectral_norm(nn.Linear(16 * 2 * 2, 1)))
+    return gk.convert(model.to(dtype=dtype, device=backend_device(backend)), backend=backend)
+
+
+def d_step(model, optimizer, seed, device, dtype):
+    """A discriminator step as GAN code trains it: a real and a fake forward, one backward,
+    Adam."""
+    real = images(seed=2 * seed, device=device).to(dtype)
+    fake = images(seed=2 * seed + 1, device=device).to(dtype)
+    optimizer.zero_grad()
+    loss = nn.functional.softplus(-model(real)).mean() + nn.functional.softplus(model(fake)).mean()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_grouped_model_trains_as_the_reference_fp64(backend):
+    """A grouped model and its ungrouped twin on the reference backend (plain PyTorch), 3 D
+    steps: loss, gradients, every buffer and sigma after each step, and eval, to fp64 rounding."""
+    device = backend_device(backend)
+    reference_model = grouped_discriminator("reference")
+    for module in reference_model.modules():  # the same model on plain PyTorch
+        for p in getattr(module, "parametrizations", {}).values():
+            p[0].backend = "reference"
+        for hook in module._forward_pre_hooks.values():
+            if hasattr(hook, "backend"):
+                hook.backend = "reference"
+    model = grouped_discriminator(backend)
+    group = gk.group_spectral_norms(model)
+    assert group.layers == ["0.weight", "2.weight", "6.weight", "9.weight"]  # not the ConvTranspose
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (reference_model, model)]
+    for seed in range(3):
+        losses = [d_step(m, o, seed, device, torch.float64) for m, o in zip((reference_model, model), optimizers)]
+        torch.testing.assert_close(losses[1].cpu(), losses[0], rtol=1e-10, atol=0)
+        for (name, a), b in zip(reference_model.named_parameters(), model.parameters()):
+            torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=1e-10, atol=1e-12, msg=name)
+        for (name, a), b in zip(reference_model.named_buffers(), model.buffers()):
+            torch.testing.assert_close(b.cpu(), a, rtol=1e-10, atol=1e-12, msg=name)
+        for name, sigma in gk.sigmas(reference_model).items():
+            torch.testing.assert_close(gk.sigmas(model)[name].cpu(), sigma, rtol=1e-10, atol=0, msg=name)
+    for m in (reference_model, model):
+        m.eval()
+    x = images(seed=9, device=device).double()
+    torch.testing.assert_close(model(x).cpu(), reference_model(x.cpu()), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_grouped_discriminator_step_launches(backend):
+    """The DCGAN-64 discriminator step (bench/bench_training_step.py's, at ndf 4): spectral norm
+    costs 3 launches a forward and 2 a backward however many layers, instead of 3 and 2 a
+    layer; the whole step's launches are counted, grouped and not."""
+    device = backend_device(backend)
+    counts = {}
+    for grouped in (False, True):
+        torch.manual_seed(0)
+        model, _ = dcgan64(4)
+        for layer in model:
+            if isinstance(layer, nn.Conv2d):
+                parametrizations.spectral_norm(layer)
+        model = gk.convert(model.to(device), backend=backend)
+        if grouped:
+            gk.group_spectral_norms(model)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        real, fake = (torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(s)).to(device) for s in (1, 2))
+
+        def step():
+            optimizer.zero_grad()
+            loss = nn.functional.softplus(-model(real)).mean() + nn.functional.softplus(model(fake)).mean()
+            loss.backward()
+            optimizer.step()
+
+        step()  # Adam's state exists from here on
+        with count_launches() as launches:
+            step()
+        counts[grouped] = launches
+    layers, forwards, backwards = 5, 2, 2
+    assert counts[False].ours == forwards * 3 * layers + backwards * 2 * layers  # 50
+    assert counts[True].ours == forwards * 3 + backwards * 2  # 10
+    assert sorted(counts[True].aten_ops) == sorted(counts[False].aten_ops)  # nothing else changed
+    assert counts[False].total - counts[True].total == 40
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_group_rules(backend):
+    """A layer used twice runs its second use on its own (two power iterations, as torch); an
+    unused layer warns; exclude, remove() and the refusals."""
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    shared = nn.Linear(6, 6)
+    parametrizations.spectral_norm(shared)
+    model = gk.convert(nn.Sequential(shared, nn.ReLU(), shared).double().to(device), backend=backend)
+    twin = copy.deepcopy(model)
+    gk.group_spectral_norms(model)
+    x = torch.randn(3, 6, dtype=torch.float64).to(device)
+    torch.testing.assert_close(model(x), twin(x), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(model[0].parametrizations.weight[0]._u, twin[0].parametrizations.weight[0]._u,
+                               rtol=1e-12, atol=1e-14)
+
+    torch.manual_seed(0)
+    branches = gk.convert(nn.ModuleDict({"a": parametrizations.spectral_norm(nn.Linear(4, 4)),
+                                         "b": parametrizations.spectral_norm(nn.Linear(4, 4))}).to(device),
+                          backend=backend)
+    branches.forward = lambda x: branches["a"](x)  # "b" never used
+    group = gk.group_spectral_norms(branches)
+    with pytest.warns(UserWarning, match="b.weight was not used"):
+        branches(torch.randn(2, 4).to(device))
+    group.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        branches(torch.randn(2, 4).to(device))  # each layer on its own again
+    assert gk.group_spectral_norms(branches, exclude=("b.weight",)).layers == ["a.weight"]
+    with pytest.raises(ValueError, match="already in a group"):
+        gk.group_spectral_norms(branches)
+    with pytest.raises(ValueError, match="'c.weight' is not a grouped spectral-norm weight"):
+        gk.group_spectral_norms(branches, exclude=("c.weight",))
+    with pytest.raises(ValueError, match="has no spectral norm of this package"):
+        gk.group_spectral_norms(nn.Linear(3, 3))

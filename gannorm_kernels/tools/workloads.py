@@ -26,3 +26,13 @@ MINIBATCH_FEATURES = [(n, d) for n in (64, 256, 1024) for d in (512, 8192)]
 MINIBATCH_DISCRIMINATION = [(n, b, c) for n in (64, 256, 1024) for b, c in ((100, 5), (50, 16))]
 # Minibatch stddev inputs (N, C, H, W): StyleGAN2's 4 x 4 epilogue at 512 channels
 MINIBATCH_STDDEV = [(n, 512, 4, 4) for n in (64, 256, 1024)]
+
+
+def dcgan64(ndf: int):
+    """Radford et al.'s 64x64 discriminator without batch norm (as with spectral norm), without
+    norms: (model, its image shape). The training-step benchmark's and launch test's model."""
+    from torch import nn
+    layers = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2)]
+    for i in range(3):
+        layers += [nn.Conv2d(ndf * 2 ** i, ndf * 2 ** (i + 1), 4, 2, 1), nn.LeakyReLU(0.2)]
+    return nn.Sequential(*layers, nn.Conv2d(ndf * 8, 1, 4, 1, 0), nn.Flatten()), (3, 64, 64)

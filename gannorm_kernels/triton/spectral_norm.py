@@ -368,10 +368,11 @@ def spectral_norm_vector_bwd(grad_out, weight, sigma, eps: float):
 # `sizes` (int64, field-major, L + 1 entries a field) holds each layer's sizes, its offsets in
 # the flat outputs, and each launch's program starts; `addresses` the tensors that differ per
 # call (weights, u, v; backward: G, weights), both made once per distinct values
-# (common.device_table). Every layer's out is a slice of one flat buffer, its u/v vectors,
-# x, t slices of flat acc vectors, its partial sums those of its own programs.
-_FIELDS = ("h", "w", "B", "numel", "out_offset", "h_offset", "w_offset", "rows", "cols", "scale", "dot", "bwd")
-_H, _W, _B, _NUMEL, _OUT_OFF, _H_OFF, _W_OFF, _ROWS, _COLS, _SCALE, _DOT, _BWD = map(tl.constexpr, range(12))
+# (common.device_table; outputs too: each layer's W / sigma and dW is a tensor of its own, as
+# an operator's outputs must not alias). Its u/v vectors, x and t are slices of flat acc
+# vectors, its partial sums those of its own programs.
+_FIELDS = ("h", "w", "B", "numel", "h_offset", "w_offset", "rows", "cols", "scale", "dot", "bwd")
+_H, _W, _B, _NUMEL, _H_OFF, _W_OFF, _ROWS, _COLS, _SCALE, _DOT, _BWD = map(tl.constexpr, range(len(_FIELDS)))
 
 
 @triton.jit
@@ -486,7 +487,6 @@ def _group_cols(
 
 @triton.jit
 def _group_scale(
-    out_ptr,           # (sum numel,) out: every layer's W / sigma
     sigmas_ptr,        # (L,) out, ACC
     v_used_ptr,        # (sum w,) out, ACC (the v buffers are updated in place when TRAIN)
     u_used_ptr,        # (sum h,) out, ACC (not TRAIN: u as used)
@@ -516,7 +516,7 @@ def _group_scale(
         sigma = total
     denominator = tl.where(tl.abs(sigma) > eps, sigma, eps)
     w_ptr = _address(addresses, 0, layer, L, DTYPE)
-    out_ptr += _field(sizes, _OUT_OFF, layer, L)
+    out_ptr = _address(addresses, 3, layer, L, DTYPE)  # W / sigma
     for start in range(local * BLOCK, numel, programs * BLOCK):
         offsets, mask = block_at(start, numel, BLOCK)
         weight = tl.load(w_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
@@ -561,8 +561,7 @@ def _group_dot_partials(
 
 @triton.jit
 def _group_backward(
-    grad_w_ptr,        # (sum numel,) out: every layer's dW
-    sizes, addresses,  # addresses: the gradients', the weights'
+    sizes, addresses,  # addresses: the gradients', the weights', the dW (out)
     u_ptr, v_ptr,      # (sum h,), (sum w,) ACC: the forward's u and v
     sigmas_ptr,        # (L,) ACC
     partials_ptr,      # ACC: of <G, W>, _group_dot_partials'
@@ -583,7 +582,7 @@ def _group_backward(
     g_ptr = _address(addresses, 0, layer, L, DTYPE)
     u_ptr += _field(sizes, _H_OFF, layer, L)
     v_ptr += _field(sizes, _W_OFF, layer, L)
-    grad_w_ptr += _field(sizes, _OUT_OFF, layer, L)
+    grad_w_ptr = _address(addresses, 2, layer, L, DTYPE)
     for start in range(local * BLOCK, numel, programs * BLOCK):
         offsets, mask = block_at(start, numel, BLOCK)
         g = tl.load(g_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
@@ -602,7 +601,7 @@ def _group_sizes(weights, dims, blocks):
         w, numel = A * B, weight.numel()
         _check_sizes(h, w)
         values = {"h": h, "w": w, "B": B, "numel": numel}
-        extents = {"out_offset": numel, "h_offset": h, "w_offset": w,
+        extents = {"h_offset": h, "w_offset": w,
                    "rows": triton.cdiv(h, blocks["block_i"]), "cols": triton.cdiv(w, blocks["cols_block_j"]),
                    "scale": _elementwise_grid(max(numel, h, w), blocks["scale_block"])[0],
                    "dot": max(1, min(triton.cdiv(numel, blocks["dot_block"]), _MAX_REDUCE_PROGRAMS)),
@@ -630,12 +629,6 @@ def _group_blocks(weights, dims):
                 bwd_block=block_size(numel, 16, _MAX_ELEMENTWISE_BLOCK))
 
 
-def _slices(flat, values, weights):
-    """Each layer's view of a flat buffer (its slice at out_offset)."""
-    first = _FIELDS.index("out_offset") * (len(weights) + 1)
-    return [flat[start:start + w.numel()].view(w.shape) for start, w in zip(values[first:], weights)]
-
-
 def _addresses(*tensor_lists):
     return tuple(t.data_ptr() for tensors in tensor_lists for t in tensors)
 
@@ -647,17 +640,17 @@ def spectral_norm_group_fwd(weights, us, vs, dims, n_power_iterations: int, eps:
     device, dtype, L = weights[0].device, weights[0].dtype, len(weights)
     blocks = _group_blocks(weights, dims)
     values, totals = _group_sizes(weights, dims, blocks)
+    outs = [torch.empty_like(w) for w in weights]
     sizes = device_table(values, device)
-    addresses = device_table(_addresses(weights, us, vs), device)
+    addresses = device_table(_addresses(weights, us, vs, outs), device)
     acc, acc_torch, element = acc_dtype(dtype), torch_acc_dtype(dtype), triton_dtype(dtype)
-    flat_out = torch.empty(totals["out_offset"], dtype=dtype, device=device)
     sigmas = torch.empty(L, dtype=acc_torch, device=device)
     u_used = torch.empty(totals["h_offset"], dtype=acc_torch, device=device)
     v_used = torch.empty(totals["w_offset"], dtype=acc_torch, device=device)
     x = torch.empty(totals["h_offset"], dtype=acc_torch, device=device)
     x_partials = torch.empty(totals["rows"], dtype=acc_torch, device=device)
     common = dict(DTYPE=element, ACC=acc, BLOCK_P=_PARTIALS_BLOCK, L_BLOCK=triton.next_power_of_2(L))
-    reached = (*weights, *us, *vs)
+    reached = (*weights, *us, *vs, *outs)
     if training:
         t = torch.empty(totals["w_offset"], dtype=acc_torch, device=device)
         t_partials = torch.empty(totals["cols"], dtype=acc_torch, device=device)
@@ -668,15 +661,15 @@ def spectral_norm_group_fwd(weights, us, vs, dims, n_power_iterations: int, eps:
             launch(_group_cols, (totals["cols"],), t, t_partials, u_used, sizes, addresses, x, x_partials, L, eps,
                    BLOCK_I=blocks["cols_block_i"], BLOCK_J=blocks["cols_block_j"], tables_address=reached,
                    **common)
-        launch(_group_scale, (totals["scale"],), flat_out, sigmas, v_used, u_used, sizes, addresses, t_partials, t,
+        launch(_group_scale, (totals["scale"],), sigmas, v_used, u_used, sizes, addresses, t_partials, t,
                L, eps, TRAIN=True, BLOCK=blocks["scale_block"], tables_address=reached, **common)
     else:
         launch(_group_rows, (totals["rows"],), x, x_partials, sizes, addresses, x, x_partials, L, eps,
                V_FROM_T=False, EVAL=True, BLOCK_I=blocks["block_i"], BLOCK_J=blocks["block_j"],
                tables_address=reached, **common)
-        launch(_group_scale, (totals["scale"],), flat_out, sigmas, v_used, u_used, sizes, addresses, x_partials, x,
+        launch(_group_scale, (totals["scale"],), sigmas, v_used, u_used, sizes, addresses, x_partials, x,
                L, eps, TRAIN=False, BLOCK=blocks["scale_block"], tables_address=reached, **common)
-    return _slices(flat_out, values, weights), sigmas, u_used, v_used
+    return outs, sigmas, u_used, v_used
 
 
 def spectral_norm_group_bwd(grad_outs, weights, u_used, v_used, sigmas, dims, eps: float):
@@ -686,15 +679,15 @@ def spectral_norm_group_bwd(grad_outs, weights, u_used, v_used, sigmas, dims, ep
     device, dtype, L = weights[0].device, weights[0].dtype, len(weights)
     blocks = _group_blocks(weights, dims)
     values, totals = _group_sizes(weights, dims, blocks)
+    grad_weights = [torch.empty_like(w) for w in weights]
     sizes = device_table(values, device)
-    addresses = device_table(_addresses(grad_outs, weights), device)
+    addresses = device_table(_addresses(grad_outs, weights, grad_weights), device)
     acc_torch = torch_acc_dtype(dtype)
     common = dict(DTYPE=triton_dtype(dtype), ACC=acc_dtype(dtype), L_BLOCK=triton.next_power_of_2(L))
-    reached = (*grad_outs, *weights)
+    reached = (*grad_outs, *weights, *grad_weights)
     partials = torch.empty(totals["dot"], dtype=acc_torch, device=device)
     launch(_group_dot_partials, (totals["dot"],), partials, sizes, addresses, L, BLOCK=blocks["dot_block"],
            tables_address=reached, **common)
-    flat_grad = torch.empty(totals["out_offset"], dtype=dtype, device=device)
-    launch(_group_backward, (totals["bwd"],), flat_grad, sizes, addresses, u_used, v_used, sigmas, partials, L, eps,
+    launch(_group_backward, (totals["bwd"],), sizes, addresses, u_used, v_used, sigmas, partials, L, eps,
            BLOCK=blocks["bwd_block"], BLOCK_P=_PARTIALS_BLOCK, tables_address=reached, **common)
-    return _slices(flat_grad, values, weights)
+    return grad_weights
