@@ -1,7 +1,7 @@
 """A whole discriminator training step (non-saturating loss on a real and a fake batch,
 backward, Adam step) with torch's own spectral or weight norm on every layer, against the same
 model passed through gannorm_kernels.convert with each backend: what a user sees after the
-one-line switch. The convolutions are cuDNN's in both, so the difference is the norms' share.
+one-line switch; and with group_spectral_norms on top (one launch set for all layers). The convolutions are cuDNN's in both, so the difference is the norms' share.
 
 On a GPU each step runs three ways, torch's and ours alike: eager; the network under
 torch.compile (inductor; DCGAN only, torch's and the cuda backend's: each costs a compilation of
@@ -47,13 +47,15 @@ VARIANTS = ["eager", "compile", "cudagraph"] if DEVICE == "cuda" else ["eager"]
 def discriminator(model, norm, backend):
     torch.manual_seed(0)
     net, image = MODELS[model][0]()
-    torch_norm = parametrizations.spectral_norm if norm == "spectral" else parametrizations.weight_norm
+    torch_norm = parametrizations.weight_norm if norm == "weight" else parametrizations.spectral_norm
     for layer in net:
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             torch_norm(layer)
     net = net.to(DEVICE)
     if backend != "torch":
         gk.convert(net, backend=backend)
+        if norm == "spectral-grouped":  # every layer's spectral norm in one launch set
+            gk.group_spectral_norms(net)
     return net, image
 
 
@@ -79,8 +81,10 @@ def graphed(step, warmup=3):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("norm", ["spectral", "weight"])
+@pytest.mark.parametrize("norm", ["spectral", "spectral-grouped", "weight"])
 def test_discriminator_step(benchmark, norm, backend, model, variant):
+    if norm == "spectral-grouped" and backend in ("torch", "reference"):
+        pytest.skip("grouping is for the kernel backends (torch's own row: norm 'spectral')")
     if variant == "compile" and (model != "dcgan64" or backend not in ("torch", "cuda")):
         pytest.skip("compiled: DCGAN with torch's norms and the cuda backend only (compilation time)")
     net, image = discriminator(model, norm, backend)
@@ -112,7 +116,8 @@ def test_discriminator_step(benchmark, norm, backend, model, variant):
         launches = counted.total
     else:  # the dispatcher-level count cannot see into a compiled graph or a CUDA graph
         launches, loss = None, step()
-    mode = f"{norm} norm" + ("" if variant == "eager" else f", {variant}")
+    mode = {"spectral-grouped": "spectral norm, grouped"}.get(norm, f"{norm} norm") + (
+        "" if variant == "eager" else f", {variant}")
     describe(benchmark, "discriminator_step", mode, backend, model, (batch, *image), torch.float32, None,
              launches, peak_memory(step), kernels=gpu_kernels(step))
     benchmark(step)
