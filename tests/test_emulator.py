@@ -84,6 +84,9 @@ def _every_op(dtype):
     sigma_eval = torch.dot(u, weight.reshape(33, -1) @ v_eval).to(torch.float64 if dtype == torch.float64 else
                                                                    torch.float32)
     features, x, T, images = rand(45, 19), rand(37, 6), rand(6, 5, 3) * 0.3, rand(8, 6, 5, 3)
+    weight2 = rand(5, 9, 4)  # a second layer, rows along dim 1
+    u2, v2 = torch.nn.functional.normalize(rand(9), dim=0), torch.nn.functional.normalize(rand(20), dim=0)
+
 
     def with_grads(fn, *inputs):
         inputs = [t.clone().requires_grad_() for t in inputs]
@@ -91,6 +94,13 @@ def _every_op(dtype):
         out = out[0] if isinstance(out, tuple) else out
         grads = torch.autograd.grad(out, inputs, torch.ones_like(out) if out.dim() else None)
         return (out.detach(), *grads)
+
+    def group(backend, training):  # two layers' spectral norms in one launch set
+        def run(a, c):
+            outs, _ = gk.functional.spectral_norm_group([a, c], [u.clone(), u2.clone()], [v_eval.clone(), v2.clone()],
+                                                        [0, 1], 2, training=training, backend=backend)
+            return torch.cat([o.flatten() for o in outs])
+        return with_grads(run, weight, weight2)
 
     return {
         "weight_norm dim 0": lambda b: with_grads(lambda a, c: gk.functional.weight_norm(a, c, 0, backend=b), v, gain),
@@ -106,6 +116,8 @@ def _every_op(dtype):
         "spectral_norm eval, sigma given": lambda b: with_grads(
             lambda a: gk.functional.spectral_norm(a, u, v_eval, 0, training=False, sigma=sigma_eval, backend=b)[0],
             weight),
+        "spectral_norm group train": lambda b: group(b, True),
+        "spectral_norm group eval": lambda b: group(b, False),
         "spectral_norm 1-D": lambda b: with_grads(lambda a: gk.functional.spectral_norm(a, backend=b)[0], w_vec),
         "similarity cosine": lambda b: with_grads(
             lambda f: gk.functional.pairwise_similarity_penalty(f, "cosine", backend=b), features),
