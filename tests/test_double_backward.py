@@ -32,6 +32,15 @@ def spectral_case(backend, device):
             (weight,))
 
 
+def spectral_group_case(backend, device):
+    """Two weights in one spectral_norm_group call (eval, fixed buffers, as spectral_case)."""
+    weights = (drawn((4, 3, 2), device, seed=1), drawn((3, 5), device, seed=2))
+    us = [nn.functional.normalize(torch.randn(n, dtype=torch.float64), dim=0).to(device) for n in (3, 3)]
+    vs = [nn.functional.normalize(torch.randn(n, dtype=torch.float64), dim=0).to(device) for n in (8, 5)]
+    return (lambda a, b: tuple(F.spectral_norm_group([a, b], us, vs, [1, 0], training=False, backend=backend)[0]),
+            weights)
+
+
 CASES = {
     "weight_norm dim 0": lambda b, d: (lambda v, g: F.weight_norm(v, g, 0, backend=b),
                                        (drawn((3, 2, 2), d), drawn((3, 1, 1), d, 1, positive=True))),
@@ -40,6 +49,7 @@ CASES = {
     "weight_norm whole": lambda b, d: (lambda v, g: F.weight_norm(v, g, None, backend=b),
                                        (drawn((3, 4), d), drawn((), d, 1, positive=True))),
     "spectral_norm": spectral_case,
+    "spectral_norm group": spectral_group_case,
     "spectral_norm 1-D": lambda b, d: (lambda w: F.spectral_norm(w, backend=b)[0], (drawn((5,), d),)),
     "similarity cosine": lambda b, d: (lambda f: F.pairwise_similarity_penalty(f, "cosine", backend=b),
                                        (drawn((4, 3), d),)),

@@ -122,7 +122,6 @@ class OpSpec:
         outputs = [r.name for r in forward.returns]
         if not all(outputs):
             raise ValueError(f"{forward.name}: name every return (they are matched to the backward's arguments)")
-        self.n_inputs = len(inputs)
         self.mutated = tuple(a.name for a in forward.arguments if a.alias_info is not None and a.alias_info.is_write)
         # the backward's arguments after the gradient: ("input", i) or ("output", i) of the forward
         self.backward_sources = []
