@@ -500,6 +500,233 @@ __global__ void sn_group_backward_kernel(
   }
 }
 
+// ---- Top k: the k leading singular vectors (BigGAN-PyTorch's num_svs); the scheme of
+// gannorm_kernels/triton/spectral_norm.py: block power iteration, U = X R_x^-1 with R_x^T R_x
+// = X^T X (X = W V), V = T R_t^-1 (T = W^T U), sigma_c = (R_t)_cc. The vectors travel as rows
+// of (k, h) / (k, w) buffers; x and t are (h, K) / (w, K), K the padded k (a power of two);
+// the Gram partials are fp64 (K x K per block) and every block factors their sum itself.
+constexpr int kMaxSvs = 8;
+
+// The sum of n K x K Gram partials, factored (R upper, pivots max(sqrt(residual), eps)) into
+// shared R and s (s_c = residual / pivot). Every thread of the block must call it.
+template <int K>
+__device__ void block_cholesky(const double* __restrict__ grams, int n, double eps, double (&R)[K][K],
+                               double (&s)[K]) {
+  __shared__ double sums[kThreads];
+  GANNORM_POISON_SHARED(sums);
+  const int tid = threadIdx.x + blockDim.x * threadIdx.y;
+  const int threads = blockDim.x * blockDim.y;  // a multiple of K * K
+  const int e = tid % (K * K);
+  double sum = 0;
+  for (int p = tid / (K * K); p < n; p += threads / (K * K)) sum += grams[int64_t(p) * K * K + e];
+  sums[tid] = sum;
+  __syncthreads();
+  if (tid == 0) {
+    double G[K][K];
+    for (int a = 0; a < K * K; ++a) {
+      double total = 0;
+      for (int m = a; m < threads; m += K * K) total += sums[m];
+      G[a / K][a % K] = total;
+    }
+    for (int c = 0; c < K; ++c) {
+      for (int d = 0; d < K; ++d) R[c][d] = 0;
+    }
+    for (int c = 0; c < K; ++c) {
+      double residual[K];
+      for (int d = 0; d < K; ++d) {
+        residual[d] = G[c][d];
+        for (int r = 0; r < c; ++r) residual[d] -= R[r][c] * R[r][d];
+      }
+      const double diag = residual[c] > 0 ? residual[c] : 0.0;
+      const double pivot = max_acc(sqrt(diag), eps);
+      R[c][c] = pivot;
+      for (int d = c + 1; d < K; ++d) R[c][d] = residual[d] / pivot;
+      s[c] = diag / pivot;
+    }
+  }
+  __syncthreads();
+}
+
+// q with q R = x (one row): the orthonormalised vectors' entries at that row/column.
+template <int K, typename acc>
+__device__ __forceinline__ void solve_row(const acc (&x)[K], const double (&R)[K][K], acc (&q)[K]) {
+  for (int c = 0; c < K; ++c) {
+    acc value = x[c];
+    for (int d = 0; d < c; ++d) value -= q[d] * static_cast<acc>(R[d][c]);
+    q[c] = value / static_cast<acc>(R[c][c]);
+  }
+}
+
+template <typename scalar_t, int K, bool kVFromT, bool kEval>
+__global__ void sn_topk_rows_kernel(
+    acc_t<scalar_t>* __restrict__ x,                // (h, K) out: W V
+    double* __restrict__ grams,                      // (blocks, K, K) out: X's Gram partials
+    acc_t<scalar_t>* __restrict__ products,          // (blocks, K) out (kEval): sums of u_c x_c
+    const scalar_t* __restrict__ weight,             // (A, h, B)
+    const scalar_t* __restrict__ v,                  // (k, w) the v buffer (not kVFromT)
+    const acc_t<scalar_t>* __restrict__ t,           // (w, K) when kVFromT
+    const double* __restrict__ t_grams,              // (n_t, K, K) when kVFromT
+    const scalar_t* __restrict__ u,                  // (k, h) the u buffer (kEval)
+    int h, int w, int B, int k, int n_t, double eps) {
+  using acc = acc_t<scalar_t>;
+  __shared__ double R[K][K], s[K];
+  __shared__ acc row_values[kRowsPerBlock][K];
+  GANNORM_POISON_SHARED(row_values);
+  if (kVFromT) block_cholesky<K>(t_grams, n_t, eps, R, s);
+  const int i = blockIdx.x * kRowsPerBlock + threadIdx.y;
+  acc sum[K];
+  for (int c = 0; c < K; ++c) sum[c] = 0;
+  if (i < h) {
+    const scalar_t* row = weight + int64_t(i) * B;
+    const int64_t hB = int64_t(h) * B;
+    for (int j = threadIdx.x; j < w; j += kWarpSize) {
+      const acc wij = static_cast<acc>(row[column_offset<true>(j, B, hB)]);
+      for (int c = 0; c < K; ++c) {
+        const acc vjc = kVFromT ? t[int64_t(j) * K + c] : (c < k ? static_cast<acc>(v[int64_t(c) * w + j]) : acc(0));
+        sum[c] += wij * vjc;
+      }
+    }
+  }
+  for (int c = 0; c < K; ++c) sum[c] = warp_sum(sum[c]);
+  acc xi[K];
+  if (kVFromT) {
+    solve_row<K, acc>(sum, R, xi);  // W V = (W T) R_t^-1
+  } else {
+    for (int c = 0; c < K; ++c) xi[c] = sum[c];
+  }
+  if (threadIdx.x == 0) {
+    for (int c = 0; c < K; ++c) {
+      row_values[threadIdx.y][c] = i >= h ? acc(0) : kEval ? (c < k ? static_cast<acc>(u[int64_t(c) * h + i]) * xi[c] : acc(0))
+                                                           : xi[c];
+      if (!kEval && i < h) x[int64_t(i) * K + c] = xi[c];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    if (kEval) {
+      for (int c = 0; c < K; ++c) {
+        acc total = 0;
+        for (int r = 0; r < kRowsPerBlock; ++r) total += row_values[r][c];
+        products[int64_t(blockIdx.x) * K + c] = total;
+      }
+    } else {
+      for (int a = 0; a < K * K; ++a) {
+        double total = 0;
+        for (int r = 0; r < kRowsPerBlock; ++r) total += double(row_values[r][a / K]) * double(row_values[r][a % K]);
+        grams[int64_t(blockIdx.x) * K * K + a] = total;
+      }
+    }
+  }
+}
+
+template <typename scalar_t, int K>
+__global__ void sn_topk_cols_kernel(
+    acc_t<scalar_t>* __restrict__ t,                 // (w, K) out: W^T U
+    double* __restrict__ t_grams,                     // (blocks, K, K) out
+    scalar_t* __restrict__ u_buffer,                  // (k, h) out: the u buffer, in place
+    acc_t<scalar_t>* __restrict__ u_used,             // (k, h) out
+    const scalar_t* __restrict__ weight,              // (A, h, B)
+    const acc_t<scalar_t>* __restrict__ x,            // (h, K) W V
+    const double* __restrict__ x_grams,               // (n_x, K, K)
+    int h, int w, int B, int k, int n_x, double eps) {
+  using acc = acc_t<scalar_t>;
+  __shared__ double R[K][K], s[K];
+  __shared__ acc partial[kColumnPhases][kWarpSize][K];
+  GANNORM_POISON_SHARED(partial);
+  block_cholesky<K>(x_grams, n_x, eps, R, s);
+  const int j = blockIdx.x * kWarpSize + threadIdx.x;
+  acc sum[K];
+  for (int c = 0; c < K; ++c) sum[c] = 0;
+  if (j < w) {
+    const scalar_t* column = weight + column_offset<true>(j, B, int64_t(h) * B);
+    for (int i = threadIdx.y; i < h; i += kColumnPhases) {
+      const acc wij = static_cast<acc>(column[int64_t(i) * B]);
+      for (int c = 0; c < K; ++c) sum[c] += wij * x[int64_t(i) * K + c];
+    }
+  }
+  for (int c = 0; c < K; ++c) partial[threadIdx.y][threadIdx.x][c] = sum[c];
+  __syncthreads();
+  if (threadIdx.y == 0) {  // the first warp, whole
+    acc raw[K], tj[K];
+    for (int c = 0; c < K; ++c) {
+      raw[c] = 0;
+      for (int r = 0; r < kColumnPhases; ++r) raw[c] += partial[r][threadIdx.x][c];
+    }
+    solve_row<K, acc>(raw, R, tj);  // W^T X R_x^-1
+    for (int c = 0; c < K; ++c) {
+      if (j >= w) tj[c] = 0;
+      if (j < w) t[int64_t(j) * K + c] = tj[c];
+    }
+    for (int a = 0; a < K * K; ++a) {
+      const double g = warp_sum(double(tj[a / K]) * double(tj[a % K]));
+      if (threadIdx.x == 0) t_grams[int64_t(blockIdx.x) * K * K + a] = g;
+    }
+  }
+  const int tid = threadIdx.x + kWarpSize * threadIdx.y;
+  for (int64_t r = int64_t(blockIdx.x) * kThreads + tid; r < h; r += int64_t(gridDim.x) * kThreads) {
+    acc xr[K], ur[K];
+    for (int c = 0; c < K; ++c) xr[c] = x[r * K + c];
+    solve_row<K, acc>(xr, R, ur);
+    for (int c = 0; c < k; ++c) {
+      u_used[int64_t(c) * h + r] = ur[c];
+      u_buffer[int64_t(c) * h + r] = static_cast<scalar_t>(ur[c]);
+    }
+  }
+}
+
+template <typename scalar_t, int K, bool kTrain>
+__global__ void sn_topk_scale_kernel(
+    scalar_t* __restrict__ out,                      // weight's shape: W / sigma_0
+    acc_t<scalar_t>* __restrict__ sigmas,            // (k,) out
+    scalar_t* __restrict__ v_buffer,                 // (k, w) out (kTrain): the v buffer, in place
+    acc_t<scalar_t>* __restrict__ v_used,            // (k, w) out
+    acc_t<scalar_t>* __restrict__ u_used,            // (k, h) out (eval: u as used)
+    const scalar_t* __restrict__ weight,             // (numel,)
+    const double* __restrict__ t_grams,              // (n, K, K) (kTrain)
+    const acc_t<scalar_t>* __restrict__ products,    // (n, K) (eval): sums of u_c x_c
+    const acc_t<scalar_t>* __restrict__ t,           // (w, K) (kTrain)
+    const scalar_t* __restrict__ u_src,              // (k, h) (eval)
+    const scalar_t* __restrict__ v_src,              // (k, w) (eval)
+    int64_t numel, int h, int w, int k, int n, double eps) {
+  using acc = acc_t<scalar_t>;
+  __shared__ double R[K][K], s[K];
+  acc sigma_values[K];
+  if (kTrain) {
+    block_cholesky<K>(t_grams, n, eps, R, s);
+    for (int c = 0; c < K; ++c) sigma_values[c] = static_cast<acc>(s[c]);
+  } else {
+    for (int c = 0; c < K; ++c) {
+      acc sum = 0;
+      for (int p = threadIdx.x; p < n; p += blockDim.x) sum += products[int64_t(p) * K + c];
+      sigma_values[c] = block_sum(sum);
+    }
+  }
+  const acc sigma = sigma_values[0];
+  const acc eps_acc = static_cast<acc>(eps);
+  const acc denominator = abs_acc(sigma) > eps_acc ? sigma : eps_acc;
+  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t e = first; e < numel; e += stride) {
+    out[e] = static_cast<scalar_t>(static_cast<acc>(weight[e]) / denominator);
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    for (int c = 0; c < k; ++c) sigmas[c] = sigma_values[c];
+  }
+  if (kTrain) {
+    for (int64_t j = first; j < w; j += stride) {
+      acc tj[K], vj[K];
+      for (int c = 0; c < K; ++c) tj[c] = t[j * K + c];
+      solve_row<K, acc>(tj, R, vj);
+      for (int c = 0; c < k; ++c) {
+        v_used[int64_t(c) * w + j] = vj[c];
+        v_buffer[int64_t(c) * w + j] = static_cast<scalar_t>(vj[c]);
+      }
+    }
+  } else {
+    for (int64_t e = first; e < int64_t(k) * h; e += stride) u_used[e] = static_cast<acc>(u_src[e]);
+    for (int64_t e = first; e < int64_t(k) * w; e += stride) v_used[e] = static_cast<acc>(v_src[e]);
+  }
+}
+
 struct MatrixLayout {
   int A, h, B;
   int w() const { return A * B; }
@@ -608,7 +835,114 @@ std::pair<int, int> fill_group(GroupLayers<scalar_t>& g, const GroupPlan& plan, 
   return {g.start[0][n], g.start[1][n]};
 }
 
+template <int K>
+void spectral_norm_topk_launch(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v,
+                               const MatrixLayout& L, int k, int64_t n_power_iterations, double eps, bool training,
+                               at::Tensor& out, at::Tensor& sigmas, at::Tensor& u_used, at::Tensor& v_used) {
+  const auto acc_options = weight.options().dtype(acc_scalar_type(weight));
+  const auto gram_options = weight.options().dtype(at::kDouble);
+  const int64_t numel = weight.numel();
+  const int rows_blocks = (L.h + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int cols_blocks = (L.w() + kWarpSize - 1) / kWarpSize;
+  const int scale_blocks =
+      blocks_for(std::max<int64_t>({numel, int64_t(k) * L.h, int64_t(k) * L.w()}), 4 * kThreads, kMaxElementwiseBlocks);
+  const dim3 warp_rows(kWarpSize, kRowsPerBlock), warp_columns(kWarpSize, kColumnPhases);
+  at::Tensor x = at::empty({L.h, K}, acc_options);
+  GANNORM_DISPATCH_FLOAT_DTYPES(weight.scalar_type(), "spectral_norm_topk_fwd", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
+    scalar_t* u_ptr = u.data_ptr<scalar_t>();
+    scalar_t* v_ptr = v.data_ptr<scalar_t>();
+    if (training) {
+      at::Tensor x_grams = at::empty({rows_blocks, K, K}, gram_options);
+      at::Tensor t = at::empty({L.w(), K}, acc_options);
+      at::Tensor t_grams = at::empty({cols_blocks, K, K}, gram_options);
+      for (int64_t iteration = 0; iteration < n_power_iterations; ++iteration) {
+        auto rows = iteration == 0 ? sn_topk_rows_kernel<scalar_t, K, false, false>
+                                   : sn_topk_rows_kernel<scalar_t, K, true, false>;
+        GANNORM_LAUNCH(rows, dim3(rows_blocks), warp_rows, x.data_ptr<acc>(), x_grams.data_ptr<double>(),
+                       static_cast<acc*>(nullptr), w_ptr, v_ptr, static_cast<const acc*>(t.data_ptr<acc>()),
+                       static_cast<const double*>(t_grams.data_ptr<double>()), u_ptr, L.h, L.w(), L.B, k, cols_blocks,
+                       eps);
+        auto cols = sn_topk_cols_kernel<scalar_t, K>;
+        GANNORM_LAUNCH(cols, dim3(cols_blocks), warp_columns, t.data_ptr<acc>(), t_grams.data_ptr<double>(), u_ptr,
+                       u_used.data_ptr<acc>(), w_ptr, static_cast<const acc*>(x.data_ptr<acc>()),
+                       static_cast<const double*>(x_grams.data_ptr<double>()), L.h, L.w(), L.B, k, rows_blocks, eps);
+      }
+      auto scale = sn_topk_scale_kernel<scalar_t, K, true>;
+      GANNORM_LAUNCH(scale, dim3(scale_blocks), dim3(kThreads), out.data_ptr<scalar_t>(), sigmas.data_ptr<acc>(),
+                     v_ptr, v_used.data_ptr<acc>(), u_used.data_ptr<acc>(), w_ptr,
+                     static_cast<const double*>(t_grams.data_ptr<double>()), static_cast<const acc*>(nullptr),
+                     static_cast<const acc*>(t.data_ptr<acc>()), static_cast<const scalar_t*>(u_ptr),
+                     static_cast<const scalar_t*>(v_ptr), numel, L.h, L.w(), k, cols_blocks, eps);
+    } else {
+      at::Tensor products = at::empty({rows_blocks, K}, acc_options);
+      auto rows = sn_topk_rows_kernel<scalar_t, K, false, true>;
+      GANNORM_LAUNCH(rows, dim3(rows_blocks), warp_rows, x.data_ptr<acc>(), static_cast<double*>(nullptr),
+                     products.data_ptr<acc>(), w_ptr, v_ptr, static_cast<const acc*>(nullptr),
+                     static_cast<const double*>(nullptr), u_ptr, L.h, L.w(), L.B, k, 0, eps);
+      auto scale = sn_topk_scale_kernel<scalar_t, K, false>;
+      GANNORM_LAUNCH(scale, dim3(scale_blocks), dim3(kThreads), out.data_ptr<scalar_t>(), sigmas.data_ptr<acc>(),
+                     v_ptr, v_used.data_ptr<acc>(), u_used.data_ptr<acc>(), w_ptr, static_cast<const double*>(nullptr),
+                     static_cast<const acc*>(products.data_ptr<acc>()), static_cast<const acc*>(nullptr),
+                     static_cast<const scalar_t*>(u_ptr), static_cast<const scalar_t*>(v_ptr), numel, L.h, L.w(), k,
+                     rows_blocks, eps);
+    }
+  });
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_topk_fwd(
+    const at::Tensor& weight_in, const at::Tensor& u, const at::Tensor& v, int64_t dim, int64_t n_power_iterations,
+    double eps, bool training) {
+  check_float(weight_in, "weight");
+  check_device(weight_in, "weight");
+  const MatrixLayout L = matrix_layout(weight_in, dim);
+  TORCH_CHECK(u.dim() == 2 && u.size(0) >= 1 && u.size(0) <= kMaxSvs && u.size(1) == L.h, "u must have shape (k, ",
+              L.h, ") with 1 <= k <= ", kMaxSvs, ", got ", u.sizes());
+  const int k = static_cast<int>(u.size(0));
+  TORCH_CHECK(v.dim() == 2 && v.size(0) == k && v.size(1) == L.w(), "v must have shape (", k, ", ", L.w(), "), got ",
+              v.sizes());
+  auto check_vectors = [&](const at::Tensor& buffer, const char* name) {
+    check_device(buffer, name);
+    TORCH_CHECK(buffer.scalar_type() == weight_in.scalar_type(), name, " must have the weight's dtype ",
+                weight_in.scalar_type(), ", got ", buffer.scalar_type());
+    TORCH_CHECK(buffer.is_contiguous(), name, " must be contiguous (it is updated in place)");
+  };
+  check_vectors(u, "u");
+  check_vectors(v, "v");
+  TORCH_CHECK(n_power_iterations >= 1, "n_power_iterations must be >= 1, got ", n_power_iterations);
+  TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  const int K = k <= 1 ? 1 : k <= 2 ? 2 : k <= 4 ? 4 : 8;
+  check_extent(int64_t(std::max(L.h, L.w())) * K, "weight", "rows or columns times the padded k");
+  GANNORM_DEVICE_GUARD(weight_in);
+  const at::Tensor weight = weight_in.contiguous();
+  const auto acc_options = weight.options().dtype(acc_scalar_type(weight));
+  at::Tensor out = at::empty(weight.sizes(), weight.options());
+  at::Tensor sigmas = at::empty({k}, acc_options);
+  at::Tensor u_used = at::empty({k, L.h}, acc_options);
+  at::Tensor v_used = at::empty({k, L.w()}, acc_options);
+  switch (K) {
+    case 1: spectral_norm_topk_launch<1>(weight, u, v, L, k, n_power_iterations, eps, training, out, sigmas, u_used, v_used); break;
+    case 2: spectral_norm_topk_launch<2>(weight, u, v, L, k, n_power_iterations, eps, training, out, sigmas, u_used, v_used); break;
+    case 4: spectral_norm_topk_launch<4>(weight, u, v, L, k, n_power_iterations, eps, training, out, sigmas, u_used, v_used); break;
+    default: spectral_norm_topk_launch<8>(weight, u, v, L, k, n_power_iterations, eps, training, out, sigmas, u_used, v_used);
+  }
+  return {out, sigmas, u_used, v_used};
+}
+
+at::Tensor spectral_norm_bwd(const at::Tensor& grad_out_in, const at::Tensor& weight_in, const at::Tensor& u_used,
+                             const at::Tensor& v_used, const at::Tensor& sigma, int64_t dim, double eps);
+
+// W / sigma_0's gradient, u_0, v_0, sigma_0 constant: the single-vector backward.
+at::Tensor spectral_norm_topk_bwd(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& u_used,
+                                  const at::Tensor& v_used, const at::Tensor& sigmas, int64_t dim, double eps) {
+  TORCH_CHECK(u_used.dim() == 2 && v_used.dim() == 2 && sigmas.dim() == 1 && sigmas.numel() >= 1,
+              "u_used (k, h), v_used (k, w) and sigmas (k,) expected, got ", u_used.sizes(), ", ", v_used.sizes(),
+              ", ", sigmas.sizes());
+  return spectral_norm_bwd(grad_out, weight, u_used[0], v_used[0], sigmas[0], dim, eps);
+}
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> spectral_norm_group_fwd(
     at::TensorList weights_in, at::TensorList us, at::TensorList vs, at::IntArrayRef dims, int64_t n_power_iterations,
@@ -909,6 +1243,10 @@ GANNORM_OPS_FRAGMENT(m) {
   m.def("spectral_norm_group_fwd(Tensor[] weights, Tensor(a!)[] us, Tensor(b!)[] vs, int[] dims, int "
         "n_power_iterations, float eps, bool training) -> (Tensor[] outs, Tensor sigmas, Tensor u_used, Tensor "
         "v_used)");
+  m.def("spectral_norm_topk_fwd(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, int n_power_iterations, float "
+        "eps, bool training) -> (Tensor out, Tensor sigmas, Tensor u_used, Tensor v_used)");
+  m.def("spectral_norm_topk_bwd(Tensor grad_out, Tensor weight, Tensor u_used, Tensor v_used, Tensor sigmas, int dim, "
+        "float eps) -> Tensor grad_weight");
   m.def("spectral_norm_group_bwd(Tensor[] grad_outs, Tensor[] weights, Tensor u_used, Tensor v_used, Tensor "
         "sigmas, int[] dims, float eps) -> Tensor[] grad_weights");
 }
@@ -919,5 +1257,7 @@ GANNORM_OPS_IMPL(m) {
   m.impl("spectral_norm_vector_fwd", &gannorm::spectral_norm_vector_fwd);
   m.impl("spectral_norm_vector_bwd", &gannorm::spectral_norm_vector_bwd);
   m.impl("spectral_norm_group_fwd", &gannorm::spectral_norm_group_fwd);
+  m.impl("spectral_norm_topk_fwd", &gannorm::spectral_norm_topk_fwd);
+  m.impl("spectral_norm_topk_bwd", &gannorm::spectral_norm_topk_bwd);
   m.impl("spectral_norm_group_bwd", &gannorm::spectral_norm_group_bwd);
 }

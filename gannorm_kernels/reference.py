@@ -145,6 +145,48 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: i
     return (weight.to(compute) / denominator).to(weight.dtype), sigma
 
 
+def orthonormalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gram-Schmidt (modified, as BigGAN-PyTorch's) on the rows of x (k, n): row c minus its
+    projections on the rows before it, divided by max(its norm, eps). Returns (q, s) with
+    s_c = ||r_c||^2 / max(||r_c||, eps) (= <x_c, q_c>: the c-th singular value estimate when
+    x = W^T U)."""
+    q, s = [], []
+    for c in range(x.shape[0]):
+        r = x[c]
+        for previous in q:
+            r = r - torch.dot(previous, r) * previous
+        norm = torch.linalg.vector_norm(r)
+        denominator = torch.clamp_min(norm, eps)
+        q.append(r / denominator)
+        s.append(norm * norm / denominator)
+    return torch.stack(q), torch.stack(s)
+
+
+def spectral_norm_topk(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int, n_power_iterations: int,
+                       eps: float, training: bool):
+    """(weight / sigma_0, sigmas): the top k singular values of W (the weight as a matrix along
+    `dim`) by block power iteration on the buffers u (k, h) and v (k, w), BigGAN-PyTorch's
+    num_svs in torch's order: each training iteration U = orthonormalize(V W^T), then
+    V = orthonormalize(U W), written into the buffers in place; sigmas_c = u_c^T W v_c from the
+    vectors used (the buffers as they are in eval). For k = 1 this is spectral_norm. u and v
+    are constants for the gradient; math in fp32 (fp64 for fp64)."""
+    compute = acc_dtype(weight.dtype)
+    weight_mat = weight_matrix(weight, dim).to(compute)
+    u_used = u.detach().to(compute).clone()
+    v_used = v.detach().to(compute).clone()
+    if training:
+        with torch.no_grad():
+            for _ in range(n_power_iterations):
+                u_used = orthonormalize(v_used @ weight_mat.T, eps)[0]
+                v_used = orthonormalize(u_used @ weight_mat, eps)[0]
+            u.copy_(u_used)
+            v.copy_(v_used)
+    sigmas = ((u_used @ weight_mat) * v_used).sum(1)
+    sigma = sigmas[0]
+    denominator = torch.where(sigma.abs() > eps, sigma, torch.full_like(sigma, eps))
+    return (weight.to(compute) / denominator).to(weight.dtype), sigmas
+
+
 def vector_normalize(weight: torch.Tensor, eps: float):
     """1-D weights, as torch's spectral norm treats them: (weight / max(||weight||, eps), that
     denominator)."""

@@ -287,3 +287,100 @@ def spectral_norm_group(weights, us, vs, dims, n_power_iterations: int = 1, eps:
     outs, sigmas, _, _ = SPECTRAL_NORM_GROUP(list(weights), list(us), list(vs), dims, n_power_iterations, eps,
                                              training, name)
     return outs, sigmas
+
+
+# ---- Top k singular values (BigGAN-PyTorch's num_svs) -------------------------------------------
+
+MAX_SVS = 8  # the kernels keep k vectors and a k x k matrix per program
+
+
+def check_topk_args(weight, u, v, dim, n_power_iterations, eps) -> int:
+    """As check_spectral_norm_args, for buffers u (k, h) and v (k, w), 1 <= k <= MAX_SVS."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2 or weight.dtype not in FLOAT_DTYPES:
+        raise TypeError("weight must be a real floating-point tensor of 2 or more dims for the top-k spectral norm, "
+                        f"got {tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    check_settings(n_power_iterations, eps)
+    dim = checks.matrix_dim(dim, weight.dim())
+    h, w = checks.matrix_shape(weight.shape, dim)
+    if not isinstance(u, torch.Tensor) or u.dim() != 2 or not 1 <= u.shape[0] <= MAX_SVS:
+        raise ValueError(f"u must have shape (k, {h}) with 1 <= k <= {MAX_SVS}, got "
+                         f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
+    k = u.shape[0]
+    for name, buffer, size in (("u", u, h), ("v", v, w)):
+        if not isinstance(buffer, torch.Tensor) or buffer.shape != (k, size):
+            raise ValueError(f"{name} must have shape ({k}, {size}) for a weight of shape {tuple(weight.shape)} "
+                             f"along dim {dim} and k = {k}, got "
+                             f"{tuple(buffer.shape) if isinstance(buffer, torch.Tensor) else type(buffer).__name__}")
+        if buffer.dtype != weight.dtype or buffer.device != weight.device:
+            raise TypeError(f"{name} must have the weight's dtype and device ({weight.dtype}, {weight.device}), "
+                            f"got ({buffer.dtype}, {buffer.device})")
+        if not buffer.is_contiguous():
+            raise ValueError(f"{name} must be contiguous: it is updated in place")
+    return dim
+
+
+def topk_cost(shape, dtype, dim: int = 0, mode: str = "train", n_power_iterations: int = 1, k: int = 1) -> Cost:
+    """k = 1's passes over W (each reads W once for all k vectors); the vectors' traffic k
+    times k = 1's, plus the fp64 k x k Gram partials. Backward: k = 1's."""
+    if mode == "backward":
+        return cost(shape, dtype, dim, "backward")
+    single = cost(shape, dtype, dim, mode, n_power_iterations)
+    n, s, acc = math.prod(shape), element_size(dtype), element_size(acc_dtype(dtype))
+    h = shape[dim]
+    w = n // h
+    vectors = (k - 1) * (h + w) * (s + 2 * acc) * (n_power_iterations if mode == "train" else 1)
+    return Cost(single.launches, single.bytes + vectors, 2 * k * n * (2 * n_power_iterations + 1))
+
+
+def _topk_forward_fake(weight, u, v, dim, n_power_iterations, eps, training):
+    acc = acc_dtype(weight.dtype)
+    return (weight.new_empty(weight.shape), weight.new_empty((u.shape[0],), dtype=acc),
+            weight.new_empty(u.shape, dtype=acc), weight.new_empty(v.shape, dtype=acc))
+
+
+def _triton_topk():
+    from ..triton import spectral_norm as kernels
+    return kernels.spectral_norm_topk_fwd, kernels.spectral_norm_topk_bwd
+
+
+# sigmas (k,) the k singular value estimates; u_used (k, h), v_used (k, w). The output is
+# W / sigmas[0]; its gradient treats u_0, v_0 as constants, as k = 1's.
+SPECTRAL_NORM_TOPK = OpSpec(
+    "spectral_norm_topk_fwd(Tensor weight, Tensor(a!) u, Tensor(b!) v, int dim, int n_power_iterations, float eps, "
+    "bool training) -> (Tensor out, Tensor sigmas, Tensor u_used, Tensor v_used)",
+    "spectral_norm_topk_bwd(Tensor grad_out, Tensor weight, Tensor u_used, Tensor v_used, Tensor sigmas, int dim, "
+    "float eps) -> Tensor grad_weight",
+    forward_fake=_topk_forward_fake,
+    backward_fake=lambda grad_out, weight, u_used, v_used, sigmas, dim, eps: weight.new_empty(weight.shape),
+    reference=lambda weight, u_used, v_used, sigmas, dim, eps: reference.spectral_norm(
+        weight, u_used[0], v_used[0], dim, 1, eps, training=False)[0],
+    triton=_triton_topk, cost=topk_cost)
+
+
+def spectral_norm_topk(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int = 0,
+                       n_power_iterations: int = 1, eps: float = 1e-12, training: bool = True, *,
+                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Spectral normalization tracking the top k singular vectors, as BigGAN-PyTorch's
+    ``num_svs``: returns ``(weight / sigmas[0], sigmas)``, ``sigmas`` the k leading singular
+    value estimates (fp32; fp64 for fp64 weights), no gradient.
+
+    Args:
+        weight: 2+ dims, a matrix whose rows run along ``dim``.
+        u, v: the vectors as rows, shapes (k, rows) and (k, columns), 1 <= k <= 8, the
+            weight's dtype, contiguous; updated in place when ``training``.
+        n_power_iterations: block power iterations per training call, each U =
+            orthonormalize(W V) then V = orthonormalize(W^T U) (Gram-Schmidt, in torch's
+            order; for k = 1 exactly :func:`spectral_norm`).
+        eps, training, backend: as in :func:`spectral_norm`.
+
+    Kernel backends launch what k = 1 launches (2 n + 1 to train, 2 in eval, 2 backward),
+    each pass reading the weight once for all k vectors.
+    """
+    dim = check_topk_args(weight, u, v, dim, n_power_iterations, eps)
+    name = backends.resolve(backend, weight.device)
+    eps = float(eps)
+    if name == "reference":
+        out, sigmas = reference.spectral_norm_topk(weight, u, v, dim, n_power_iterations, eps, training)
+        return out, sigmas.detach()
+    out, sigmas, _, _ = SPECTRAL_NORM_TOPK(weight, u, v, dim, n_power_iterations, eps, training, name)
+    return out, sigmas

@@ -89,6 +89,21 @@ def _spectral_norm_group_calls(forward, backward, dtype):
                  1e-12)
 
 
+def _spectral_norm_topk_calls(forward, backward, dtype):
+    from ..checks import matrix_shape
+    from .workloads import GAN_LAYERS
+    for _, _, shape in GAN_LAYERS:
+        weight = _meta(*shape, dtype=dtype)
+        for dim in (0, 1):
+            h, w = matrix_shape(shape, dim)
+            for k in (2, 4, 8):  # each padded width
+                u, v = _meta(k, h, dtype=dtype), _meta(k, w, dtype=dtype)
+                forward(weight, u, v, dim, 2, 1e-12, True)
+                forward(weight, u, v, dim, 1, 1e-12, False)
+        backward(weight, weight, _meta(4, h, dtype=_acc(dtype)), _meta(4, w, dtype=_acc(dtype)),
+                 _meta(4, dtype=_acc(dtype)), dim, 1e-12)
+
+
 def _spectral_norm_vector_calls(forward, backward, dtype):
     from .workloads import GAN_LAYERS
     for _, _, shape in GAN_LAYERS + [("large", "", LARGE_WEIGHT)]:
@@ -134,6 +149,7 @@ WORKLOAD_CALLS = {
     "spectral_norm": _spectral_norm_calls,
     "spectral_norm_vector": _spectral_norm_vector_calls,
     "spectral_norm_group": _spectral_norm_group_calls,
+    "spectral_norm_topk": _spectral_norm_topk_calls,
     "similarity_cosine": _similarity_cosine_calls,
     "similarity_rbf": _similarity_rbf_calls,
     "minibatch_discrimination": _minibatch_discrimination_calls,

@@ -691,3 +691,252 @@ def spectral_norm_group_bwd(grad_outs, weights, u_used, v_used, sigmas, dims, ep
     launch(_group_backward, (totals["bwd"],), sizes, addresses, u_used, v_used, sigmas, partials, L, eps,
            BLOCK=blocks["bwd_block"], BLOCK_P=_PARTIALS_BLOCK, tables_address=reached, **common)
     return grad_weights
+
+
+# ---- Top k: the k leading singular vectors (BigGAN-PyTorch's num_svs) --------------------------
+# Block power iteration on U (k, h) and V (k, w), orthonormalised by Gram-Schmidt: with X = W V,
+# U = X R_x^-1 where R_x^T R_x = X^T X (Cholesky: Gram-Schmidt's R), and with T = W^T U,
+# V = T R_t^-1, sigma_c = (R_t)_cc. The same three passes as k = 1, each over W once for all k
+# vectors; the Gram matrices are summed from per-program partials in fp64 (its conditioning is
+# that of X squared) and every program that needs R factors the k x k matrix itself.
+#   _topk_rows   X = W V (V = T R_t^-1 from the previous iteration's T when V_FROM_T), Gram
+#                partials of X (EVAL: partials of u_c . x_c instead)
+#   _topk_cols   T = W^T X R_x^-1 = W^T U, Gram partials of T; writes U
+#   _topk_scale  sigmas from R_t (EVAL: the u_c . x_c sums), out = W / sigma_0; writes V
+# Launches as k = 1: training 2 n + 1, eval 2; backward: k = 1's with u_0, v_0, sigma_0.
+# Layouts: the buffers and u_used/v_used (k, h) and (k, w); x (h, KB) and t (w, KB), KB the
+# power of two >= k (the padding columns stay zero).
+MAX_SVS = 8
+
+
+@triton.jit
+def _sum_grams(ptr, n, KB: tl.constexpr):
+    c = tl.arange(0, KB)
+    offsets = c[:, None] * KB + c[None, :]
+    total = tl.zeros([KB, KB], dtype=tl.float64)
+    for p in range(0, n):
+        total += tl.load(ptr + p * KB * KB + offsets)
+    return total
+
+
+@triton.jit
+def _gram(x, KB: tl.constexpr):
+    x = x.to(tl.float64)
+    return tl.sum(x[:, :, None] * x[:, None, :], axis=0)
+
+
+@triton.jit
+def _cholesky(G, eps, KB: tl.constexpr):
+    # R upper triangular with R^T R = G, pivots max(sqrt(residual), eps) as normalize(..., eps)
+    # divides; and s_c = residual / pivot, the singular value estimate (||t||^2 / max(||t||, eps)
+    # for k = 1, as the single-vector kernels compute sigma).
+    c = tl.arange(0, KB)
+    R = tl.zeros([KB, KB], dtype=G.dtype)
+    s = tl.zeros([KB], dtype=G.dtype)
+    for col in tl.static_range(KB):
+        residual = G - tl.sum(R[:, :, None] * R[:, None, :], axis=0)
+        row = tl.sum(tl.where(c[:, None] == col, residual, 0.0), axis=0)
+        diag = tl.maximum(tl.sum(tl.where(c == col, row, 0.0), axis=0), 0.0)
+        pivot = tl.maximum(tl.sqrt(diag), eps)
+        R = tl.where(c[:, None] == col, tl.where(c > col, row / pivot, tl.where(c == col, pivot, 0.0))[None, :], R)
+        s = tl.where(c == col, diag / pivot, s)
+    return R, s
+
+
+@triton.jit
+def _solve_rows(X, R, KB: tl.constexpr):
+    # Q with Q R = X, row by row (Q = X R^-1: the orthonormalised vectors as rows of Q)
+    c = tl.arange(0, KB)
+    Q = tl.zeros_like(X)
+    for col in tl.static_range(KB):
+        r_col = tl.sum(tl.where(c[None, :] == col, R, 0.0), axis=1)
+        r_cc = tl.sum(tl.where(c == col, r_col, 0.0), axis=0)
+        x_col = tl.sum(tl.where(c[None, :] == col, X, 0.0), axis=1)
+        q_col = (x_col - tl.sum(Q * tl.where(c < col, r_col, 0.0)[None, :], axis=1)) / r_cc
+        Q = tl.where(c[None, :] == col, q_col[:, None], Q)
+    return Q
+
+
+@triton.jit
+def _topk_rows(
+    x_ptr,             # (h, KB) out, ACC: W V
+    partials_ptr,      # out: (programs, KB, KB) fp64 Gram partials of X; EVAL: (programs, KB) of u_c . x_c
+    w_ptr,             # weight, (A, h, B)
+    v_ptr,             # (k, w) the v buffer; or t (w, KB) ACC when V_FROM_T
+    t_grams_ptr,       # (n_t, KB, KB) fp64, when V_FROM_T
+    u_ptr,             # (k, h) the u buffer, when EVAL
+    h, w, B, k, n_t, eps,
+    OUTER: tl.constexpr, V_FROM_T: tl.constexpr, EVAL: tl.constexpr, ACC: tl.constexpr, KB: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_mask = i < h
+    c = tl.arange(0, KB)
+    c_mask = c < k
+    rows = w_ptr + matrix_row_offsets(i, B)[:, None]
+    x = tl.zeros([BLOCK_I, KB], dtype=ACC)
+    for start in range(0, w, BLOCK_J):
+        j = start + tl.arange(0, BLOCK_J)
+        j_mask = j < w
+        if V_FROM_T:
+            vectors = tl.load(v_ptr + j[:, None] * KB + c[None, :], mask=j_mask[:, None], other=0.0)
+        else:
+            vectors = tl.load(v_ptr + c[None, :] * w + j[:, None], mask=j_mask[:, None] & c_mask[None, :],
+                              other=0.0).to(ACC)
+        tile = tl.load(rows + matrix_column_offsets(j, h, B, OUTER)[None, :],
+                       mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
+        x += tl.sum(tile[:, :, None] * vectors[None, :, :], axis=1)
+    if V_FROM_T:  # W V = (W T) R_t^-1
+        R, _ = _cholesky(_sum_grams(t_grams_ptr, n_t, KB), eps, KB)
+        x = _solve_rows(x, R.to(ACC), KB)
+    if EVAL:
+        u = tl.load(u_ptr + c[None, :] * h + i[:, None], mask=i_mask[:, None] & c_mask[None, :], other=0.0).to(ACC)
+        tl.store(partials_ptr + pid * KB + c, tl.sum(u * x, axis=0))
+    else:
+        tl.store(x_ptr + i[:, None] * KB + c[None, :], x, mask=i_mask[:, None])
+        tl.store(partials_ptr + pid * KB * KB + c[:, None] * KB + c[None, :], _gram(x, KB))
+
+
+@triton.jit
+def _topk_cols(
+    t_ptr,             # (w, KB) out, ACC: W^T U
+    t_grams_ptr,       # (programs, KB, KB) out, fp64: Gram partials of T
+    u_buffer_ptr,      # (k, h) out: the u buffer, in place
+    u_used_ptr,        # (k, h) out, ACC
+    w_ptr,             # weight
+    x_ptr,             # (h, KB) ACC: W V
+    x_grams_ptr,       # (n_x, KB, KB) fp64
+    h, w, B, k, n_x, eps,
+    OUTER: tl.constexpr, ACC: tl.constexpr, KB: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    j = pid * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_mask = j < w
+    c = tl.arange(0, KB)
+    c_mask = c < k
+    R, _ = _cholesky(_sum_grams(x_grams_ptr, n_x, KB), eps, KB)
+    R = R.to(ACC)
+    columns = w_ptr + matrix_column_offsets(j, h, B, OUTER)[None, :]
+    t = tl.zeros([BLOCK_J, KB], dtype=ACC)
+    for start in range(0, h, BLOCK_I):
+        i = start + tl.arange(0, BLOCK_I)
+        i_mask = i < h
+        x = tl.load(x_ptr + i[:, None] * KB + c[None, :], mask=i_mask[:, None], other=0.0)
+        tile = tl.load(columns + matrix_row_offsets(i, B)[:, None],
+                       mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
+        t += tl.sum(tile[:, :, None] * x[:, None, :], axis=0)
+    t = _solve_rows(t, R, KB)  # W^T X R_x^-1 = W^T U
+    tl.store(t_ptr + j[:, None] * KB + c[None, :], t, mask=j_mask[:, None])
+    tl.store(t_grams_ptr + pid * KB * KB + c[:, None] * KB + c[None, :], _gram(t, KB))
+    for start in range(pid.to(tl.int64) * BLOCK_J, h, tl.num_programs(0) * BLOCK_J):
+        i, i_mask = block_at(start, h, BLOCK_J)
+        x = tl.load(x_ptr + (start + i)[:, None] * KB + c[None, :], mask=i_mask[:, None], other=0.0)
+        u = _solve_rows(x, R, KB)
+        mask = i_mask[:, None] & c_mask[None, :]
+        tl.store(u_used_ptr + c[None, :] * h + start + i[:, None], u, mask=mask)
+        tl.store(u_buffer_ptr + c[None, :] * h + start + i[:, None], u.to(u_buffer_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _topk_scale(
+    out_ptr,           # weight's shape and dtype, out: W / sigma_0
+    sigmas_ptr,        # (k,) out, ACC
+    v_buffer_ptr,      # (k, w) out (TRAIN): the v buffer, in place
+    v_used_ptr,        # (k, w) out, ACC
+    u_used_ptr,        # (k, h) out, ACC (EVAL: u as used)
+    w_ptr,             # weight
+    partials_ptr,      # TRAIN: (n, KB, KB) fp64 Gram partials of T; EVAL: (n, KB) of u_c . x_c
+    t_ptr,             # (w, KB) ACC (TRAIN)
+    u_src_ptr,         # (k, h) the u buffer (EVAL)
+    v_src_ptr,         # (k, w) the v buffer (EVAL)
+    numel, h, w, k, n_partials, eps,
+    TRAIN: tl.constexpr, ACC: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    c = tl.arange(0, KB)
+    c_mask = c < k
+    if TRAIN:
+        R, s = _cholesky(_sum_grams(partials_ptr, n_partials, KB), eps, KB)
+        sigmas = s.to(ACC)
+    else:
+        sigmas = tl.zeros([KB], dtype=ACC)
+        for p in range(0, n_partials):
+            sigmas += tl.load(partials_ptr + p * KB + c)
+    sigma = tl.sum(tl.where(c == 0, sigmas, 0.0), axis=0)
+    denominator = tl.where(tl.abs(sigma) > eps, sigma, eps)
+    for start in range(pid.to(tl.int64) * BLOCK, numel, programs * BLOCK):
+        offsets, mask = block_at(start, numel, BLOCK)
+        weight = tl.load(w_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
+        tl.store(out_ptr + start + offsets, (weight / denominator).to(out_ptr.dtype.element_ty), mask=mask)
+    if pid == 0:
+        tl.store(sigmas_ptr + c, sigmas, mask=c_mask)
+    if TRAIN:
+        R = R.to(ACC)
+        for start in range(pid.to(tl.int64) * BLOCK_V, w, programs * BLOCK_V):
+            j, j_mask = block_at(start, w, BLOCK_V)
+            t = tl.load(t_ptr + (start + j)[:, None] * KB + c[None, :], mask=j_mask[:, None], other=0.0)
+            v = _solve_rows(t, R, KB)
+            mask = j_mask[:, None] & c_mask[None, :]
+            tl.store(v_used_ptr + c[None, :] * w + start + j[:, None], v, mask=mask)
+            tl.store(v_buffer_ptr + c[None, :] * w + start + j[:, None], v.to(v_buffer_ptr.dtype.element_ty),
+                     mask=mask)
+    else:
+        _copy(u_used_ptr, u_src_ptr, k * h, pid, programs, BLOCK, ACC)
+        _copy(v_used_ptr, v_src_ptr, k * w, pid, programs, BLOCK, ACC)
+
+
+def spectral_norm_topk_fwd(weight, u, v, dim: int, n_power_iterations: int, eps: float, training: bool):
+    """Returns (out, sigmas, u_used, v_used) like torch.ops.gannorm_cuda.spectral_norm_topk_fwd;
+    training updates the buffers u (k, h) and v (k, w) in place."""
+    A, h, B = matrix_sizes(weight.shape, dim)
+    w = A * B
+    k = u.shape[0]
+    _check_sizes(h, w)
+    kb = triton.next_power_of_2(k)
+    check_extent(max(h, w) * kb, "weight", f"rows or columns times {kb} (the vectors' storage)")
+    weight, u, v = weight.contiguous(), u.contiguous(), v.contiguous()
+    numel = weight.numel()
+    device, acc = weight.device, acc_dtype(weight.dtype)
+    acc_torch = torch_acc_dtype(weight.dtype)
+    out = torch.empty_like(weight)
+    sigmas = torch.empty(k, dtype=acc_torch, device=device)
+    u_used = torch.empty(k, h, dtype=acc_torch, device=device)
+    v_used = torch.empty(k, w, dtype=acc_torch, device=device)
+    block_i, block_j = block_size(h, 2, 16), block_size(w, 16, 32)
+    rows_grid = triton.cdiv(h, block_i)
+    cols_block_i, cols_block_j = block_size(h, 2, 16), block_size(w, 16, 32)
+    cols_grid = triton.cdiv(w, cols_block_j)
+    scale_block = block_size(numel, 16, _MAX_ELEMENTWISE_BLOCK)
+    scale_grid = _elementwise_grid(max(numel, k * h, k * w), scale_block)
+    block_v = min(scale_block, 64)
+    common = dict(ACC=acc, KB=kb)
+    outer = A > 1
+    x = torch.empty(h, kb, dtype=acc_torch, device=device)
+    if training:
+        x_grams = torch.empty(rows_grid, kb, kb, dtype=torch.float64, device=device)
+        t = torch.empty(w, kb, dtype=acc_torch, device=device)
+        t_grams = torch.empty(cols_grid, kb, kb, dtype=torch.float64, device=device)
+        for iteration in range(n_power_iterations):
+            first = iteration == 0
+            launch(_topk_rows, (rows_grid,), x, x_grams, weight, v if first else t, t_grams, u, h, w, B, k,
+                   cols_grid, eps, OUTER=outer, V_FROM_T=not first, EVAL=False, BLOCK_I=block_i,
+                   BLOCK_J=block_j, **common)
+            launch(_topk_cols, (cols_grid,), t, t_grams, u, u_used, weight, x, x_grams, h, w, B, k, rows_grid, eps,
+                   OUTER=outer, BLOCK_I=cols_block_i, BLOCK_J=cols_block_j, **common)
+        launch(_topk_scale, scale_grid, out, sigmas, v, v_used, u_used, weight, t_grams, t, u, v, numel, h, w, k,
+               cols_grid, eps, TRAIN=True, BLOCK=scale_block, BLOCK_V=block_v, **common)
+    else:
+        products = torch.empty(rows_grid, kb, dtype=acc_torch, device=device)
+        launch(_topk_rows, (rows_grid,), x, products, weight, v, products, u, h, w, B, k, 0, eps, OUTER=outer,
+               V_FROM_T=False, EVAL=True, BLOCK_I=block_i, BLOCK_J=block_j, **common)
+        launch(_topk_scale, scale_grid, out, sigmas, v, v_used, u_used, weight, products, x, u, v, numel, h, w, k,
+               rows_grid, eps, TRAIN=False, BLOCK=scale_block, BLOCK_V=block_v, **common)
+    return out, sigmas, u_used, v_used
+
+
+def spectral_norm_topk_bwd(grad_out, weight, u_used, v_used, sigmas, dim: int, eps: float):
+    """Returns grad_weight: W / sigma_0's gradient with u_0, v_0 and sigma_0 constant, by the
+    single-vector backward."""
+    return spectral_norm_bwd(grad_out, weight, u_used[0], v_used[0], sigmas[0], dim, eps)
