@@ -212,6 +212,10 @@ def revert(model: nn.Module) -> nn.Module:
 
 def _torch_spectral_norm(ours: SpectralNorm) -> nn.Module:
     """torch's _SpectralNorm holding our buffers (its constructor would draw new ones)."""
+    if ours.num_svs > 1 or hasattr(ours, "_sigmas"):
+        raise ValueError("revert: a spectral norm with num_svs > 1 or sigmas_buffer has no torch equivalent (torch "
+                         "tracks one singular vector and keeps no sigma buffer); fold() it, or rebuild the layer with "
+                         "torch's spectral_norm")
     theirs = torch_parametrizations._SpectralNorm.__new__(torch_parametrizations._SpectralNorm)
     nn.Module.__init__(theirs)
     theirs.dim, theirs.eps = ours.dim, ours.eps

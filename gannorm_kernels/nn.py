@@ -221,17 +221,39 @@ class SpectralNorm(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12,
-                 backend: str = "auto", *, u: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:
+                 backend: str = "auto", *, u: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                 num_svs: int = 1, sigmas_buffer: bool = False) -> None:
         """``u``, ``v``: existing buffers to adopt as they are (convert() takes over torch's this
-        way); by default they are drawn and warmed up as torch does."""
+        way); by default they are drawn and warmed up as torch does. ``num_svs`` > 1: see
+        :func:`spectral_norm`."""
         super().__init__()
         spectral_norm_ops.check_settings(n_power_iterations, eps)
+        checks.positive_int(num_svs, "num_svs")
+        if num_svs > spectral_norm_ops.MAX_SVS:
+            raise ValueError(f"num_svs must be at most {spectral_norm_ops.MAX_SVS}, got {num_svs}")
+        if (num_svs > 1 or sigmas_buffer) and (weight.ndim < 2 or weight.is_complex()):
+            raise ValueError("num_svs > 1 and sigmas_buffer need a real weight of 2 or more dims, got "
+                             f"{tuple(weight.shape)} {weight.dtype}")
         self.dim = checks.matrix_dim(dim, weight.ndim) if weight.ndim > 1 else 0
         self.eps = eps
         self.n_power_iterations = n_power_iterations
         self.backend = backend
+        self.num_svs = num_svs
         with torch.no_grad():
-            if weight.ndim > 1:
+            if num_svs > 1:
+                weight_mat = reference.weight_matrix(weight, self.dim)
+                h, w = weight_mat.size()
+                u = weight_mat.new_empty(num_svs, h).normal_(0, 1)
+                v = weight_mat.new_empty(num_svs, w).normal_(0, 1)
+                # orthonormal rows, then the warm-up torch gives k = 1 (15 + the forward's n)
+                u, v = reference.orthonormalize(u, eps)[0], reference.orthonormalize(v, eps)[0]
+                reference.spectral_norm_topk(weight_mat, u, v, 0, 15 + n_power_iterations, eps, True)
+                self.register_buffer("_u", u)
+                self.register_buffer("_v", v)
+                sigmas = ((u @ weight_mat) * v).sum(1)
+                self.last_sigmas = sigmas.to(acc_dtype(sigmas.dtype))
+                sigma = sigmas[0]
+            elif weight.ndim > 1:
                 weight_mat = reference.weight_matrix(weight, self.dim)
                 if u is None or v is None:
                     h, w = weight_mat.size()
@@ -246,6 +268,10 @@ class SpectralNorm(nn.Module):
             else:
                 sigma = torch.linalg.vector_norm(weight).clamp_min(self.eps)
         self.last_sigma = sigma.to(acc_dtype(sigma.dtype))
+        if num_svs == 1 and weight.ndim > 1:
+            self.last_sigmas = self.last_sigma.reshape(1)
+        if sigmas_buffer:  # for loggers that read checkpoints (BigGAN-PyTorch's sv0, sv1, ...)
+            self.register_buffer("_sigmas", self.last_sigmas.clone())
 
     # Set by a SpectralNormGroup (training.group_spectral_norms) when its model's forward starts:
     # this layer's W / sigma, computed with the others'; the first use takes it.
@@ -257,17 +283,28 @@ class SpectralNorm(nn.Module):
             return out
         if weight.ndim == 1:
             out, self.last_sigma = spectral_norm_ops.spectral_norm(weight, eps=self.eps, backend=self.backend)
+            return out
+        if self.num_svs > 1:
+            out, self.last_sigmas = spectral_norm_ops.spectral_norm_topk(
+                weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, self.training,
+                backend=self.backend)
+            self.last_sigma = self.last_sigmas[0]
         else:
             out, self.last_sigma = spectral_norm_ops.spectral_norm(
                 weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, self.training,
                 backend=self.backend)
+            self.last_sigmas = self.last_sigma.reshape(1)
+        if self.training and hasattr(self, "_sigmas"):
+            with torch.no_grad():
+                self._sigmas.copy_(self.last_sigmas)
         return out
 
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, n_power_iterations={self.n_power_iterations}, eps={self.eps}, "
+        svs = f", num_svs={self.num_svs}" if self.num_svs > 1 else ""
+        return (f"dim={self.dim}, n_power_iterations={self.n_power_iterations}, eps={self.eps}{svs}, "
                 f"backend={self.backend!r}")
 
 
@@ -288,7 +325,8 @@ def _load_legacy_spectral_norm(name, state_dict, prefix, local_metadata, strict,
 
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
-                  dim: int | None = None, *, backend: str = "auto") -> nn.Module:
+                  dim: int | None = None, *, backend: str = "auto", num_svs: int = 1,
+                  sigmas_buffer: bool = False) -> nn.Module:
     """Applies spectral normalization to ``module.<name>``; a drop-in for
     :func:`torch.nn.utils.parametrizations.spectral_norm`.
 
@@ -313,6 +351,15 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
         dim: the output dim (rows of the matrix); None: as torch chooses.
         backend: "auto", "reference", "triton", "cuda" or "cuda-emu" (checked to exist here, and
             to run on the weight's device on each use).
+        num_svs: track the top ``num_svs`` (at most 8) singular vectors, as BigGAN-PyTorch's
+            ``num_svs``: the buffers ``_u``, ``_v`` become (num_svs, rows) and (num_svs,
+            columns), each training forward runs block power iteration (U = orthonormalize(W V),
+            then V = orthonormalize(W^T U), Gram-Schmidt, torch's order) and divides by the
+            first singular value; ``sigmas(model, k=...)`` reads them all. The same launches
+            as 1, each pass over the weight serving every vector. 1 (default): torch's.
+        sigmas_buffer: also keep the singular values in a ``_sigmas`` buffer (state_dict key
+            ``parametrizations.<name>.0._sigmas``), updated by every training forward (one copy),
+            for loggers that read checkpoints.
     """
     weight = _float_weight(module, name, complex_ok=True)
     if dim is None:
@@ -320,7 +367,8 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     backends.check_installed(backend)
     if weight.is_complex():
         spectral_norm_ops.complex_backend(backend)  # raises for an explicit kernel backend
-    parametrization = SpectralNorm(weight, n_power_iterations, dim, eps, backend)
+    parametrization = SpectralNorm(weight, n_power_iterations, dim, eps, backend, num_svs=num_svs,
+                                   sigmas_buffer=sigmas_buffer)
     # unsafe: torch's registration evaluates the parametrization once; SpectralNorm.__init__
     # has already done exactly that work with torch's own ops, and no kernel need run here.
     parametrize.register_parametrization(module, name, parametrization, unsafe=True)
@@ -328,26 +376,41 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     return module
 
 
-def sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
+def sigmas(model: nn.Module, k: int | None = None) -> dict[str, torch.Tensor]:
     """``{qualified weight name: last sigma}`` for every :func:`spectral_norm` in ``model``,
     and every legacy ``torch.nn.utils.spectral_norm`` layer :func:`convert` took over.
 
     The sigmas are those the last forward computed (device tensors, no launch, no sync), or
     the registration's (conversion's) before any forward; for 1-D weights, the norm they were
-    divided by.
+    divided by. ``k``: the top ``k`` singular values of each layer instead, a (k,) tensor
+    (layers with ``num_svs >= k``; any other raises, naming it).
     """
+    if k is not None:
+        checks.positive_int(k, "k")
+        found = {name: getattr(owner, "last_sigmas", owner.last_sigma.reshape(1))
+                 for name, owner in _sigma_owners(model)}
+        short = [name for name, values in found.items() if values.numel() < k]
+        if short:
+            raise ValueError(f"sigmas(k={k}): {', '.join(short)} track fewer than {k} singular values (spectral_norm("
+                             "..., num_svs=k) tracks k; 1-D and legacy layers one)")
+        return {name: values[:k] for name, values in found.items()}
+    return {name: owner.last_sigma for name, owner in _sigma_owners(model)}
+
+
+def _sigma_owners(model: nn.Module):
+    """(qualified weight name, what holds its last sigma) for sigmas()."""
     found = {}
     for module_name, module in model.named_modules():
         for hook in module._forward_pre_hooks.values():
             if hasattr(hook, "last_sigma") and isinstance(getattr(hook, "name", None), str):  # converted legacy
-                found[f"{module_name}.{hook.name}" if module_name else hook.name] = hook.last_sigma
+                found[f"{module_name}.{hook.name}" if module_name else hook.name] = hook
         if not parametrize.is_parametrized(module):
             continue
         for tensor_name, parametrizations in module.parametrizations.items():
             for parametrization in parametrizations:
                 if isinstance(parametrization, SpectralNorm):
-                    found[f"{module_name}.{tensor_name}" if module_name else tensor_name] = parametrization.last_sigma
-    return found
+                    found[f"{module_name}.{tensor_name}" if module_name else tensor_name] = parametrization
+    return found.items()
 
 
 class MinibatchDiscrimination(nn.Module):

@@ -103,6 +103,15 @@ def reset_spectral_norm(model: nn.Module, n_warmup: int = 15, *, generator: torc
     for matrix, u, v, eps, legacy in list(_spectral_norms(model)):
         compute = acc_dtype(matrix.dtype)
         matrix = matrix.to(compute)
+        if u.dim() == 2:  # num_svs > 1: orthonormal rows, warmed up by block power iteration
+            new_u = torch.randn(u.shape, generator=generator, dtype=compute).to(u.device)
+            new_v = torch.randn(v.shape, generator=generator, dtype=compute).to(v.device)
+            new_u, new_v = reference.orthonormalize(new_u, eps)[0], reference.orthonormalize(new_v, eps)[0]
+            reference.spectral_norm_topk(matrix, new_u, new_v, 0, n_warmup, eps, True)
+            u.copy_(new_u)
+            v.copy_(new_v)
+            count += 1
+            continue
         new_u = nn.functional.normalize(torch.randn(u.shape, generator=generator, dtype=compute).to(u.device), dim=0,
                                         eps=eps)
         new_v = nn.functional.normalize(torch.randn(v.shape, generator=generator, dtype=compute).to(v.device), dim=0,
@@ -163,6 +172,10 @@ class SpectralNormGroup:
                 out = outs[k]
                 owner.grouped = out.view(getattr(module, owner.name + "_orig").shape) if tensor_name is None else out
                 owner.last_sigma = sigmas[k]
+                owner.last_sigmas = sigmas[k:k + 1]
+                if training and hasattr(owner, "_sigmas"):
+                    with torch.no_grad():
+                        owner._sigmas.copy_(owner.last_sigmas)
 
     def _after(self, model, args, output) -> None:
         for name, _, owner, _ in self._members:
@@ -204,7 +217,8 @@ def group_spectral_norms(model: nn.Module, *, exclude: tuple[str, ...] = ()) -> 
 
     A grouped layer that the forward does not use had its power iteration run anyway (torch's
     would not): warned once; pass its name in ``exclude``. Legacy layers with ``dim != 0``
-    (ConvTranspose), 1-D and complex weights and the reference backend run on their own, and
+    (ConvTranspose), 1-D and complex weights, ``num_svs > 1`` layers and the reference backend
+    run on their own, and
     so does every layer under ``torch.compile`` (torch cannot yet trace an operator that
     updates a list of buffers in place; the compiled graph schedules the layers itself).
 
@@ -227,7 +241,7 @@ def group_spectral_norms(model: nn.Module, *, exclude: tuple[str, ...] = ()) -> 
         if not parametrize.is_parametrized(module):
             continue
         for tensor_name, chain in module.parametrizations.items():
-            if len(chain) == 1 and isinstance(chain[0], SpectralNorm):
+            if len(chain) == 1 and isinstance(chain[0], SpectralNorm) and chain[0].num_svs == 1:
                 if chain.original.dim() >= 2 and not chain.original.is_complex():
                     members.append((prefix + tensor_name, module, chain[0], tensor_name))
     for name in exclude:

@@ -41,6 +41,15 @@ def spectral_group_case(backend, device):
             weights)
 
 
+def spectral_topk_case(backend, device):
+    """Top-2 (eval, fixed orthonormal buffers, as spectral_case): W / sigma_0."""
+    gen = torch.Generator().manual_seed(2)
+    u = torch.linalg.qr(torch.randn(3, 2, generator=gen, dtype=torch.float64))[0].T.contiguous().to(device)
+    v = torch.linalg.qr(torch.randn(8, 2, generator=gen, dtype=torch.float64))[0].T.contiguous().to(device)
+    return (lambda w: F.spectral_norm_topk(w, u, v, dim=1, training=False, backend=backend)[0],
+            (drawn((4, 3, 2), device, seed=1),))
+
+
 CASES = {
     "weight_norm dim 0": lambda b, d: (lambda v, g: F.weight_norm(v, g, 0, backend=b),
                                        (drawn((3, 2, 2), d), drawn((3, 1, 1), d, 1, positive=True))),
@@ -50,6 +59,7 @@ CASES = {
                                        (drawn((3, 4), d), drawn((), d, 1, positive=True))),
     "spectral_norm": spectral_case,
     "spectral_norm group": spectral_group_case,
+    "spectral_norm topk": spectral_topk_case,
     "spectral_norm 1-D": lambda b, d: (lambda w: F.spectral_norm(w, backend=b)[0], (drawn((5,), d),)),
     "similarity cosine": lambda b, d: (lambda f: F.pairwise_similarity_penalty(f, "cosine", backend=b),
                                        (drawn((4, 3), d),)),

@@ -86,6 +86,7 @@ def _every_op(dtype):
     features, x, T, images = rand(45, 19), rand(37, 6), rand(6, 5, 3) * 0.3, rand(8, 6, 5, 3)
     weight2 = rand(5, 9, 4)  # a second layer, rows along dim 1
     u2, v2 = torch.nn.functional.normalize(rand(9), dim=0), torch.nn.functional.normalize(rand(20), dim=0)
+    u_k, v_k = torch.linalg.qr(rand(9, 3))[0].T.contiguous(), torch.linalg.qr(rand(20, 3))[0].T.contiguous()  # k = 3
 
 
     def with_grads(fn, *inputs):
@@ -116,6 +117,10 @@ def _every_op(dtype):
         "spectral_norm eval, sigma given": lambda b: with_grads(
             lambda a: gk.functional.spectral_norm(a, u, v_eval, 0, training=False, sigma=sigma_eval, backend=b)[0],
             weight),
+        "spectral_norm topk train": lambda b: with_grads(lambda a: gk.functional.spectral_norm_topk(
+            a, u_k.clone(), v_k.clone(), 1, 2, backend=b)[0], weight2),
+        "spectral_norm topk eval": lambda b: with_grads(lambda a: gk.functional.spectral_norm_topk(
+            a, u_k.clone(), v_k.clone(), 1, training=False, backend=b)[0], weight2),
         "spectral_norm group train": lambda b: group(b, True),
         "spectral_norm group eval": lambda b: group(b, False),
         "spectral_norm 1-D": lambda b: with_grads(lambda a: gk.functional.spectral_norm(a, backend=b)[0], w_vec),

@@ -172,10 +172,14 @@ def test_every_triton_loop_runs_twice():
         weight = torch.randn(n, generator=torch.Generator().manual_seed(n)).requires_grad_()
         with LoopCoverage(kernels) as coverages[f"vector-{n}"]:
             gk.functional.spectral_norm(weight, eps=EPS, backend="triton")[0].sum().backward()
-    group = [(*make_inputs(shape, dim, torch.float32, "cpu", seed=k), dim) for k, (shape, dim) in enumerate(CASES)]
-    for mode in GROUP_MODES:  # the grouped kernels, on test_group_matches_fp64_reference's group
-        with LoopCoverage(kernels) as coverages[f"group-{mode}"]:
-            run_group("triton", group, mode)
+    for mode in GROUP_MODES:  # the grouped kernels, on test_group_matches_fp64_reference's groups
+        for name in GROUPS:
+            with LoopCoverage(kernels) as coverages[f"group-{name}-{mode}"]:
+                run_group("triton", group_inputs(name, torch.float32, "cpu"), mode)
+        for case in TOPK_CASES:  # the top-k kernels, on test_topk_matches_fp64_reference's cases
+            shape, dim, k = case
+            with LoopCoverage(kernels) as coverages[f"topk-{topk_case_id(case)}-{mode}"]:
+                run_topk("triton", *make_topk_inputs(shape, dim, k, torch.float32, "cpu"), dim, mode)
     assert_every_loop_iterates(kernels, coverages)
 
 
@@ -841,20 +845,29 @@ def run_group(backend, inputs, mode):
     return [(out, sigma, u, v, w.grad) for out, sigma, u, v, w in zip(outs, sigmas, us, vs, weights)]
 
 
-# fp64 in every mode; each half/single dtype in one (an interpreted group of all CASES takes ~10 s)
-GROUP_RUNS = [(torch.float64, mode) for mode in GROUP_MODES] + [
-    (torch.float32, "train2"), (torch.float16, "eval"), (torch.bfloat16, "train1")]
+# Groups: every CASES weight (mixed shapes and dims); and two that run each grouped loop twice
+# per program on average (tests/loop_coverage.py), the layers of a group sharing block sizes:
+# wide layers (the row loops, the partial sums), tall ones (the column loops, the u and v writes).
+GROUPS = {"cases": CASES, "wide": [((48, 300), 0), ((40, 260), 0)], "tall": [((300, 17), 0), ((260, 20), 0)]}
+# fp64 in every mode; each half/single dtype in one, on all CASES (interpreted, a group of
+# all CASES takes ~10 s)
+GROUP_RUNS = [(name, torch.float64, mode) for name in GROUPS for mode in GROUP_MODES] + [
+    ("cases", torch.float32, "train2"), ("cases", torch.float16, "eval"), ("cases", torch.bfloat16, "train1")]
 
 
-@pytest.mark.parametrize("dtype, mode", GROUP_RUNS, ids=lambda x: str(x).removeprefix("torch."))
+def group_inputs(name, dtype, device):
+    return [(*make_inputs(shape, dim, dtype, device, seed=k), dim) for k, (shape, dim) in enumerate(GROUPS[name])]
+
+
+@pytest.mark.parametrize("group, dtype, mode", GROUP_RUNS, ids=lambda x: str(x).removeprefix("torch."))
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_group_matches_fp64_reference(backend, dtype, mode):
-    """Every CASES weight (mixed shapes and dims) in one group: each layer's output, sigma,
-    updated buffers and gradient as the fp64 reference computes that layer alone."""
-    inputs = [(*make_inputs(shape, dim, dtype, backend_device(backend), seed=k), dim)
-              for k, (shape, dim) in enumerate(CASES)]
+def test_group_matches_fp64_reference(backend, group, dtype, mode):
+    """Every weight of a group: each layer's output, sigma, updated buffers and gradient as the
+    fp64 reference computes that layer alone."""
+    inputs = group_inputs(group, dtype, backend_device(backend))
+    cases = GROUPS[group]
     ours = run_group(backend, inputs, mode)
-    for (weight, u, v, grad_out, dim), layer, case in zip(inputs, ours, CASES):
+    for (weight, u, v, grad_out, dim), layer, case in zip(inputs, ours, cases):
         ref64 = run("reference", *(t.double() for t in (weight, u, v, grad_out)), dim, mode)
         same = run("reference", weight, u, v, grad_out, dim, mode)
         scales = term_scales(weight, ref64[2], ref64[3], grad_out, ref64[1], dim)
@@ -922,3 +935,194 @@ def test_group_bad_arguments():
         group([torch.randn(5)], [u], [v], [0])
     with pytest.raises(ValueError, match=r"layer 0: u must have shape \(4,\)"):
         group([w], [torch.randn(5)], [v], [0])
+
+
+# ---- Top k singular values (num_svs) --------------------------------------------------------
+
+# (shape, dim, k): k of every padded width, rows and columns past a block, dims 0 and 1
+TOPK_CASES = [((6, 3, 2, 2), 0, 3), ((5, 7), 1, 2), ((40, 33), 0, 4), ((9, 4, 5), 1, 8), ((3, 4, 2, 2), 1, 1),
+              ((100, 12), 0, 2), ((12, 150), 0, 2)]  # tall and wide: U's and V's writes loop
+TOPK_RUNS = [(torch.float64, mode) for mode in GROUP_MODES] + [
+    (torch.float32, "train2"), (torch.float16, "eval"), (torch.bfloat16, "train1")]
+
+
+def topk_case_id(case):
+    shape, dim, k = case
+    return f"{'x'.join(map(str, shape))}-dim{dim}-k{k}"
+
+
+def make_topk_inputs(shape, dim, k, dtype, device, seed=0):
+    """weight, orthonormal u (k, h) and v (k, w) warmed up as a layer's buffers are, a gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = matrix_shape(shape, dim)
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64)
+    u = reference.orthonormalize(torch.randn(k, h, generator=gen, dtype=torch.float64), EPS)[0]
+    v = reference.orthonormalize(torch.randn(k, w, generator=gen, dtype=torch.float64), EPS)[0]
+    reference.spectral_norm_topk(weight, u, v, dim, 15, EPS, True)
+    grad_out = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return tuple(t.to(device=device, dtype=dtype) for t in (weight, u, v, grad_out))
+
+
+def run_topk(backend, weight, u, v, grad_out, dim, mode):
+    training, n, _ = MODES[mode]
+    u, v = u.clone(), v.clone()
+    weight = weight.detach().clone().requires_grad_()
+    out, sigmas = gk.functional.spectral_norm_topk(weight, u, v, dim, n, EPS, training, backend=backend)
+    out.backward(grad_out)
+    return out, sigmas, u, v, weight.grad
+
+
+@pytest.mark.parametrize("case", TOPK_CASES, ids=topk_case_id)
+@pytest.mark.parametrize("dtype, mode", TOPK_RUNS, ids=lambda x: str(x).removeprefix("torch."))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_topk_matches_fp64_reference(backend, dtype, mode, case):
+    """Output, the k sigmas, both (k, .) buffers after the call and the gradient against the
+    fp64 reference (modified Gram-Schmidt, a different algorithm from the kernels' Cholesky)."""
+    shape, dim, k = case
+    inputs = make_topk_inputs(shape, dim, k, dtype, backend_device(backend))
+    ours = run_topk(backend, *inputs, dim, mode)
+    ref64 = run_topk("reference", *(t.double() for t in inputs), dim, mode)
+    same = run_topk("reference", *inputs, dim, mode)
+    weight, grad_out = inputs[0].double(), inputs[3].double()
+    sigma = ref64[1][0].item()
+    scales = {"out": weight.abs().max().item() / sigma, "sigmas": ref64[1].abs().max().item(), "u": 1.0, "v": 1.0,
+              "grad": (grad_out.abs().max().item() + (grad_out * weight).sum().abs().item() / sigma) / sigma}
+    for what, a, r, s in zip(("out", "sigmas", "u", "v", "grad"), ours, ref64, same):
+        assert_close_to_reference(a, r, s, what, scale=scales[what])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_topk_of_one_is_spectral_norm(backend):
+    """k = 1 is torch's spectral norm: the same output, sigma and buffers as spectral_norm."""
+    weight, u, v, grad_out = make_inputs((4, 3, 3, 3), 0, torch.float64, backend_device(backend))
+    for mode in GROUP_MODES:
+        single = run(backend, weight, u, v, grad_out, 0, mode)
+        topk = run_topk(backend, weight, u[None], v[None], grad_out, 0, mode)
+        for a, b in zip(single, topk):
+            torch.testing.assert_close(b.reshape(a.shape), a, rtol=1e-12, atol=1e-14)
+
+
+def biggan_power_iteration(W, us, eps=1e-12):
+    """BigGAN-PyTorch's power_iteration and gram_schmidt (layers.py), written out: its own loop
+    (v from the old u, then u from the new v, one vector at a time), in its own order (v first);
+    us: (k, out) its u buffers. Returns the new us and the svs."""
+    def gram_schmidt(x, ys):
+        for y in ys:
+            x = x - (y @ x) / (y @ y) * y
+        return x
+    new_us, vs, svs = [], [], []
+    for u in us:
+        v = nn.functional.normalize(gram_schmidt(u @ W, vs), dim=0, eps=eps)
+        vs.append(v)
+        u = nn.functional.normalize(gram_schmidt(v @ W.t(), new_us), dim=0, eps=eps)
+        new_us.append(u)
+        svs.append(v @ W.t() @ u)
+    return torch.stack(new_us), torch.stack(svs)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_topk_is_biggans_num_svs(backend):
+    """BigGAN's SN layer (num_svs = 4, num_itrs = 3) on W is ours on its transpose (dim 1) with
+    our v holding its u: the same u buffers and singular values, in fp64."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(12, 20, generator=gen, dtype=torch.float64)
+    us = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    theirs = us.clone()
+    for _ in range(3):
+        theirs, svs = biggan_power_iteration(W, theirs)
+    v = us.clone().to(device)
+    u = torch.zeros(4, 20, dtype=torch.float64, device=device)  # overwritten first (our order: u first)
+    out, sigmas = gk.functional.spectral_norm_topk(W.to(device), u, v, dim=1, n_power_iterations=3, backend=backend)
+    torch.testing.assert_close(v.cpu(), theirs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sigmas.cpu(), svs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.cpu(), W / svs[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_topk_converges_to_the_singular_values(backend):
+    """After enough iterations the k sigmas are W's k largest singular values (fp64 SVD)."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(4)
+    left, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=torch.float64))
+    spectrum = torch.tensor([9.0, 6.0, 4.0, 3.0] + [1.0] * 16, dtype=torch.float64)
+    W = left @ torch.diag(spectrum) @ right[:20]
+    u = torch.randn(4, 20, generator=gen, dtype=torch.float64).to(device)
+    v = torch.randn(4, 30, generator=gen, dtype=torch.float64).to(device)
+    _, sigmas = gk.functional.spectral_norm_topk(W.to(device), u, v, n_power_iterations=60, backend=backend)
+    torch.testing.assert_close(sigmas.cpu(), torch.linalg.svdvals(W)[:4], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("k", [2, 8])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_topk_launch_budget(backend, k):
+    """k vectors cost what one does: train 2 n + 1, eval 2, backward 2."""
+    weight, u, v, grad_out = make_topk_inputs((16, 5, 3), 0, k, torch.float32, backend_device(backend))
+    weight.requires_grad_()
+    for training, n, launches in ((True, 1, 3), (True, 2, 5), (False, 1, 2)):
+        with count_launches() as forward:
+            out, _ = gk.functional.spectral_norm_topk(weight, u, v, 0, n, EPS, training, backend=backend)
+        assert (forward.ours, forward.aten_ops) == (launches, [])
+        assert gk.ops.spectral_norm.SPECTRAL_NORM_TOPK.cost(
+            weight.shape, weight.dtype, 0, "train" if training else "eval", n, k).launches == launches
+    with count_launches() as backward:
+        out.backward(grad_out)
+    assert (backward.ours, backward.aten_ops) == (2, [])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_topk_opcheck(backend):
+    weight, u, v, grad_out = make_topk_inputs((6, 4, 2), 1, 3, torch.float64, backend_device(backend))
+    ops = torch.ops.gannorm_kernels
+    for training in (True, False):
+        torch.library.opcheck(ops.spectral_norm_topk_fwd, (weight.clone().requires_grad_(), u.clone(), v.clone(), 1,
+                                                           2, EPS, training, backend))
+    _, sigmas, u_used, v_used = ops.spectral_norm_topk_fwd(weight, u.clone(), v.clone(), 1, 1, EPS, True, backend)
+    torch.library.opcheck(ops.spectral_norm_topk_bwd, (grad_out, weight, u_used, v_used, sigmas, 1, EPS, backend))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_topk_layer(backend):
+    """spectral_norm(..., num_svs=k): trains as its reference-backend twin (fp64), sigmas(model,
+    k), the optional _sigmas buffer (training only), fold, reset, revert and the refusals."""
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3).double()
+    ours = gk.spectral_norm(copy.deepcopy(layer), num_svs=3, sigmas_buffer=True, backend=backend).to(device)
+    twin = gk.spectral_norm(copy.deepcopy(layer), num_svs=3, sigmas_buffer=True, backend="reference")
+    twin.load_state_dict(ours.state_dict())
+    assert ours.parametrizations.weight[0]._u.shape == (3, 6)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for _ in range(3):
+        for m, inp in ((ours, x.to(device)), (twin, x)):
+            m.zero_grad()
+            m(inp).square().sum().backward()
+        torch.testing.assert_close(ours.parametrizations.weight.original.grad.cpu(),
+                                   twin.parametrizations.weight.original.grad, rtol=1e-10, atol=1e-12)
+        for key, value in twin.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[key].cpu(), value, rtol=1e-10, atol=1e-12, msg=key)
+    sigmas = gk.sigmas(ours, k=3)["weight"]
+    torch.testing.assert_close(ours.parametrizations.weight[0]._sigmas, sigmas)
+    torch.testing.assert_close(gk.sigmas(ours)["weight"], sigmas[0])
+    ours.eval()
+    before = ours.parametrizations.weight[0]._sigmas.clone()
+    with torch.no_grad():
+        ours.parametrizations.weight.original.mul_(2)
+        eval_out = ours(x.to(device))
+    assert torch.equal(ours.parametrizations.weight[0]._sigmas, before)  # eval leaves the logged sigmas
+    torch.testing.assert_close(eval_out, ours(x.to(device)))
+    with pytest.raises(ValueError, match="num_svs > 1 or sigmas_buffer has no torch equivalent"):
+        gk.revert(ours)
+    folded = gk.fold(copy.deepcopy(ours))
+    torch.testing.assert_close(folded(x.to(device)), eval_out, rtol=1e-12, atol=1e-12)
+    u = ours.parametrizations.weight[0]._u
+    assert gk.reset_spectral_norm(ours) == 1
+    torch.testing.assert_close(u @ u.T, torch.eye(3, dtype=u.dtype, device=device), rtol=0, atol=1e-12)
+    plain = gk.spectral_norm(nn.Linear(3, 3), backend=backend)
+    with pytest.raises(ValueError, match=r"sigmas\(k=2\): weight track fewer than 2"):
+        gk.sigmas(plain, k=2)
+    with pytest.raises(ValueError, match="num_svs must be at most 8"):
+        gk.spectral_norm(nn.Linear(3, 3), num_svs=9)
+    with pytest.raises(ValueError, match="need a real weight of 2 or more dims"):
+        gk.spectral_norm(nn.BatchNorm1d(3), num_svs=2)
