@@ -90,7 +90,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // Butterfly sum: every lane ends with the same total, summed in the same order every run.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T x) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
+  for (int offset = kWarpSize / 2; GANNORM_LOOP(offset > 0); offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
   return x;
 }
 
