@@ -89,13 +89,16 @@ int row_block_threads(const ChannelLayout& L) {
 // The whole tensor: kWholeThreads threads a block, each block a chunk of a multiple of
 // kWholeThreads elements, at least kWholeMinPerBlock elements a block, at most kWholeMaxBlocks
 // blocks (a few per SM on current GPUs; the scale kernel's blocks each read every partial).
-constexpr int kWholeThreads = 256;
-constexpr int64_t kWholeMinPerBlock = 4 * kWholeThreads;
 #ifdef GANNORM_EMU
-constexpr int64_t kWholeMaxBlocks = 3;  // small grids under the emulator: every loop runs several times
+// Small blocks under the emulator, and more of them than a block has threads, so the tests'
+// shapes run every loop several times, whole_total's over the partials included.
+constexpr int kWholeThreads = 32;
+constexpr int64_t kWholeMaxBlocks = 64;
 #else
+constexpr int kWholeThreads = 256;
 constexpr int64_t kWholeMaxBlocks = 1024;
 #endif
+constexpr int64_t kWholeMinPerBlock = 4 * kWholeThreads;
 
 struct WholePlan {
   int blocks;
