@@ -25,6 +25,11 @@ constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = 8;  // a warp per row
 constexpr int kTile = 16;         // pairs: 16 x 16 per block
 constexpr int kChunk = 32;        // feature columns staged per step
+#ifdef GANNORM_EMU
+constexpr int kTotalThreads = 64;  // the emulator's smaller block loops over the tests' N and D
+#else
+constexpr int kTotalThreads = 1024;  // cosine_total_kernel's one block
+#endif
 
 template <typename T> __device__ __forceinline__ T max_of(T a, T b) { return a > b ? a : b; }
 
@@ -239,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cosine_fwd(const at::T
     GANNORM_LAUNCH(rows, dim3(blocks), dim3(kWarpSize, kRowsPerBlock), s_partials.data_ptr<acc>(),
                    norms.data_ptr<acc>(), f.const_data_ptr<scalar_t>(), N, D, static_cast<acc>(eps));
     auto total = cosine_total_kernel<scalar_t>;
-    GANNORM_LAUNCH(total, dim3(1), dim3(1024), penalty.data_ptr<scalar_t>(), s.data_ptr<acc>(),
+    GANNORM_LAUNCH(total, dim3(1), dim3(kTotalThreads), penalty.data_ptr<scalar_t>(), s.data_ptr<acc>(),
                    s_partials.const_data_ptr<acc>(), norms.const_data_ptr<acc>(), N, D, blocks, static_cast<acc>(eps));
   });
   return {penalty, s, norms};
