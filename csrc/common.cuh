@@ -30,6 +30,10 @@ GANNORM_NAMESPACE_BEGIN
     ::cuda_emu::launch((grid), (block), [&] { kernel(__VA_ARGS__); }); \
   } while (0)
 #define GANNORM_DEVICE_GUARD(tensor) (void)(tensor)
+// The condition of every loop in device code: `for (init; GANNORM_LOOP(cond); step)`. The
+// emulator counts each loop's iterations per entry (emu/cuda_emu.h), so tests can show every
+// loop ran at least twice in some thread; a GPU build compiles `cond` alone.
+#define GANNORM_LOOP(cond) (::cuda_emu::loop_step(__FILE__, __LINE__, __func__, (cond)))
 #else
 #define GANNORM_LAUNCH(kernel, grid, block, ...)                                          \
   do {                                                                                    \
@@ -39,6 +43,7 @@ GANNORM_NAMESPACE_BEGIN
   } while (0)
 #define GANNORM_DEVICE_GUARD(tensor) const ::c10::cuda::CUDAGuard device_guard_((tensor).device())
 #define GANNORM_POISON_SHARED(array) (void)0  // the emulator fills shared arrays with NaN; a GPU leaves garbage
+#define GANNORM_LOOP(cond) (cond)
 #endif
 
 // fp32 math for fp16/bf16/fp32 data, fp64 for fp64 (so gradcheck sees full precision).
@@ -85,7 +90,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // Butterfly sum: every lane ends with the same total, summed in the same order every run.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T x) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
+  for (int offset = kWarpSize / 2; GANNORM_LOOP(offset > 0); offset /= 2) x += __shfl_xor_sync(kFullMask, x, offset);
   return x;
 }
 

@@ -32,7 +32,7 @@ __device__ __forceinline__ acc_t<scalar_t> l1_similarity(const scalar_t* __restr
   const scalar_t* mi = m + (int64_t(i) * B + b) * C;
   const scalar_t* mj = m + (int64_t(j) * B + b) * C;
   acc l1 = 0;
-  for (int c = 0; c < C; ++c) l1 += abs_of(static_cast<acc>(mi[c]) - static_cast<acc>(mj[c]));
+  for (int c = 0; GANNORM_LOOP(c < C); ++c) l1 += abs_of(static_cast<acc>(mi[c]) - static_cast<acc>(mj[c]));
   return exp_acc(-l1);
 }
 
@@ -45,7 +45,7 @@ __global__ void md_forward_kernel(
   const int i = blockIdx.x * kRowsPerBlock + threadIdx.y, b = blockIdx.y;
   if (i >= N) return;  // whole warps only
   acc sum = 0;
-  for (int j = threadIdx.x; j < N; j += kWarpSize) sum += l1_similarity(m, i, j, b, N, B, C);
+  for (int j = threadIdx.x; GANNORM_LOOP(j < N); j += kWarpSize) sum += l1_similarity(m, i, j, b, N, B, C);
   sum = warp_sum(sum);
   if (threadIdx.x == 0) o[int64_t(i) * B + b] = static_cast<scalar_t>(sum);
 }
@@ -66,18 +66,18 @@ __global__ void md_backward_kernel(
   if (i >= N) return;  // whole warps only; the barriers below are per warp
   const acc g_i = static_cast<acc>(grad_o[int64_t(i) * B + b]);
   const scalar_t* mi = m + (int64_t(i) * B + b) * C;
-  for (int c0 = 0; c0 < C; c0 += kWarpSize) {
+  for (int c0 = 0; GANNORM_LOOP(c0 < C); c0 += kWarpSize) {
     const int c = c0 + threadIdx.x;
     const acc mic = c < C ? static_cast<acc>(mi[c]) : acc(0);
     acc grad = 0;
-    for (int j0 = 0; j0 < N; j0 += kWarpSize) {
+    for (int j0 = 0; GANNORM_LOOP(j0 < N); j0 += kWarpSize) {
       const int j = j0 + threadIdx.x;
       const acc e = l1_similarity(m, i, j, b, N, B, C);
       __syncwarp();  // the previous chunk's weights are read
       weights[threadIdx.y][threadIdx.x] = j < N ? e * (g_i + static_cast<acc>(grad_o[int64_t(j) * B + b])) : acc(0);
       __syncwarp();
       if (c < C) {
-        for (int jj = 0; jj < kWarpSize && j0 + jj < N; ++jj) {
+        for (int jj = 0; GANNORM_LOOP(jj < kWarpSize && j0 + jj < N); ++jj) {
           grad -= weights[threadIdx.y][jj] * sign_of(mic - static_cast<acc>(m[(int64_t(j0 + jj) * B + b) * C + c]));
         }
       }

@@ -36,9 +36,9 @@ __global__ void mbstd_forward_kernel(
   const int m = blockIdx.x, f = blockIdx.y;
   const int64_t in_sample = int64_t(L.C) * L.HW, out_sample = (int64_t(L.C) + L.F) * L.HW;
   acc total = 0;
-  for (int pos = threadIdx.x; pos < L.span; pos += blockDim.x) {
+  for (int pos = threadIdx.x; GANNORM_LOOP(pos < L.span); pos += blockDim.x) {
     acc mean = 0;
-    for (int g = 0; g < L.G; ++g) {
+    for (int g = 0; GANNORM_LOOP(g < L.G); ++g) {
       const int64_t sample = int64_t(g) * L.groups + m;
       const scalar_t value = x[sample * in_sample + int64_t(f) * L.span + pos];
       out[sample * out_sample + int64_t(f) * L.span + pos] = value;  // the concatenation
@@ -46,16 +46,16 @@ __global__ void mbstd_forward_kernel(
     }
     mean /= acc(L.G);
     acc variance = 0;
-    for (int g = 0; g < L.G; ++g) {
+    for (int g = 0; GANNORM_LOOP(g < L.G); ++g) {
       const acc d = static_cast<acc>(x[(int64_t(g) * L.groups + m) * in_sample + int64_t(f) * L.span + pos]) - mean;
       variance += d * d;
     }
     total += sqrt_acc(variance / acc(L.G) + acc(1e-8));
   }
   const acc statistic = block_sum(total) / acc(L.span);
-  for (int g = 0; g < L.G; ++g) {
+  for (int g = 0; GANNORM_LOOP(g < L.G); ++g) {
     scalar_t* row = out + (int64_t(g) * L.groups + m) * out_sample + (int64_t(L.C) + f) * L.HW;
-    for (int hw = threadIdx.x; hw < L.HW; hw += blockDim.x) row[hw] = static_cast<scalar_t>(statistic);
+    for (int hw = threadIdx.x; GANNORM_LOOP(hw < L.HW); hw += blockDim.x) row[hw] = static_cast<scalar_t>(statistic);
   }
 }
 
@@ -69,23 +69,25 @@ __global__ void mbstd_backward_kernel(
   const int m = blockIdx.x, f = blockIdx.y;
   const int64_t in_sample = int64_t(L.C) * L.HW, out_sample = (int64_t(L.C) + L.F) * L.HW;
   acc statistic_grad = 0;
-  for (int g = 0; g < L.G; ++g) {
+  for (int g = 0; GANNORM_LOOP(g < L.G); ++g) {
     const scalar_t* row = grad_out + (int64_t(g) * L.groups + m) * out_sample + (int64_t(L.C) + f) * L.HW;
-    for (int hw = threadIdx.x; hw < L.HW; hw += blockDim.x) statistic_grad += static_cast<acc>(row[hw]);
+    for (int hw = threadIdx.x; GANNORM_LOOP(hw < L.HW); hw += blockDim.x) statistic_grad += static_cast<acc>(row[hw]);
   }
   // d statistic / d x_g = (x_g - mean) / (G std) / span at each position
   const acc coefficient = block_sum(statistic_grad) / (acc(L.span) * acc(L.G));
-  for (int pos = threadIdx.x; pos < L.span; pos += blockDim.x) {
+  for (int pos = threadIdx.x; GANNORM_LOOP(pos < L.span); pos += blockDim.x) {
     acc mean = 0;
-    for (int g = 0; g < L.G; ++g) mean += static_cast<acc>(x[(int64_t(g) * L.groups + m) * in_sample + int64_t(f) * L.span + pos]);
+    for (int g = 0; GANNORM_LOOP(g < L.G); ++g) {
+      mean += static_cast<acc>(x[(int64_t(g) * L.groups + m) * in_sample + int64_t(f) * L.span + pos]);
+    }
     mean /= acc(L.G);
     acc variance = 0;
-    for (int g = 0; g < L.G; ++g) {
+    for (int g = 0; GANNORM_LOOP(g < L.G); ++g) {
       const acc d = static_cast<acc>(x[(int64_t(g) * L.groups + m) * in_sample + int64_t(f) * L.span + pos]) - mean;
       variance += d * d;
     }
     const acc std = sqrt_acc(variance / acc(L.G) + acc(1e-8));
-    for (int g = 0; g < L.G; ++g) {
+    for (int g = 0; GANNORM_LOOP(g < L.G); ++g) {
       const int64_t sample = int64_t(g) * L.groups + m;
       const int64_t at = sample * in_sample + int64_t(f) * L.span + pos;
       const acc upstream = static_cast<acc>(grad_out[sample * out_sample + int64_t(f) * L.span + pos]);

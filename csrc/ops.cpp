@@ -8,7 +8,11 @@
 #include "ops.h"
 
 #ifdef GANNORM_EMU
-#include "emu/cuda_emu.h"  // set_schedule_seed
+#include "emu/cuda_emu.h"  // set_schedule_seed, loop counts
+
+#include <string>
+#include <tuple>
+#include <vector>
 #endif
 
 #define GANNORM_PYINIT_NAME(name) GANNORM_PYINIT_NAME_(name)
@@ -26,6 +30,21 @@ void record_launch() { launches.fetch_add(1, std::memory_order_relaxed); }
 
 int64_t launch_count() { return launches.load(std::memory_order_relaxed); }
 
+#ifdef GANNORM_EMU
+namespace {
+// ("file:line function" per loop, its (entries, iterations, most in one entry) flattened).
+std::tuple<std::vector<std::string>, std::vector<int64_t>> loop_counts() {
+  std::vector<std::string> loops;
+  std::vector<int64_t> counts;
+  for (const cuda_emu::LoopCount& c : cuda_emu::loop_counts()) {
+    loops.push_back(c.file + ":" + std::to_string(c.line) + " " + c.function);
+    counts.insert(counts.end(), {c.entries, c.iterations, c.most});
+  }
+  return {loops, counts};
+}
+}  // namespace
+#endif
+
 GANNORM_NAMESPACE_END
 
 GANNORM_OPS_LIBRARY(m) {
@@ -34,6 +53,10 @@ GANNORM_OPS_LIBRARY(m) {
 #ifdef GANNORM_EMU
   // The emulator's schedule seed (0: lockstep; see emu/cuda_emu.h); returns the previous one.
   m.def("set_schedule_seed(int seed) -> int", &cuda_emu::set_schedule_seed);
+  // Loop coverage (GANNORM_LOOP, see emu/cuda_emu.h): counting on (clearing the counts) or off,
+  // returning whether it was on; the counts since it was turned on.
+  m.def("set_loop_counting(bool enabled) -> bool", &cuda_emu::set_loop_counting);
+  m.def("loop_counts() -> (str[] loops, int[] counts)", &gannorm::loop_counts);
 #endif
 }
 

@@ -25,6 +25,11 @@ constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = 8;  // a warp per row
 constexpr int kTile = 16;         // pairs: 16 x 16 per block
 constexpr int kChunk = 32;        // feature columns staged per step
+#ifdef GANNORM_EMU
+constexpr int kTotalThreads = 64;  // the emulator's smaller block loops over the tests' N and D
+#else
+constexpr int kTotalThreads = 1024;  // cosine_total_kernel's one block
+#endif
 
 template <typename T> __device__ __forceinline__ T max_of(T a, T b) { return a > b ? a : b; }
 
@@ -40,7 +45,7 @@ __global__ void cosine_rows_kernel(
   const int row = blockIdx.x * kRowsPerBlock + threadIdx.y;
   acc squares = 0;
   if (row < N) {
-    for (int d = threadIdx.x; d < D; d += kWarpSize) {
+    for (int d = threadIdx.x; GANNORM_LOOP(d < D); d += kWarpSize) {
       const acc x = static_cast<acc>(f[int64_t(row) * D + d]);
       squares += x * x;
     }
@@ -54,9 +59,9 @@ __global__ void cosine_rows_kernel(
   const int tid = threadIdx.x + kWarpSize * threadIdx.y;
   const int remaining = N - int(blockIdx.x) * kRowsPerBlock;
   const int rows = remaining < kRowsPerBlock ? remaining : kRowsPerBlock;
-  for (int d = tid; d < D; d += kThreads) {
+  for (int d = tid; GANNORM_LOOP(d < D); d += kThreads) {
     acc sum = 0;
-    for (int r = 0; r < rows; ++r) {
+    for (int r = 0; GANNORM_LOOP(r < rows); ++r) {
       sum += static_cast<acc>(f[int64_t(blockIdx.x * kRowsPerBlock + r) * D + d]) / denominators[r];
     }
     s_partials[int64_t(blockIdx.x) * D + d] = sum;
@@ -72,14 +77,14 @@ __global__ void cosine_total_kernel(
     int N, int D, int n_partials, acc_t<scalar_t> eps) {
   using acc = acc_t<scalar_t>;
   acc squares = 0;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+  for (int d = threadIdx.x; GANNORM_LOOP(d < D); d += blockDim.x) {
     acc sum = 0;
-    for (int p = 0; p < n_partials; ++p) sum += s_partials[int64_t(p) * D + d];
+    for (int p = 0; GANNORM_LOOP(p < n_partials); ++p) sum += s_partials[int64_t(p) * D + d];
     s[d] = sum;
     squares += sum * sum;
   }
   acc self_similarity = 0;
-  for (int i = threadIdx.x; i < N; i += blockDim.x) {
+  for (int i = threadIdx.x; GANNORM_LOOP(i < N); i += blockDim.x) {
     const acc unit = norms[i] / max_of(norms[i], eps);
     self_similarity += unit * unit;
   }
@@ -106,11 +111,11 @@ __global__ void cosine_backward_kernel(
   const acc c = static_cast<acc>(*grad_penalty) * acc(2) / (acc(N) * acc(N - 1));
   const scalar_t* x = f + int64_t(row) * D;
   acc dot = 0;
-  for (int d = threadIdx.x; d < D; d += kWarpSize) dot += static_cast<acc>(x[d]) * s[d];
+  for (int d = threadIdx.x; GANNORM_LOOP(d < D); d += kWarpSize) dot += static_cast<acc>(x[d]) * s[d];
   dot = warp_sum(dot);
   // (f^ . s) where the guard leaves the norm alone; a guarded row's f^ = f / eps is linear in f
   const acc projection = norm > eps ? dot / denominator : acc(1);
-  for (int d = threadIdx.x; d < D; d += kWarpSize) {
+  for (int d = threadIdx.x; GANNORM_LOOP(d < D); d += kWarpSize) {
     const acc unit = static_cast<acc>(x[d]) / denominator;
     grad_f[int64_t(row) * D + d] = static_cast<scalar_t>(c / denominator * (s[d] - projection * unit));
   }
@@ -127,15 +132,15 @@ __device__ acc_t<scalar_t> tile_squared_distance(const scalar_t* __restrict__ f,
   GANNORM_POISON_SHARED(rows_j);
   const int tid = threadIdx.x + kTile * threadIdx.y;
   acc squared = 0;
-  for (int start = 0; start < D; start += kChunk) {
+  for (int start = 0; GANNORM_LOOP(start < D); start += kChunk) {
     __syncthreads();  // the previous chunk is consumed
-    for (int k = tid; k < kTile * kChunk; k += kTile * kTile) {
+    for (int k = tid; GANNORM_LOOP(k < kTile * kChunk); k += kTile * kTile) {
       const int r = k / kChunk, d = start + k % kChunk;
       rows_i[r][k % kChunk] = (i0 + r < N && d < D) ? static_cast<acc>(f[int64_t(i0 + r) * D + d]) : acc(0);
       rows_j[r][k % kChunk] = (j0 + r < N && d < D) ? static_cast<acc>(f[int64_t(j0 + r) * D + d]) : acc(0);
     }
     __syncthreads();
-    for (int d = 0; d < kChunk; ++d) {
+    for (int d = 0; GANNORM_LOOP(d < kChunk); ++d) {
       const acc diff = rows_i[threadIdx.y][d] - rows_j[threadIdx.x][d];
       squared += diff * diff;
     }
@@ -163,7 +168,7 @@ __global__ void sum_to_penalty_kernel(
     int64_t n_partials, int N) {                   // up to 65,535^2 tiles: int64 (one block)
   using acc = acc_t<scalar_t>;
   acc sum = 0;
-  for (int64_t p = threadIdx.x; p < n_partials; p += blockDim.x) sum += partials[p];
+  for (int64_t p = threadIdx.x; GANNORM_LOOP(p < n_partials); p += blockDim.x) sum += partials[p];
   sum = block_sum(sum);
   if (threadIdx.x == 0) *penalty = static_cast<scalar_t>(sum / (acc(N) * acc(N - 1)));
 }
@@ -185,13 +190,13 @@ __global__ void rbf_backward_kernel(
   const int o0 = chunk * kChunk + threadIdx.x, o1 = o0 + kTile;
   const acc c = static_cast<acc>(*grad_penalty) * acc(-4) * scale / (acc(N) * acc(N - 1));
   acc row_sum = 0, weighted0 = 0, weighted1 = 0;
-  for (int j0 = 0; j0 < N; j0 += kTile) {
+  for (int j0 = 0; GANNORM_LOOP(j0 < N); j0 += kTile) {
     const acc squared = tile_squared_distance(f, row_block * kTile, j0, N, D);
     const int j = j0 + threadIdx.x;
     __syncthreads();  // k_tile's previous readers are done
     k_tile[threadIdx.y][threadIdx.x] = (i < N && j < N && i != j) ? exp_acc(-squared * scale) : acc(0);
     __syncthreads();
-    for (int jj = 0; jj < kTile && j0 + jj < N; ++jj) {
+    for (int jj = 0; GANNORM_LOOP(jj < kTile && j0 + jj < N); ++jj) {
       const acc k = k_tile[threadIdx.y][jj];
       const scalar_t* fj = f + int64_t(j0 + jj) * D;
       row_sum += k;
@@ -239,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cosine_fwd(const at::T
     GANNORM_LAUNCH(rows, dim3(blocks), dim3(kWarpSize, kRowsPerBlock), s_partials.data_ptr<acc>(),
                    norms.data_ptr<acc>(), f.const_data_ptr<scalar_t>(), N, D, static_cast<acc>(eps));
     auto total = cosine_total_kernel<scalar_t>;
-    GANNORM_LAUNCH(total, dim3(1), dim3(1024), penalty.data_ptr<scalar_t>(), s.data_ptr<acc>(),
+    GANNORM_LAUNCH(total, dim3(1), dim3(kTotalThreads), penalty.data_ptr<scalar_t>(), s.data_ptr<acc>(),
                    s_partials.const_data_ptr<acc>(), norms.const_data_ptr<acc>(), N, D, blocks, static_cast<acc>(eps));
   });
   return {penalty, s, norms};

@@ -60,7 +60,7 @@ __device__ __forceinline__ T block_sum_of(const T* __restrict__ values, int n) {
   const int tid = threadIdx.x + blockDim.x * threadIdx.y;
   const int threads = blockDim.x * blockDim.y;
   T sum = 0;
-  for (int k = tid; k < n; k += threads) sum += values[k];
+  for (int k = tid; GANNORM_LOOP(k < n); k += threads) sum += values[k];
   return block_sum(sum);
 }
 
@@ -120,7 +120,7 @@ __global__ void sn_rows_kernel(
   if (i < h) {
     const scalar_t* row = weight + int64_t(i) * B;  // row i's start: int64, once per row
     const int64_t hB = int64_t(h) * B;
-    for (int j = threadIdx.x; j < w; j += kWarpSize) {
+    for (int j = threadIdx.x; GANNORM_LOOP(j < w); j += kWarpSize) {
       acc vj = static_cast<acc>(v[j]);
       if (kVFromT) vj = vj / v_denominator;
       sum += static_cast<acc>(row[column_offset<kOuter>(j, B, hB)]) * vj;
@@ -140,7 +140,7 @@ __global__ void sn_rows_kernel(
   __syncthreads();
   if (threadIdx.x == 0 && threadIdx.y == 0) {
     acc total = 0;
-    for (int r = 0; r < kRowsPerBlock; ++r) total += row_values[r];
+    for (int r = 0; GANNORM_LOOP(r < kRowsPerBlock); ++r) total += row_values[r];
     partials[blockIdx.x] = total;
   }
 }
@@ -163,7 +163,7 @@ __global__ void sn_cols_kernel(
   acc sum = 0;
   if (j < w) {
     const scalar_t* column = weight + column_offset<kOuter>(j, B, int64_t(h) * B);  // once per column
-    for (int i = threadIdx.y; i < h; i += kColumnPhases) {
+    for (int i = threadIdx.y; GANNORM_LOOP(i < h); i += kColumnPhases) {
       sum += static_cast<acc>(column[int64_t(i) * B]) * (x[i] / u_denominator);  // row i: per row
     }
   }
@@ -171,14 +171,14 @@ __global__ void sn_cols_kernel(
   __syncthreads();
   if (threadIdx.y == 0) {  // the first warp, whole
     acc total = 0;
-    for (int r = 0; r < kColumnPhases; ++r) total += partial[r][threadIdx.x];
+    for (int r = 0; GANNORM_LOOP(r < kColumnPhases); ++r) total += partial[r][threadIdx.x];
     if (j < w) t[j] = total;
     const acc squares = warp_sum(j < w ? total * total : acc(0));
     if (threadIdx.x == 0) t_partials[blockIdx.x] = squares;
   }
   const int tid = threadIdx.x + kWarpSize * threadIdx.y;
   // int64: h plus the stride (gridDim.x * 256, about 8 w) can pass 2^31
-  for (int64_t k = int64_t(blockIdx.x) * kThreads + tid; k < h; k += int64_t(gridDim.x) * kThreads) {
+  for (int64_t k = int64_t(blockIdx.x) * kThreads + tid; GANNORM_LOOP(k < h); k += int64_t(gridDim.x) * kThreads) {
     const acc uk = x[k] / u_denominator;
     u_used[k] = uk;
     u_buffer[k] = static_cast<scalar_t>(uk);
@@ -219,19 +219,19 @@ __global__ void sn_scale_kernel(
   const int tid = threadIdx.x;
   // grid-stride loops in int64: numel, and h or w plus the stride, can pass 2^31
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + tid, stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t e = first; e < numel; e += stride) {
+  for (int64_t e = first; GANNORM_LOOP(e < numel); e += stride) {
     out[e] = static_cast<scalar_t>(static_cast<acc>(weight[e]) / denominator);
   }
   if (blockIdx.x == 0 && tid == 0) *sigma_out = sigma;
   if (kMode == kTrain) {
-    for (int64_t j = first; j < w; j += stride) {
+    for (int64_t j = first; GANNORM_LOOP(j < w); j += stride) {
       const acc vj = t[j] / t_denominator;
       v_used[j] = vj;
       v_buffer[j] = static_cast<scalar_t>(vj);
     }
   } else if (kMode != kVector) {
-    for (int64_t i = first; i < h; i += stride) u_used[i] = static_cast<acc>(u_src[i]);
-    for (int64_t j = first; j < w; j += stride) v_used[j] = static_cast<acc>(v_src[j]);
+    for (int64_t i = first; GANNORM_LOOP(i < h); i += stride) u_used[i] = static_cast<acc>(u_src[i]);
+    for (int64_t j = first; GANNORM_LOOP(j < w); j += stride) v_used[j] = static_cast<acc>(v_src[j]);
   }
 }
 
@@ -244,7 +244,7 @@ __global__ void sn_dot_partials_kernel(
   using acc = acc_t<scalar_t>;
   acc sum = 0;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < numel; e += stride) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; GANNORM_LOOP(e < numel); e += stride) {
     sum += static_cast<acc>(a[e]) * static_cast<acc>(b[e]);
   }
   sum = block_sum(sum);
@@ -272,7 +272,7 @@ __global__ void sn_backward_kernel(
   const int first = blockIdx.x * blockDim.x + threadIdx.x, stride = gridDim.x * blockDim.x;
   if (first >= numel) return;  // no barrier below; and h, B >= 1 from here on
   MatrixWalk walk(first, stride, h, B);  // (row, column) of e (unused for kVector)
-  for (int64_t e = first; e < numel; e += stride) {
+  for (int64_t e = first; GANNORM_LOOP(e < numel); e += stride) {
     acc projection;
     if (kVector) {
       projection = static_cast<acc>(weight[e]) / denominator;

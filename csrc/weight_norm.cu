@@ -89,13 +89,16 @@ int row_block_threads(const ChannelLayout& L) {
 // The whole tensor: kWholeThreads threads a block, each block a chunk of a multiple of
 // kWholeThreads elements, at least kWholeMinPerBlock elements a block, at most kWholeMaxBlocks
 // blocks (a few per SM on current GPUs; the scale kernel's blocks each read every partial).
-constexpr int kWholeThreads = 256;
-constexpr int64_t kWholeMinPerBlock = 4 * kWholeThreads;
 #ifdef GANNORM_EMU
-constexpr int64_t kWholeMaxBlocks = 3;  // small grids under the emulator: every loop runs several times
+// Small blocks under the emulator, and more of them than a block has threads, so the tests'
+// shapes run every loop several times, whole_total's over the partials included.
+constexpr int kWholeThreads = 32;
+constexpr int64_t kWholeMaxBlocks = 64;
 #else
+constexpr int kWholeThreads = 256;
 constexpr int64_t kWholeMaxBlocks = 1024;
 #endif
+constexpr int64_t kWholeMinPerBlock = 4 * kWholeThreads;
 
 struct WholePlan {
   int blocks;
@@ -134,7 +137,7 @@ __global__ void weight_norm_fwd_rows_kernel(
   v += int64_t(c) * B;  // channel c's first element
   w += int64_t(c) * B;
   acc sumsq = 0;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+  for (int k = threadIdx.x; GANNORM_LOOP(k < K); k += blockDim.x) {
     const acc x = static_cast<acc>(v[channel_offset<kOuter>(k, B, CB)]);
     sumsq += x * x;
   }
@@ -149,7 +152,7 @@ __global__ void weight_norm_fwd_rows_kernel(
     factor = norm > 0 ? round_to<scalar_t>(gc / norm) : acc(0);
   }
   if (threadIdx.x == 0) norms[c] = norm;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+  for (int k = threadIdx.x; GANNORM_LOOP(k < K); k += blockDim.x) {
     const int64_t i = channel_offset<kOuter>(k, B, CB);
     const acc x = static_cast<acc>(v[i]);
     w[i] = static_cast<scalar_t>(kFused ? gc * x * factor : mul_rn(x, factor));
@@ -170,7 +173,7 @@ __global__ void weight_norm_fwd_cols_kernel(
   const bool active = c < C;
   acc sumsq = 0;
   if (active) {
-    for (int a = threadIdx.y; a < A; a += kColumnRows) {
+    for (int a = threadIdx.y; GANNORM_LOOP(a < A); a += kColumnRows) {
       const acc x = static_cast<acc>(v[int64_t(a) * C + c]);  // row a's start: int64, per row
       sumsq += x * x;
     }
@@ -178,13 +181,13 @@ __global__ void weight_norm_fwd_cols_kernel(
   partial[threadIdx.y][threadIdx.x] = sumsq;
   __syncthreads();
   acc total = 0;
-  for (int r = 0; r < kColumnRows; ++r) total += partial[r][threadIdx.x];
+  for (int r = 0; GANNORM_LOOP(r < kColumnRows); ++r) total += partial[r][threadIdx.x];
   if (!active) return;
   const acc norm = sqrt_acc(total);
   const acc rnorm = norm > 0 ? acc(1) / norm : acc(0);
   const acc gc = static_cast<acc>(g[c]);
   if (threadIdx.y == 0) norms[c] = norm;
-  for (int a = threadIdx.y; a < A; a += kColumnRows) {
+  for (int a = threadIdx.y; GANNORM_LOOP(a < A); a += kColumnRows) {
     const int64_t i = int64_t(a) * C + c;
     w[i] = static_cast<scalar_t>(gc * static_cast<acc>(v[i]) * rnorm);
   }
@@ -234,7 +237,7 @@ __global__ void weight_norm_bwd_rows_kernel(
   grad_w += int64_t(c) * B;
   v += int64_t(c) * B;
   acc dot = 0;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+  for (int k = threadIdx.x; GANNORM_LOOP(k < K); k += blockDim.x) {
     const int64_t i = channel_offset<kOuter>(k, B, CB);
     const acc product = static_cast<acc>(grad_w[i]) * static_cast<acc>(v[i]);
     dot += kFused ? product : round_to<scalar_t>(product);
@@ -246,7 +249,7 @@ __global__ void weight_norm_bwd_rows_kernel(
     const acc rnorm = norm > 0 ? acc(1) / norm : acc(0);
     const acc rnorm3 = rnorm * rnorm * rnorm;
     if (threadIdx.x == 0) grad_g[c] = static_cast<scalar_t>(dot * rnorm);
-    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    for (int k = threadIdx.x; GANNORM_LOOP(k < K); k += blockDim.x) {
       const int64_t i = channel_offset<kOuter>(k, B, CB);
       const acc dw = static_cast<acc>(grad_w[i]), x = static_cast<acc>(v[i]);
       grad_v[i] = static_cast<scalar_t>(gc * (rnorm * dw - rnorm3 * x * dot));  // torch's expression
@@ -254,7 +257,7 @@ __global__ void weight_norm_bwd_rows_kernel(
   } else {
     const CompositeScalars<scalar_t> sc(dot, gc, norm);
     if (threadIdx.x == 0) grad_g[c] = static_cast<scalar_t>(sc.grad_g);
-    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    for (int k = threadIdx.x; GANNORM_LOOP(k < K); k += blockDim.x) {
       const int64_t i = channel_offset<kOuter>(k, B, CB);
       grad_v[i] = composite_grad_v<scalar_t>(static_cast<acc>(grad_w[i]), static_cast<acc>(v[i]), sc.s, sc.grad_n,
                                              norm);
@@ -278,7 +281,7 @@ __global__ void weight_norm_bwd_cols_kernel(
   const bool active = c < C;
   acc dot = 0;
   if (active) {
-    for (int a = threadIdx.y; a < A; a += kColumnRows) {
+    for (int a = threadIdx.y; GANNORM_LOOP(a < A); a += kColumnRows) {
       const int64_t i = int64_t(a) * C + c;  // row a's start: int64, per row
       dot += static_cast<acc>(grad_w[i]) * static_cast<acc>(v[i]);
     }
@@ -286,14 +289,14 @@ __global__ void weight_norm_bwd_cols_kernel(
   partial[threadIdx.y][threadIdx.x] = dot;
   __syncthreads();
   acc total = 0;
-  for (int r = 0; r < kColumnRows; ++r) total += partial[r][threadIdx.x];
+  for (int r = 0; GANNORM_LOOP(r < kColumnRows); ++r) total += partial[r][threadIdx.x];
   if (!active) return;
   const acc norm = norms[c];
   const acc rnorm = norm > 0 ? acc(1) / norm : acc(0);
   const acc rnorm3 = rnorm * rnorm * rnorm;
   if (threadIdx.y == 0) grad_g[c] = static_cast<scalar_t>(total * rnorm);
   const acc gc = static_cast<acc>(g[c]);
-  for (int a = threadIdx.y; a < A; a += kColumnRows) {
+  for (int a = threadIdx.y; GANNORM_LOOP(a < A); a += kColumnRows) {
     const int64_t i = int64_t(a) * C + c;
     const acc dw = static_cast<acc>(grad_w[i]), x = static_cast<acc>(v[i]);
     grad_v[i] = static_cast<scalar_t>(gc * (rnorm * dw - rnorm3 * x * total));  // torch's expression
@@ -315,7 +318,7 @@ __global__ void weight_norm_whole_partials_kernel(
   const int64_t begin = int64_t(blockIdx.x) * chunk;
   const int64_t end = begin + chunk < n ? begin + chunk : n;
   acc sum = 0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+  for (int64_t i = begin + threadIdx.x; GANNORM_LOOP(i < end); i += blockDim.x) {
     const acc x = static_cast<acc>(a[i]);
     sum += kDot ? round_to<scalar_t>(x * static_cast<acc>(b[i])) : x * x;
   }
@@ -327,7 +330,7 @@ __global__ void weight_norm_whole_partials_kernel(
 template <typename acc>
 __device__ __forceinline__ acc whole_total(const acc* __restrict__ partials, int n_partials) {
   acc sum = 0;
-  for (int p = threadIdx.x; p < n_partials; p += blockDim.x) sum += partials[p];
+  for (int p = threadIdx.x; GANNORM_LOOP(p < n_partials); p += blockDim.x) sum += partials[p];
   return block_sum(sum);
 }
 
@@ -345,7 +348,7 @@ __global__ void weight_norm_whole_fwd_kernel(
   if (blockIdx.x == 0 && threadIdx.x == 0) norms[0] = norm;
   const int64_t begin = int64_t(blockIdx.x) * chunk;
   const int64_t end = begin + chunk < n ? begin + chunk : n;
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+  for (int64_t i = begin + threadIdx.x; GANNORM_LOOP(i < end); i += blockDim.x) {
     w[i] = static_cast<scalar_t>(mul_rn(static_cast<acc>(v[i]), s));
   }
 }
@@ -366,7 +369,7 @@ __global__ void weight_norm_whole_bwd_kernel(
   if (blockIdx.x == 0 && threadIdx.x == 0) grad_g[0] = static_cast<scalar_t>(sc.grad_g);
   const int64_t begin = int64_t(blockIdx.x) * chunk;
   const int64_t end = begin + chunk < n ? begin + chunk : n;
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+  for (int64_t i = begin + threadIdx.x; GANNORM_LOOP(i < end); i += blockDim.x) {
     grad_v[i] = composite_grad_v<scalar_t>(static_cast<acc>(grad_w[i]), static_cast<acc>(v[i]), sc.s, sc.grad_n,
                                            norm);
   }

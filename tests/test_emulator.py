@@ -2,7 +2,8 @@
 blocks in a seeded adversarial order, shared memory poisoned at block start, and (in its
 AddressSanitizer build) reads and writes outside a tensor. Shown on deliberately broken
 kernels (csrc/emu/hazard_demos.cpp); every real CUDA kernel is run under several schedules
-against the reference, and under ASan."""
+against the reference, and under ASan. Every loop of the kernels is one the emulator counts
+(the op tests' test_every_cuda_loop_runs_twice)."""
 
 import glob
 import os
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cuda_loop_coverage import CudaLoopCoverage, every_device_loop, kernel_sources
+
 import gannorm_kernels as gk
 from gannorm_kernels import backends
 
@@ -144,6 +147,33 @@ def test_every_kernel_under_adversarial_schedules(emu, op, seed):
     expected = _every_op(torch.float64)[op]("reference")
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_every_device_loop_is_counted():
+    """Every loop of device code in csrc (*.cu, common.cuh) is a `for` whose condition
+    GANNORM_LOOP wraps, left only through its condition, so the emulator counts its entries and
+    iterations and each op's test_every_cuda_loop_runs_twice holds it to two iterations
+    (tests/cuda_loop_coverage.py); a new loop cannot escape them."""
+    loops = every_device_loop()
+    assert {path.name for path in kernel_sources()} == {loop.file for loop in loops}, "a source without device loops?"
+    problems = [f"csrc/{loop.file}:{loop.line} `{loop.source}`: "
+                + ("left by break, return or goto" if loop.instrumented else "no GANNORM_LOOP(condition)")
+                for loop in loops if not loop.instrumented or loop.leaves]
+    lines = [(loop.file, loop.line) for loop in loops]
+    problems += [f"csrc/{file}:{line}: loops share the line (counted per line)"
+                 for file, line in sorted(set(lines)) if lines.count((file, line)) > 1]
+    assert not problems, "device loops the emulator cannot count:\n  " + "\n  ".join(problems)
+
+
+def test_loop_counts_are_exact(emu):
+    """Counts worked out by hand: md_forward_kernel on M (3, 1, 5) runs one block of 8 warps,
+    3 of them on rows; each of their 96 lanes enters the loop over j once and calls warp_sum
+    once (5 halvings), lanes 0-2 of each iterate once, and the 6 pairs j != i run l1_similarity's loop
+    over the 5 columns (the 3 j == i return before it)."""
+    with CudaLoopCoverage() as coverage:
+        emu.minibatch_discrimination_fwd(torch.randn(3, 1, 5))
+    counts = {(s.function, s.entries, s.iterations, s.most) for s in coverage.loops.values()}
+    assert counts == {("md_forward_kernel", 96, 9, 1), ("l1_similarity", 6, 30, 5), ("warp_sum", 96, 480, 5)}
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,6 +5,7 @@ tensors, the op on a GPU against fp64)."""
 
 import pytest
 import torch
+from cuda_loop_coverage import CudaLoopCoverage, assert_every_cuda_loop_iterates
 from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LargestTensor, assert_fp16_close,
                      assert_grids_fit, backend_device, backend_params, case_id, compare, drawn, expanded,
                      kernel_launchers, large_gpu_memory, large_gpu_test, measure, opcheck_cases, value_and_grad)
@@ -60,6 +61,18 @@ def test_every_triton_loop_runs_twice():
         with LoopCoverage(kernels) as coverages[case_id(case)]:
             value_and_grad(lambda t: MINIBATCH_DISCRIMINATION(t, "triton")[0], m, grad_out)
     assert_every_loop_iterates(kernels, coverages)
+
+
+def test_every_cuda_loop_runs_twice():
+    """Every loop of the CUDA kernels (tests/cuda_loop_coverage.py) runs 2+ iterations in some
+    thread, forward and backward, over the DISCRIMINATION_CASES the fp64 comparison above runs
+    on cuda-emu."""
+    with CudaLoopCoverage() as coverage:
+        for n, b, c in DISCRIMINATION_CASES:
+            m = drawn((n, b, c), torch.float32, "cpu", seed=n + c, scale=1.5 / c)
+            grad_out = drawn((n, b), torch.float32, "cpu", seed=7)
+            value_and_grad(lambda t: MINIBATCH_DISCRIMINATION(t, "cuda-emu")[0], m, grad_out)
+    assert_every_cuda_loop_iterates(coverage, "minibatch_discrimination.cu")
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -5,6 +5,7 @@ fp64)."""
 
 import pytest
 import torch
+from cuda_loop_coverage import CudaLoopCoverage, assert_every_cuda_loop_iterates
 from helpers import (DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, assert_fp16_close, assert_grids_fit, backend_device,
                      backend_params, case_id, compare, drawn, expanded, kernel_launchers, large_gpu_memory,
                      large_gpu_test, measure, opcheck_cases, value_and_grad)
@@ -64,6 +65,18 @@ def test_every_triton_loop_runs_twice():
         with LoopCoverage(kernels) as coverages[case_id(case)]:
             value_and_grad(lambda t: F.minibatch_stddev(t, group_size, num_channels, backend="triton"), x, grad_out)
     assert_every_loop_iterates(kernels, coverages)
+
+
+def test_every_cuda_loop_runs_twice():
+    """Every loop of the CUDA kernels (tests/cuda_loop_coverage.py) runs 2+ iterations in some
+    thread, forward and backward, over the STDDEV_CASES the fp64 comparison above runs on
+    cuda-emu."""
+    with CudaLoopCoverage() as coverage:
+        for n, c, h, w, group_size, num_channels in STDDEV_CASES:
+            x = drawn((n, c, h, w), torch.float32, "cpu", seed=n * c)
+            grad_out = drawn((n, c + num_channels, h, w), torch.float32, "cpu", seed=3)
+            value_and_grad(lambda t: F.minibatch_stddev(t, group_size, num_channels, backend="cuda-emu"), x, grad_out)
+    assert_every_cuda_loop_iterates(coverage, "minibatch_stddev.cu")
 
 
 def test_stddev_layer_is_stylegan2s():

@@ -72,10 +72,11 @@ def test_compiled_libraries_hold_only_spec_operators(backend):
     declared = {s.forward_name for s in SPECS.values()} | {s.backward_name for s in SPECS.values()}
     registered = {str(s.name).split("::", 1)[1] for s in torch._C._jit_get_all_schemas()
                   if str(s.name).startswith(f"{namespace}::")}
-    # besides the specs: the launch counter; the emulator's schedule seed and its deliberately
-    # broken kernels (csrc/emu/hazard_demos.cpp)
-    tooling = {"launch_count"} | ({"set_schedule_seed", "hazard_block_sum", "hazard_neighbour_sums",
-                                   "hazard_padded_tile_row_sums"} if backend == "cuda-emu" else set())
+    # besides the specs: the launch counter; the emulator's schedule seed, loop counts and its
+    # deliberately broken kernels (csrc/emu/hazard_demos.cpp)
+    tooling = {"launch_count"} | ({"set_schedule_seed", "set_loop_counting", "loop_counts", "hazard_block_sum",
+                                   "hazard_neighbour_sums", "hazard_padded_tile_row_sums"}
+                                  if backend == "cuda-emu" else set())
     assert registered - declared == tooling
     assert declared <= registered
 

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from functorch.compile import make_boxed_func
+from cuda_loop_coverage import CudaLoopCoverage, assert_every_cuda_loop_iterates
 from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LargestTensor, assert_fp16_close,
                      assert_grids_fit, backend_device, backend_params, case_id, compare, drawn, expanded,
                      kernel_launchers, large_gpu_memory, large_gpu_test, measure, opcheck_cases, value_and_grad)
@@ -87,6 +88,20 @@ def test_every_triton_loop_runs_twice():
                 value_and_grad(lambda t: F.pairwise_similarity_penalty(t, kernel, bandwidth, backend="triton"),
                                features, torch.tensor(1.5))
     assert_every_loop_iterates(kernels, coverages)
+
+
+def test_every_cuda_loop_runs_twice():
+    """Every loop of the CUDA kernels (tests/cuda_loop_coverage.py) runs 2+ iterations in some
+    thread, forward and backward, over what the fp64 comparisons above run on cuda-emu (all of
+    SIMILARITY_CASES, both kernels)."""
+    with CudaLoopCoverage() as coverage:
+        for n, feature_shape in SIMILARITY_CASES:
+            for kernel in ("cosine", "rbf"):
+                features = drawn((n, *feature_shape), torch.float32, "cpu", seed=n)
+                bandwidth = 0.5 * features[0].numel() ** 0.5
+                value_and_grad(lambda t: F.pairwise_similarity_penalty(t, kernel, bandwidth, backend="cuda-emu"),
+                               features, torch.tensor(1.5))
+    assert_every_cuda_loop_iterates(coverage, "similarity.cu")
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

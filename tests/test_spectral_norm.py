@@ -10,6 +10,7 @@ import pytest
 import torch
 from functorch.compile import make_boxed_func
 from loop_coverage import LoopCoverage, assert_every_loop_iterates, interpreted_kernels
+from cuda_loop_coverage import CudaLoopCoverage, assert_every_cuda_loop_iterates
 from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LAYER_MODULES,
                      assert_as_accurate_as, assert_close_to_reference, assert_fp16_close, assert_grids_fit,
                      backend_device, backend_params, expanded, kernel_launchers, large_gpu_memory, large_gpu_test)
@@ -39,6 +40,12 @@ CASES = [
     ((9, 130), 1),
     ((48, 300), 0),  # with the interpreter's and emulator's small grid caps: every grid-stride loop 2+ times
 ]
+# For the CUDA kernels alone (the interpreted Triton ones loop on CASES, and these would cost
+# them seconds): block_sum_of strides over a block's 256 threads, so only 2049 rows (257 row
+# partials) loop there; sn_scale_kernel's loops over u and v stride over its 256 threads a
+# block, 1 block up to 1024 elements, 2 beyond (the emulator's cap), so 2049 rows and 300
+# columns of a small weight loop there.
+CUDA_CASES = [((2049, 2), 0), ((2, 300), 0)]
 VECTOR_SIZES = [1, 7, 2000]  # 1-D weights
 # (training, n_power_iterations, cached sigma)
 MODES = {"train1": (True, 1, False), "train2": (True, 2, False), "eval": (False, 1, False),
@@ -103,6 +110,14 @@ def test_matches_fp64_reference(backend, dtype, case, mode):
     scales = term_scales(weight, ref64[2], ref64[3], grad_out, ref64[1], dim)
     for what, a, r, s in zip(("out", "sigma", "u", "v", "grad"), ours, ref64, same):
         assert_close_to_reference(a, r, s, what, scale=scales[what])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", backend_params(("cuda", "cuda-emu")))
+def test_cuda_cases_match_fp64_reference(backend, dtype, case, mode):
+    test_matches_fp64_reference(backend, dtype, case, mode)
 
 
 @pytest.mark.parametrize("n", VECTOR_SIZES)
@@ -181,6 +196,26 @@ def test_every_triton_loop_runs_twice():
             with LoopCoverage(kernels) as coverages[f"topk-{topk_case_id(case)}-{mode}"]:
                 run_topk("triton", *make_topk_inputs(shape, dim, k, torch.float32, "cpu"), dim, mode)
     assert_every_loop_iterates(kernels, coverages)
+
+
+def test_every_cuda_loop_runs_twice():
+    """Every loop of the CUDA kernels (tests/cuda_loop_coverage.py) runs 2+ iterations in some
+    thread, over what the fp64 comparisons run on cuda-emu: each mode of CASES and CUDA_CASES
+    forward and backward, and the 1-D weights of VECTOR_SIZES."""
+    with CudaLoopCoverage() as coverage:
+        for shape, dim in CASES + CUDA_CASES:
+            for mode, (training, n, cached) in MODES.items():
+                weight, u, v, grad_out = make_inputs(shape, dim, torch.float32, "cpu")
+                weight.requires_grad_()
+                out, sigma = gk.functional.spectral_norm(weight, u, v, dim, n, EPS, training, backend="cuda-emu")
+                if cached:
+                    out, _ = gk.functional.spectral_norm(weight, u, v, dim, n, EPS, False, sigma=sigma,
+                                                         backend="cuda-emu")
+                out.backward(grad_out)
+        for n in VECTOR_SIZES:
+            weight = torch.randn(n, generator=torch.Generator().manual_seed(n)).requires_grad_()
+            gk.functional.spectral_norm(weight, eps=EPS, backend="cuda-emu")[0].sum().backward()
+    assert_every_cuda_loop_iterates(coverage, "spectral_norm.cu")
 
 
 @pytest.mark.parametrize("case", [((3, 5), 0), ((4, 3, 2), 1), ((2, 3, 2, 2), 0)], ids=case_id)

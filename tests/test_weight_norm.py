@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from cuda_loop_coverage import CudaLoopCoverage, assert_every_cuda_loop_iterates
 from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, LAYER_MODULES,
                      assert_as_accurate_as, assert_close_to_reference, assert_fp16_close, assert_grids_fit,
                      backend_device, backend_params, expanded, kernel_launchers, large_gpu_memory, large_gpu_test)
@@ -44,6 +45,7 @@ CASES = [
     ((3, 1500), 0),
     ((3, 1500), None),
     ((40, 130), 1),
+    ((2, 3, 150), 1),  # composite, 300 elements a channel: the CUDA rows kernels' 256 threads loop
 ]
 
 
@@ -130,6 +132,16 @@ def test_every_triton_loop_runs_twice():
         with LoopCoverage(kernels) as coverages[case_id(case)]:
             run(lambda v, g: gk.functional.weight_norm(v, g, dim, backend="triton"), v, g, grad_w)
     assert_every_loop_iterates(kernels, coverages)
+
+
+def test_every_cuda_loop_runs_twice():
+    """Every loop of the CUDA kernels (tests/cuda_loop_coverage.py) runs 2+ iterations in some
+    thread, forward and backward, over the CASES the fp64 comparison above runs on cuda-emu."""
+    with CudaLoopCoverage() as coverage:
+        for shape, dim in CASES:
+            v, g, grad_w = make_inputs(shape, dim, torch.float32, "cpu")
+            run(lambda v, g: gk.functional.weight_norm(v, g, dim, backend="cuda-emu"), v, g, grad_w)
+    assert_every_cuda_loop_iterates(coverage, "weight_norm.cu")
 
 
 @pytest.mark.parametrize("dim", [0, 1, None])
@@ -596,8 +608,9 @@ def test_whole_tensor_uses_many_programs(backend, dtype, monkeypatch):
         programs, chunk = triton_wn.whole_plan(1001)
         assert programs == 3 and chunk // 64 >= 2
     else:
-        # csrc/weight_norm.cu: blocks of 256 threads, >= 1024 elements a block: 5 blocks of
-        # 1024, each thread looping 4 times
+        # csrc/weight_norm.cu: on a GPU 5 blocks of 1024 elements, 256 threads each looping 4
+        # times; under the emulator 40 blocks of 128, 32 threads each looping 4 times, and
+        # each block's 32 threads sum the 40 partials in 2 steps
         shape = (5, 1000)
     v, g, grad_w = make_inputs(shape, None, dtype, backend_device(backend))
     ours = run(lambda v, g: gk.functional.weight_norm(v, g, None, backend=backend), v, g, grad_w)

@@ -6,11 +6,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <unordered_set>
 #include <exception>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -19,6 +22,7 @@
 namespace cuda_emu {
 
 thread_local dim3 thread_idx, block_idx, block_dim, grid_dim;
+std::atomic<bool> loop_counting{false};
 
 namespace {
 
@@ -39,6 +43,28 @@ uint64_t mix(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+// A loop's counts in one launch on one OS thread (merged into `loop_totals` when it ends), and a
+// thread's entry under way. Sites match by line first: cheap, and __FILE__ literals of one file
+// need not share an address.
+struct LoopSite {
+  const char* file;
+  int line;
+  const char* function;
+  int64_t entries = 0, iterations = 0, most = 0;
+};
+struct OpenLoop {
+  const char* file;
+  int line;
+  const char* function;
+  int64_t iterations;
+};
+bool same_site(const char* file, int line, const char* other_file, int other_line) {
+  return line == other_line && (file == other_file || std::strcmp(file, other_file) == 0);
+}
+
+std::mutex loop_totals_mutex;
+std::map<std::pair<std::string, int>, LoopCount> loop_totals;  // by (base name, line)
+
 struct Fiber {
   ucontext_t context;
   std::unique_ptr<char[]> stack;
@@ -46,6 +72,7 @@ struct Fiber {
   Wait wait = Wait::kNone;
   uint64_t wait_generation = 0;
   bool done = false;
+  std::vector<OpenLoop> open_loops;  // innermost last
 };
 
 // One per OS thread: runs the blocks handed to that thread, one block at a time.
@@ -62,6 +89,7 @@ struct BlockRunner {
   std::vector<uint64_t> warp_slots;
   std::unordered_set<void*> poisoned;  // shared arrays already poisoned in this block
   std::exception_ptr error;
+  std::vector<LoopSite> loops;
 
   Fiber& self() { return fibers[current]; }
   int warp_of(int t) const { return t / kWarpSize; }
@@ -117,6 +145,30 @@ struct BlockRunner {
     }
   }
 
+  void end_loop_entry(const OpenLoop& entry) {
+    auto site = std::find_if(loops.begin(), loops.end(), [&](const LoopSite& s) {
+      return same_site(s.file, s.line, entry.file, entry.line);
+    });
+    if (site == loops.end()) site = loops.insert(loops.end(), LoopSite{entry.file, entry.line, entry.function});
+    ++site->entries;
+    site->iterations += entry.iterations;
+    site->most = std::max(site->most, entry.iterations);
+  }
+
+  void merge_loop_counts() {
+    std::lock_guard<std::mutex> lock(loop_totals_mutex);
+    for (const LoopSite& s : loops) {
+      const char* slash = std::strrchr(s.file, '/');
+      const std::string base = slash ? slash + 1 : s.file;
+      LoopCount& total =
+          loop_totals.try_emplace({base, s.line}, LoopCount{base, s.line, s.function, 0, 0, 0}).first->second;
+      total.entries += s.entries;
+      total.iterations += s.iterations;
+      total.most = std::max(total.most, s.most);
+    }
+    loops.clear();
+  }
+
   void run_block(dim3 block, dim3 block_index, uint64_t schedule);
   void run_fiber(int t) {
     current = t;
@@ -135,6 +187,8 @@ void fiber_entry() {
     if (!r.error) r.error = std::current_exception();
   }
   const int t = r.current;
+  for (const OpenLoop& entry : r.fibers[t].open_loops) r.end_loop_entry(entry);  // left by break or return
+  r.fibers[t].open_loops.clear();
   r.fibers[t].done = true;
   --r.alive;
   --r.warp_alive[r.warp_of(t)];
@@ -163,6 +217,7 @@ void BlockRunner::run_block(dim3 block, dim3 block_index, uint64_t schedule) {
     f.index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
     f.wait = Wait::kNone;
     f.done = false;
+    f.open_loops.clear();
     ++warp_alive[warp_of(t)];
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = f.stack.get();
@@ -222,6 +277,41 @@ void poison_shared(void* array, size_t bytes) {
 
 void syncwarp() { current_runner->warp_barrier(); }
 
+void count_loop_step(const char* file, int line, const char* function, bool running) {
+  BlockRunner* r = current_runner;
+  if (r == nullptr || r->current < 0) return;  // not in a kernel
+  std::vector<OpenLoop>& open = r->self().open_loops;
+  auto it = std::find_if(open.rbegin(), open.rend(), [&](const OpenLoop& o) {
+    return same_site(o.file, o.line, file, line);
+  });
+  if (running) {
+    if (it == open.rend()) open.push_back({file, line, function, 1});
+    else ++it->iterations;
+    return;
+  }
+  OpenLoop entry{file, line, function, 0};  // not open: an entry of no iterations
+  if (it != open.rend()) {
+    entry = *it;
+    open.erase(std::next(it).base());
+  }
+  r->end_loop_entry(entry);
+}
+
+bool set_loop_counting(bool enabled) {
+  if (enabled) {
+    std::lock_guard<std::mutex> lock(loop_totals_mutex);
+    loop_totals.clear();
+  }
+  return loop_counting.exchange(enabled);
+}
+
+std::vector<LoopCount> loop_counts() {
+  std::lock_guard<std::mutex> lock(loop_totals_mutex);
+  std::vector<LoopCount> out;
+  for (const auto& entry : loop_totals) out.push_back(entry.second);
+  return out;
+}
+
 uint64_t warp_exchange(uint64_t bits, int src_lane) {
   BlockRunner& r = *current_runner;
   const int t = r.current;
@@ -277,6 +367,7 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& block_body) {
     } catch (...) {
       errors[worker] = std::current_exception();
     }
+    if (!runner.loops.empty()) runner.merge_loop_counts();
     current_runner = nullptr;
   };
   if (n_workers == 1) {

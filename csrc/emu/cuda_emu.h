@@ -16,17 +16,28 @@
 // GANNORM_POISON_SHARED(array) after a __shared__ declaration fills it with NaN bytes (0xFF)
 // at each block start, so reading what no thread of the block wrote shows.
 //
+// Loop coverage: GANNORM_LOOP(cond) (common.cuh) wraps the condition of every loop of device
+// code, so the tests can show that each loop ran at least twice in some thread: a loop that
+// runs once cannot catch a wrong stride or `acc = x` for `acc += x`. While counting is on, each
+// thread's evaluations of a loop's condition are its entries (a false one ends an entry) and
+// iterations (a true one); per loop (file:line) the emulator keeps the entries, iterations and
+// the most iterations of one entry. A loop left by break or return ends its entry only when its
+// thread ends (the kernels have none: tests/test_cuda_loop_coverage.py checks).
+//
 // Supported: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __syncwarp,
 // __shfl_sync/__shfl_xor_sync/__shfl_down_sync (32-lane warps, values up to 8 bytes), static
 // __shared__ arrays, the float/double math used by the kernels. Not supported: dynamic shared
 // memory, atomics, cub, inline PTX, cooperative groups: kernels must stay within this list.
 #pragma once
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 struct dim3 {
   unsigned int x, y, z;
@@ -57,6 +68,24 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& block_body);
 int64_t set_schedule_seed(int64_t seed);
 // Fills `bytes` at `array` with 0xFF the first time a thread of the running block gets here.
 void poison_shared(void* array, size_t bytes);
+
+struct LoopCount {
+  std::string file;  // the source's base name
+  int line;
+  std::string function;
+  int64_t entries, iterations, most;  // most: the most iterations of one entry
+};
+extern std::atomic<bool> loop_counting;
+void count_loop_step(const char* file, int line, const char* function, bool running);
+// GANNORM_LOOP's body: `running` (the loop's condition), counted while counting is on.
+inline bool loop_step(const char* file, int line, const char* function, bool running) {
+  if (loop_counting.load(std::memory_order_relaxed)) count_loop_step(file, line, function, running);
+  return running;
+}
+// Turns counting on (clearing the counts) or off; returns whether it was on.
+bool set_loop_counting(bool enabled);
+// Every loop counted since counting was last turned on, by file and line.
+std::vector<LoopCount> loop_counts();
 
 template <typename T>
 T shuffle(T value, int src_lane) {
