@@ -309,7 +309,7 @@ struct GroupLayers {
 template <typename scalar_t>
 __device__ __forceinline__ int group_layer(const GroupLayers<scalar_t>& g, int which, int& local) {
   int layer = 0;
-  while (layer + 1 < g.n && g.start[which][layer + 1] <= int(blockIdx.x)) ++layer;
+  for (int next = 1; GANNORM_LOOP(next < g.n && g.start[which][next] <= int(blockIdx.x)); ++next) layer = next;
   local = int(blockIdx.x) - g.start[which][layer];
   return layer;
 }
@@ -338,7 +338,7 @@ __global__ void sn_group_rows_kernel(
     const scalar_t* row = g.weight[layer] + int64_t(i) * B;
     const int64_t hB = int64_t(h) * B;
     const acc* t_layer = kVFromT ? t + g.w_offset[layer] : nullptr;
-    for (int j = threadIdx.x; j < w; j += kWarpSize) {
+    for (int j = threadIdx.x; GANNORM_LOOP(j < w); j += kWarpSize) {
       const acc vj = kVFromT ? t_layer[j] / v_denominator : static_cast<acc>(g.v[layer][j]);
       sum += static_cast<acc>(row[column_offset<true>(j, B, hB)]) * vj;
     }
@@ -357,7 +357,7 @@ __global__ void sn_group_rows_kernel(
   __syncthreads();
   if (threadIdx.x == 0 && threadIdx.y == 0) {
     acc total = 0;
-    for (int r = 0; r < kRowsPerBlock; ++r) total += row_values[r];
+    for (int r = 0; GANNORM_LOOP(r < kRowsPerBlock); ++r) total += row_values[r];
     partials[blockIdx.x] = total;
   }
 }
@@ -384,7 +384,7 @@ __global__ void sn_group_cols_kernel(
   acc sum = 0;
   if (j < w) {
     const scalar_t* column = g.weight[layer] + column_offset<true>(j, B, int64_t(h) * B);
-    for (int i = threadIdx.y; i < h; i += kColumnPhases) {
+    for (int i = threadIdx.y; GANNORM_LOOP(i < h); i += kColumnPhases) {
       sum += static_cast<acc>(column[int64_t(i) * B]) * (x_layer[i] / u_denominator);
     }
   }
@@ -392,7 +392,7 @@ __global__ void sn_group_cols_kernel(
   __syncthreads();
   if (threadIdx.y == 0) {
     acc total = 0;
-    for (int r = 0; r < kColumnPhases; ++r) total += partial[r][threadIdx.x];
+    for (int r = 0; GANNORM_LOOP(r < kColumnPhases); ++r) total += partial[r][threadIdx.x];
     if (j < w) t[g.w_offset[layer] + j] = total;
     const acc squares = warp_sum(j < w ? total * total : acc(0));
     if (threadIdx.x == 0) t_partials[blockIdx.x] = squares;
@@ -400,7 +400,7 @@ __global__ void sn_group_cols_kernel(
   const int tid = threadIdx.x + kWarpSize * threadIdx.y;
   const int64_t stride = int64_t(g.start[1][layer + 1] - g.start[1][layer]) * kThreads;
   acc* u_used_layer = u_used + g.h_offset[layer];
-  for (int64_t k = int64_t(local) * kThreads + tid; k < h; k += stride) {
+  for (int64_t k = int64_t(local) * kThreads + tid; GANNORM_LOOP(k < h); k += stride) {
     const acc uk = x_layer[k] / u_denominator;
     u_used_layer[k] = uk;
     g.u[layer][k] = static_cast<scalar_t>(uk);
@@ -430,22 +430,24 @@ __global__ void sn_group_scale_kernel(
   const int64_t stride = int64_t(g.start[1][layer + 1] - g.start[1][layer]) * blockDim.x;
   const scalar_t* weight = g.weight[layer];
   scalar_t* out_layer = g.out[layer];
-  for (int64_t e = first; e < g.numel[layer]; e += stride) {
+  for (int64_t e = first; GANNORM_LOOP(e < g.numel[layer]); e += stride) {
     out_layer[e] = static_cast<scalar_t>(static_cast<acc>(weight[e]) / denominator);
   }
   if (local == 0 && threadIdx.x == 0) sigmas[g.first_layer + layer] = sigma;
   acc* v_used_layer = v_used + g.w_offset[layer];
   if (kTrain) {
     const acc* t_layer = t + g.w_offset[layer];
-    for (int64_t j = first; j < g.w[layer]; j += stride) {
+    for (int64_t j = first; GANNORM_LOOP(j < g.w[layer]); j += stride) {
       const acc vj = t_layer[j] / t_denominator;
       v_used_layer[j] = vj;
       g.v[layer][j] = static_cast<scalar_t>(vj);
     }
   } else {
     acc* u_used_layer = u_used + g.h_offset[layer];
-    for (int64_t i = first; i < g.h[layer]; i += stride) u_used_layer[i] = static_cast<acc>(g.u[layer][i]);
-    for (int64_t j = first; j < g.w[layer]; j += stride) v_used_layer[j] = static_cast<acc>(g.v[layer][j]);
+    const scalar_t* u_layer = g.u[layer];
+    const scalar_t* v_layer = g.v[layer];
+    for (int64_t i = first; GANNORM_LOOP(i < g.h[layer]); i += stride) u_used_layer[i] = static_cast<acc>(u_layer[i]);
+    for (int64_t j = first; GANNORM_LOOP(j < g.w[layer]); j += stride) v_used_layer[j] = static_cast<acc>(v_layer[j]);
   }
 }
 
@@ -461,7 +463,7 @@ __global__ void sn_group_dot_partials_kernel(
   const scalar_t* weight = g.weight[layer];
   acc sum = 0;
   const int64_t stride = int64_t(g.start[0][layer + 1] - g.start[0][layer]) * blockDim.x;
-  for (int64_t e = int64_t(local) * blockDim.x + threadIdx.x; e < g.numel[layer]; e += stride) {
+  for (int64_t e = int64_t(local) * blockDim.x + threadIdx.x; GANNORM_LOOP(e < g.numel[layer]); e += stride) {
     sum += static_cast<acc>(grad[e]) * static_cast<acc>(weight[e]);
   }
   sum = block_sum(sum);
@@ -493,7 +495,7 @@ __global__ void sn_group_backward_kernel(
   const acc* v_layer = v + g.w_offset[layer];
   scalar_t* grad_layer = g.out[layer];
   MatrixWalk walk(first, stride, g.h[layer], g.B[layer]);
-  for (int64_t e = first; e < numel; e += stride) {
+  for (int64_t e = first; GANNORM_LOOP(e < numel); e += stride) {
     const acc projection = u_layer[walk.i] * v_layer[walk.column()];
     walk.advance();
     grad_layer[e] = static_cast<scalar_t>((static_cast<acc>(grad[e]) - c * projection) / denominator);
@@ -518,29 +520,29 @@ __device__ void block_cholesky(const double* __restrict__ grams, int n, double e
   const int threads = blockDim.x * blockDim.y;  // a multiple of K * K
   const int e = tid % (K * K);
   double sum = 0;
-  for (int p = tid / (K * K); p < n; p += threads / (K * K)) sum += grams[int64_t(p) * K * K + e];
+  for (int p = tid / (K * K); GANNORM_LOOP(p < n); p += threads / (K * K)) sum += grams[int64_t(p) * K * K + e];
   sums[tid] = sum;
   __syncthreads();
   if (tid == 0) {
     double G[K][K];
-    for (int a = 0; a < K * K; ++a) {
+    for (int a = 0; GANNORM_LOOP(a < K * K); ++a) {
       double total = 0;
-      for (int m = a; m < threads; m += K * K) total += sums[m];
+      for (int m = a; GANNORM_LOOP(m < threads); m += K * K) total += sums[m];
       G[a / K][a % K] = total;
     }
-    for (int c = 0; c < K; ++c) {
-      for (int d = 0; d < K; ++d) R[c][d] = 0;
+    for (int c = 0; GANNORM_LOOP(c < K); ++c) {
+      for (int d = 0; GANNORM_LOOP(d < K); ++d) R[c][d] = 0;
     }
-    for (int c = 0; c < K; ++c) {
+    for (int c = 0; GANNORM_LOOP(c < K); ++c) {
       double residual[K];
-      for (int d = 0; d < K; ++d) {
+      for (int d = 0; GANNORM_LOOP(d < K); ++d) {
         residual[d] = G[c][d];
-        for (int r = 0; r < c; ++r) residual[d] -= R[r][c] * R[r][d];
+        for (int r = 0; GANNORM_LOOP(r < c); ++r) residual[d] -= R[r][c] * R[r][d];
       }
       const double diag = residual[c] > 0 ? residual[c] : 0.0;
       const double pivot = max_acc(sqrt(diag), eps);
       R[c][c] = pivot;
-      for (int d = c + 1; d < K; ++d) R[c][d] = residual[d] / pivot;
+      for (int d = c + 1; GANNORM_LOOP(d < K); ++d) R[c][d] = residual[d] / pivot;
       s[c] = diag / pivot;
     }
   }
@@ -550,9 +552,9 @@ __device__ void block_cholesky(const double* __restrict__ grams, int n, double e
 // q with q R = x (one row): the orthonormalised vectors' entries at that row/column.
 template <int K, typename acc>
 __device__ __forceinline__ void solve_row(const acc (&x)[K], const double (&R)[K][K], acc (&q)[K]) {
-  for (int c = 0; c < K; ++c) {
+  for (int c = 0; GANNORM_LOOP(c < K); ++c) {
     acc value = x[c];
-    for (int d = 0; d < c; ++d) value -= q[d] * static_cast<acc>(R[d][c]);
+    for (int d = 0; GANNORM_LOOP(d < c); ++d) value -= q[d] * static_cast<acc>(R[d][c]);
     q[c] = value / static_cast<acc>(R[c][c]);
   }
 }
@@ -575,44 +577,47 @@ __global__ void sn_topk_rows_kernel(
   if (kVFromT) block_cholesky<K>(t_grams, n_t, eps, R, s);
   const int i = blockIdx.x * kRowsPerBlock + threadIdx.y;
   acc sum[K];
-  for (int c = 0; c < K; ++c) sum[c] = 0;
+  for (int c = 0; GANNORM_LOOP(c < K); ++c) sum[c] = 0;
   if (i < h) {
     const scalar_t* row = weight + int64_t(i) * B;
     const int64_t hB = int64_t(h) * B;
-    for (int j = threadIdx.x; j < w; j += kWarpSize) {
+    for (int j = threadIdx.x; GANNORM_LOOP(j < w); j += kWarpSize) {
       const acc wij = static_cast<acc>(row[column_offset<true>(j, B, hB)]);
-      for (int c = 0; c < K; ++c) {
+      for (int c = 0; GANNORM_LOOP(c < K); ++c) {
         const acc vjc = kVFromT ? t[int64_t(j) * K + c] : (c < k ? static_cast<acc>(v[int64_t(c) * w + j]) : acc(0));
         sum[c] += wij * vjc;
       }
     }
   }
-  for (int c = 0; c < K; ++c) sum[c] = warp_sum(sum[c]);
+  for (int c = 0; GANNORM_LOOP(c < K); ++c) sum[c] = warp_sum(sum[c]);
   acc xi[K];
   if (kVFromT) {
     solve_row<K, acc>(sum, R, xi);  // W V = (W T) R_t^-1
   } else {
-    for (int c = 0; c < K; ++c) xi[c] = sum[c];
+    for (int c = 0; GANNORM_LOOP(c < K); ++c) xi[c] = sum[c];
   }
   if (threadIdx.x == 0) {
-    for (int c = 0; c < K; ++c) {
-      row_values[threadIdx.y][c] = i >= h ? acc(0) : kEval ? (c < k ? static_cast<acc>(u[int64_t(c) * h + i]) * xi[c] : acc(0))
-                                                           : xi[c];
+    for (int c = 0; GANNORM_LOOP(c < K); ++c) {
+      acc value = i < h ? xi[c] : acc(0);
+      if (kEval) value = i < h && c < k ? static_cast<acc>(u[int64_t(c) * h + i]) * xi[c] : acc(0);
+      row_values[threadIdx.y][c] = value;
       if (!kEval && i < h) x[int64_t(i) * K + c] = xi[c];
     }
   }
   __syncthreads();
   if (threadIdx.x == 0 && threadIdx.y == 0) {
     if (kEval) {
-      for (int c = 0; c < K; ++c) {
+      for (int c = 0; GANNORM_LOOP(c < K); ++c) {
         acc total = 0;
-        for (int r = 0; r < kRowsPerBlock; ++r) total += row_values[r][c];
+        for (int r = 0; GANNORM_LOOP(r < kRowsPerBlock); ++r) total += row_values[r][c];
         products[int64_t(blockIdx.x) * K + c] = total;
       }
     } else {
-      for (int a = 0; a < K * K; ++a) {
+      for (int a = 0; GANNORM_LOOP(a < K * K); ++a) {
         double total = 0;
-        for (int r = 0; r < kRowsPerBlock; ++r) total += double(row_values[r][a / K]) * double(row_values[r][a % K]);
+        for (int r = 0; GANNORM_LOOP(r < kRowsPerBlock); ++r) {
+          total += double(row_values[r][a / K]) * double(row_values[r][a % K]);
+        }
         grams[int64_t(blockIdx.x) * K * K + a] = total;
       }
     }
@@ -636,38 +641,38 @@ __global__ void sn_topk_cols_kernel(
   block_cholesky<K>(x_grams, n_x, eps, R, s);
   const int j = blockIdx.x * kWarpSize + threadIdx.x;
   acc sum[K];
-  for (int c = 0; c < K; ++c) sum[c] = 0;
+  for (int c = 0; GANNORM_LOOP(c < K); ++c) sum[c] = 0;
   if (j < w) {
     const scalar_t* column = weight + column_offset<true>(j, B, int64_t(h) * B);
-    for (int i = threadIdx.y; i < h; i += kColumnPhases) {
+    for (int i = threadIdx.y; GANNORM_LOOP(i < h); i += kColumnPhases) {
       const acc wij = static_cast<acc>(column[int64_t(i) * B]);
-      for (int c = 0; c < K; ++c) sum[c] += wij * x[int64_t(i) * K + c];
+      for (int c = 0; GANNORM_LOOP(c < K); ++c) sum[c] += wij * x[int64_t(i) * K + c];
     }
   }
-  for (int c = 0; c < K; ++c) partial[threadIdx.y][threadIdx.x][c] = sum[c];
+  for (int c = 0; GANNORM_LOOP(c < K); ++c) partial[threadIdx.y][threadIdx.x][c] = sum[c];
   __syncthreads();
   if (threadIdx.y == 0) {  // the first warp, whole
     acc raw[K], tj[K];
-    for (int c = 0; c < K; ++c) {
+    for (int c = 0; GANNORM_LOOP(c < K); ++c) {
       raw[c] = 0;
-      for (int r = 0; r < kColumnPhases; ++r) raw[c] += partial[r][threadIdx.x][c];
+      for (int r = 0; GANNORM_LOOP(r < kColumnPhases); ++r) raw[c] += partial[r][threadIdx.x][c];
     }
     solve_row<K, acc>(raw, R, tj);  // W^T X R_x^-1
-    for (int c = 0; c < K; ++c) {
+    for (int c = 0; GANNORM_LOOP(c < K); ++c) {
       if (j >= w) tj[c] = 0;
       if (j < w) t[int64_t(j) * K + c] = tj[c];
     }
-    for (int a = 0; a < K * K; ++a) {
+    for (int a = 0; GANNORM_LOOP(a < K * K); ++a) {
       const double g = warp_sum(double(tj[a / K]) * double(tj[a % K]));
       if (threadIdx.x == 0) t_grams[int64_t(blockIdx.x) * K * K + a] = g;
     }
   }
   const int tid = threadIdx.x + kWarpSize * threadIdx.y;
-  for (int64_t r = int64_t(blockIdx.x) * kThreads + tid; r < h; r += int64_t(gridDim.x) * kThreads) {
+  for (int64_t r = int64_t(blockIdx.x) * kThreads + tid; GANNORM_LOOP(r < h); r += int64_t(gridDim.x) * kThreads) {
     acc xr[K], ur[K];
-    for (int c = 0; c < K; ++c) xr[c] = x[r * K + c];
+    for (int c = 0; GANNORM_LOOP(c < K); ++c) xr[c] = x[r * K + c];
     solve_row<K, acc>(xr, R, ur);
-    for (int c = 0; c < k; ++c) {
+    for (int c = 0; GANNORM_LOOP(c < k); ++c) {
       u_used[int64_t(c) * h + r] = ur[c];
       u_buffer[int64_t(c) * h + r] = static_cast<scalar_t>(ur[c]);
     }
@@ -693,11 +698,11 @@ __global__ void sn_topk_scale_kernel(
   acc sigma_values[K];
   if (kTrain) {
     block_cholesky<K>(t_grams, n, eps, R, s);
-    for (int c = 0; c < K; ++c) sigma_values[c] = static_cast<acc>(s[c]);
+    for (int c = 0; GANNORM_LOOP(c < K); ++c) sigma_values[c] = static_cast<acc>(s[c]);
   } else {
-    for (int c = 0; c < K; ++c) {
+    for (int c = 0; GANNORM_LOOP(c < K); ++c) {
       acc sum = 0;
-      for (int p = threadIdx.x; p < n; p += blockDim.x) sum += products[int64_t(p) * K + c];
+      for (int p = threadIdx.x; GANNORM_LOOP(p < n); p += blockDim.x) sum += products[int64_t(p) * K + c];
       sigma_values[c] = block_sum(sum);
     }
   }
@@ -705,25 +710,25 @@ __global__ void sn_topk_scale_kernel(
   const acc eps_acc = static_cast<acc>(eps);
   const acc denominator = abs_acc(sigma) > eps_acc ? sigma : eps_acc;
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t e = first; e < numel; e += stride) {
+  for (int64_t e = first; GANNORM_LOOP(e < numel); e += stride) {
     out[e] = static_cast<scalar_t>(static_cast<acc>(weight[e]) / denominator);
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) {
-    for (int c = 0; c < k; ++c) sigmas[c] = sigma_values[c];
+    for (int c = 0; GANNORM_LOOP(c < k); ++c) sigmas[c] = sigma_values[c];
   }
   if (kTrain) {
-    for (int64_t j = first; j < w; j += stride) {
+    for (int64_t j = first; GANNORM_LOOP(j < w); j += stride) {
       acc tj[K], vj[K];
-      for (int c = 0; c < K; ++c) tj[c] = t[j * K + c];
+      for (int c = 0; GANNORM_LOOP(c < K); ++c) tj[c] = t[j * K + c];
       solve_row<K, acc>(tj, R, vj);
-      for (int c = 0; c < k; ++c) {
+      for (int c = 0; GANNORM_LOOP(c < k); ++c) {
         v_used[int64_t(c) * w + j] = vj[c];
         v_buffer[int64_t(c) * w + j] = static_cast<scalar_t>(vj[c]);
       }
     }
   } else {
-    for (int64_t e = first; e < int64_t(k) * h; e += stride) u_used[e] = static_cast<acc>(u_src[e]);
-    for (int64_t e = first; e < int64_t(k) * w; e += stride) v_used[e] = static_cast<acc>(v_src[e]);
+    for (int64_t e = first; GANNORM_LOOP(e < int64_t(k) * h); e += stride) u_used[e] = static_cast<acc>(u_src[e]);
+    for (int64_t e = first; GANNORM_LOOP(e < int64_t(k) * w); e += stride) v_used[e] = static_cast<acc>(v_src[e]);
   }
 }
 
@@ -902,6 +907,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_topk_fw
   TORCH_CHECK(u.dim() == 2 && u.size(0) >= 1 && u.size(0) <= kMaxSvs && u.size(1) == L.h, "u must have shape (k, ",
               L.h, ") with 1 <= k <= ", kMaxSvs, ", got ", u.sizes());
   const int k = static_cast<int>(u.size(0));
+  TORCH_CHECK(k <= std::min(L.h, L.w()), "k = ", k, " singular vectors need at most min(rows, columns) = ",
+              std::min(L.h, L.w()), " (u has shape ", u.sizes(), ")");
   TORCH_CHECK(v.dim() == 2 && v.size(0) == k && v.size(1) == L.w(), "v must have shape (", k, ", ", L.w(), "), got ",
               v.sizes());
   auto check_vectors = [&](const at::Tensor& buffer, const char* name) {
@@ -923,11 +930,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_topk_fw
   at::Tensor sigmas = at::empty({k}, acc_options);
   at::Tensor u_used = at::empty({k, L.h}, acc_options);
   at::Tensor v_used = at::empty({k, L.w()}, acc_options);
-  switch (K) {
-    case 1: spectral_norm_topk_launch<1>(weight, u, v, L, k, n_power_iterations, eps, training, out, sigmas, u_used, v_used); break;
-    case 2: spectral_norm_topk_launch<2>(weight, u, v, L, k, n_power_iterations, eps, training, out, sigmas, u_used, v_used); break;
-    case 4: spectral_norm_topk_launch<4>(weight, u, v, L, k, n_power_iterations, eps, training, out, sigmas, u_used, v_used); break;
-    default: spectral_norm_topk_launch<8>(weight, u, v, L, k, n_power_iterations, eps, training, out, sigmas, u_used, v_used);
+  auto run = [&](auto launcher) {
+    launcher(weight, u, v, L, k, n_power_iterations, eps, training, out, sigmas, u_used, v_used);
+  };
+  switch (K) {  // the padded k: the vectors' per-thread arrays are sized at compile time
+    case 1: run(spectral_norm_topk_launch<1>); break;
+    case 2: run(spectral_norm_topk_launch<2>); break;
+    case 4: run(spectral_norm_topk_launch<4>); break;
+    default: run(spectral_norm_topk_launch<8>);
   }
   return {out, sigmas, u_used, v_used};
 }
@@ -984,7 +994,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> spectral
       GroupLayers<scalar_t> scale_g;  // start[0]: the partials' blocks, start[1]: scale blocks
       const int scale_blocks = fill_group(scale_g, plan, first, n, weights, us, vs, outs,
                                           [&](const MatrixLayout& L, int64_t numel) {
-        return std::make_pair(training ? (L.w() + kWarpSize - 1) / kWarpSize : (L.h + kRowsPerBlock - 1) / kRowsPerBlock,
+        const int partial_blocks =
+            training ? (L.w() + kWarpSize - 1) / kWarpSize : (L.h + kRowsPerBlock - 1) / kRowsPerBlock;
+        return std::make_pair(partial_blocks,
                               blocks_for(std::max<int64_t>({numel, L.h, L.w()}), 4 * kThreads, kMaxElementwiseBlocks));
       }).second;
       at::Tensor x_partials = at::empty({blocks.first}, acc_options);
@@ -1050,10 +1062,11 @@ std::vector<at::Tensor> spectral_norm_group_bwd(at::TensorList grad_outs_in, at:
     for (int first = 0; first < layers; first += kGroupLayers) {
       const int n = static_cast<int>(std::min<int64_t>(kGroupLayers, layers - first));
       GroupLayers<scalar_t> g;  // u: the gradients; start[0]: dot blocks, start[1]: backward blocks
-      const auto blocks = fill_group(g, plan, first, n, weights, grads, {}, grad_weights, [](const MatrixLayout&, int64_t numel) {
+      const auto counts = [](const MatrixLayout&, int64_t numel) {
         return std::make_pair(blocks_for(numel, 4 * kThreads, kMaxReduceBlocks),
                               blocks_for(numel, 4 * kThreads, kMaxElementwiseBlocks));
-      });
+      };
+      const auto blocks = fill_group(g, plan, first, n, weights, grads, {}, grad_weights, counts);
       at::Tensor partials = at::empty({blocks.first}, options.dtype(acc_scalar_type(weights[0])));
       GANNORM_LAUNCH(sn_group_dot_partials_kernel<scalar_t>, dim3(blocks.first), dim3(kThreads),
                      partials.data_ptr<acc>(), g);

@@ -235,6 +235,10 @@ class SpectralNorm(nn.Module):
             raise ValueError("num_svs > 1 and sigmas_buffer need a real weight of 2 or more dims, got "
                              f"{tuple(weight.shape)} {weight.dtype}")
         self.dim = checks.matrix_dim(dim, weight.ndim) if weight.ndim > 1 else 0
+        if num_svs > 1 and num_svs > min(checks.matrix_shape(weight.shape, self.dim)):
+            raise ValueError(f"num_svs = {num_svs} needs at most min(rows, columns) = "
+                             f"{min(checks.matrix_shape(weight.shape, self.dim))} for a weight of shape "
+                             f"{tuple(weight.shape)} along dim {self.dim}")
         self.eps = eps
         self.n_power_iterations = n_power_iterations
         self.backend = backend

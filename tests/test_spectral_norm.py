@@ -188,7 +188,7 @@ def test_every_triton_loop_runs_twice():
         with LoopCoverage(kernels) as coverages[f"vector-{n}"]:
             gk.functional.spectral_norm(weight, eps=EPS, backend="triton")[0].sum().backward()
     for mode in GROUP_MODES:  # the grouped kernels, on test_group_matches_fp64_reference's groups
-        for name in GROUPS:
+        for name in set(GROUPS) - {"cuda"}:
             with LoopCoverage(kernels) as coverages[f"group-{name}-{mode}"]:
                 run_group("triton", group_inputs(name, torch.float32, "cpu"), mode)
         for case in TOPK_CASES:  # the top-k kernels, on test_topk_matches_fp64_reference's cases
@@ -201,7 +201,7 @@ def test_every_triton_loop_runs_twice():
 def test_every_cuda_loop_runs_twice():
     """Every loop of the CUDA kernels (tests/cuda_loop_coverage.py) runs 2+ iterations in some
     thread, over what the fp64 comparisons run on cuda-emu: each mode of CASES and CUDA_CASES
-    forward and backward, and the 1-D weights of VECTOR_SIZES."""
+    forward and backward, the 1-D weights of VECTOR_SIZES, the groups and the top-k cases."""
     with CudaLoopCoverage() as coverage:
         for shape, dim in CASES + CUDA_CASES:
             for mode, (training, n, cached) in MODES.items():
@@ -215,6 +215,11 @@ def test_every_cuda_loop_runs_twice():
         for n in VECTOR_SIZES:
             weight = torch.randn(n, generator=torch.Generator().manual_seed(n)).requires_grad_()
             gk.functional.spectral_norm(weight, eps=EPS, backend="cuda-emu")[0].sum().backward()
+        for mode in GROUP_MODES:  # the grouped and top-k kernels, on their fp64 comparisons' inputs
+            for name in GROUPS:
+                run_group("cuda-emu", group_inputs(name, torch.float32, "cpu"), mode)
+            for shape, dim, k in TOPK_CASES + CUDA_TOPK_CASES:
+                run_topk("cuda-emu", *make_topk_inputs(shape, dim, k, torch.float32, "cpu"), dim, mode)
     assert_every_cuda_loop_iterates(coverage, "spectral_norm.cu")
 
 
@@ -883,7 +888,8 @@ def run_group(backend, inputs, mode):
 # Groups: every CASES weight (mixed shapes and dims); and two that run each grouped loop twice
 # per program on average (tests/loop_coverage.py), the layers of a group sharing block sizes:
 # wide layers (the row loops, the partial sums), tall ones (the column loops, the u and v writes).
-GROUPS = {"cases": CASES, "wide": [((48, 300), 0), ((40, 260), 0)], "tall": [((300, 17), 0), ((260, 20), 0)]}
+GROUPS = {"cases": CASES, "wide": [((48, 300), 0), ((40, 260), 0)], "tall": [((300, 17), 0), ((260, 20), 0)],
+          "cuda": CUDA_CASES + [((2, 1100), 0)]}  # the CUDA kernels' 256-thread strides (CUDA_CASES)
 # fp64 in every mode; each half/single dtype in one, on all CASES (interpreted, a group of
 # all CASES takes ~10 s)
 GROUP_RUNS = [(name, torch.float64, mode) for name in GROUPS for mode in GROUP_MODES] + [
@@ -899,6 +905,9 @@ def group_inputs(name, dtype, device):
 def test_group_matches_fp64_reference(backend, group, dtype, mode):
     """Every weight of a group: each layer's output, sigma, updated buffers and gradient as the
     fp64 reference computes that layer alone."""
+    if group == "cuda" and backend == "triton":
+        pytest.skip("the CUDA kernels' loop shapes (interpreted, 2049 rows alone take ~10 s); the Triton "
+                    "kernels' loops run twice on the other groups")
     inputs = group_inputs(group, dtype, backend_device(backend))
     cases = GROUPS[group]
     ours = run_group(backend, inputs, mode)
@@ -975,8 +984,11 @@ def test_group_bad_arguments():
 # ---- Top k singular values (num_svs) --------------------------------------------------------
 
 # (shape, dim, k): k of every padded width, rows and columns past a block, dims 0 and 1
-TOPK_CASES = [((6, 3, 2, 2), 0, 3), ((5, 7), 1, 2), ((40, 33), 0, 4), ((9, 4, 5), 1, 8), ((3, 4, 2, 2), 1, 1),
+TOPK_CASES = [((6, 3, 2, 2), 0, 3), ((5, 7), 1, 2), ((40, 33), 0, 4), ((9, 10, 5), 1, 8), ((3, 4, 2, 2), 1, 1),
               ((100, 12), 0, 2), ((12, 150), 0, 2)]  # tall and wide: U's and V's writes loop
+# The CUDA kernels' 256-thread strides: enough partials for the Gram sums and the eval products,
+# rows and columns past the u/v writes' and copies' strides (cuda backends only, as CUDA_CASES).
+CUDA_TOPK_CASES = [((300, 20), 0, 4), ((2100, 8), 0, 2), ((4, 600), 0, 2)]
 TOPK_RUNS = [(torch.float64, mode) for mode in GROUP_MODES] + [
     (torch.float32, "train2"), (torch.float16, "eval"), (torch.bfloat16, "train1")]
 
@@ -1016,6 +1028,19 @@ def test_topk_matches_fp64_reference(backend, dtype, mode, case):
     shape, dim, k = case
     inputs = make_topk_inputs(shape, dim, k, dtype, backend_device(backend))
     ours = run_topk(backend, *inputs, dim, mode)
+    check_topk(inputs, ours, dim, mode)
+
+
+@pytest.mark.parametrize("case", CUDA_TOPK_CASES, ids=topk_case_id)
+@pytest.mark.parametrize("mode", GROUP_MODES)
+@pytest.mark.parametrize("backend", backend_params(("cuda", "cuda-emu")))
+def test_cuda_topk_cases_match_fp64_reference(backend, mode, case):
+    shape, dim, k = case
+    inputs = make_topk_inputs(shape, dim, k, torch.float32, backend_device(backend))
+    check_topk(inputs, run_topk(backend, *inputs, dim, mode), dim, mode)
+
+
+def check_topk(inputs, ours, dim, mode):
     ref64 = run_topk("reference", *(t.double() for t in inputs), dim, mode)
     same = run_topk("reference", *inputs, dim, mode)
     weight, grad_out = inputs[0].double(), inputs[3].double()
@@ -1159,5 +1184,11 @@ def test_topk_layer(backend):
         gk.sigmas(plain, k=2)
     with pytest.raises(ValueError, match="num_svs must be at most 8"):
         gk.spectral_norm(nn.Linear(3, 3), num_svs=9)
+    with pytest.raises(ValueError, match=r"num_svs = 4 needs at most min\(rows, columns\) = 3"):
+        gk.spectral_norm(nn.Linear(3, 5), num_svs=4)
+    w = torch.randn(3, 5, dtype=torch.float64, device=device)
+    with pytest.raises((ValueError, RuntimeError), match=r"k = 4 singular vectors need at most min\(rows, columns\) = 3"):
+        gk.functional.spectral_norm_topk(w, torch.zeros(4, 3, dtype=w.dtype, device=device),
+                                         torch.zeros(4, 5, dtype=w.dtype, device=device), backend=backend)
     with pytest.raises(ValueError, match="need a real weight of 2 or more dims"):
         gk.spectral_norm(nn.BatchNorm1d(3), num_svs=2)

@@ -306,6 +306,9 @@ def check_topk_args(weight, u, v, dim, n_power_iterations, eps) -> int:
         raise ValueError(f"u must have shape (k, {h}) with 1 <= k <= {MAX_SVS}, got "
                          f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
     k = u.shape[0]
+    if k > min(h, w):
+        raise ValueError(f"k = {k} singular vectors need at most min(rows, columns) = {min(h, w)} for a weight of "
+                         f"shape {tuple(weight.shape)} along dim {dim} (u has shape {tuple(u.shape)})")
     for name, buffer, size in (("u", u, h), ("v", v, w)):
         if not isinstance(buffer, torch.Tensor) or buffer.shape != (k, size):
             raise ValueError(f"{name} must have shape ({k}, {size}) for a weight of shape {tuple(weight.shape)} "
