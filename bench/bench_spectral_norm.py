@@ -8,6 +8,8 @@ Each row's extra_info carries the measured launch count and the bytes the kernel
 G twice and W once and writes dW; eval reads W twice and writes W / sigma).
 """
 
+import math
+
 import pytest
 import torch
 from gan_layers import COMPETITORS, DEVICE, DTYPES, LAYERS, describe, gpu_kernels, layer_id, skip_compile_case, \
@@ -74,3 +76,39 @@ def test_spectral_norm(benchmark, mode, backend, layer, dtype):
     benchmark(step)
     assert torch.isfinite(weight).all()
 
+
+
+TOPK_BACKENDS = [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layer", LAYERS, ids=layer_id)
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+def test_spectral_norm_topk(benchmark, backend, layer, dtype):
+    """num_svs = 4, a training forward and backward. No torch op tracks more than one singular
+    vector: `reference` is BigGAN-PyTorch's algorithm in plain PyTorch (a matrix-vector product
+    and a Gram-Schmidt step per vector, twice per iteration), the kernels one pass over W for
+    all four."""
+    if min(layer[2][0], math.prod(layer[2][1:])) < 4:
+        pytest.skip("fewer than 4 rows or columns: no 4 singular values")
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.randn(layer[2], dtype=dtype))
+    module = gk.spectral_norm(holder.to(DEVICE), num_svs=4, backend=backend)
+    grad = torch.randn(layer[2], dtype=dtype, device=DEVICE)
+
+    def step():
+        weight = module.weight
+        weight.backward(grad)
+        synchronize()
+        return weight
+
+    step()
+    with count_launches() as counted:
+        weight = step()
+    spec = gk.ops.spectral_norm.SPECTRAL_NORM_TOPK
+    cost = spec.cost(layer[2], dtype, 0, "train", 1, 4) + spec.cost(layer[2], dtype, 0, "backward")
+    describe(benchmark, "spectral_norm_topk", "train-forward+backward, k=4", backend, layer_id(layer), layer[2], dtype,
+             cost, counted.total, kernels=gpu_kernels(step))
+    benchmark(step)
+    assert torch.isfinite(weight).all()
