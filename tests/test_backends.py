@@ -194,3 +194,17 @@ def test_backends_are_records_and_auto_names_every_candidates_reason():
             backends.auto("cuda")
         for name in backends.AUTO_CANDIDATES["cuda"]:
             assert f"{name!r}: no CUDA device is available" in str(error.value)
+
+
+def test_every_planted_bug_still_finds_its_line():
+    """`make mutation-check` plants each bug by replacing a snippet that must occur exactly once:
+    a change to the code that duplicates or rewrites a snippet would silently break the check."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import mutation_check
+    finally:
+        sys.path.pop(0)
+    root = Path(mutation_check.ROOT)
+    counts = {m.id: (root / m.path).read_text().count(m.find) for m in mutation_check.MUTATIONS}
+    assert counts == dict.fromkeys(counts, 1)
+    assert len(counts) == len(mutation_check.MUTATIONS) >= 20

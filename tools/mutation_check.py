@@ -65,10 +65,12 @@ MUTATIONS = [
              "        total += tl.load(ptr + offsets, mask=offsets <= n, other=0.0).to(ACC)",
              SN_TRITON, "partial sums: mask off by one (reads one past the partials)"),
     Mutation("T4", "gannorm_kernels/triton/spectral_norm.py",
-             "    for start in range(pid.to(tl.int64) * BLOCK, numel, programs * BLOCK):\n"
-             "        offsets, mask = block_at(start, numel, BLOCK)\n        weight =",
-             "    for start in range(pid.to(tl.int64) * 2 * BLOCK, numel, programs * BLOCK):\n"
-             "        offsets, mask = block_at(start, numel, BLOCK)\n        weight =",
+             "            sigma = tl.maximum(tl.sqrt(total), eps)\n"
+             "    denominator = tl.where(tl.abs(sigma) > eps, sigma, eps)\n"
+             "    for start in range(pid.to(tl.int64) * BLOCK, numel, programs * BLOCK):\n",
+             "            sigma = tl.maximum(tl.sqrt(total), eps)\n"
+             "    denominator = tl.where(tl.abs(sigma) > eps, sigma, eps)\n"
+             "    for start in range(pid.to(tl.int64) * 2 * BLOCK, numel, programs * BLOCK):\n",
              SN_TRITON, "spectral norm scale pass: grid-stride loop starts at the wrong block"),
     Mutation("T5", "gannorm_kernels/triton/similarity.py",
              "    denominator = tl.maximum(norm, eps)\n    for start in range(0, D, BLOCK_D):",
@@ -89,6 +91,14 @@ MUTATIONS = [
              "        factor = tl.where(norm > 0, div_ieee(tl.full([], 1.0, ACC), safe), 0.0)  # rnorm",
              "        factor = div_ieee(tl.full([], 1.0, ACC), norm)  # rnorm",
              WN_TRITON, "weight norm rows (fused dims): the zero-direction guard dropped (0 * inf)"),
+    Mutation("T10", "gannorm_kernels/triton/spectral_norm.py",
+             "layer = tl.sum((ends <= pid).to(tl.int32), axis=0)", "layer = tl.sum((ends < pid).to(tl.int32), axis=0)",
+             ("tests/test_spectral_norm.py", "-k", "group and triton"),
+             "grouped spectral norm: a layer's last program taken for the next layer's"),
+    Mutation("T11", "gannorm_kernels/triton/spectral_norm.py",
+             "pivot = tl.maximum(tl.sqrt(diag), eps)", "pivot = tl.maximum(diag, eps)",
+             ("tests/test_spectral_norm.py", "-k", "topk and triton"),
+             "top-k spectral norm: the Cholesky pivot without its square root"),
     # ---- CUDA (run by cuda-emu) ----
     Mutation("C1", "csrc/common.cuh",
              "  __syncthreads();  // the previous call's readers are done with warp_totals\n",
@@ -116,7 +126,8 @@ MUTATIONS = [
              "  return max_acc(sqrt_acc(sum_of_squares), eps);", "  return sqrt_acc(sum_of_squares) + eps;",
              SN_EMU, "spectral norm: max(norm, eps) became norm + eps"),
     Mutation("C8", "csrc/spectral_norm.cu",
-             "  const acc denominator = abs_acc(sigma) > eps ? sigma : eps;", "  const acc denominator = sigma;",
+             "      sigma = norm_denominator(total, eps);\n    }\n  }\n  const acc denominator = abs_acc(sigma) > eps ? sigma : eps;",
+             "      sigma = norm_denominator(total, eps);\n    }\n  }\n  const acc denominator = sigma;",
              SN_EMU, "spectral norm scale: the tiny-sigma guard dropped"),
     Mutation("C9", "csrc/weight_norm.cu",
              "  acc sum = 0;\n  for (int64_t i = begin + threadIdx.x; GANNORM_LOOP(i < end); i += blockDim.x) {",
@@ -126,10 +137,20 @@ MUTATIONS = [
              "  partial[threadIdx.y][threadIdx.x] = sumsq;\n  __syncthreads();\n",
              "  partial[threadIdx.y][threadIdx.x] = sumsq;\n", WN_EMU,
              "weight norm columns: the barrier between the partial sums and their reader dropped"),
+    Mutation("C11", "csrc/spectral_norm.cu",
+             "const int64_t stride = int64_t(g.start[1][layer + 1] - g.start[1][layer]) * kThreads;",
+             "const int64_t stride = int64_t(gridDim.x) * kThreads;",
+             ("tests/test_spectral_norm.py", "-k", "group and cuda-emu"),
+             "grouped spectral norm: a layer's u writes stride over the whole grid, not its own blocks"),
+    Mutation("C12", "csrc/spectral_norm.cu",
+             "value -= q[d] * static_cast<acc>(R[d][c]);", "value -= q[d] * static_cast<acc>(R[c][d]);",
+             ("tests/test_spectral_norm.py", "-k", "topk and cuda-emu"),
+             "top-k spectral norm: the triangular solve reads R transposed"),
     # ---- Python glue ----
     Mutation("P1", "gannorm_kernels/nn.py",
-             "weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, self.training,",
-             "weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, True,",
+             "spectral_norm(\n                weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, "
+             "self.training,",
+             "spectral_norm(\n                weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, True,",
              GLUE, "SpectralNorm: the power iteration also runs in eval"),
     Mutation("P2", "gannorm_kernels/convert.py",
              "eps=self.eps, training=do_power_iteration, backend=self.backend)",
@@ -140,7 +161,10 @@ MUTATIONS = [
              "first = dict(zip(map(id, wrt), torch.autograd.grad(outputs, wrt, leaves[:n], create_graph=False,",
              GLUE, "double backward: the first derivative no longer differentiable"),
     Mutation("P4", "gannorm_kernels/reference.py",
-             "    u_used = u.detach().to(compute).clone()", "    u_used = u.detach().to(compute)",
+             "u^H W v).\n    \"\"\"\n    compute = acc_dtype(weight.dtype)\n    weight_mat = weight_matrix(weight, dim).to("
+             "compute)\n    u_used = u.detach().to(compute).clone()",
+             "u^H W v).\n    \"\"\"\n    compute = acc_dtype(weight.dtype)\n    weight_mat = weight_matrix(weight, dim).to("
+             "compute)\n    u_used = u.detach().to(compute)",
              GLUE, "reference spectral norm: u used without a copy"),
     Mutation("P5", "gannorm_kernels/ops/spectral_norm.py",
              "        weight, u_used, v_used, dim, 1, eps, training=False)[0],",
@@ -151,6 +175,10 @@ MUTATIONS = [
              "        self.differentiable = tuple(inputs.index(name[5:]) for name in reversed(grads))",
              ("tests/test_weight_norm.py", "tests/test_double_backward.py", "-k", "not triton"),
              "op spec: each backward gradient given to the wrong input (weight norm's grad_v and grad_g swapped)"),
+    Mutation("P7", "gannorm_kernels/nn.py",
+             "            out, self.grouped = self.grouped, None\n", "            out = self.grouped\n",
+             ("tests/test_training.py", "-k", "group and cuda-emu"),
+             "grouped spectral norm: a layer's second use in a forward reuses the grouped weight (torch iterates)"),
 ]
 
 
