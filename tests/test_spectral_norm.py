@@ -188,7 +188,7 @@ def test_every_triton_loop_runs_twice():
         with LoopCoverage(kernels) as coverages[f"vector-{n}"]:
             gk.functional.spectral_norm(weight, eps=EPS, backend="triton")[0].sum().backward()
     for mode in GROUP_MODES:  # the grouped kernels, on test_group_matches_fp64_reference's groups
-        for name in set(GROUPS) - {"cuda"}:
+        for name in ("wide", "tall"):  # all CASES adds nothing here and takes a minute traced
             with LoopCoverage(kernels) as coverages[f"group-{name}-{mode}"]:
                 run_group("triton", group_inputs(name, torch.float32, "cpu"), mode)
         for case in TOPK_CASES:  # the top-k kernels, on test_topk_matches_fp64_reference's cases
