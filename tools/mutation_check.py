@@ -65,13 +65,9 @@ MUTATIONS = [
              "        total += tl.load(ptr + offsets, mask=offsets <= n, other=0.0).to(ACC)",
              SN_TRITON, "partial sums: mask off by one (reads one past the partials)"),
     Mutation("T4", "gannorm_kernels/triton/spectral_norm.py",
-             "            sigma = tl.maximum(tl.sqrt(total), eps)\n"
-             "    denominator = tl.where(tl.abs(sigma) > eps, sigma, eps)\n"
-             "    for start in range(pid.to(tl.int64) * BLOCK, numel, programs * BLOCK):\n",
-             "            sigma = tl.maximum(tl.sqrt(total), eps)\n"
-             "    denominator = tl.where(tl.abs(sigma) > eps, sigma, eps)\n"
-             "    for start in range(pid.to(tl.int64) * 2 * BLOCK, numel, programs * BLOCK):\n",
-             SN_TRITON, "spectral norm scale pass: grid-stride loop starts at the wrong block"),
+             "    for start in range(program.to(tl.int64) * BLOCK, numel, programs * BLOCK):\n",
+             "    for start in range(program.to(tl.int64) * 2 * BLOCK, numel, programs * BLOCK):\n",
+             SN_TRITON, "spectral norm W / sigma (_divide, every scale pass): grid-stride loop starts at the wrong block"),
     Mutation("T5", "gannorm_kernels/triton/similarity.py",
              "    denominator = tl.maximum(norm, eps)\n    for start in range(0, D, BLOCK_D):",
              "    denominator = norm + eps\n    for start in range(0, D, BLOCK_D):",

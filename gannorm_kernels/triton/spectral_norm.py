@@ -62,6 +62,48 @@ def _sum_partials(ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _rows_times(rows, v_src, v_denominator, i_mask, h, w, B, OUTER: tl.constexpr, V_FROM_T: tl.constexpr,
+                ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    # W v for the rows whose starts `rows` points at, v read from v_src (divided by
+    # v_denominator when V_FROM_T: v = t / max(||t||, eps), normalised on the fly)
+    x = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
+    for start in range(0, w, BLOCK_J):
+        j = start + tl.arange(0, BLOCK_J)
+        j_mask = j < w
+        v = tl.load(v_src + j, mask=j_mask, other=0.0).to(ACC)
+        if V_FROM_T:
+            v = v / v_denominator
+        tile = tl.load(rows + matrix_column_offsets(j, h, B, OUTER)[None, :],
+                       mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
+        x += tile * v[None, :]
+    return tl.sum(x, axis=1)
+
+
+@triton.jit
+def _cols_times(columns, x_src, u_denominator, j_mask, h, B, ACC: tl.constexpr, BLOCK_I: tl.constexpr,
+                BLOCK_J: tl.constexpr):
+    # W^T u for the columns `columns` points at, u = x / u_denominator read from x_src
+    t = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
+    for start in range(0, h, BLOCK_I):
+        i = start + tl.arange(0, BLOCK_I)
+        i_mask = i < h
+        u = tl.load(x_src + i, mask=i_mask, other=0.0) / u_denominator
+        tile = tl.load(columns + matrix_row_offsets(i, B)[:, None],
+                       mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
+        t += tile * u[:, None]
+    return tl.sum(t, axis=0)
+
+
+@triton.jit
+def _divide(out_ptr, w_ptr, denominator, numel, program, programs, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    # out = W / denominator, `program` of `programs` striding over the weight
+    for start in range(program.to(tl.int64) * BLOCK, numel, programs * BLOCK):
+        offsets, mask = block_at(start, numel, BLOCK)
+        weight = tl.load(w_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
+        tl.store(out_ptr + start + offsets, (weight / denominator).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rows(
     x_ptr,             # (h,) out, ACC: W v
     partials_ptr,      # (programs,) out, ACC: sum of x^2 (EVAL: of u * x) per program
@@ -80,17 +122,7 @@ def _rows(
     if V_FROM_T:  # v = t / max(||t||, eps), normalised on the fly
         v_denominator = tl.maximum(tl.sqrt(_sum_partials(t_partials_ptr, n_t_partials, BLOCK_P, ACC)), eps)
     rows = w_ptr + matrix_row_offsets(i, B)[:, None]  # the rows' starts: int64, once per row
-    x = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
-    for start in range(0, w, BLOCK_J):
-        j = start + tl.arange(0, BLOCK_J)
-        j_mask = j < w
-        v = tl.load(v_ptr + j, mask=j_mask, other=0.0).to(ACC)
-        if V_FROM_T:
-            v = v / v_denominator
-        tile = tl.load(rows + matrix_column_offsets(j, h, B, OUTER)[None, :],
-                       mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
-        x += tile * v[None, :]
-    x_rows = tl.sum(x, axis=1)
+    x_rows = _rows_times(rows, v_ptr, v_denominator, i_mask, h, w, B, OUTER, V_FROM_T, ACC, BLOCK_I, BLOCK_J)
     if EVAL:
         u = tl.load(u_ptr + i, mask=i_mask, other=0.0).to(ACC)
         tl.store(partials_ptr + pid, tl.sum(u * x_rows, axis=0))
@@ -117,15 +149,7 @@ def _cols(
     j_mask = j < w
     u_denominator = tl.maximum(tl.sqrt(_sum_partials(x_partials_ptr, n_x_partials, BLOCK_P, ACC)), eps)
     columns = w_ptr + matrix_column_offsets(j, h, B, OUTER)[None, :]  # once per column
-    t = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
-    for start in range(0, h, BLOCK_I):
-        i = start + tl.arange(0, BLOCK_I)
-        i_mask = i < h
-        u = tl.load(x_ptr + i, mask=i_mask, other=0.0) / u_denominator
-        tile = tl.load(columns + matrix_row_offsets(i, B)[:, None],
-                       mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
-        t += tile * u[:, None]
-    t_cols = tl.sum(t, axis=0)
+    t_cols = _cols_times(columns, x_ptr, u_denominator, j_mask, h, B, ACC, BLOCK_I, BLOCK_J)
     tl.store(t_ptr + j, t_cols, mask=j_mask)
     tl.store(t_partials_ptr + pid, tl.sum(t_cols * t_cols, axis=0))
     # the programs share out the writing of u (an int64 start: h plus the stride can pass 2^31)
@@ -174,10 +198,7 @@ def _scale(
         else:
             sigma = tl.maximum(tl.sqrt(total), eps)
     denominator = tl.where(tl.abs(sigma) > eps, sigma, eps)
-    for start in range(pid.to(tl.int64) * BLOCK, numel, programs * BLOCK):
-        offsets, mask = block_at(start, numel, BLOCK)
-        weight = tl.load(w_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
-        tl.store(out_ptr + start + offsets, (weight / denominator).to(out_ptr.dtype.element_ty), mask=mask)
+    _divide(out_ptr, w_ptr, denominator, numel, pid, programs, BLOCK, ACC)
     if pid == 0:
         tl.store(sigma_ptr, sigma)
     if MODE == 0:
@@ -422,17 +443,7 @@ def _group_rows(
     else:
         v_src = _address(addresses, 2, layer, L, DTYPE)
     rows = _address(addresses, 0, layer, L, DTYPE) + matrix_row_offsets(i, B)[:, None]
-    x = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
-    for start in range(0, w, BLOCK_J):
-        j = start + tl.arange(0, BLOCK_J)
-        j_mask = j < w
-        v = tl.load(v_src + j, mask=j_mask, other=0.0).to(ACC)
-        if V_FROM_T:
-            v = v / v_denominator
-        tile = tl.load(rows + matrix_column_offsets(j, h, B, True)[None, :],
-                       mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
-        x += tile * v[None, :]
-    x_rows = tl.sum(x, axis=1)
+    x_rows = _rows_times(rows, v_src, v_denominator, i_mask, h, w, B, True, V_FROM_T, ACC, BLOCK_I, BLOCK_J)
     if EVAL:
         u = tl.load(_address(addresses, 1, layer, L, DTYPE) + i, mask=i_mask, other=0.0).to(ACC)
         tl.store(partials_ptr + tl.program_id(0), tl.sum(u * x_rows, axis=0))
@@ -465,15 +476,7 @@ def _group_cols(
     j = local * BLOCK_J + tl.arange(0, BLOCK_J)
     j_mask = j < w
     columns = _address(addresses, 0, layer, L, DTYPE) + matrix_column_offsets(j, h, B, True)[None, :]
-    t = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
-    for start in range(0, h, BLOCK_I):
-        i = start + tl.arange(0, BLOCK_I)
-        i_mask = i < h
-        u = tl.load(x_ptr + i, mask=i_mask, other=0.0) / u_denominator
-        tile = tl.load(columns + matrix_row_offsets(i, B)[:, None],
-                       mask=i_mask[:, None] & j_mask[None, :], other=0.0).to(ACC)
-        t += tile * u[:, None]
-    t_cols = tl.sum(t, axis=0)
+    t_cols = _cols_times(columns, x_ptr, u_denominator, j_mask, h, B, ACC, BLOCK_I, BLOCK_J)
     tl.store(t_ptr + _field(sizes, _W_OFF, layer, L) + j, t_cols, mask=j_mask)
     tl.store(t_partials_ptr + tl.program_id(0), tl.sum(t_cols * t_cols, axis=0))
     u_used_ptr += _field(sizes, _H_OFF, layer, L)
@@ -515,12 +518,8 @@ def _group_scale(
     else:
         sigma = total
     denominator = tl.where(tl.abs(sigma) > eps, sigma, eps)
-    w_ptr = _address(addresses, 0, layer, L, DTYPE)
-    out_ptr = _address(addresses, 3, layer, L, DTYPE)  # W / sigma
-    for start in range(local * BLOCK, numel, programs * BLOCK):
-        offsets, mask = block_at(start, numel, BLOCK)
-        weight = tl.load(w_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
-        tl.store(out_ptr + start + offsets, (weight / denominator).to(DTYPE), mask=mask)
+    _divide(_address(addresses, 3, layer, L, DTYPE), _address(addresses, 0, layer, L, DTYPE), denominator, numel,
+            local, programs, BLOCK, ACC)
     if local == 0:
         tl.store(sigmas_ptr + layer, sigma)
     v_used_ptr += _field(sizes, _W_OFF, layer, L)
@@ -866,10 +865,7 @@ def _topk_scale(
             sigmas += tl.load(partials_ptr + p * KB + c)
     sigma = tl.sum(tl.where(c == 0, sigmas, 0.0), axis=0)
     denominator = tl.where(tl.abs(sigma) > eps, sigma, eps)
-    for start in range(pid.to(tl.int64) * BLOCK, numel, programs * BLOCK):
-        offsets, mask = block_at(start, numel, BLOCK)
-        weight = tl.load(w_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
-        tl.store(out_ptr + start + offsets, (weight / denominator).to(out_ptr.dtype.element_ty), mask=mask)
+    _divide(out_ptr, w_ptr, denominator, numel, pid, programs, BLOCK, ACC)
     if pid == 0:
         tl.store(sigmas_ptr + c, sigmas, mask=c_mask)
     if TRAIN:
