@@ -300,3 +300,31 @@ def test_group_rules(backend):
         gk.group_spectral_norms(branches, exclude=("c.weight",))
     with pytest.raises(ValueError, match="has no spectral norm of this package"):
         gk.group_spectral_norms(nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_grouped_model_in_user_patterns(backend):
+    """What GAN code does around a grouped model: sampling under inference_mode, checkpoints both
+    ways with an ungrouped twin (grouping adds no state), ema_update into the twin, and writes
+    through .data (weight clipping) seen by the next grouped forward."""
+    device = backend_device(backend)
+    model = grouped_discriminator(backend)
+    twin = copy.deepcopy(model)
+    gk.group_spectral_norms(model)
+    assert model.state_dict().keys() == twin.state_dict().keys()
+    x = images(seed=5, device=device).double()
+    with torch.inference_mode():
+        model.eval(), twin.eval()
+        torch.testing.assert_close(model(x), twin(x), rtol=1e-12, atol=1e-14)
+    model.train(), twin.train()
+    d_step(model, torch.optim.Adam(model.parameters(), lr=1e-2), 0, device, torch.float64)
+    twin.load_state_dict(model.state_dict())  # grouped -> ungrouped
+    model.load_state_dict(twin.state_dict())  # and back
+    gk.ema_update(twin, model, 0.5)
+    for p in model.parameters():
+        p.data.clamp_(-0.01, 0.01)  # WGAN's clipping, through .data
+    for p in twin.parameters():
+        p.data.clamp_(-0.01, 0.01)
+    twin.load_state_dict(model.state_dict())
+    model.eval(), twin.eval()
+    torch.testing.assert_close(model(x), twin(x), rtol=1e-12, atol=1e-14)
