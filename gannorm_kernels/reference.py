@@ -72,13 +72,18 @@ class _WeightNormFused(torch.autograd.Function):
     rnorm^3 = rnorm * rnorm * rnorm. rnorm is 0 for a zero channel. The backward is written
     in differentiable ops, so it can be differentiated again."""
 
+    generate_vmap_rule = True  # torch ops throughout: torch.func.vmap batches them itself
+
     @staticmethod
-    def forward(ctx, v, g, dim):
-        ctx.save_for_backward(v, g)
-        ctx.dim = dim
+    def forward(v, g, dim):
         with torch.no_grad():
             x, gx, rnorm = _fused_parts(v, g, dim)
             return ((gx * x) * rnorm).to(v.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # apart from forward: the form torch.func accepts
+        v, g, ctx.dim = inputs
+        ctx.save_for_backward(v, g)
 
     @staticmethod
     def backward(ctx, grad_w):
@@ -90,6 +95,20 @@ class _WeightNormFused(torch.autograd.Function):
         rnorm3 = rnorm * rnorm * rnorm
         grad_v = gx * (rnorm * dw - (rnorm3 * x) * dot)
         return grad_v.to(v.dtype), (dot * rnorm).to(g.dtype).reshape(g.shape), None
+
+    # no jvp, as torch's weight norm has none (and torch.compile cannot trace a Function with one);
+    # the kernel backends' forward mode differentiates weight_norm_formula
+
+
+def weight_norm_formula(v: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
+    """g v / ||v|| in plain differentiable ops, fp32 math (fp64 for fp64), a zero channel 0: the
+    formula the kernel backends' double backward and forward mode differentiate."""
+    x = v.to(acc_dtype(v.dtype))
+    n = torch.norm_except_dim(x, 2, dim)
+    nonzero = n > 0
+    scale = torch.where(nonzero, g.to(x.dtype).reshape(n.shape) / torch.where(nonzero, n, torch.ones_like(n)),
+                        torch.zeros_like(n))
+    return (x * scale).to(v.dtype)
 
 
 def _fused_parts(v, g, dim):
@@ -137,9 +156,9 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: i
     v_used = v.detach().to(compute).clone()
     if training:
         spectral_power_method(weight_mat.detach(), u_used, v_used, n_power_iterations, eps)
-        with torch.no_grad():
-            u.copy_(u_used)
-            v.copy_(v_used)
+        with torch.no_grad():  # written as out=, as torch's own iteration writes them: torch.func
+            torch.mul(u_used, 1, out=u)  # refuses copy_ into a buffer its transform did not wrap
+            torch.mul(v_used, 1, out=v)
     sigma = torch.vdot(u_used, torch.mv(weight_mat, v_used))
     denominator = torch.where(sigma.abs() > eps, sigma, torch.full_like(sigma, eps))
     return (weight.to(compute) / denominator).to(weight.dtype), sigma

@@ -407,3 +407,74 @@ def test_convert_refuses_before_changing_anything():
         gk.convert(model, backend="reference")
     with pytest.warns(UserWarning, match="nothing changed"):
         gk.convert(model, backend="reference")  # already ours: nothing left
+
+
+def _func_model(seed=0):
+    """Every kind of norm torch users have, before conversion: parametrized spectral and weight
+    norm, a legacy spectral norm."""
+    torch.manual_seed(seed)
+    return nn.Sequential(parametrizations.spectral_norm(nn.Conv2d(3, 4, 3, padding=1)), nn.LeakyReLU(0.2),
+                         parametrizations.weight_norm(nn.Conv2d(4, 4, 3, padding=1)), nn.Flatten(),
+                         nn.utils.spectral_norm(nn.Linear(4 * 6 * 6, 1)))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_torch_func_transforms_on_a_converted_model(backend):
+    """torch.func as functional training code uses it: grad through functional_call (training,
+    so the power iteration runs inside the transform), grad with respect to the input (an R1
+    penalty), vmap over the data, jvp along the parameters; each equal to torch's own norms."""
+    from torch.func import functional_call, grad, jvp, vmap
+    device = backend_device(backend)
+    theirs, ours = _func_model().to(device), gk.convert(_func_model(), backend=backend).to(device)
+    x = _batch(device)[0]
+
+    def loss(model):
+        return lambda params, x: functional_call(model, params, (x,)).square().sum()
+
+    grads = [grad(loss(m))({k: p.detach() for k, p in m.named_parameters()}, x) for m in (theirs, ours)]
+    for key in grads[0]:
+        _assert_close(grads[0][key], grads[1][key], f"func.grad {key}")
+    _assert_states_equal(theirs, ours, "buffers after the power iteration inside func.grad")
+    for model in (theirs, ours):
+        model.eval()
+    r1 = [grad(lambda x: m(x).sum())(x) for m in (theirs, ours)]
+    _assert_close(r1[0], r1[1], "func.grad with respect to the input")
+    _assert_close(theirs(x), vmap(ours)(x[:, None]).squeeze(1), "vmap over the data")
+    params = {k: p.detach() for k, p in theirs.named_parameters()}
+    tangents = {k: torch.randn_like(p) for k, p in params.items()}
+    if backend != "reference":  # which, as torch's own weight norm, has no forward mode
+        # torch's jvp by the double-backward trick instead
+        expected = torch.autograd.functional.jvp(
+            lambda *p: functional_call(theirs, dict(zip(params, p)), (x,)), tuple(params.values()),
+            tuple(tangents.values()))[1]
+        _assert_close(expected, jvp(lambda p: functional_call(ours, p, (x,)), (params,), (tangents,))[1],
+                      "jvp along the parameters")
+    batched = {k: torch.stack([p, 2 * p]) for k, p in params.items()}
+    per_copy = lambda p: functional_call(ours, p, (x,))  # noqa: E731
+    if backend == "reference":
+        _assert_close(vmap(lambda p: functional_call(theirs, p, (x,)))(batched), vmap(per_copy)(batched),
+                      "vmap over batched weights")
+    else:
+        with pytest.raises(NotImplementedError, match="vmap with a batch in this op's own tensors"):
+            vmap(per_copy)(batched)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_torch_func_grad_through_the_minibatch_layers(backend):
+    """An R1 penalty computed with torch.func through each minibatch layer, against
+    autograd through the reference backend."""
+    from torch.func import grad
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 3, 3, dtype=torch.float64, device=device)
+    T = torch.randn(18, 3, 2, dtype=torch.float64, device=device)
+    layers = {
+        "minibatch_stddev": lambda x, b: gk.functional.minibatch_stddev(x, 3, backend=b).square().sum(),
+        "minibatch_discrimination": lambda x, b: gk.functional.minibatch_discrimination(
+            x.flatten(1), T, backend=b).square().sum(),
+        "similarity": lambda x, b: gk.functional.pairwise_similarity_penalty(x, "rbf", 2.0, backend=b),
+    }
+    for name, f in layers.items():
+        leaf = x.clone().requires_grad_()
+        expected = torch.autograd.grad(f(leaf, "reference"), leaf)[0]
+        _assert_close(expected, grad(lambda x: f(x, backend))(x), f"{name}: func.grad")

@@ -193,9 +193,9 @@ class OpSpec:
 
     def _apply(self, traced: bool, args):
         flat, lengths = _flatten(args, self.input_lists)
-        layout = {"inputs": lengths}  # the Function adds "outputs"
+        layout = _Layout(lengths)
         outputs = _SpecFunction.apply(self, traced, layout, *flat)
-        outputs = _unflatten(_as_tuple(outputs), layout["outputs"])
+        outputs = _unflatten(_as_tuple(outputs), layout.outputs)
         return outputs[0] if self.single_output else tuple(outputs)
 
     def __call__(self, *args):
@@ -211,6 +211,15 @@ class OpSpec:
         return f"OpSpec({self.forward_schema!r})"
 
 
+class _Layout:
+    """The list lengths of a call's flat inputs, and of its outputs once the forward ran (see
+    _flatten). An object, not a dict: torch.func rebuilds pytree containers among a Function's
+    inputs, and the forward's lengths must reach setup_context and the caller."""
+
+    def __init__(self, inputs):
+        self.inputs, self.outputs = inputs, None
+
+
 _SAVED = object()  # marks a backward argument kept by ctx.save_for_backward (None is a value)
 
 
@@ -219,30 +228,80 @@ class _SpecFunction(torch.autograd.Function):
     as the forward operator's Autograd kernel (`traced=True`, the operators, so torch.compile
     sees them). Takes and returns flat tensors; `layout` holds the list lengths (see _flatten)."""
 
+    # forward / setup_context apart: the form torch.func (grad, vmap, functional_call) accepts
     @staticmethod
-    def forward(ctx, spec, traced, layout, *flat):
-        args = _unflatten(flat, layout["inputs"])
+    def forward(spec, traced, layout, *flat):
+        args = _unflatten(flat, layout.inputs)
         if traced:
             outputs = _below_autograd(spec.forward_op, *args)
         else:
             outputs = spec.launchers(args[-1])[0](*args[:-1])
         outputs = (outputs,) if spec.single_output else tuple(outputs)
+        flat_outputs, layout.outputs = _flatten(outputs, spec.output_lists)
+        return flat_outputs[0] if len(flat_outputs) == 1 else tuple(flat_outputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec, traced, layout, *flat = inputs
+        flat_outputs = list(_as_tuple(output))
+        args = _unflatten(flat, layout.inputs)
+        outputs = _unflatten(flat_outputs, layout.outputs)
         sources = [(args if kind == "input" else outputs)[i] for kind, i in spec.backward_sources]
         flat_sources, ctx.source_lengths = _flatten(sources, spec.backward_lists)
         ctx.save_for_backward(*(s for s in flat_sources if isinstance(s, torch.Tensor)))
         ctx.spec, ctx.traced, ctx.backend = spec, traced, args[-1]
         ctx.flat_sources = [_SAVED if isinstance(s, torch.Tensor) else s for s in flat_sources]
-        ctx.input_lengths = layout["inputs"]
-        flat_outputs, layout["outputs"] = _flatten(outputs, spec.output_lists)
-        differentiable = layout["outputs"][0] or 1
+        ctx.input_lengths = layout.inputs
+        differentiable = layout.outputs[0] or 1
         ctx.first_output = [(t.shape, t.dtype, t.device) for t in flat_outputs[:differentiable]]
+        ctx.n_flat_outputs = len(flat_outputs)
         ctx.mark_non_differentiable(*flat_outputs[differentiable:])
         ctx.set_materialize_grads(False)
-        return flat_outputs[0] if len(flat_outputs) == 1 else tuple(flat_outputs)
+        ctx.save_for_forward(*(s for s in flat_sources if isinstance(s, torch.Tensor)))
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        """Forward mode (torch.func.jvp, forward_ad): the reference's, at the forward's values
+        (the same formula whose second derivative the double backward uses)."""
+        spec = ctx.spec
+        saved = iter(ctx.saved_tensors)
+        sources = _unflatten([next(saved) if s is _SAVED else s for s in ctx.flat_sources], ctx.source_lengths)
+        positions = _flat_positions(ctx.input_lengths)
+        tangent_of = {p: [tangents[3 + k] for k in _as_positions(positions[i])]
+                      for i, p in zip(spec.differentiable, spec.differentiable_in_backward)}
+        wrt = [p for p in tangent_of if any(t is not None for t in tangent_of[p])]
+        primals = [sources[p] for p in wrt]
+        directions = [[torch.zeros_like(x) if t is None else t for x, t in zip(_as_list(sources[p]), tangent_of[p])]
+                      for p in wrt]
+        directions = [d if spec.backward_lists[p] else d[0] for p, d in zip(wrt, directions)]
+        if not wrt:  # tangents on the buffers only: the output does not depend on them
+            return None if ctx.n_flat_outputs == 1 else (None,) * ctx.n_flat_outputs
+
+        def reference(*values):
+            args = list(sources)
+            for p, value in zip(wrt, values):
+                args[p] = value
+            out = spec.reference(*args)
+            return tuple(out) if spec.output_lists[0] else out
+
+        _, out_tangent = torch.func.jvp(reference, tuple(primals), tuple(directions))
+        flat = list(_as_tuple(out_tangent))
+        n_outputs = len(ctx.first_output) if spec.output_lists[0] else 1
+        rest = (None,) * (ctx.n_flat_outputs - n_outputs)
+        return flat[0] if ctx.n_flat_outputs == 1 else tuple(flat) + rest
+
+    @staticmethod
+    def vmap(info, in_dims, spec, traced, layout, *flat):
+        """torch.func.vmap over a model whose normed weights are not batched (the batch is the
+        data's) runs the op once; the kernels take no batch of weights."""
+        _refuse_batched(spec.forward_name, [d is not None for d in in_dims[3:]])
+        outputs = _SpecFunction.forward(spec, traced, layout, *flat)
+        return outputs, (None,) * len(outputs) if isinstance(outputs, tuple) else None
 
     @staticmethod
     def backward(ctx, *flat_grads):
         spec = ctx.spec
+        _refuse_batched(spec.backward_name, [is_batched(g) for g in flat_grads if g is not None])
         result = [None] * len(ctx.needs_input_grad)  # spec, traced, layout, the flat inputs
         grads_in = flat_grads[:len(ctx.first_output)]
         if all(g is None for g in grads_in):
@@ -256,22 +315,24 @@ class _SpecFunction(torch.autograd.Function):
         sources = _unflatten([next(saved) if s is _SAVED else s for s in ctx.flat_sources], ctx.source_lengths)
         if ctx.traced:
             grads = _per_input(spec, spec.backward_op(grad, *sources, ctx.backend))
-        elif torch.is_grad_enabled():  # create_graph=True: R1/R2, WGAN-GP
-            wrt = [sources[p] for p in spec.differentiable_in_backward]
+        elif torch.is_grad_enabled():  # create_graph=True: R1/R2, WGAN-GP (and torch.func.grad)
             wrt_lists = [spec.backward_lists[p] for p in spec.differentiable_in_backward]
-            flat_wrt, wrt_lengths = _flatten(wrt, wrt_lists)
+            flat_sources, lengths = _flatten(sources, spec.backward_lists)
+            source_positions = _flat_positions(lengths)
+            wrt = [k for p in spec.differentiable_in_backward for k in _as_positions(source_positions[p])]
+            backend = ctx.backend
 
-            def reference(*leaves):
-                args = list(sources)
-                for position, leaf in zip(spec.differentiable_in_backward, _unflatten(leaves, wrt_lengths)):
-                    args[position] = leaf
-                out = spec.reference(*args)
+            def reference(*flat):
+                out = spec.reference(*_unflatten(flat, lengths))
                 return tuple(out) if spec.output_lists[0] else out
 
-            def kernel_grads():
-                return _flatten(_per_input(spec, spec.launchers(ctx.backend)[1](grad, *sources)), wrt_lists)[0]
+            def kernel_grads(grads, flat):
+                grad = list(grads) if spec.output_lists[0] else grads[0]
+                return _flatten(_per_input(spec, spec.launchers(backend)[1](grad, *_unflatten(flat, lengths))),
+                                wrt_lists)[0]
 
-            grads = _unflatten(differentiable_grads(kernel_grads, reference, tuple(_as_tuple(grad)), flat_wrt),
+            wrt_lengths = _flatten([sources[p] for p in spec.differentiable_in_backward], wrt_lists)[1]
+            grads = _unflatten(differentiable_grads(kernel_grads, reference, tuple(_as_tuple(grad)), flat_sources, wrt),
                                wrt_lengths)
         else:
             grads = _per_input(spec, spec.launchers(ctx.backend)[1](grad, *sources))
@@ -283,6 +344,18 @@ class _SpecFunction(torch.autograd.Function):
             else:
                 result[3 + positions[i]] = g
         return tuple(result)
+
+
+def is_batched(tensor) -> bool:
+    return isinstance(tensor, torch.Tensor) and torch._C._functorch.is_batchedtensor(tensor)
+
+
+def _refuse_batched(name: str, batched: list[bool]) -> None:
+    if any(batched):
+        raise NotImplementedError(
+            f"{name}: torch.func.vmap with a batch in this op's own tensors (batched weights, or per-sample "
+            "gradients through it) is not supported by the kernel backends; vmap over data with unbatched "
+            "weights works, and backend='reference' supports every transform")
 
 
 def _per_input(spec, grads):
@@ -304,50 +377,70 @@ def _flat_positions(lengths):
     return positions
 
 
+def _as_positions(position):
+    return [position] if isinstance(position, int) else list(position)
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _as_tuple(outputs):
     return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
 
 
-def differentiable_grads(kernel_grads, reference, grad_outputs, inputs):
+def differentiable_grads(kernel_grads, reference, grad_outputs, sources, wrt):
     """First-order gradients that can be differentiated again (create_graph=True, as R1/R2 and
-    WGAN-GP do): their values come from the kernel (`kernel_grads()`, returning one gradient
-    per input), and their own gradient is the second derivative of `reference`, the op's
-    plain-PyTorch formula (`reference(*inputs)` returns the differentiable outputs that
-    `grad_outputs` belong to). StyleGAN2-ADA's bias_act splits its double backward the same
-    way: a kernel gradient whose backward is written in torch ops.
+    WGAN-GP do): their values come from the kernel (`kernel_grads(grad_outputs, sources)`,
+    one gradient per position in `wrt`), and their own gradient is the second derivative of
+    `reference`, the op's plain-PyTorch formula (`reference(*sources)` returns the
+    differentiable outputs that `grad_outputs` belong to; `wrt` are the positions in `sources`
+    of the inputs they are differentiated by). Every tensor goes through the Function's
+    arguments, none through the closures, so torch.func's transforms can unwrap them.
+    StyleGAN2-ADA's bias_act splits its double backward the same way: a kernel gradient whose
+    backward is written in torch ops.
 
     Second order only: the returned gradients' backward is not itself differentiable.
     """
-    return _KernelGrads.apply(kernel_grads, reference, len(grad_outputs), *grad_outputs, *inputs)
+    return _KernelGrads.apply(kernel_grads, reference, len(grad_outputs), tuple(wrt), *grad_outputs, *sources)
 
 
 class _KernelGrads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kernel_grads, reference, n_grad_outputs, *tensors):
-        ctx.reference, ctx.n_grad_outputs = reference, n_grad_outputs
-        ctx.save_for_backward(*tensors)
+    def forward(kernel_grads, reference, n_grad_outputs, wrt, *values):
+        return tuple(kernel_grads(values[:n_grad_outputs], values[n_grad_outputs:]))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.reference, ctx.n_grad_outputs, ctx.wrt, *values = inputs
+        ctx.save_for_backward(*(v for v in values if isinstance(v, torch.Tensor)))
+        ctx.values = [_SAVED if isinstance(v, torch.Tensor) else v for v in values]
         ctx.set_materialize_grads(False)
-        return tuple(kernel_grads())
 
     @staticmethod
     def backward(ctx, *grad_grads):
         if torch.is_grad_enabled():  # asked for a differentiable second derivative
             raise NotImplementedError("gannorm_kernels ops support gradients of first and second order; a third "
                                       "order (create_graph=True through a second derivative) is not supported")
-        tensors = ctx.saved_tensors
+        saved = iter(ctx.saved_tensors)
+        values = [next(saved) if v is _SAVED else v for v in ctx.values]
         n = ctx.n_grad_outputs
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(needs) for t, needs in zip(tensors, ctx.needs_input_grad[3:])]
-            inputs = leaves[n:]
-            outputs = ctx.reference(*inputs)
+            leaves = [v.detach().requires_grad_(needs) if isinstance(v, torch.Tensor) else v
+                      for v, needs in zip(values, ctx.needs_input_grad[4:])]
+            sources = leaves[n:]
+            outputs = ctx.reference(*sources)
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-            wrt = [x for x in inputs if x.requires_grad]
-            first = dict(zip(map(id, wrt), torch.autograd.grad(outputs, wrt, leaves[:n], create_graph=True,
-                                                               allow_unused=True)))
-            pairs = [(first.get(id(x)), gg) for x, gg in zip(inputs, grad_grads)]
-            pairs = [(f, gg) for f, gg in pairs if f is not None and gg is not None and f.requires_grad]
-            targets = [t for t in leaves if t.requires_grad]
+            wrt = [sources[k] for k in ctx.wrt]
+            # the first derivative again, in torch ops: one per wrt input, matched to grad_grads
+            first = torch.autograd.grad(outputs, [x for x in wrt if x.requires_grad], leaves[:n],
+                                        create_graph=True, allow_unused=True)
+            first = iter(first)
+            first = [next(first) if x.requires_grad else None for x in wrt]
+            pairs = [(f, gg) for f, gg in zip(first, grad_grads) if f is not None and gg is not None and f.requires_grad]
+            targets = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
             second = torch.autograd.grad([f for f, _ in pairs], targets, [gg for _, gg in pairs],
                                          allow_unused=True) if pairs and targets else [None] * len(targets)
         by_leaf = dict(zip(map(id, targets), second))
-        return (None, None, None) + tuple(by_leaf.get(id(t)) for t in leaves)
+        return (None, None, None, None) + tuple(by_leaf.get(id(t)) if isinstance(t, torch.Tensor) else None
+                                                for t in leaves)

@@ -86,7 +86,7 @@ WEIGHT_NORM = OpSpec(
     forward_fake=lambda v, g, dim: (v.new_empty(v.shape),
                                     v.new_empty((_channels(v.shape, dim),), dtype=acc_dtype(v.dtype))),
     backward_fake=lambda grad_w, v, g, norms, dim: (v.new_empty(v.shape), g.new_empty(g.shape)),
-    reference=lambda v, g, norms, dim: reference.weight_norm(v, g, dim),
+    reference=lambda v, g, norms, dim: reference.weight_norm_formula(v, g, dim),
     triton=_triton, cost=cost)
 
 
