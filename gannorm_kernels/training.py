@@ -148,9 +148,12 @@ class SpectralNormGroup:
         from .ops.spectral_norm import SPECTRAL_NORM_GROUP
         if torch.compiler.is_compiling():
             return  # torch cannot functionalize an operator mutating a Tensor[]: each layer runs its own
+        self._drop_removed()
         buckets = defaultdict(list)
         for member in self._members:
             _, module, owner, tensor_name = member
+            if tensor_name is not None and parametrize._cache_enabled:
+                continue  # parametrize.cached(): the layer's first use computes its weight once, cached
             if tensor_name is None:  # torch's legacy order (v, then u) is ours on the transposed matrix: see convert
                 weight = getattr(module, owner.name + "_orig")
                 matrix = weight.reshape(weight.shape[0], -1)
@@ -177,6 +180,24 @@ class SpectralNormGroup:
                     with torch.no_grad():
                         owner._sigmas.copy_(owner.last_sigmas)
 
+    def _drop_removed(self) -> None:
+        """Leaves out the layers whose norm is no longer there (fold, revert, torch's
+        remove_parametrizations / remove_spectral_norm, on this model or on a deep copy)."""
+        def attached(module, owner, tensor_name):
+            if tensor_name is None:
+                return any(hook is owner for hook in module._forward_pre_hooks.values())
+            if not parametrize.is_parametrized(module, tensor_name):
+                return False
+            chain = module.parametrizations[tensor_name]
+            return len(chain) == 1 and chain[0] is owner
+        kept = [m for m in self._members if attached(*m[1:])]
+        if len(kept) < len(self._members):
+            for _, _, owner, _ in self._members:
+                if all(owner is not o for _, _, o, _ in kept):
+                    owner.grouped, owner.in_group = None, False
+            self._members = kept
+            self.layers = [name for name, *_ in kept]
+
     def _after(self, model, args, output) -> None:
         for name, _, owner, _ in self._members:
             if owner.grouped is not None:  # computed for this forward, never used
@@ -200,7 +221,7 @@ class SpectralNormGroup:
         return f"SpectralNormGroup({type(self.model).__name__}, {len(self.layers)} layers)"
 
 
-def group_spectral_norms(model: nn.Module, *, exclude: tuple[str, ...] = ()) -> SpectralNormGroup:
+def group_spectral_norms(model: nn.Module, *, exclude: str | tuple[str, ...] = ()) -> SpectralNormGroup:
     """Computes every spectral norm of ``model`` in one launch set when ``model``'s forward
     starts, and their gradients in one backward: a discriminator's 5 to 50 layers cost the
     launches of one (train 3, backward 2, eval 2) instead of each their own.
@@ -210,7 +231,10 @@ def group_spectral_norms(model: nn.Module, *, exclude: tuple[str, ...] = ()) -> 
     kernel backend, with 2+ dim real weights. Each stays exactly what it was: its own ``u``
     and ``v``, updated once per forward of the model in training, in its own API's order; the
     outputs, gradients, buffers and ``sigmas(model)`` are those of the ungrouped model (tested
-    to fp32 rounding); eval, ``state_dict`` and ``revert`` are unchanged. Layers are grouped
+    to fp32 rounding); eval and ``state_dict`` are unchanged. A layer whose norm is taken away
+    (``fold``, ``revert``, torch's ``remove_parametrizations`` / ``remove_spectral_norm``, on
+    the model or on a deep copy of it) leaves the group at the next forward, and inside
+    ``parametrize.cached()`` each parametrized layer computes its own, once. Layers are grouped
     by backend, device, dtype, ``n_power_iterations``, ``eps`` and train/eval mode, one launch
     set each. A layer used twice in one forward runs its second use on its own (a second power
     iteration, as torch). Called on its own (``model.layer(x)``), a layer computes its own norm.
@@ -224,12 +248,14 @@ def group_spectral_norms(model: nn.Module, *, exclude: tuple[str, ...] = ()) -> 
 
     Args:
         model: the module whose forward computes every grouped layer (a discriminator).
-        exclude: qualified weight names (as in ``sigmas(model)``) to leave out.
+        exclude: qualified weight names (as in ``sigmas(model)``) to leave out; one name may be
+            given as a string.
 
     Returns:
         a :class:`SpectralNormGroup`; ``.remove()`` undoes the grouping.
     """
     from .convert import LegacySpectralNormKernels
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)  # one name, not its characters
     members = []
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""

@@ -10,7 +10,7 @@ import torch
 from helpers import ALL_BACKENDS, KERNEL_BACKENDS, backend_device
 from test_convert import discriminator, images
 from torch import nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, parametrize
 
 import gannorm_kernels as gk
 from gannorm_kernels import reference
@@ -293,6 +293,9 @@ def test_group_rules(backend):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         branches(torch.randn(2, 4).to(device))  # each layer on its own again
+    one = gk.group_spectral_norms(branches, exclude="b.weight")  # a string is one name
+    assert one.layers == ["a.weight"]
+    one.remove()
     assert gk.group_spectral_norms(branches, exclude=("b.weight",)).layers == ["a.weight"]
     with pytest.raises(ValueError, match="already in a group"):
         gk.group_spectral_norms(branches)
@@ -328,3 +331,42 @@ def test_grouped_model_in_user_patterns(backend):
     twin.load_state_dict(model.state_dict())
     model.eval(), twin.eval()
     torch.testing.assert_close(model(x), twin(x), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_grouped_layers_leave_when_their_norm_goes(backend):
+    """A group follows what happens to its layers: BigGAN's G_ema (a deep copy of the grouped G)
+    folded for sampling; revert; torch's remove_parametrizations / remove_spectral_norm on one
+    layer; parametrize.cached() (each layer computes once, the group iterates no more). Each
+    beside an ungrouped twin to which the same is done: outputs and buffers equal, no warning."""
+    device = backend_device(backend)
+    x = images(seed=5, device=device).double()
+
+    def pair():  # built twice, not deep-copied: torch's remove_parametrizations fails on a deep copy
+        model, twin = grouped_discriminator(backend), grouped_discriminator(backend)
+        gk.group_spectral_norms(model)
+        return model, twin
+
+    def assert_same(model, twin, what):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a stale group warns "was not used"
+            for _ in range(2):
+                torch.testing.assert_close(model(x), twin(x), rtol=1e-12, atol=1e-14, msg=what)
+        for (name, a), b in zip(twin.named_buffers(), model.buffers()):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14, msg=f"{what}: {name}")
+
+    model, twin = pair()
+    g_ema = copy.deepcopy(model)  # BigGAN: G_ema copied from the grouped G, folded to sample
+    gk.fold(g_ema)
+    assert_same(g_ema, gk.fold(copy.deepcopy(twin)), "fold of a deep copy")
+    assert_same(model, twin, "the original group after its copy was folded")
+    model, twin = pair()
+    assert_same(gk.revert(model), gk.revert(twin), "revert")
+    model, twin = pair()
+    for m in (model, twin):
+        parametrize.remove_parametrizations(m[2], "weight")
+        nn.utils.remove_spectral_norm(m[0])
+    assert_same(model, twin, "torch's removal functions")
+    model, twin = pair()
+    with parametrize.cached():
+        assert_same(model, twin, "parametrize.cached()")
