@@ -273,3 +273,28 @@ def test_past_2_31_elements_on_the_gpu(backend):
     the GPU, checked against fp64 on 10 of its columns (_discrimination_at_scale)."""
     with large_gpu_memory(gib=12):
         _discrimination_at_scale(backend, LARGE_M, samples=8)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_under_autocast(backend):
+    """Mixed precision as GAN code trains it: a Linear under autocast feeds the layer, T stays
+    fp32. The layer runs in the autocast dtype, as the same code in torch ops would: M is
+    torch's own autocast matmul, the features agree with the fp64 formula on that M to the
+    autocast dtype's rounding, and T gets its fp32 gradient."""
+    device = backend_device(backend)
+    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(5, 6).to(device)
+    layer = gk.MinibatchDiscrimination(6, 3, 2, backend=backend).to(device)
+    layer.T.data.mul_(0.3)  # features of order 1, not exp(-large)
+    with torch.autocast(device, dtype=dtype):
+        h = linear(torch.randn(7, 5, device=device))
+        out = layer(h)
+        m = h @ layer.T.flatten(1)  # torch's autocast matmul: the M the layer starts from
+    assert (h.dtype, m.dtype, out.dtype) == (dtype, dtype, dtype)
+    expected = reference.minibatch_discrimination_features(m.double().view(7, 3, 2))
+    assert expected.abs().max() > 0.5
+    error = (out[:, 6:].double() - expected).abs().max().item()
+    assert error <= torch.finfo(dtype).eps * expected.abs().max().item(), f"off by {error:.3g}"
+    out.float().sum().backward()
+    assert layer.T.grad.dtype == torch.float32 and layer.T.grad.abs().max() > 0

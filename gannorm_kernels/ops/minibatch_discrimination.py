@@ -46,6 +46,8 @@ def minibatch_discrimination(x: torch.Tensor, T: torch.Tensor, *, backend: str =
     ``o[i, b] = sum_{j != i} exp(-||M[i, b] - M[j, b]||_1)``; returns ``cat([x, o], 1)``, of
     shape (N, in_features + B). The pairwise part is one fused kernel each way, with O(N B C)
     memory (the usual formulation keeps N x N x B x C alive for backward); N = 1 gives o = 0.
+    Under autocast ``x @ T`` and the pairwise part run in the autocast dtype (fp32
+    accumulation), as the same code written in torch ops would.
     """
     checks.float_tensor(x, "x")
     checks.float_tensor(T, "T")
@@ -53,7 +55,9 @@ def minibatch_discrimination(x: torch.Tensor, T: torch.Tensor, *, backend: str =
         raise ValueError(f"x must have shape (N, in_features), got {tuple(x.shape)}")
     if T.dim() != 3 or T.shape[0] != x.shape[1]:
         raise ValueError(f"T must have shape (in_features={x.shape[1]}, num_kernels, kernel_dim), got {tuple(T.shape)}")
-    if T.dtype != x.dtype or T.device != x.device:
+    # under autocast x @ T runs in the autocast dtype, whatever the two dtypes are (as torch's own)
+    mixed_ok = torch.is_autocast_enabled(x.device.type)
+    if (T.dtype != x.dtype and not mixed_ok) or T.device != x.device:
         raise TypeError(f"T must have x's dtype and device ({x.dtype}, {x.device}), got ({T.dtype}, {T.device})")
     name = backends.resolve(backend, x.device)
     m = (x @ T.flatten(1)).view(x.shape[0], T.shape[1], T.shape[2])
