@@ -17,7 +17,7 @@ from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook, Spect
 from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
 from . import backends
-from .nn import SpectralNorm, WeightNorm, spectral_norm, weight_norm
+from .nn import SpectralNorm, WeightNorm, saved_tensor_hooks_active, spectral_norm, weight_norm
 from .ops import spectral_norm as spectral_norm_ops
 from .ops.spectral_norm import spectral_norm as spectral_norm_op
 from .ops.weight_norm import weight_norm as weight_norm_op
@@ -139,7 +139,9 @@ class LegacySpectralNormKernels(LegacySpectralNorm):
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
         if self.grouped is not None:
             out, self.grouped = self.grouped, None
-            return out
+            if not saved_tensor_hooks_active():
+                return out
+            do_power_iteration = False  # the group iterated; see saved_tensor_hooks_active
         weight = getattr(module, self.name + "_orig")
         matrix = self.reshape_weight_to_matrix(weight)  # (h, w); rows along self.dim
         u, v = getattr(module, self.name + "_u"), getattr(module, self.name + "_v")

@@ -210,6 +210,18 @@ def scale_param_groups(model: nn.Module, scale_lr: float) -> list[dict]:
     return [{"params": others}, {"params": scales, "lr": scale_lr}]
 
 
+def saved_tensor_hooks_active() -> bool:
+    """Whether autograd's saved-tensor hooks are on: activation checkpointing
+    (torch.utils.checkpoint, non-reentrant) or save_on_cpu.
+
+    A grouped layer used under them computes its W / sigma where it is used, from the u and v
+    the group's iteration already updated (no second iteration): checkpointing matches the
+    tensors each op saves with those its recomputation saves, and the recomputation, run
+    outside the model's forward, is the layer's own op; so the first pass must save what an
+    ungrouped layer saves. Values and buffers are then those of the ungrouped layer."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
 class SpectralNorm(nn.Module):
     """The spectral-norm parametrization, ``W / sigma``: torch's ``_SpectralNorm`` with kernels.
 
@@ -282,23 +294,26 @@ class SpectralNorm(nn.Module):
     grouped: torch.Tensor | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        training = self.training
         if self.grouped is not None:
             out, self.grouped = self.grouped, None
-            return out
+            if not saved_tensor_hooks_active():
+                return out
+            training = False  # the group iterated; see saved_tensor_hooks_active
         if weight.ndim == 1:
             out, self.last_sigma = spectral_norm_ops.spectral_norm(weight, eps=self.eps, backend=self.backend)
             return out
         if self.num_svs > 1:
             out, self.last_sigmas = spectral_norm_ops.spectral_norm_topk(
-                weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, self.training,
+                weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, training,
                 backend=self.backend)
             self.last_sigma = self.last_sigmas[0]
         else:
             out, self.last_sigma = spectral_norm_ops.spectral_norm(
-                weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, self.training,
+                weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, training,
                 backend=self.backend)
             self.last_sigmas = self.last_sigma.reshape(1)
-        if self.training and hasattr(self, "_sigmas"):
+        if training and hasattr(self, "_sigmas"):
             with torch.no_grad():
                 self._sigmas.copy_(self.last_sigmas)
         return out

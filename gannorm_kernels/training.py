@@ -234,7 +234,11 @@ def group_spectral_norms(model: nn.Module, *, exclude: str | tuple[str, ...] = (
     to fp32 rounding); eval and ``state_dict`` are unchanged. A layer whose norm is taken away
     (``fold``, ``revert``, torch's ``remove_parametrizations`` / ``remove_spectral_norm``, on
     the model or on a deep copy of it) leaves the group at the next forward, and inside
-    ``parametrize.cached()`` each parametrized layer computes its own, once. Layers are grouped
+    ``parametrize.cached()`` each parametrized layer computes its own, once. Under autograd's
+    saved-tensor hooks (activation checkpointing, ``save_on_cpu``) a grouped layer computes
+    its W / sigma where it is used, from the u and v the group updated, so the hooks see what
+    they would see ungrouped (checkpointing compares them with its recomputation's); its
+    launches are then its own eval ones. Layers are grouped
     by backend, device, dtype, ``n_power_iterations``, ``eps`` and train/eval mode, one launch
     set each. A layer used twice in one forward runs its second use on its own (a second power
     iteration, as torch). Called on its own (``model.layer(x)``), a layer computes its own norm.

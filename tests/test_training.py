@@ -2,6 +2,7 @@
 arithmetic, on twins with every kind of norm (ours, torch's parametrizations, the legacy
 hooks, converted or not)."""
 
+import contextlib
 import copy
 import warnings
 
@@ -370,3 +371,45 @@ def test_grouped_layers_leave_when_their_norm_goes(backend):
     model, twin = pair()
     with parametrize.cached():
         assert_same(model, twin, "parametrize.cached()")
+
+
+class CheckpointedD(nn.Module):
+    """A discriminator whose first block runs under activation checkpointing, as memory-bound
+    GAN code does: spectral norms inside the block (torch's new API and a legacy hook) and after it."""
+
+    def __init__(self, use_reentrant):
+        super().__init__()
+        torch.manual_seed(0)
+        self.use_reentrant = use_reentrant
+        self.block = nn.Sequential(parametrizations.spectral_norm(nn.Conv2d(3, 4, 3, padding=1)), nn.LeakyReLU(0.2),
+                                   nn.utils.spectral_norm(nn.Conv2d(4, 4, 3, 2, 1)), nn.LeakyReLU(0.2))
+        self.head = nn.Sequential(nn.Flatten(), parametrizations.spectral_norm(nn.Linear(4 * 4 * 4, 1)))
+
+    def forward(self, x):
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.use_reentrant))
+
+
+@pytest.mark.parametrize("hooks", ["checkpoint", "checkpoint-reentrant", "save_on_cpu"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_grouped_model_under_saved_tensor_hooks(backend, hooks):
+    """Activation checkpointing (which matches the tensors each op saves with those its
+    recomputation saves) and save_on_cpu around a grouped model: two training steps equal
+    torch's own spectral norms (recomputation included: it iterates u and v again, as torch's)."""
+    device = backend_device(backend)
+    theirs = CheckpointedD(hooks == "checkpoint-reentrant").double().to(device)
+    ours = gk.convert(CheckpointedD(hooks == "checkpoint-reentrant").double().to(device), backend=backend)
+    assert gk.group_spectral_norms(ours).layers == ["block.0.weight", "block.2.weight", "head.1.weight"]
+    for step in range(2):
+        x = images(seed=step, device=device).double().requires_grad_()
+        results = []
+        for model in (theirs, ours):
+            model.zero_grad()
+            with (torch.autograd.graph.save_on_cpu() if hooks == "save_on_cpu" else contextlib.nullcontext()):
+                out = model(x)
+            out.square().sum().backward()  # (reentrant checkpointing refuses autograd.grad)
+            results.append([out, x.grad] + [p.grad for p in model.parameters()])
+            x.grad = None
+        for what, a, b in zip(["output", "input gradient"] + [n for n, _ in theirs.named_parameters()], *results):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=f"step {step}: {what}")
+        for (name, a), b in zip(theirs.named_buffers(), ours.buffers()):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=f"step {step}: {name}")
