@@ -409,6 +409,20 @@ def test_fold_exports():
     assert not any("gannorm" in str(node.target) for node in program.graph.nodes)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
+def test_fold_then_torchscript():
+    """Vocoder export scripts trace or script the model for serving: after fold, both save,
+    load and give the eval output bitwise."""
+    _, folded = folded_pair("reference", convert=True)
+    x = images(seed=2)
+    for compiled in (torch.jit.trace(folded, (x,)), torch.jit.script(folded)):
+        buffer = io.BytesIO()
+        torch.jit.save(compiled, buffer)
+        buffer.seek(0)
+        torch.testing.assert_close(torch.jit.load(buffer)(x), folded(x), rtol=0, atol=0)
+
+
 def test_fold_refuses_a_mixed_chain_and_warns_on_nothing():
     layer = gk.spectral_norm(nn.Linear(4, 4), backend="reference")
     parametrize.register_parametrization(layer, "weight", nn.Identity())
