@@ -70,7 +70,7 @@ def convert(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     Args:
         model: any module; changed in place and returned.
         backend: for every converted norm; checked against each weight's device before anything
-            changes.
+            changes (weights on the meta device: when the placed model runs).
 
     Warns and returns ``model`` unchanged if there is nothing to convert.
     """
@@ -83,7 +83,7 @@ def convert(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     for kind, _, _, weight in plans:  # refuse before changing anything
         if weight.is_complex() and kind.endswith("spectral"):
             spectral_norm_ops.complex_backend(backend)
-        else:
+        elif weight.device.type != "meta":  # a model built on meta is placed later: checked when it runs
             backends.resolve(backend, weight.device)
     for kind, module, where, _ in plans:
         if kind == "legacy-weight":
@@ -162,8 +162,9 @@ def _convert_legacy_spectral_norm(module: nn.Module, key, backend: str) -> None:
     hook = module._forward_pre_hooks[key]
     ours = LegacySpectralNormKernels(hook.name, hook.n_power_iterations, hook.dim, hook.eps, backend)
     _replace_legacy_spectral_hook(module, key, hook, ours)
-    with torch.no_grad():  # sigmas() has this layer's sigma before its first forward
-        ours.compute_weight(module, do_power_iteration=False)
+    if getattr(module, hook.name + "_orig").device.type != "meta":
+        with torch.no_grad():  # sigmas() has this layer's sigma before its first forward
+            ours.compute_weight(module, do_power_iteration=False)
 
 
 def _replace_legacy_spectral_hook(module: nn.Module, key, old, new) -> None:

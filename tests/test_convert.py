@@ -423,6 +423,27 @@ def test_fold_then_torchscript():
         torch.testing.assert_close(torch.jit.load(buffer)(x), folded(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_convert_a_model_built_on_meta(backend):
+    """Code that builds on the meta device converts there, then places the model and loads a
+    checkpoint: the backend is checked against the placed weights, and the model then trains as
+    torch's (outputs and buffers of a training forward)."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(parametrizations.spectral_norm(nn.Conv2d(3, 4, 3, padding=1)), nn.LeakyReLU(0.2),
+                             nn.utils.spectral_norm(nn.Conv2d(4, 4, 3, 2, 1)), nn.Flatten(),
+                             parametrizations.weight_norm(nn.Linear(4 * 4 * 4, 1)))
+    device = backend_device(backend)
+    theirs = build().to(device)
+    with torch.device("meta"):
+        ours = gk.convert(build(), backend=backend)
+    ours.to_empty(device=device).load_state_dict(theirs.state_dict())
+    x = images(seed=4).to(device)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(theirs.named_buffers(), ours.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_fold_refuses_a_mixed_chain_and_warns_on_nothing():
     layer = gk.spectral_norm(nn.Linear(4, 4), backend="reference")
     parametrize.register_parametrization(layer, "weight", nn.Identity())
