@@ -464,9 +464,10 @@ class MinibatchStdDev(nn.Module):
     (N, C, H, W) -> (N, C + num_channels, H, W); see
     :func:`gannorm_kernels.functional.minibatch_stddev`."""
 
-    def __init__(self, group_size: int = 4, num_channels: int = 1, *, backend: str = "auto") -> None:
+    def __init__(self, group_size: int | None = 4, num_channels: int = 1, *, backend: str = "auto") -> None:
         super().__init__()
-        checks.positive_int(group_size, "group_size")
+        if group_size is not None:  # None: the whole batch, as StyleGAN2-ADA
+            checks.positive_int(group_size, "group_size")
         checks.positive_int(num_channels, "num_channels")
         backends.check_installed(backend)
         self.group_size, self.num_channels, self.backend = group_size, num_channels, backend

@@ -6,7 +6,7 @@ fp64)."""
 import pytest
 import torch
 from cuda_loop_coverage import CudaLoopCoverage, assert_every_cuda_loop_iterates
-from helpers import (DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, assert_fp16_close, assert_grids_fit, backend_device,
+from helpers import (ALL_BACKENDS, DTYPES, KERNEL_BACKENDS, LAUNCH_COMPARISONS, assert_fp16_close, assert_grids_fit, backend_device,
                      backend_params, case_id, compare, drawn, expanded, kernel_launchers, large_gpu_memory,
                      large_gpu_test, measure, opcheck_cases, value_and_grad)
 from loop_coverage import LoopCoverage, assert_every_loop_iterates, interpreted_kernels
@@ -88,6 +88,19 @@ def test_stddev_layer_is_stylegan2s():
     y = (y + 1e-8).sqrt().mean(dim=[2, 3, 4]).reshape(-1, channels, 1, 1).repeat(group, 1, 4, 4)
     expected = torch.cat([x, y], dim=1)
     torch.testing.assert_close(gk.MinibatchStdDev(group, channels, backend="reference")(x), expected)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_group_size_none_is_the_whole_batch(backend):
+    """StyleGAN2-ADA's group_size=None: one group of all N samples (N = 6, not a multiple of
+    the default 4), written out as its code does it."""
+    x = drawn((6, 4, 3, 3), torch.float64, "cpu", seed=2)
+    y = (x - x.mean(dim=0)).square().mean(dim=0)
+    y = (y + 1e-8).sqrt().mean().reshape(1, 1, 1, 1).repeat(6, 1, 3, 3)
+    expected = torch.cat([x, y], dim=1)
+    device = backend_device(backend)
+    torch.testing.assert_close(gk.MinibatchStdDev(None, backend=backend)(x.to(device)).cpu(), expected)
+    torch.testing.assert_close(F.minibatch_stddev(x.to(device), None, backend=backend).cpu(), expected)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

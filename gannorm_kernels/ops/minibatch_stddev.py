@@ -42,7 +42,7 @@ MINIBATCH_STDDEV = OpSpec(
     triton=_triton, cost=cost)
 
 
-def minibatch_stddev(x: torch.Tensor, group_size: int = 4, num_channels: int = 1, *,
+def minibatch_stddev(x: torch.Tensor, group_size: int | None = 4, num_channels: int = 1, *,
                      backend: str = "auto") -> torch.Tensor:
     """The ProGAN/StyleGAN2 minibatch standard-deviation layer on plain tensors.
 
@@ -50,16 +50,20 @@ def minibatch_stddev(x: torch.Tensor, group_size: int = 4, num_channels: int = 1
     StyleGAN2), the standard deviation over each group averaged over the channels of each of
     ``num_channels`` channel groups and over the pixels, appended as ``num_channels`` constant
     channels: (N, C, H, W) -> (N, C + num_channels, H, W). N must be a multiple of G and C of
-    num_channels. Kernel backends: one launch each way, the concatenation included.
+    num_channels. ``group_size=None``: one group of the whole batch (StyleGAN2-ADA's None).
+    Kernel backends: one launch each way, the concatenation included.
     """
     checks.float_tensor(x, "x")
     if x.dim() != 4:
         raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
-    checks.positive_int(group_size, "group_size")
+    if group_size is not None:
+        checks.positive_int(group_size, "group_size")
     checks.positive_int(num_channels, "num_channels")
     n, c = x.shape[:2]
     if n == 0:
         raise ValueError("x must hold at least one sample")
+    if group_size is None:
+        group_size = n
     g = min(group_size, n)
     if n % g:
         raise ValueError(f"the batch size {n} must be a multiple of the group size min(group_size={group_size}, "
