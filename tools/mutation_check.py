@@ -145,7 +145,7 @@ MUTATIONS = [
     # ---- Python glue ----
     Mutation("P1", "gannorm_kernels/nn.py",
              "spectral_norm(\n                weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, "
-             "self.training,",
+             "training,",
              "spectral_norm(\n                weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, True,",
              GLUE, "SpectralNorm: the power iteration also runs in eval"),
     Mutation("P2", "gannorm_kernels/convert.py",
@@ -153,8 +153,8 @@ MUTATIONS = [
              "eps=self.eps, training=True, backend=self.backend)",
              GLUE, "converted legacy spectral norm: iterates in eval and in remove_spectral_norm"),
     Mutation("P3", "gannorm_kernels/ops/__init__.py",
-             "first = dict(zip(map(id, wrt), torch.autograd.grad(outputs, wrt, leaves[:n], create_graph=True,",
-             "first = dict(zip(map(id, wrt), torch.autograd.grad(outputs, wrt, leaves[:n], create_graph=False,",
+             "leaves[:n],\n                                        create_graph=True, allow_unused=True)",
+             "leaves[:n],\n                                        create_graph=False, allow_unused=True)",
              GLUE, "double backward: the first derivative no longer differentiable"),
     Mutation("P4", "gannorm_kernels/reference.py",
              "u^H W v).\n    \"\"\"\n    compute = acc_dtype(weight.dtype)\n    weight_mat = weight_matrix(weight, dim).to("
