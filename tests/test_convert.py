@@ -278,12 +278,15 @@ def _ddp_worker(rank, world, init_file, backend, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.2), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(64, 1))
-    models = {"torch": copy.deepcopy(base), "ours": copy.deepcopy(base)}
-    for model in models.values():
+    models = {name: copy.deepcopy(base) for name in ("torch", "ours", "grouped", "torch-legacy", "legacy-grouped")}
+    for name, model in models.items():
         torch.manual_seed(1)
         for index in (0, 2, 4):
-            parametrizations.spectral_norm(model[index])
-    gk.convert(models["ours"], backend=backend)  # the user's path: torch's model, converted
+            (nn.utils.spectral_norm if "legacy" in name else parametrizations.spectral_norm)(model[index])
+        if name != "torch" and name != "torch-legacy":
+            gk.convert(model, backend=backend)  # the user's path: torch's model, converted
+        if "grouped" in name:
+            gk.group_spectral_norms(model)
     wrapped = {name: DistributedDataParallel(model) for name, model in models.items()}
     optimizers = {name: torch.optim.SGD(model.parameters(), lr=0.05) for name, model in wrapped.items()}
     for step in range(3):
@@ -300,17 +303,19 @@ def _ddp_worker(rank, world, init_file, backend, results):
 
 @pytest.mark.parametrize("backend", ["reference", "cuda-emu"])
 def test_distributed_data_parallel(backend, tmp_path):
-    """Two gloo processes: the ranks agree, and a converted model matches torch's own spectral
-    norm trained the same way, buffers included."""
+    """Two gloo processes: the ranks agree, and converted models (the parametrizations API,
+    grouped or not, and the legacy hooks, grouped) match torch's own spectral norm of their API
+    trained the same way, buffers included."""
     if backends.unavailable_reason(backend, "cpu") is not None:
         pytest.skip(f"{backend} is not available")
     import torch.multiprocessing as mp
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), backend, results), nprocs=2)
-    for key, value in results[0]["ours"].items():
-        assert torch.equal(value, results[1]["ours"][key]), f"ranks disagree on {key}"
-        torch.testing.assert_close(value, results[0]["torch"][key], rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"ours vs torch's, {key}: {m}")
+    for ours, theirs in (("ours", "torch"), ("grouped", "torch"), ("legacy-grouped", "torch-legacy")):
+        for key, value in results[0][ours].items():
+            assert torch.equal(value, results[1][ours][key]), f"{ours}: ranks disagree on {key}"
+            torch.testing.assert_close(value, results[0][theirs][key], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{ours} vs {theirs}, {key}: {m}")
 
 
 def test_convert_example_runs():
