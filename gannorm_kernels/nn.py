@@ -219,7 +219,13 @@ def saved_tensor_hooks_active() -> bool:
     tensors each op saves with those its recomputation saves, and the recomputation, run
     outside the model's forward, is the layer's own op; so the first pass must save what an
     ungrouped layer saves. Values and buffers are then those of the ungrouped layer."""
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # torch >= 2.8
+    if top is None:
+        return False  # older torch: grouped as usual (checkpointing then refuses the mismatch itself)
+    try:
+        return top(False) is not None  # ignore_is_tracing
+    except TypeError:  # a release whose peek takes no argument
+        return top() is not None
 
 
 class SpectralNorm(nn.Module):

@@ -301,7 +301,7 @@ class _SpecFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *flat_grads):
         spec = ctx.spec
-        _refuse_batched(spec.backward_name, [is_batched(g) for g in flat_grads if g is not None])
+        _refuse_batched(spec.backward_name, [_is_batched(g) for g in flat_grads if g is not None])
         result = [None] * len(ctx.needs_input_grad)  # spec, traced, layout, the flat inputs
         grads_in = flat_grads[:len(ctx.first_output)]
         if all(g is None for g in grads_in):
@@ -346,7 +346,7 @@ class _SpecFunction(torch.autograd.Function):
         return tuple(result)
 
 
-def is_batched(tensor) -> bool:
+def _is_batched(tensor) -> bool:
     return isinstance(tensor, torch.Tensor) and torch._C._functorch.is_batchedtensor(tensor)
 
 
