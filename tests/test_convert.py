@@ -414,8 +414,7 @@ def test_fold_exports():
     assert not any("gannorm" in str(node.target) for node in program.graph.nodes)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
 def test_fold_then_torchscript():
     """Vocoder export scripts trace or script the model for serving: after fold, both save,
     load and give the eval output bitwise."""

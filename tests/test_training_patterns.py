@@ -418,6 +418,8 @@ def _func_model(seed=0):
                          nn.utils.spectral_norm(nn.Linear(4 * 6 * 6, 1)))
 
 
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.script` is deprecated:FutureWarning")  # torch.func's import
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch's weight norm under vmap
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_torch_func_transforms_on_a_converted_model(backend):
     """torch.func as functional training code uses it: grad through functional_call (training,
