@@ -420,14 +420,18 @@ def _func_model(seed=0):
 
 @pytest.mark.filterwarnings(r"ignore:`torch\.jit\.script` is deprecated:FutureWarning")  # torch.func's import
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch's weight norm under vmap
+@pytest.mark.parametrize("grouped", [False, True], ids=["layers", "grouped"])
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_torch_func_transforms_on_a_converted_model(backend):
+def test_torch_func_transforms_on_a_converted_model(backend, grouped):
     """torch.func as functional training code uses it: grad through functional_call (training,
     so the power iteration runs inside the transform), grad with respect to the input (an R1
-    penalty), vmap over the data, jvp along the parameters; each equal to torch's own norms."""
+    penalty), vmap over the data, jvp along the parameters; each equal to torch's own norms,
+    with the spectral norms grouped or not."""
     from torch.func import functional_call, grad, jvp, vmap
     device = backend_device(backend)
     theirs, ours = _func_model().to(device), gk.convert(_func_model(), backend=backend).to(device)
+    if grouped:
+        gk.group_spectral_norms(ours)
     x = _batch(device)[0]
 
     def loss(model):
