@@ -85,6 +85,18 @@ def convert(model: nn.Module, *, backend: str = "auto") -> nn.Module:
             spectral_norm_ops.complex_backend(backend)
         elif weight.device.type != "meta":  # a model built on meta is placed later: checked when it runs
             backends.resolve(backend, weight.device)
+    ours = {}  # every parametrization built from torch's chains as they are, before any changes
+    for kind, module, where, _ in plans:
+        if kind in ("weight", "spectral"):
+            tensor_name, index = where
+            theirs = module.parametrizations[tensor_name][index]
+            if kind == "weight":
+                ours[id(theirs)] = WeightNorm(theirs.dim, backend)
+            else:
+                ours[id(theirs)] = SpectralNorm(_input_of(module.parametrizations[tensor_name], index),
+                                                getattr(theirs, "n_power_iterations", 1), theirs.dim, theirs.eps,
+                                                backend, u=getattr(theirs, "_u", None), v=getattr(theirs, "_v", None))
+            ours[id(theirs)].train(theirs.training)
     for kind, module, where, _ in plans:
         if kind == "legacy-weight":
             _convert_legacy_weight_norm(module, where, backend)
@@ -92,17 +104,22 @@ def convert(model: nn.Module, *, backend: str = "auto") -> nn.Module:
             _convert_legacy_spectral_norm(module, where, backend)
         else:
             tensor_name, index = where
-            parametrizations = module.parametrizations[tensor_name]
-            theirs = parametrizations[index]
-            if kind == "weight":
-                ours = WeightNorm(theirs.dim, backend)
-            else:
-                weight = parametrizations.original
-                ours = SpectralNorm(weight, getattr(theirs, "n_power_iterations", 1), theirs.dim, theirs.eps, backend,
-                                    u=getattr(theirs, "_u", None), v=getattr(theirs, "_v", None))
-            ours.train(theirs.training)
-            parametrizations[index] = ours
+            chain = module.parametrizations[tensor_name]
+            chain[index] = ours[id(chain[index])]
     return model
+
+
+@torch.no_grad()
+def _input_of(chain, index: int) -> torch.Tensor:
+    """What the parametrization at `index` of a chain receives: the original tensor, or what
+    the parametrizations before it make of the originals (weight norm, then spectral norm)."""
+    if index == 0:
+        return chain.original
+    x = chain[0](chain.original) if chain.is_tensor else chain[0](*(getattr(chain, f"original{i}")
+                                                                   for i in range(chain.ntensors)))
+    for parametrization in list(chain)[1:index]:
+        x = parametrization(x)
+    return x
 
 
 class LegacyWeightNormKernels(LegacyWeightNorm):

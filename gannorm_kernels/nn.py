@@ -179,6 +179,9 @@ def adaptive_weight_norm(module: nn.Module, name: str = "weight", dim: int = 0, 
     """
     if per not in ("channel", "layer"):
         raise ValueError(f"per must be 'channel' or 'layer', got {per!r}")
+    if per == "channel" and dim is None:
+        raise ValueError("per='channel' needs a channel dim, got dim=None; per='layer' gives the whole tensor "
+                         "one magnitude")
     init_scale = checks.positive_number(init_scale, "init_scale")
     parametrization = AdaptiveWeightNorm(dim if per == "channel" else None, backend, init_scale, per)
     _register_weight_norm(module, name, parametrization)

@@ -448,6 +448,40 @@ def test_convert_a_model_built_on_meta(backend):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_convert_a_weight_norm_then_spectral_norm_chain(backend):
+    """torch trains a layer with both of its norms chained (weight norm first); converted, ours
+    take both places (the spectral norm built on what the weight norm gives it) and train as
+    torch's: outputs, gradients, buffers; revert and convert again round-trip."""
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    theirs = parametrizations.spectral_norm(parametrizations.weight_norm(nn.Conv1d(4, 6, 3))).double().to(device)
+    with torch.no_grad():  # magnitudes trained away from ||v|| (at registration the chain's input is v itself)
+        theirs.parametrizations.weight.original0.mul_(torch.linspace(0.5, 2.0, 6).view(6, 1, 1).to(device))
+    ours = gk.convert(copy.deepcopy(theirs), backend=backend)
+    assert [type(p) for p in ours.parametrizations.weight] == [WeightNorm, SpectralNorm]
+    chain = theirs.parametrizations.weight
+    with torch.no_grad():  # sigma of what torch's weight norm gives its spectral norm
+        normed = chain[0](chain.original0, chain.original1).flatten(1)
+        sigma = torch.dot(chain[1]._u, normed @ chain[1]._v)
+    torch.testing.assert_close(gk.sigmas(ours)["weight"], sigma, rtol=1e-12, atol=0)  # before any forward
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (theirs, ours)]
+    for step in range(2):
+        x = torch.randn(2, 4, 9, generator=torch.Generator().manual_seed(step), dtype=torch.float64).to(device)
+        outs = [m(x) for m in (theirs, ours)]
+        for out, optimizer in zip(outs, optimizers):
+            optimizer.zero_grad()
+            out.square().sum().backward()
+            optimizer.step()
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-12)  # fp64: a summation order apart
+        for (name, a), b in zip(theirs.named_parameters(), ours.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        for (name, a), b in zip(theirs.named_buffers(), ours.buffers()):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    gk.convert(gk.revert(ours), backend=backend)
+    assert [type(p) for p in ours.parametrizations.weight] == [WeightNorm, SpectralNorm]
+
+
 def test_fold_refuses_a_mixed_chain_and_warns_on_nothing():
     layer = gk.spectral_norm(nn.Linear(4, 4), backend="reference")
     parametrize.register_parametrization(layer, "weight", nn.Identity())

@@ -425,6 +425,11 @@ def test_adaptive_weight_norm_per_layer(backend):
     assert m.weight.detach().norm().item() == pytest.approx(0.1, rel=1e-6)
 
 
+def test_adaptive_weight_norm_per_channel_needs_a_dim():
+    with pytest.raises(ValueError, match=r"per='channel' needs a channel dim, got dim=None"):
+        gk.adaptive_weight_norm(nn.Linear(6, 4), dim=None)
+
+
 def test_scale_param_groups_give_scales_their_own_lr():
     torch.manual_seed(0)
     model = nn.Sequential(gk.adaptive_weight_norm(nn.Linear(4, 4), backend="reference"), nn.ReLU(),
