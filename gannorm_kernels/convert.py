@@ -93,7 +93,7 @@ def convert(model: nn.Module, *, backend: str = "auto") -> nn.Module:
             if kind == "weight":
                 ours[id(theirs)] = WeightNorm(theirs.dim, backend)
             else:
-                ours[id(theirs)] = SpectralNorm(_input_of(module.parametrizations[tensor_name], index),
+                ours[id(theirs)] = SpectralNorm(parametrization_input(module.parametrizations[tensor_name], index),
                                                 getattr(theirs, "n_power_iterations", 1), theirs.dim, theirs.eps,
                                                 backend, u=getattr(theirs, "_u", None), v=getattr(theirs, "_v", None))
             ours[id(theirs)].train(theirs.training)
@@ -110,7 +110,7 @@ def convert(model: nn.Module, *, backend: str = "auto") -> nn.Module:
 
 
 @torch.no_grad()
-def _input_of(chain, index: int) -> torch.Tensor:
+def parametrization_input(chain, index: int) -> torch.Tensor:
     """What the parametrization at `index` of a chain receives: the original tensor, or what
     the parametrizations before it make of the originals (weight norm, then spectral norm)."""
     if index == 0:

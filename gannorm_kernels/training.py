@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as LegacySpectralNorm
 
 from . import reference
+from .convert import parametrization_input
 from .dtypes import acc_dtype
 from .nn import SpectralNorm
 
@@ -80,9 +81,10 @@ def _spectral_norms(model: nn.Module):
         if not parametrize.is_parametrized(module):
             continue
         for chain in module.parametrizations.values():
-            for p in chain:
+            for index, p in enumerate(chain):
                 if isinstance(p, (SpectralNorm, torch_parametrizations._SpectralNorm)) and hasattr(p, "_u"):
-                    matrix = reference.weight_matrix(chain.original.detach(), p.dim)
+                    # what the chain gives it: the original, or a weight norm's output before it
+                    matrix = reference.weight_matrix(parametrization_input(chain, index).detach(), p.dim)
                     yield matrix, p._u, p._v, p.eps, False
 
 

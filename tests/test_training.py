@@ -165,6 +165,32 @@ def test_reset_spectral_norm_draws_as_torch_registers():
         torch.testing.assert_close(v.double(), v_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("convert", [False, True], ids=["torch", "converted"])
+def test_reset_spectral_norm_of_a_chain(convert):
+    """Weight norm then spectral norm on one weight (torch's chain, or converted): the spectral
+    norm's iteration runs on what the weight norm gives it, g v / ||v||, written out here in
+    fp64 from the same draws (magnitudes away from ||v||, so v alone would fail)."""
+    torch.manual_seed(0)
+    layer = parametrizations.spectral_norm(parametrizations.weight_norm(nn.Linear(6, 4)))
+    chain = layer.parametrizations.weight
+    with torch.no_grad():
+        chain.original0.mul_(torch.linspace(0.5, 2.0, 4).view(4, 1))
+    if convert:
+        gk.convert(layer, backend="reference")
+    assert gk.reset_spectral_norm(layer, generator=torch.Generator().manual_seed(11)) == 1
+    generator = torch.Generator().manual_seed(11)
+    u, v = chain[1]._u, chain[1]._v
+    u_ref = nn.functional.normalize(torch.randn(u.shape, generator=generator).double(), dim=0)
+    v_ref = nn.functional.normalize(torch.randn(v.shape, generator=generator).double(), dim=0)
+    direction = chain.original1.detach().double()
+    matrix = chain.original0.detach().double() * direction / direction.norm(dim=1, keepdim=True)
+    for _ in range(15):
+        u_ref = nn.functional.normalize(matrix @ v_ref, dim=0)
+        v_ref = nn.functional.normalize(matrix.T @ u_ref, dim=0)
+    torch.testing.assert_close(u.double(), u_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v.double(), v_ref, rtol=1e-5, atol=1e-6)
+
+
 def test_reset_spectral_norm_arguments():
     with pytest.raises(ValueError, match="n_warmup must be a non-negative int"):
         gk.reset_spectral_norm(nn.Linear(2, 2), n_warmup=-1)
