@@ -200,9 +200,10 @@ def test_reset_spectral_norm_arguments():
 
 # ---- group_spectral_norms -------------------------------------------------------------------
 
-def grouped_discriminator(backend, dtype=torch.float64):
+def grouped_discriminator(backend, dtype=torch.float64, convert=True):
     """Every kind of spectral norm a group takes (ours, torch's parametrizations converted, a
-    legacy dim-0 hook converted) and one it leaves alone (a legacy ConvTranspose, dim 1)."""
+    legacy dim-0 hook converted) and one it leaves alone (a legacy ConvTranspose, dim 1).
+    convert=False: torch's layers left as they are (our own layer as built, backend "auto")."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.utils.spectral_norm(nn.Conv2d(3, 8, 4, 2, 1)), nn.LeakyReLU(0.2),                 # legacy, dim 0
@@ -210,7 +211,8 @@ def grouped_discriminator(backend, dtype=torch.float64):
         nn.utils.spectral_norm(nn.ConvTranspose2d(16, 8, 3, 1, 1)), nn.LeakyReLU(0.2),        # legacy, dim 1
         gk.spectral_norm(nn.Conv2d(8, 16, 3, 1, 1), n_power_iterations=2), nn.LeakyReLU(0.2),  # ours, n = 2
         nn.Flatten(), parametrizations.spectral_norm(nn.Linear(16 * 2 * 2, 1)))
-    return gk.convert(model.to(dtype=dtype, device=backend_device(backend)), backend=backend)
+    model = model.to(dtype=dtype, device=backend_device(backend))
+    return gk.convert(model, backend=backend) if convert else model
 
 
 def d_step(model, optimizer, seed, device, dtype):
@@ -461,3 +463,39 @@ def test_grouped_model_under_torch_compile(backend):
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-12, msg=name)
         for (name, a), b in zip(twin.named_buffers(), model.buffers()):
             torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_grouped_model_in_biggans_loop(backend):
+    """BigGAN-PyTorch's training loop around a grouped D, beside torch's own norms: D steps of
+    two accumulated minibatches each (a real and a fake forward per minibatch), then a G step
+    whose D forward runs with D's parameters frozen (toggle_grad) in training mode (u and v still
+    move, as torch's) and whose gradient reaches the generator's output. fp64."""
+    device = backend_device(backend)
+    theirs = grouped_discriminator(backend, convert=False)
+    ours = grouped_discriminator(backend)
+    gk.group_spectral_norms(ours)
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (theirs, ours)]
+    for step in range(2):
+        for model, optimizer in zip((theirs, ours), optimizers):
+            for p in model.parameters():
+                p.requires_grad_(True)
+            optimizer.zero_grad()
+            for accumulation in range(2):
+                seed = 4 * step + 2 * accumulation
+                real, fake = (images(seed=s, device=device).double() for s in (seed, seed + 1))
+                loss = nn.functional.relu(1 - model(real)).mean() + nn.functional.relu(1 + model(fake)).mean()
+                (loss / 2).backward()
+            optimizer.step()
+        fakes = []
+        for model in (theirs, ours):  # the G step: D frozen, its output differentiated w.r.t. G's
+            for p in model.parameters():
+                p.requires_grad_(False)
+            fake = images(seed=100 + step, device=device).double().requires_grad_()
+            (-model(fake).mean()).backward()
+            fakes.append(fake.grad)
+        torch.testing.assert_close(fakes[1], fakes[0], rtol=1e-10, atol=1e-12)
+        for (name, a), b in zip(theirs.named_parameters(), ours.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
+        for (name, a), b in zip(theirs.named_buffers(), ours.buffers()):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
