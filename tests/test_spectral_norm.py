@@ -1206,3 +1206,10 @@ def test_topk_layer(backend):
                                          torch.zeros(4, 5, dtype=w.dtype, device=device), backend=backend)
     with pytest.raises(ValueError, match="need a real weight of 2 or more dims"):
         gk.spectral_norm(nn.BatchNorm1d(3), num_svs=2)
+    u, v = torch.zeros(2, 3, dtype=w.dtype, device=device), torch.zeros(2, 5, dtype=w.dtype, device=device)
+    with pytest.raises(ValueError, match=r"v must have shape \(2, 5\) for a weight of shape \(3, 5\)"):
+        gk.functional.spectral_norm_topk(w, u, v[:1], backend=backend)
+    with pytest.raises(TypeError, match="v must have the weight's dtype and device"):
+        gk.functional.spectral_norm_topk(w, u, v.float(), backend=backend)
+    with pytest.raises(ValueError, match="u must be contiguous"):
+        gk.functional.spectral_norm_topk(w, torch.zeros(3, 2, dtype=w.dtype, device=device).t(), v, backend=backend)
