@@ -156,12 +156,18 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: i
     v_used = v.detach().to(compute).clone()
     if training:
         spectral_power_method(weight_mat.detach(), u_used, v_used, n_power_iterations, eps)
-        with torch.no_grad():  # written as out=, as torch's own iteration writes them: torch.func
-            torch.mul(u_used, 1, out=u)  # refuses copy_ into a buffer its transform did not wrap
-            torch.mul(v_used, 1, out=v)
+        _write_buffers((u, v), (u_used, v_used))
     sigma = torch.vdot(u_used, torch.mv(weight_mat, v_used))
     denominator = torch.where(sigma.abs() > eps, sigma, torch.full_like(sigma, eps))
     return (weight.to(compute) / denominator).to(weight.dtype), sigma
+
+
+@torch.no_grad()
+def _write_buffers(buffers, values) -> None:
+    """The power iteration's results into the buffers, as out= writes (as torch's own iteration
+    writes them): torch.func refuses copy_ into a buffer its transform did not wrap."""
+    for buffer, value in zip(buffers, values):
+        torch.mul(value, 1, out=buffer)
 
 
 def orthonormalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,8 +204,7 @@ def spectral_norm_topk(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d
             for _ in range(n_power_iterations):
                 u_used = orthonormalize(v_used @ weight_mat.T, eps)[0]
                 v_used = orthonormalize(u_used @ weight_mat, eps)[0]
-            u.copy_(u_used)
-            v.copy_(v_used)
+        _write_buffers((u, v), (u_used, v_used))
     sigmas = ((u_used @ weight_mat) * v_used).sum(1)
     sigma = sigmas[0]
     denominator = torch.where(sigma.abs() > eps, sigma, torch.full_like(sigma, eps))

@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as LegacySpectralNorm
 
 from . import reference
-from .convert import parametrization_input
+from .convert import LegacySpectralNormKernels, parametrization_input
 from .dtypes import acc_dtype
 from .nn import SpectralNorm
 
@@ -260,7 +260,6 @@ def group_spectral_norms(model: nn.Module, *, exclude: str | tuple[str, ...] = (
     Returns:
         a :class:`SpectralNormGroup`; ``.remove()`` undoes the grouping.
     """
-    from .convert import LegacySpectralNormKernels
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)  # one name, not its characters
     members = []
     for module_name, module in model.named_modules():
