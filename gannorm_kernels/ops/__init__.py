@@ -270,12 +270,12 @@ class _SpecFunction(torch.autograd.Function):
         tangent_of = {p: [tangents[3 + k] for k in _as_positions(positions[i])]
                       for i, p in zip(spec.differentiable, spec.differentiable_in_backward)}
         wrt = [p for p in tangent_of if any(t is not None for t in tangent_of[p])]
-        primals = [sources[p] for p in wrt]
-        directions = [[torch.zeros_like(x) if t is None else t for x, t in zip(_as_list(sources[p]), tangent_of[p])]
-                      for p in wrt]
-        directions = [d if spec.backward_lists[p] else d[0] for p, d in zip(wrt, directions)]
         if not wrt:  # tangents on the buffers only: the output does not depend on them
             return None if ctx.n_flat_outputs == 1 else (None,) * ctx.n_flat_outputs
+        primals = [sources[p] for p in wrt]
+        directions = [[torch.zeros_like(x) if t is None else t for x, t in zip(_as_tuple(sources[p]), tangent_of[p])]
+                      for p in wrt]
+        directions = [d if spec.backward_lists[p] else d[0] for p, d in zip(wrt, directions)]
 
         def reference(*values):
             args = list(sources)
@@ -381,10 +381,6 @@ def _as_positions(position):
     return [position] if isinstance(position, int) else list(position)
 
 
-def _as_list(value):
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
 def _as_tuple(outputs):
     return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
 
@@ -436,8 +432,9 @@ class _KernelGrads(torch.autograd.Function):
             first = torch.autograd.grad(outputs, [x for x in wrt if x.requires_grad], leaves[:n],
                                         create_graph=True, allow_unused=True)
             first = iter(first)
-            first = [next(first) if x.requires_grad else None for x in wrt]
-            pairs = [(f, gg) for f, gg in zip(first, grad_grads) if f is not None and gg is not None and f.requires_grad]
+            first = [next(first) if x.requires_grad else None for x in wrt]  # one per wrt input, as grad_grads
+            pairs = [(f, gg) for f, gg in zip(first, grad_grads)
+                     if f is not None and gg is not None and f.requires_grad]
             targets = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
             second = torch.autograd.grad([f for f, _ in pairs], targets, [gg for _, gg in pairs],
                                          allow_unused=True) if pairs and targets else [None] * len(targets)
