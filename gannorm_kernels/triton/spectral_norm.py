@@ -705,7 +705,6 @@ def spectral_norm_group_bwd(grad_outs, weights, u_used, v_used, sigmas, dims, ep
 # Launches as k = 1: training 2 n + 1, eval 2; backward: k = 1's with u_0, v_0, sigma_0.
 # Layouts: the buffers and u_used/v_used (k, h) and (k, w); x (h, KB) and t (w, KB), KB the
 # power of two >= k (the padding columns stay zero).
-MAX_SVS = 8
 
 
 @triton.jit
@@ -909,8 +908,8 @@ def spectral_norm_topk_fwd(weight, u, v, dim: int, n_power_iterations: int, eps:
     block_v = min(scale_block, 64)
     common = dict(ACC=acc, KB=kb)
     outer = A > 1
-    x = torch.empty(h, kb, dtype=acc_torch, device=device)
     if training:
+        x = torch.empty(h, kb, dtype=acc_torch, device=device)
         x_grams = torch.empty(rows_grid, kb, kb, dtype=torch.float64, device=device)
         t = torch.empty(w, kb, dtype=acc_torch, device=device)
         t_grams = torch.empty(cols_grid, kb, kb, dtype=torch.float64, device=device)
@@ -924,11 +923,11 @@ def spectral_norm_topk_fwd(weight, u, v, dim: int, n_power_iterations: int, eps:
         launch(_topk_scale, scale_grid, out, sigmas, v, v_used, u_used, weight, t_grams, t, u, v, numel, h, w, k,
                cols_grid, eps, TRAIN=True, BLOCK=scale_block, BLOCK_V=block_v, **common)
     else:
-        products = torch.empty(rows_grid, kb, dtype=acc_torch, device=device)
-        launch(_topk_rows, (rows_grid,), x, products, weight, v, products, u, h, w, B, k, 0, eps, OUTER=outer,
+        products = torch.empty(rows_grid, kb, dtype=acc_torch, device=device)  # (eval stores no X, no T)
+        launch(_topk_rows, (rows_grid,), products, products, weight, v, products, u, h, w, B, k, 0, eps, OUTER=outer,
                V_FROM_T=False, EVAL=True, BLOCK_I=block_i, BLOCK_J=block_j, **common)
-        launch(_topk_scale, scale_grid, out, sigmas, v, v_used, u_used, weight, products, x, u, v, numel, h, w, k,
-               rows_grid, eps, TRAIN=False, BLOCK=scale_block, BLOCK_V=block_v, **common)
+        launch(_topk_scale, scale_grid, out, sigmas, v, v_used, u_used, weight, products, products, u, v, numel, h,
+               w, k, rows_grid, eps, TRAIN=False, BLOCK=scale_block, BLOCK_V=block_v, **common)
     return out, sigmas, u_used, v_used
 
 
