@@ -852,13 +852,13 @@ void spectral_norm_topk_launch(const at::Tensor& weight, const at::Tensor& u, co
   const int scale_blocks =
       blocks_for(std::max<int64_t>({numel, int64_t(k) * L.h, int64_t(k) * L.w()}), 4 * kThreads, kMaxElementwiseBlocks);
   const dim3 warp_rows(kWarpSize, kRowsPerBlock), warp_columns(kWarpSize, kColumnPhases);
-  at::Tensor x = at::empty({L.h, K}, acc_options);
   GANNORM_DISPATCH_FLOAT_DTYPES(weight.scalar_type(), "spectral_norm_topk_fwd", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* w_ptr = weight.const_data_ptr<scalar_t>();
     scalar_t* u_ptr = u.data_ptr<scalar_t>();
     scalar_t* v_ptr = v.data_ptr<scalar_t>();
     if (training) {
+      at::Tensor x = at::empty({L.h, K}, acc_options);
       at::Tensor x_grams = at::empty({rows_blocks, K, K}, gram_options);
       at::Tensor t = at::empty({L.w(), K}, acc_options);
       at::Tensor t_grams = at::empty({cols_blocks, K, K}, gram_options);
@@ -882,8 +882,8 @@ void spectral_norm_topk_launch(const at::Tensor& weight, const at::Tensor& u, co
                      static_cast<const scalar_t*>(v_ptr), numel, L.h, L.w(), k, cols_blocks, eps);
     } else {
       at::Tensor products = at::empty({rows_blocks, K}, acc_options);
-      auto rows = sn_topk_rows_kernel<scalar_t, K, false, true>;
-      GANNORM_LAUNCH(rows, dim3(rows_blocks), warp_rows, x.data_ptr<acc>(), static_cast<double*>(nullptr),
+      auto rows = sn_topk_rows_kernel<scalar_t, K, false, true>;  // eval stores no X
+      GANNORM_LAUNCH(rows, dim3(rows_blocks), warp_rows, static_cast<acc*>(nullptr), static_cast<double*>(nullptr),
                      products.data_ptr<acc>(), w_ptr, v_ptr, static_cast<const acc*>(nullptr),
                      static_cast<const double*>(nullptr), u_ptr, L.h, L.w(), L.B, k, 0, eps);
       auto scale = sn_topk_scale_kernel<scalar_t, K, false>;
