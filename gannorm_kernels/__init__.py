@@ -8,7 +8,7 @@ Public API:
   its own learning rate.
 - ``spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=None, *,
   backend="auto")``: a drop-in for ``torch.nn.utils.parametrizations.spectral_norm``;
-  ``sigmas(model)`` reads the last sigma of each.
+  ``sigmas(model)`` reads the sigma of each.
 - ``pairwise_similarity_penalty(features, kernel="cosine" | "rbf", bandwidth=1.0)``,
   ``MinibatchDiscrimination(in_features, num_kernels, kernel_dim)``,
   ``MinibatchStdDev(group_size=4, num_channels=1)``: minibatch penalties with memory linear
@@ -33,7 +33,7 @@ from . import backends, functional  # noqa: E402
 from .convert import apply_norm, convert, fold, revert  # noqa: E402
 from .info import info  # noqa: E402
 from .ops.similarity import pairwise_similarity_penalty  # noqa: E402
-from .training import SpectralNormGroup, ema_update, group_spectral_norms, reset_spectral_norm  # noqa: E402
+from .training import SpectralNormGroup, ema_update, group_spectral_norms, reset_spectral_norm, sigmas  # noqa: E402
 from .nn import (  # noqa: E402
     AdaptiveWeightNorm,
     MinibatchDiscrimination,
@@ -42,7 +42,6 @@ from .nn import (  # noqa: E402
     WeightNorm,
     adaptive_weight_norm,
     scale_param_groups,
-    sigmas,
     spectral_norm,
     weight_norm,
 )

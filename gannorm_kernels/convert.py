@@ -18,6 +18,7 @@ from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
 from . import backends
 from .nn import SpectralNorm, WeightNorm, saved_tensor_hooks_active, spectral_norm, weight_norm
+from .dtypes import acc_dtype
 from .ops import spectral_norm as spectral_norm_ops
 from .ops.spectral_norm import spectral_norm as spectral_norm_op
 from .ops.weight_norm import weight_norm as weight_norm_op
@@ -152,6 +153,15 @@ class LegacySpectralNormKernels(LegacySpectralNorm):
         self.backend = backend
 
     grouped = None  # as SpectralNorm.grouped
+    last_sigma: torch.Tensor | None = None  # the last forward's (sigmas() reads it)
+
+    @torch.no_grad()
+    def sigmas_of(self, module: nn.Module) -> torch.Tensor:
+        """The (1,) sigma = u^T W v an eval forward would use, from the tensors as they are."""
+        weight = getattr(module, self.name + "_orig")
+        compute = acc_dtype(weight.dtype)
+        u, v = (getattr(module, self.name + suffix).to(compute) for suffix in ("_u", "_v"))
+        return torch.vdot(u, torch.mv(self.reshape_weight_to_matrix(weight).to(compute), v)).reshape(1)
 
     def compute_weight(self, module: nn.Module, do_power_iteration: bool) -> torch.Tensor:
         if self.grouped is not None:
@@ -179,9 +189,6 @@ def _convert_legacy_spectral_norm(module: nn.Module, key, backend: str) -> None:
     hook = module._forward_pre_hooks[key]
     ours = LegacySpectralNormKernels(hook.name, hook.n_power_iterations, hook.dim, hook.eps, backend)
     _replace_legacy_spectral_hook(module, key, hook, ours)
-    if getattr(module, hook.name + "_orig").device.type != "meta":
-        with torch.no_grad():  # sigmas() has this layer's sigma before its first forward
-            ours.compute_weight(module, do_power_iteration=False)
 
 
 def _replace_legacy_spectral_hook(module: nn.Module, key, old, new) -> None:

@@ -273,30 +273,35 @@ class SpectralNorm(nn.Module):
                 # orthonormal rows, then the warm-up torch gives k = 1 (15 + the forward's n)
                 u, v = reference.orthonormalize(u, eps)[0], reference.orthonormalize(v, eps)[0]
                 reference.spectral_norm_topk(weight_mat, u, v, 0, 15 + n_power_iterations, eps, True)
-                self.register_buffer("_u", u)
-                self.register_buffer("_v", v)
-                sigmas = ((u @ weight_mat) * v).sum(1)
-                self.last_sigmas = sigmas.to(acc_dtype(sigmas.dtype))
-                sigma = sigmas[0]
-            elif weight.ndim > 1:
+            elif weight.ndim > 1 and (u is None or v is None):
                 weight_mat = reference.weight_matrix(weight, self.dim)
-                if u is None or v is None:
-                    h, w = weight_mat.size()
-                    u = nn.functional.normalize(weight_mat.new_empty(h).normal_(0, 1), dim=0, eps=self.eps)
-                    v = nn.functional.normalize(weight_mat.new_empty(w).normal_(0, 1), dim=0, eps=self.eps)
-                    # torch's 15 warm-up iterations, then the n of the training-mode forward its
-                    # registration runs: with torch's own ops, the buffers are bitwise torch's.
-                    reference.spectral_power_method(weight_mat, u, v, 15 + n_power_iterations, self.eps)
+                h, w = weight_mat.size()
+                u = nn.functional.normalize(weight_mat.new_empty(h).normal_(0, 1), dim=0, eps=self.eps)
+                v = nn.functional.normalize(weight_mat.new_empty(w).normal_(0, 1), dim=0, eps=self.eps)
+                # torch's 15 warm-up iterations, then the n of the training-mode forward its
+                # registration runs: with torch's own ops, the buffers are bitwise torch's.
+                reference.spectral_power_method(weight_mat, u, v, 15 + n_power_iterations, self.eps)
+            if weight.ndim > 1:
                 self.register_buffer("_u", u)
                 self.register_buffer("_v", v)
-                sigma = torch.vdot(self._u, torch.mv(weight_mat, self._v))
-            else:
-                sigma = torch.linalg.vector_norm(weight).clamp_min(self.eps)
-        self.last_sigma = sigma.to(acc_dtype(sigma.dtype))
-        if num_svs == 1 and weight.ndim > 1:
-            self.last_sigmas = self.last_sigma.reshape(1)
         if sigmas_buffer:  # for loggers that read checkpoints (BigGAN-PyTorch's sv0, sv1, ...)
-            self.register_buffer("_sigmas", self.last_sigmas.clone())
+            self.register_buffer("_sigmas", self.sigmas_of(weight))
+
+    # The sigma(s) of the last forward (sigmas() reads them); None until one has run.
+    last_sigma: torch.Tensor | None = None
+    last_sigmas: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def sigmas_of(self, weight: torch.Tensor) -> torch.Tensor:
+        """The (num_svs,) singular values an eval forward of ``weight`` would use, from the
+        buffers as they are (for 1-D weights: the norm it divides by)."""
+        compute = acc_dtype(weight.dtype)  # as the kernels: fp32 for fp16/bf16
+        if weight.ndim == 1:
+            return torch.linalg.vector_norm(weight.to(compute)).clamp_min(self.eps).reshape(1)
+        matrix, u, v = reference.weight_matrix(weight, self.dim).to(compute), self._u.to(compute), self._v.to(compute)
+        if self.num_svs > 1:
+            return ((u @ matrix) * v).sum(1)
+        return torch.vdot(u, torch.mv(matrix, v)).reshape(1)
 
     # Set by a SpectralNormGroup (training.group_spectral_norms) when its model's forward starts:
     # this layer's W / sigma, computed with the others'; the first use takes it.
@@ -311,6 +316,7 @@ class SpectralNorm(nn.Module):
             training = False  # the group iterated; see saved_tensor_hooks_active
         if weight.ndim == 1:
             out, self.last_sigma = spectral_norm_ops.spectral_norm(weight, eps=self.eps, backend=self.backend)
+            self.last_sigmas = self.last_sigma.reshape(1)
             return out
         if self.num_svs > 1:
             out, self.last_sigmas = spectral_norm_ops.spectral_norm_topk(
@@ -402,43 +408,6 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     parametrize.register_parametrization(module, name, parametrization, unsafe=True)
     module._register_load_state_dict_pre_hook(functools.partial(_load_legacy_spectral_norm, name))
     return module
-
-
-def sigmas(model: nn.Module, k: int | None = None) -> dict[str, torch.Tensor]:
-    """``{qualified weight name: last sigma}`` for every :func:`spectral_norm` in ``model``,
-    and every legacy ``torch.nn.utils.spectral_norm`` layer :func:`convert` took over.
-
-    The sigmas are those the last forward computed (device tensors, no launch, no sync), or
-    the registration's (conversion's) before any forward; for 1-D weights, the norm they were
-    divided by. ``k``: the top ``k`` singular values of each layer instead, a (k,) tensor
-    (layers with ``num_svs >= k``; any other raises, naming it).
-    """
-    if k is not None:
-        checks.positive_int(k, "k")
-        found = {name: getattr(owner, "last_sigmas", owner.last_sigma.reshape(1))
-                 for name, owner in _sigma_owners(model)}
-        short = [name for name, values in found.items() if values.numel() < k]
-        if short:
-            raise ValueError(f"sigmas(k={k}): {', '.join(short)} track fewer than {k} singular values (spectral_norm("
-                             "..., num_svs=k) tracks k; 1-D and legacy layers one)")
-        return {name: values[:k] for name, values in found.items()}
-    return {name: owner.last_sigma for name, owner in _sigma_owners(model)}
-
-
-def _sigma_owners(model: nn.Module):
-    """(qualified weight name, what holds its last sigma) for sigmas()."""
-    found = {}
-    for module_name, module in model.named_modules():
-        for hook in module._forward_pre_hooks.values():
-            if hasattr(hook, "last_sigma") and isinstance(getattr(hook, "name", None), str):  # converted legacy
-                found[f"{module_name}.{hook.name}" if module_name else hook.name] = hook
-        if not parametrize.is_parametrized(module):
-            continue
-        for tensor_name, parametrizations in module.parametrizations.items():
-            for parametrization in parametrizations:
-                if isinstance(parametrization, SpectralNorm):
-                    found[f"{module_name}.{tensor_name}" if module_name else tensor_name] = parametrization
-    return found.items()
 
 
 class MinibatchDiscrimination(nn.Module):

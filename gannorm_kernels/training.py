@@ -12,7 +12,7 @@ from torch.nn.utils import parametrizations as torch_parametrizations
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as LegacySpectralNorm
 
-from . import reference
+from . import checks, reference
 from .convert import LegacySpectralNormKernels, parametrization_input
 from .dtypes import acc_dtype
 from .nn import SpectralNorm
@@ -68,6 +68,42 @@ def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
             torch._foreach_copy_(targets, sources)
     for targets, sources in _grouped(buffers):
         torch._foreach_copy_(targets, sources)
+
+
+def sigmas(model: nn.Module, k: int | None = None) -> dict[str, torch.Tensor]:
+    """``{qualified weight name: sigma}`` for every :func:`spectral_norm` in ``model``, and
+    every legacy ``torch.nn.utils.spectral_norm`` layer :func:`convert` took over.
+
+    A layer's sigma is the one its last forward computed (a device tensor: no launch, no sync);
+    for a layer with no forward since it was built or converted, the sigma an eval forward would
+    use now, computed from its weight and buffers as they are (so a checkpoint loaded before
+    the first forward is seen). For 1-D weights, the norm they are divided by. ``k``: the top
+    ``k`` singular values of each layer instead, a (k,) tensor (layers with ``num_svs >= k``; any
+    other raises, naming it).
+    """
+    if k is not None:
+        checks.positive_int(k, "k")
+    found = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, LegacySpectralNormKernels):
+                found[prefix + hook.name] = (hook.last_sigma.reshape(1) if hook.last_sigma is not None
+                                             else hook.sigmas_of(module))
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name, chain in module.parametrizations.items():
+            for index, p in enumerate(chain):
+                if isinstance(p, SpectralNorm):
+                    found[prefix + tensor_name] = (p.last_sigmas if p.last_sigmas is not None
+                                                   else p.sigmas_of(parametrization_input(chain, index)))
+    if k is None:
+        return {name: values[0] for name, values in found.items()}
+    short = [name for name, values in found.items() if values.numel() < k]
+    if short:
+        raise ValueError(f"sigmas(k={k}): {', '.join(short)} track fewer than {k} singular values (spectral_norm("
+                         "..., num_svs=k) tracks k; 1-D and legacy layers one)")
+    return {name: values[:k] for name, values in found.items()}
 
 
 def _spectral_norms(model: nn.Module):

@@ -442,6 +442,14 @@ def test_convert_a_model_built_on_meta(backend):
     with torch.device("meta"):
         ours = gk.convert(build(), backend=backend)
     ours.to_empty(device=device).load_state_dict(theirs.state_dict())
+    with torch.no_grad():  # read before a forward: of the loaded tensors, on their device
+        sn = theirs[0].parametrizations.weight[0]
+        expected = {"0.weight": sn._u @ theirs[0].parametrizations.weight.original.flatten(1) @ sn._v,
+                    "2.weight": theirs[2].weight_u @ theirs[2].weight_orig.flatten(1) @ theirs[2].weight_v}
+    found = gk.sigmas(ours)
+    assert found.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-5, atol=0, msg=name)
     x = images(seed=4).to(device)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(theirs.named_buffers(), ours.buffers()):

@@ -518,6 +518,40 @@ def test_sigmas(backend):
     torch.testing.assert_close(found["5.weight"], vector_holder.parametrizations.weight.original.detach().norm())
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_sigmas_before_a_forward_are_those_of_the_tensors_as_they_are(backend):
+    """A model loaded from a checkpoint (or placed, or re-initialised) and read before its first
+    forward: sigmas() gives u^T W v of the loaded weights and buffers, not the sigma of the
+    random weights the layers were built with; the top k likewise."""
+    device = backend_device(backend)
+    trained = discriminator(backend)
+    x = torch.randn(2, 3, 6, 6, device=device)
+    for _ in range(3):
+        trained(x).sum().backward()
+        with torch.no_grad():
+            for p in trained.parameters():
+                p.sub_(0.3 * p.grad)
+                p.grad = None
+    fresh = discriminator(backend)
+    with torch.no_grad():  # the fresh model's own weights, which its registration sigmas were of
+        for p in fresh.parameters():
+            p.mul_(2.0)
+    fresh.load_state_dict(trained.state_dict())
+    found = gk.sigmas(fresh)
+    for name, rows_along in (("0", 0), ("2", 1), ("4", 0)):
+        sn = fresh.get_submodule(name).parametrizations.weight
+        w = sn.original.detach().double().movedim(rows_along, 0).flatten(1)  # ConvTranspose: dim 1
+        expected = sn[0]._u.double() @ w @ sn[0]._v.double()
+        torch.testing.assert_close(found[f"{name}.weight"].double(), expected, rtol=1e-6, atol=0, msg=name)
+    topk = gk.spectral_norm(nn.Linear(6, 5), num_svs=2, backend=backend).to(device)
+    with torch.no_grad():
+        topk.parametrizations.weight.original.mul_(3.0)
+    sn = topk.parametrizations.weight[0]
+    w = topk.parametrizations.weight.original.detach().double()
+    torch.testing.assert_close(gk.sigmas(topk, k=2)["weight"].double(),
+                               ((sn._u.double() @ w) * sn._v.double()).sum(1), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["Conv2d", "ConvTranspose2d", "Linear"])
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_loads_legacy_checkpoint(backend, kind):
