@@ -81,17 +81,21 @@ __global__ void mbstd_backward_kernel(
       mean += static_cast<acc>(x[(int64_t(g) * L.groups + m) * in_sample + int64_t(f) * L.span + pos]);
     }
     mean /= acc(L.G);
-    acc variance = 0;
+    acc variance = 0, deviation_sum = 0;
     for (int g = 0; GANNORM_LOOP(g < L.G); ++g) {
       const acc d = static_cast<acc>(x[(int64_t(g) * L.groups + m) * in_sample + int64_t(f) * L.span + pos]) - mean;
       variance += d * d;
+      deviation_sum += d;
     }
     const acc std = sqrt_acc(variance / acc(L.G) + acc(1e-8));
+    // The deviations' own mean, ~0 but for the rounding of `mean`: taken out, as autograd of
+    // x - mean(x) does, else that rounding (ulp(mean) / std) reaches every gradient.
+    const acc shift = deviation_sum / acc(L.G);
     for (int g = 0; GANNORM_LOOP(g < L.G); ++g) {
       const int64_t sample = int64_t(g) * L.groups + m;
       const int64_t at = sample * in_sample + int64_t(f) * L.span + pos;
       const acc upstream = static_cast<acc>(grad_out[sample * out_sample + int64_t(f) * L.span + pos]);
-      grad_x[at] = static_cast<scalar_t>(upstream + coefficient * (static_cast<acc>(x[at]) - mean) / std);
+      grad_x[at] = static_cast<scalar_t>(upstream + coefficient * ((static_cast<acc>(x[at]) - mean) - shift) / std);
     }
   }
 }

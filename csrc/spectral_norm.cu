@@ -26,6 +26,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cmath>
 #include <utility>
 #include <vector>
 
@@ -920,7 +921,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_topk_fw
   check_vectors(u, "u");
   check_vectors(v, "v");
   TORCH_CHECK(n_power_iterations >= 1, "n_power_iterations must be >= 1, got ", n_power_iterations);
-  TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  TORCH_CHECK(std::isfinite(eps), "eps must be a finite number, got ", eps);
   const int K = k <= 1 ? 1 : k <= 2 ? 2 : k <= 4 ? 4 : 8;
   check_extent(int64_t(std::max(L.h, L.w())) * K, "weight", "rows or columns times the padded k");
   GANNORM_DEVICE_GUARD(weight_in);
@@ -965,7 +966,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> spectral
     check_buffer(vs[k], weights_in[k], plan.layouts[k].w(), "v");
   }
   TORCH_CHECK(n_power_iterations >= 1, "n_power_iterations must be >= 1, got ", n_power_iterations);
-  TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  TORCH_CHECK(std::isfinite(eps), "eps must be a finite number, got ", eps);
   GANNORM_DEVICE_GUARD(weights_in[0]);
   std::vector<at::Tensor> weights;
   for (const at::Tensor& w : weights_in) weights.push_back(w.contiguous());
@@ -1087,7 +1088,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spectral_norm_fwd(
   check_buffer(u, weight_in, L.h, "u");
   check_buffer(v, weight_in, L.w(), "v");
   TORCH_CHECK(n_power_iterations >= 1, "n_power_iterations must be >= 1, got ", n_power_iterations);
-  TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  TORCH_CHECK(std::isfinite(eps), "eps must be a finite number, got ", eps);
   if (!training && sigma_in.has_value()) check_acc_vector(*sigma_in, weight_in, 1, "sigma");
   GANNORM_DEVICE_GUARD(weight_in);
   const at::Tensor weight = weight_in.contiguous();
@@ -1193,7 +1194,7 @@ std::tuple<at::Tensor, at::Tensor> spectral_norm_vector_fwd(const at::Tensor& we
   check_float(weight_in, "weight");
   check_device(weight_in, "weight");
   TORCH_CHECK(weight_in.dim() == 1, "weight must be 1-d, got ", weight_in.dim(), " dims");
-  TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  TORCH_CHECK(std::isfinite(eps), "eps must be a finite number, got ", eps);
   GANNORM_DEVICE_GUARD(weight_in);
   const at::Tensor weight = weight_in.contiguous();
   at::Tensor out = at::empty(weight.sizes(), weight.options());

@@ -4,6 +4,8 @@ weight along a dim (spectral norm's rows-by-columns view)."""
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 
@@ -25,10 +27,23 @@ def positive_number(value, name: str) -> float:
     return float(value)
 
 
+def finite_number(value, name: str) -> float:
+    """A finite real number (any real type), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as a Python int: any integer type (NumPy's, a 0-d integer tensor) as torch's
+    layers take; bools and non-integers are refused."""
+    try:
+        as_int = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        as_int = None
+    if as_int is None or as_int < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return as_int
 
 
 def matrix_dim(dim, ndim: int) -> int:

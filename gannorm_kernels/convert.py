@@ -145,7 +145,8 @@ class LegacySpectralNormKernels(LegacySpectralNorm):
     Our kernels iterate u first, then v; on the transposed matrix, with the buffers' roles
     swapped, that is exactly the legacy order, and sigma = v^T W^T u = u^T W v. For dim 0 the
     transposed matrix is a view of the weight (no copy); for other dims (ConvTranspose) the
-    weight is permuted into a copy first, as torch's own reshape does.
+    weight is permuted into a copy first, as torch's own reshape does, and the result copied
+    back into the weight's layout.
     """
 
     def __init__(self, name: str, n_power_iterations: int, dim: int, eps: float, backend: str) -> None:
@@ -177,7 +178,9 @@ class LegacySpectralNormKernels(LegacySpectralNorm):
         if self.dim == 0:
             return out.reshape(weight.shape)
         permuted = (weight.shape[self.dim],) + tuple(s for d, s in enumerate(weight.shape) if d != self.dim)
-        return out.reshape(permuted).movedim(0, self.dim)
+        # contiguous, as torch's weight_orig / sigma: the layer (and fold's plain weight) gets
+        # the layout it had, not a strided view (one more copy, as torch's own permutation)
+        return out.reshape(permuted).movedim(0, self.dim).contiguous()
 
 
 def _convert_legacy_weight_norm(module: nn.Module, key, backend: str) -> None:
@@ -340,7 +343,18 @@ def fold(model: nn.Module) -> nn.Module:
                 # or folding G_ema = deepcopy(G) would strip G's weight.
                 cls = type(module)
                 module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+                if chain.is_tensor:
+                    # A new tensor, not torch's set_() of the original: a tied original (an
+                    # embedding's weight shared with an output layer) stays the other's weight.
+                    original, value = chain.original, getattr(module, name)
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+                    delattr(module, name)
+                    if isinstance(original, nn.Parameter):
+                        module.register_parameter(name, nn.Parameter(value, original.requires_grad))
+                    else:
+                        module.register_buffer(name, value)
+                else:  # weight norm's two originals: torch makes a new tensor of the weight
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
                 folded += 1
     if not folded:
         warnings.warn(f"fold: {type(model).__name__} has no weight or spectral norm to fold; nothing changed",

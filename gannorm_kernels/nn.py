@@ -248,8 +248,8 @@ class SpectralNorm(nn.Module):
         way); by default they are drawn and warmed up as torch does. ``num_svs`` > 1: see
         :func:`spectral_norm`."""
         super().__init__()
-        spectral_norm_ops.check_settings(n_power_iterations, eps)
-        checks.positive_int(num_svs, "num_svs")
+        n_power_iterations, eps = spectral_norm_ops.check_settings(n_power_iterations, eps)
+        num_svs = checks.positive_int(num_svs, "num_svs")
         if num_svs > spectral_norm_ops.MAX_SVS:
             raise ValueError(f"num_svs must be at most {spectral_norm_ops.MAX_SVS}, got {num_svs}")
         if (num_svs > 1 or sigmas_buffer) and (weight.ndim < 2 or weight.is_complex()):
@@ -421,8 +421,8 @@ class MinibatchDiscrimination(nn.Module):
 
     def __init__(self, in_features: int, num_kernels: int, kernel_dim: int, *, backend: str = "auto") -> None:
         super().__init__()
-        for value, what in ((in_features, "in_features"), (num_kernels, "num_kernels"), (kernel_dim, "kernel_dim")):
-            checks.positive_int(value, what)
+        in_features, num_kernels, kernel_dim = (checks.positive_int(value, what) for value, what in (
+            (in_features, "in_features"), (num_kernels, "num_kernels"), (kernel_dim, "kernel_dim")))
         backends.check_installed(backend)
         self.in_features, self.num_kernels, self.kernel_dim = in_features, num_kernels, kernel_dim
         self.backend = backend
@@ -430,6 +430,8 @@ class MinibatchDiscrimination(nn.Module):
         nn.init.normal_(self.T, 0.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features:  # x is what is wrong, not the layer's T
+            raise ValueError(f"x must have shape (N, in_features={self.in_features}), got {tuple(x.shape)}")
         return minibatch_discrimination_ops.minibatch_discrimination(x, self.T, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -445,8 +447,8 @@ class MinibatchStdDev(nn.Module):
     def __init__(self, group_size: int | None = 4, num_channels: int = 1, *, backend: str = "auto") -> None:
         super().__init__()
         if group_size is not None:  # None: the whole batch, as StyleGAN2-ADA
-            checks.positive_int(group_size, "group_size")
-        checks.positive_int(num_channels, "num_channels")
+            group_size = checks.positive_int(group_size, "group_size")
+        num_channels = checks.positive_int(num_channels, "num_channels")
         backends.check_installed(backend)
         self.group_size, self.num_channels, self.backend = group_size, num_channels, backend
 

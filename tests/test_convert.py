@@ -395,6 +395,33 @@ def test_fold_keeps_the_eval_output_and_leaves_plain_weights(backend, convert):
     assert parametrize.is_parametrized(model[4]) and model[0]._forward_pre_hooks
 
 
+@pytest.mark.parametrize("api", ["parametrizations", "legacy"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_fold_keeps_a_tied_weight_the_other_layers(backend, api):
+    """An embedding whose weight is also the output layer's (tied), spectral norm on the
+    embedding only: folding gives the embedding W / sigma and leaves the output layer W (torch's
+    remove_parametrizations would set_ the shared original to W / sigma under both), so the eval
+    output is unchanged; converted torch norms alike."""
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    embed, head = nn.Embedding(7, 5), nn.Linear(5, 7, bias=False)
+    head.weight = embed.weight
+    register = parametrizations.spectral_norm if api == "parametrizations" else nn.utils.spectral_norm
+    register(embed)
+    model = gk.convert(nn.Sequential(embed, head), backend=backend).to(device)
+    for _ in range(2):  # u and v off their start
+        model(torch.tensor([1, 4], device=device))
+    model.eval()
+    tokens = torch.arange(7, device=device)
+    with torch.no_grad():
+        expected = model(tokens)
+        raw = head.weight.detach().clone()  # the shared original, unnormed
+    gk.fold(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), expected, rtol=0, atol=0)
+    assert torch.equal(head.weight, raw)
+
+
 def test_fold_uses_the_buffers_as_they_are():
     """Spectral norm folds to W / (u^T W v) with the current u and v: no power iteration runs."""
     layer = gk.spectral_norm(nn.Linear(6, 5), backend="reference")

@@ -3,6 +3,7 @@ reference, gradients, the layer, opcheck, the launch budget, memory linear in th
 inputs, and tensors of 2^31 elements or more (the size limits, the Triton launchers on meta
 tensors, the op on a GPU against fp64)."""
 
+import numpy as np
 import pytest
 import torch
 from cuda_loop_coverage import CudaLoopCoverage, assert_every_cuda_loop_iterates
@@ -142,8 +143,14 @@ def test_memory_is_linear_in_the_batch():
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match=r"T must have shape \(in_features=4"):
+    with pytest.raises(ValueError, match=r"x has 4 features but T is for in_features=5"):
         F.minibatch_discrimination(torch.randn(3, 4), torch.randn(5, 2, 2))
+    with pytest.raises(ValueError, match=r"T must have shape \(in_features, num_kernels, kernel_dim\), got \(4, 2\)"):
+        F.minibatch_discrimination(torch.randn(3, 4), torch.randn(4, 2))
+    with pytest.raises(ValueError, match=r"x must have shape \(N, in_features=3\), got \(4, 5\)"):  # not the layer's T
+        gk.MinibatchDiscrimination(3, 2, 2)(torch.randn(4, 5))
+    layer = gk.MinibatchDiscrimination(np.int64(3), torch.tensor(2), 2)  # integers of any type, as torch's layers
+    assert (layer.in_features, layer.num_kernels) == (3, 2) and type(layer.num_kernels) is int
     with pytest.raises(ValueError, match="kernel_dim must be a positive int"):
         gk.MinibatchDiscrimination(4, 2, 0)
     with pytest.raises(ValueError, match="unknown backend 'fast'"):

@@ -3,6 +3,7 @@ against StyleGAN2's own code, opcheck, the launch budget, bad inputs, and tensor
 elements or more (the size limits, the Triton launchers on meta tensors, the op on a GPU against
 fp64)."""
 
+import numpy as np
 import pytest
 import torch
 from cuda_loop_coverage import CudaLoopCoverage, assert_every_cuda_loop_iterates
@@ -103,6 +104,29 @@ def test_group_size_none_is_the_whole_batch(backend):
     torch.testing.assert_close(F.minibatch_stddev(x.to(device), None, backend=backend).cpu(), expected)
 
 
+@pytest.mark.parametrize("offset, spread", [(30.0, 1e-2), (1e4, 1.0)])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradient_of_samples_that_share_an_offset(backend, offset, spread):
+    """Discriminator features with a common mean (and samples near alike, as under mode
+    collapse): the fp32 gradient is as accurate as autograd's of the formula in fp32, whose
+    x - mean(x) takes the deviations' own mean out again; without that, the rounding of the
+    group mean, ulp(offset) / std, reaches every gradient (30x to 1000x the error)."""
+    device = backend_device(backend)
+    x = offset + spread * drawn((4, 8, 4, 4), torch.float32, "cpu", seed=1)
+    weights = drawn((4, 9, 4, 4), torch.float32, "cpu", seed=2)
+
+    def gradient(t, b):
+        t = t.detach().requires_grad_()
+        return torch.autograd.grad((F.minibatch_stddev(t, 4, 1, backend=b) * weights.to(t)).sum(), t)[0]
+
+    exact = gradient(x.double(), "reference")
+    scale = exact.abs().max()
+    fp32_formula = (gradient(x, "reference").double() - exact).abs().max() / scale
+    ours = (gradient(x.to(device), backend).cpu().double() - exact).abs().max() / scale
+    assert fp32_formula < 1e-5  # the bar itself is tight
+    assert ours <= 4 * fp32_formula, (ours.item(), fp32_formula.item())
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gradcheck_fp64(backend):
     device = backend_device(backend)
@@ -145,6 +169,12 @@ def test_bad_inputs():
         gk.MinibatchStdDev()(torch.randn(4, 3, 3))
     with pytest.raises(ValueError, match="group_size must be a positive int"):
         gk.MinibatchStdDev(0)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        gk.MinibatchStdDev(2.0)
+    with pytest.raises(ValueError, match="x must have at least one channel"):
+        gk.MinibatchStdDev(2)(torch.randn(4, 0, 3, 3))
+    layer = gk.MinibatchStdDev(np.int64(2), torch.tensor(1))  # integers of any type, as torch's layers
+    assert layer(torch.randn(4, 2, 3, 3)).shape == (4, 3, 3, 3) and type(layer.group_size) is int
 
 
 # ---- tensors of 2^31 elements or more ----

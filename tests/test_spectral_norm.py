@@ -5,6 +5,7 @@ trajectories, eval, legacy checkpoints), and tensors of 2^31 elements or more (t
 the Triton launchers on meta tensors, dims 0 and 1 and 1-D on a GPU against fp64)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -569,6 +570,53 @@ def test_loads_legacy_checkpoint(backend, kind):
     torch.testing.assert_close(ours(x.to(backend_device(backend))).cpu(), legacy(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("eps", [0.0, -1.0])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_eps_of_zero_or_below_as_torch(backend, eps):
+    """torch takes any eps (0 or below: its normalisations are unguarded); so does ours, both
+    APIs, and convert takes over such a legacy layer: forward, buffers and gradients of two
+    training steps and the eval output equal torch's (fp64)."""
+    device = backend_device(backend)
+
+    def pair(register, ours_of):
+        torch.manual_seed(0)
+        theirs = register(nn.Linear(5, 4).double(), eps=eps)
+        torch.manual_seed(0)
+        return theirs.to(device), ours_of(register, nn.Linear(5, 4).double(), eps=eps).to(device)
+
+    models = [pair(parametrizations.spectral_norm, lambda _, m, eps: gk.spectral_norm(m, eps=eps, backend=backend)),
+              pair(nn.utils.spectral_norm, lambda register, m, eps: gk.convert(register(m, eps=eps), backend=backend))]
+    x = torch.randn(3, 5, dtype=torch.float64, device=device)
+    for theirs, ours in models:
+        for _ in range(2):
+            outs = [m(x) for m in (theirs, ours)]
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+            for out in outs:
+                out.square().sum().backward()
+            for (name, a), b in zip(theirs.named_parameters(), ours.parameters()):
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-12, msg=name)
+            for (name, a), b in zip(theirs.named_buffers(), ours.buffers()):
+                torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
+        theirs.eval(), ours.eval()
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_sparse_embedding_trains_as_torch(backend):
+    """nn.Embedding(sparse=True) hands the normed weight a sparse gradient: ours takes it as
+    torch's does (gradient of the original equal, fp64)."""
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    theirs = parametrizations.spectral_norm(nn.Embedding(10, 4, sparse=True).double()).to(device)
+    torch.manual_seed(0)
+    ours = gk.spectral_norm(nn.Embedding(10, 4, sparse=True).double(), backend=backend).to(device)
+    tokens = torch.tensor([[1, 3, 3], [7, 0, 1]], device=device)
+    for model in (theirs, ours):
+        model(tokens).square().sum().backward()
+    torch.testing.assert_close(ours.parametrizations.weight.original.grad.to_dense(),
+                               theirs.parametrizations.weight.original.grad.to_dense(), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_one_dimensional_weight_behaves_as_torch(backend):
     def holder():
@@ -595,8 +643,8 @@ def test_bad_module_arguments():
         gk.spectral_norm(nn.Linear(3, 2), dim=2)
     with pytest.raises(ValueError, match="no parameter or buffer named 'kernel'"):
         gk.spectral_norm(nn.Linear(3, 2), name="kernel")
-    with pytest.raises(ValueError, match="eps must be a positive finite number"):
-        gk.spectral_norm(nn.Linear(3, 2), eps=0.0)
+    with pytest.raises(ValueError, match="eps must be a finite number"):
+        gk.spectral_norm(nn.Linear(3, 2), eps=math.nan)
     with pytest.raises(ValueError, match="unknown backend 'gpu'"):
         gk.spectral_norm(nn.Linear(3, 2), backend="gpu")
     m = nn.Module()
@@ -805,8 +853,8 @@ def test_size_limits(backend):
             kernels.spectral_norm_vector_bwd(flat, flat, kernels.spectral_norm_vector_fwd(flat, EPS)[1], EPS)
         assert_grids_fit(records)
     else:
-        with refused("eps must be > 0"):
-            kernels.spectral_norm_vector_fwd(flat, 0.0)
+        with refused("eps must be a finite number"):
+            kernels.spectral_norm_vector_fwd(flat, math.inf)
 
 
 def _matrix_blocks(shape, dim):

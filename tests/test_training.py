@@ -320,7 +320,7 @@ def test_group_rules(backend):
         branches(torch.randn(2, 4).to(device))
     group.remove()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)  # ours; not the interpreter's numpy DeprecationWarnings
         branches(torch.randn(2, 4).to(device))  # each layer on its own again
     one = gk.group_spectral_norms(branches, exclude="b.weight")  # a string is one name
     assert one.layers == ["a.weight"]
@@ -378,7 +378,7 @@ def test_grouped_layers_leave_when_their_norm_goes(backend):
 
     def assert_same(model, twin, what):
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a stale group warns "was not used"
+            warnings.simplefilter("error", UserWarning)  # a stale group warns "was not used"
             for _ in range(2):
                 torch.testing.assert_close(model(x), twin(x), rtol=1e-12, atol=1e-14, msg=what)
         for (name, a), b in zip(twin.named_buffers(), model.buffers()):

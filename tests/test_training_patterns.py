@@ -125,6 +125,12 @@ def test_converted_legacy_model_trains_like_its_unconverted_twin(backend, dtype)
     u_before = ours.conv.weight_u.clone()
     _assert_close(theirs(*x), ours(*x), "outputs")
     assert torch.equal(ours.conv.weight_u, u_before), "eval must not run the power iteration"
+    for when in ("eval", "folded"):  # the weights have the layout torch's hooks give (ConvTranspose: dim 1)
+        if when == "folded":
+            gk.fold(theirs), gk.fold(ours)
+        for (name, a), b in zip(theirs.named_modules(), ours.modules()):
+            if isinstance(getattr(a, "weight", None), torch.Tensor):
+                assert b.weight.stride() == a.weight.stride(), f"{when}: {name}"
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -468,8 +474,9 @@ def test_torch_func_transforms_on_a_converted_model(backend, grouped):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_torch_func_grad_through_the_minibatch_layers(backend):
     """An R1 penalty computed with torch.func through each minibatch layer, against
-    autograd through the reference backend."""
-    from torch.func import grad
+    autograd through the reference backend; vmap over several minibatches runs on the reference
+    backend and raises, saying so, on the kernel backends."""
+    from torch.func import grad, vmap
     device = backend_device(backend)
     torch.manual_seed(0)
     x = torch.randn(6, 2, 3, 3, dtype=torch.float64, device=device)
@@ -484,6 +491,13 @@ def test_torch_func_grad_through_the_minibatch_layers(backend):
         leaf = x.clone().requires_grad_()
         expected = torch.autograd.grad(f(leaf, "reference"), leaf)[0]
         _assert_close(expected, grad(lambda x: f(x, backend))(x), f"{name}: func.grad")
+        minibatches = torch.stack([x, 2 * x])  # vmap over minibatches: the batch is in the op's own input
+        if backend == "reference":
+            _assert_close(torch.stack([f(m, "reference") for m in minibatches]),
+                          vmap(lambda x: f(x, backend))(minibatches), f"{name}: vmap over minibatches")
+        else:
+            with pytest.raises(NotImplementedError, match="minibatches batched through a minibatch layer"):
+                vmap(lambda x: f(x, backend))(minibatches)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -301,6 +301,8 @@ class _SpecFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *flat_grads):
         spec = ctx.spec
+        # a sparse gradient (nn.Embedding(sparse=True) on a normed weight): the kernels take dense
+        flat_grads = tuple(g.to_dense() if g is not None and g.layout != torch.strided else g for g in flat_grads)
         _refuse_batched(spec.backward_name, [_is_batched(g) for g in flat_grads if g is not None])
         result = [None] * len(ctx.needs_input_grad)  # spec, traced, layout, the flat inputs
         grads_in = flat_grads[:len(ctx.first_output)]
@@ -353,9 +355,10 @@ def _is_batched(tensor) -> bool:
 def _refuse_batched(name: str, batched: list[bool]) -> None:
     if any(batched):
         raise NotImplementedError(
-            f"{name}: torch.func.vmap with a batch in this op's own tensors (batched weights, or per-sample "
-            "gradients through it) is not supported by the kernel backends; vmap over data with unbatched "
-            "weights works, and backend='reference' supports every transform")
+            f"{name}: torch.func.vmap with a batch in this op's own tensors (batched weights, minibatches "
+            "batched through a minibatch layer or penalty, or per-sample gradients through it) is not supported "
+            "by the kernel backends; vmap over the data through a norm (its weights unbatched) works, and "
+            "backend='reference' supports every transform")
 
 
 def _per_input(spec, grads):

@@ -53,8 +53,11 @@ def minibatch_discrimination(x: torch.Tensor, T: torch.Tensor, *, backend: str =
     checks.float_tensor(T, "T")
     if x.dim() != 2:
         raise ValueError(f"x must have shape (N, in_features), got {tuple(x.shape)}")
-    if T.dim() != 3 or T.shape[0] != x.shape[1]:
-        raise ValueError(f"T must have shape (in_features={x.shape[1]}, num_kernels, kernel_dim), got {tuple(T.shape)}")
+    if T.dim() != 3:
+        raise ValueError(f"T must have shape (in_features, num_kernels, kernel_dim), got {tuple(T.shape)}")
+    if T.shape[0] != x.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} features but T is for in_features={T.shape[0]}: x must have shape "
+                         f"(N, in_features) for T of shape (in_features, num_kernels, kernel_dim)")
     # under autocast x @ T runs in the autocast dtype, whatever the two dtypes are (as torch's own)
     mixed_ok = torch.is_autocast_enabled(x.device.type)
     if (T.dtype != x.dtype and not mixed_ok) or T.device != x.device:

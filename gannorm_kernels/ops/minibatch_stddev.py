@@ -57,11 +57,13 @@ def minibatch_stddev(x: torch.Tensor, group_size: int | None = 4, num_channels: 
     if x.dim() != 4:
         raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
     if group_size is not None:
-        checks.positive_int(group_size, "group_size")
-    checks.positive_int(num_channels, "num_channels")
+        group_size = checks.positive_int(group_size, "group_size")
+    num_channels = checks.positive_int(num_channels, "num_channels")
     n, c = x.shape[:2]
     if n == 0:
         raise ValueError("x must hold at least one sample")
+    if c == 0:
+        raise ValueError("x must have at least one channel")
     if group_size is None:
         group_size = n
     g = min(group_size, n)

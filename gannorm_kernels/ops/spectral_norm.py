@@ -31,9 +31,10 @@ from . import Cost, OpSpec
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 
 
-def check_settings(n_power_iterations, eps) -> None:
-    checks.positive_int(n_power_iterations, "n_power_iterations")
-    checks.positive_number(eps, "eps")
+def check_settings(n_power_iterations, eps) -> tuple[int, float]:
+    """As torch's: n_power_iterations >= 1; eps any finite number (0 or below: no guard, as torch's
+    F.normalize with it)."""
+    return checks.positive_int(n_power_iterations, "n_power_iterations"), checks.finite_number(eps, "eps")
 
 
 def _check_buffer_storage(name: str, buffer: torch.Tensor, weight: torch.Tensor) -> None:

@@ -95,17 +95,22 @@ def _mbstd_backward(
                             other=0.0).to(ACC)
         mean = mean / G
         variance = tl.zeros([BLOCK], dtype=ACC)
+        deviation_sum = tl.zeros([BLOCK], dtype=ACC)
         for g in range(0, G):
             x = tl.load(x_ptr + _sample_offset(g, groups, m, in_sample) + group_start + pos, mask=mask,
                         other=0.0).to(ACC)
             variance += (x - mean) * (x - mean)
+            deviation_sum += x - mean
         std = tl.sqrt(variance / G + 1e-8)
+        # The deviations' own mean, ~0 but for the rounding of `mean`: taken out, as autograd of
+        # x - mean(x) does, else that rounding (ulp(mean) / std) reaches every gradient.
+        shift = deviation_sum / G
         for g in range(0, G):
             at = _sample_offset(g, groups, m, in_sample) + group_start
             x = tl.load(x_ptr + at + pos, mask=mask, other=0.0).to(ACC)
             upstream = tl.load(grad_out_ptr + _sample_offset(g, groups, m, out_sample) + group_start + pos, mask=mask,
                                other=0.0).to(ACC)
-            grad = upstream + coefficient * (x - mean) / std
+            grad = upstream + coefficient * ((x - mean) - shift) / std
             tl.store(grad_x_ptr + at + pos, grad.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
