@@ -78,7 +78,10 @@ class _WeightNormFused(torch.autograd.Function):
     def forward(v, g, dim):
         with torch.no_grad():
             x, gx, rnorm = _fused_parts(v, g, dim)
-            return ((gx * x) * rnorm).to(v.dtype)
+            w = (gx * x) * rnorm
+            # no .to() that returns its input: torch 2.11's compile then gives this Function zero
+            # gradients (fixed by 2.14; tests/test_weight_norm.py::test_torch_compile_fullgraph)
+            return w if w.dtype == v.dtype else w.to(v.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # apart from forward: the form torch.func accepts
