@@ -430,7 +430,7 @@ class MinibatchDiscrimination(nn.Module):
         nn.init.normal_(self.T, 0.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.in_features:  # x is what is wrong, not the layer's T
+        if isinstance(x, torch.Tensor) and (x.dim() != 2 or x.shape[1] != self.in_features):  # x, not the layer's T
             raise ValueError(f"x must have shape (N, in_features={self.in_features}), got {tuple(x.shape)}")
         return minibatch_discrimination_ops.minibatch_discrimination(x, self.T, backend=self.backend)
 
