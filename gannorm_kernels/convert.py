@@ -17,8 +17,8 @@ from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook, Spect
 from torch.nn.utils.weight_norm import WeightNorm as LegacyWeightNorm
 
 from . import backends
-from .nn import SpectralNorm, WeightNorm, saved_tensor_hooks_active, spectral_norm, weight_norm
 from .dtypes import acc_dtype
+from .nn import SpectralNorm, WeightNorm, saved_tensor_hooks_active, spectral_norm, weight_norm
 from .ops import spectral_norm as spectral_norm_ops
 from .ops.spectral_norm import spectral_norm as spectral_norm_op
 from .ops.weight_norm import weight_norm as weight_norm_op

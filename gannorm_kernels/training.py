@@ -82,7 +82,7 @@ def sigmas(model: nn.Module, k: int | None = None) -> dict[str, torch.Tensor]:
     other raises, naming it).
     """
     if k is not None:
-        checks.positive_int(k, "k")
+        k = checks.positive_int(k, "k")
     found = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""

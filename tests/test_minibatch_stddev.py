@@ -124,7 +124,10 @@ def test_gradient_of_samples_that_share_an_offset(backend, offset, spread):
     fp32_formula = (gradient(x, "reference").double() - exact).abs().max() / scale
     ours = (gradient(x.to(device), backend).cpu().double() - exact).abs().max() / scale
     assert fp32_formula < 1e-5  # the bar itself is tight
-    assert ours <= 4 * fp32_formula, (ours.item(), fp32_formula.item())
+    # 4x the formula's own error, or 8 fp32 ulps of the largest gradient where the formula is
+    # luckier than that (here both are ~3e-8; a GPU's sums run in another order); the bug: 4e-5, 1.5e-3
+    bound = max(4 * fp32_formula.item(), 8 * torch.finfo(torch.float32).eps)
+    assert ours <= bound, (ours.item(), fp32_formula.item())
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
