@@ -73,3 +73,12 @@ def matrix_shape(shape, dim: int) -> tuple[int, int]:
     """(rows, columns) of the matrix view along `dim` (reference.weight_matrix builds it)."""
     outer, rows, inner = matrix_sizes(shape, dim)
     return rows, outer * inner
+
+
+def unbatched_buffers_error(name: str) -> NotImplementedError:
+    """What torch.func.vmap over batched weights in training with unbatched power-iteration
+    buffers raises, on every backend."""
+    return NotImplementedError(
+        f"{name}: torch.func.vmap over batched weights in training needs batched power-iteration buffers too "
+        "(one u and v per copy, as torch.func.stack_module_state stacks them): the buffers are updated in "
+        "place, and one buffer cannot take a batch of updates")

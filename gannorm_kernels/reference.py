@@ -8,6 +8,7 @@ every backend against these, evaluated in fp64.
 
 import torch
 
+from .checks import unbatched_buffers_error
 from .dtypes import acc_dtype
 
 
@@ -138,9 +139,11 @@ def spectral_power_method(weight_mat: torch.Tensor, u: torch.Tensor, v: torch.Te
                           eps: float) -> None:
     """torch's own power iteration, op for op (parametrizations._SpectralNorm._power_method):
     u = normalize(W v), then v = normalize(W^T u), written into the buffers u and v."""
+    new_u, new_v = u, v
     for _ in range(n_power_iterations):
-        torch.nn.functional.normalize(torch.mv(weight_mat, v), dim=0, eps=eps, out=u)
-        torch.nn.functional.normalize(torch.mv(weight_mat.H, u), dim=0, eps=eps, out=v)
+        new_u = torch.nn.functional.normalize(torch.mv(weight_mat, new_v), dim=0, eps=eps)
+        new_v = torch.nn.functional.normalize(torch.mv(weight_mat.H, new_u), dim=0, eps=eps)
+    _write_buffers((u, v), (new_u, new_v))
 
 
 def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int, n_power_iterations: int,
@@ -168,9 +171,29 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: i
 @torch.no_grad()
 def _write_buffers(buffers, values) -> None:
     """The power iteration's results into the buffers, as out= writes (as torch's own iteration
-    writes them): torch.func refuses copy_ into a buffer its transform did not wrap."""
+    writes them): torch.func.grad refuses copy_ into a buffer its transform did not wrap. A
+    buffer batched by torch.func.vmap (an ensemble's stacked buffers) takes copy_, since vmap
+    has no rule for out=."""
     for buffer, value in zip(buffers, values):
-        torch.mul(value, 1, out=buffer)
+        if _vmapped(value) and not _vmapped(buffer):
+            raise unbatched_buffers_error("spectral norm")
+        if _vmapped(buffer):
+            buffer.copy_(value)
+        else:
+            torch.mul(value, 1, out=buffer)
+
+
+def _vmapped(tensor: torch.Tensor) -> bool:
+    """Batched by torch.func.vmap at some level (under grad too, which wraps it again). Never
+    under torch.compile, which traces the transforms itself (and cannot trace this query)."""
+    if torch.compiler.is_compiling():
+        return False
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            return True
+        tensor = functorch.get_unwrapped(tensor)
+    return False
 
 
 def orthonormalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

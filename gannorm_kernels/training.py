@@ -183,7 +183,7 @@ class SpectralNormGroup:
 
     def _before(self, model, args) -> None:
         from .backends import resolve
-        from .ops.spectral_norm import SPECTRAL_NORM_GROUP
+        from .ops.spectral_norm import SPECTRAL_NORM_GROUP, check_buffer_storage
         if torch.compiler.is_compiling():
             return  # torch cannot functionalize an operator mutating a Tensor[]: each layer runs its own
         self._drop_removed()
@@ -196,14 +196,21 @@ class SpectralNormGroup:
                 weight = getattr(module, owner.name + "_orig")
                 matrix = weight.reshape(weight.shape[0], -1)
                 entry = (matrix, getattr(module, owner.name + "_v"), getattr(module, owner.name + "_u"), 1)
+                buffer_names = (owner.name + "_v", owner.name + "_u")
                 training = module.training
             else:
                 weight = module.parametrizations[tensor_name].original
                 entry = (weight, owner._u, owner._v, owner.dim)
+                buffer_names = ("_u", "_v")
                 training = owner.training
             backend = resolve(owner.backend, weight.device)
             if backend == "reference":
                 continue  # plain PyTorch has nothing to group: the layer runs on its own
+            for buffer_name, buffer in zip(buffer_names, entry[1:3]):  # what the layer's own op checks
+                try:
+                    check_buffer_storage(buffer_name, buffer, weight)
+                except (TypeError, ValueError) as error:
+                    raise type(error)(f"{member[0]}: {error}") from None
             key = (backend, weight.device, weight.dtype, owner.n_power_iterations, owner.eps, training)
             buckets[key].append((member, entry))
         for (backend, _, _, n, eps, training), entries in buckets.items():

@@ -333,6 +333,24 @@ def test_group_rules(backend):
     with pytest.raises(ValueError, match="has no spectral norm of this package"):
         gk.group_spectral_norms(nn.Linear(3, 3))
 
+    # a buffer the kernels cannot update in place (every other element of a longer tensor): the
+    # layer's own op refuses it, and so does the group, naming the layer
+    torch.manual_seed(0)
+    strided = gk.convert(nn.Sequential(parametrizations.spectral_norm(nn.Linear(4, 5)),
+                                       nn.utils.spectral_norm(nn.Linear(5, 3))).to(device), backend=backend)
+    gk.group_spectral_norms(strided)
+    x = torch.randn(2, 4).to(device)
+    for layer, names in (("0.weight", ("_u", "_v")), ("1.weight", ("weight_u", "weight_v"))):
+        for name in names:
+            module = strided[int(layer[0])]
+            owner = module.parametrizations.weight[0] if name.startswith("_") else module
+            kept = getattr(owner, name)
+            setattr(owner, name, torch.stack([kept, kept], 1)[:, 0])
+            with pytest.raises(ValueError, match=f"{layer}: {name} must be contiguous"):
+                strided(x)
+            setattr(owner, name, kept)
+    strided(x)
+
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_grouped_model_in_user_patterns(backend):

@@ -431,9 +431,10 @@ def _func_model(seed=0):
 def test_torch_func_transforms_on_a_converted_model(backend, grouped):
     """torch.func as functional training code uses it: grad through functional_call (training,
     so the power iteration runs inside the transform), grad with respect to the input (an R1
-    penalty), vmap over the data, jvp along the parameters; each equal to torch's own norms,
-    with the spectral norms grouped or not."""
-    from torch.func import functional_call, grad, jvp, vmap
+    penalty), vmap over the data, jvp along the parameters, vmap over batched weights,
+    per-sample gradients (vmap of grad) and jacrev; each equal to torch's own norms, with the
+    spectral norms grouped or not."""
+    from torch.func import functional_call, grad, jacrev, jvp, vmap
     device = backend_device(backend)
     theirs, ours = _func_model().to(device), gk.convert(_func_model(), backend=backend).to(device)
     if grouped:
@@ -462,20 +463,71 @@ def test_torch_func_transforms_on_a_converted_model(backend, grouped):
         _assert_close(expected, jvp(lambda p: functional_call(ours, p, (x,)), (params,), (tangents,))[1],
                       "jvp along the parameters")
     batched = {k: torch.stack([p, 2 * p]) for k, p in params.items()}
-    per_copy = lambda p: functional_call(ours, p, (x,))  # noqa: E731
-    if backend == "reference":
-        _assert_close(vmap(lambda p: functional_call(theirs, p, (x,)))(batched), vmap(per_copy)(batched),
-                      "vmap over batched weights")
-    else:
-        with pytest.raises(NotImplementedError, match="vmap with a batch in this op's own tensors"):
-            vmap(per_copy)(batched)
+    _assert_close(vmap(lambda p: functional_call(theirs, p, (x,)))(batched),
+                  vmap(lambda p: functional_call(ours, p, (x,)))(batched), "vmap over batched weights")
+
+    def per_sample(model):  # the batch's gradients one sample at a time (DP-SGD's, influence functions')
+        loss = lambda p, x: functional_call(model, p, (x[None],)).square().sum()  # noqa: E731
+        return vmap(grad(loss), in_dims=(None, 0))(params, x)
+
+    expected, actual = per_sample(theirs), per_sample(ours)
+    for key in expected:
+        _assert_close(expected[key], actual[key], f"per-sample gradients {key}")
+    jacobians = [jacrev(lambda p: functional_call(m, p, (x,)).squeeze(1))(params) for m in (theirs, ours)]
+    for key in jacobians[0]:
+        _assert_close(jacobians[0][key], jacobians[1][key], f"jacrev {key}")
+
+
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.script` is deprecated:FutureWarning")  # torch.func's import
+@pytest.mark.parametrize("grouped", [False, True], ids=["layers", "grouped"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_an_ensemble_trains_under_vmap(backend, grouped):
+    """torch.func's model ensembling (stack_module_state, then vmap of grad through
+    functional_call) in training: every copy's power iteration updates its own stacked buffers,
+    and the outputs, gradients and buffers equal training each copy on its own with torch's
+    norms (which cannot run this under vmap: its power iteration writes with out=). Buffers
+    stacked along another dim (each copy's strided) and a single unbatched u/v under batched
+    weights refuse, saying why, on every backend. The spectral norms grouped or not."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+    device = backend_device(backend)
+    x = _batch(device)[0]
+    theirs = [_func_model(seed).to(device) for seed in range(3)]
+    ours = [gk.convert(_func_model(seed), backend=backend).to(device) for seed in range(3)]
+    if grouped:
+        for model in ours:
+            gk.group_spectral_norms(model)
+    params, buffers = stack_module_state(ours)
+    template = ours[0]
+
+    def loss(params, buffers, x):
+        out = functional_call(template, (params, buffers), (x,))
+        return out.square().sum(), out
+
+    with pytest.raises(ValueError, match="u must be contiguous"):
+        vmap(grad(loss, has_aux=True), in_dims=(0, 1, None))(
+            params, {key: b.movedim(0, 1).contiguous() for key, b in buffers.items()}, x)
+    grads, outputs = vmap(grad(loss, has_aux=True), in_dims=(0, 0, None))(params, buffers, x)
+    for k, model in enumerate(theirs):
+        out = model(x)
+        out.square().sum().backward()
+        _assert_close(out.detach(), outputs[k], f"copy {k}: output")
+        their_params, their_buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        for key in grads:
+            _assert_close(their_params[key].grad, grads[key][k], f"copy {k}: gradient of {key}")
+        for key in buffers:
+            _assert_close(their_buffers[key], buffers[key][k], f"copy {k}: buffer {key} after the iteration")
+            if their_buffers[key].numel() > 1:  # (a 1-row layer's u is +-1 throughout)
+                assert not torch.equal(their_buffers[key], dict(ours[k].named_buffers())[key]), "it ran"
+    unbatched_buffers = dict(template.named_buffers())
+    with pytest.raises(NotImplementedError, match="needs batched power-iteration buffers"):
+        vmap(lambda p: functional_call(template, (p, unbatched_buffers), (x,)))(params)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_torch_func_grad_through_the_minibatch_layers(backend):
     """An R1 penalty computed with torch.func through each minibatch layer, against
-    autograd through the reference backend; vmap over several minibatches runs on the reference
-    backend and raises, saying so, on the kernel backends."""
+    autograd through the reference backend; vmap over several minibatches (the batch in the
+    op's own input) equals each minibatch on its own through the reference backend."""
     from torch.func import grad, vmap
     device = backend_device(backend)
     torch.manual_seed(0)
@@ -491,13 +543,12 @@ def test_torch_func_grad_through_the_minibatch_layers(backend):
         leaf = x.clone().requires_grad_()
         expected = torch.autograd.grad(f(leaf, "reference"), leaf)[0]
         _assert_close(expected, grad(lambda x: f(x, backend))(x), f"{name}: func.grad")
-        minibatches = torch.stack([x, 2 * x])  # vmap over minibatches: the batch is in the op's own input
-        if backend == "reference":
-            _assert_close(torch.stack([f(m, "reference") for m in minibatches]),
-                          vmap(lambda x: f(x, backend))(minibatches), f"{name}: vmap over minibatches")
-        else:
-            with pytest.raises(NotImplementedError, match="minibatches batched through a minibatch layer"):
-                vmap(lambda x: f(x, backend))(minibatches)
+        minibatches = torch.stack([x, 2 * x]).movedim(0, 1)  # batch dim 1: its elements are strided
+        _assert_close(torch.stack([f(m, "reference") for m in minibatches.movedim(1, 0)]),
+                      vmap(lambda x: f(x, backend), in_dims=1)(minibatches), f"{name}: vmap over minibatches")
+        _assert_close(torch.stack([torch.func.grad(lambda x: f(x, "reference"))(m) for m in minibatches.movedim(1, 0)]),
+                      vmap(grad(lambda x: f(x, backend)), in_dims=1)(minibatches),
+                      f"{name}: vmap of grad over minibatches")
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -8,7 +8,8 @@ The schemas carry the whole autograd contract, by argument name:
 - its other arguments are forward inputs or outputs of the same name: the tensors among them
   are saved for backward, the rest kept as they are;
 - it returns `grad_<name>` for each differentiable forward input `<name>`;
-- `Tensor(a!)` marks an input the forward updates in place (spectral norm's u and v);
+- `Tensor(a!)` marks an input the forward updates in place (spectral norm's u and v), which it
+  does only when its `bool training` argument is true;
 - `Tensor[]` lists work anywhere: a list first output is a list of differentiable outputs
   (its gradient a list), a list input has a list of gradients (the grouped spectral norm).
 
@@ -33,6 +34,7 @@ from typing import Callable
 import torch
 
 from .. import backends
+from ..checks import unbatched_buffers_error
 
 NAMESPACE = "gannorm_kernels"
 LIBRARY = torch.library.Library(NAMESPACE, "DEF")
@@ -123,6 +125,11 @@ class OpSpec:
         if not all(outputs):
             raise ValueError(f"{forward.name}: name every return (they are matched to the backward's arguments)")
         self.mutated = tuple(a.name for a in forward.arguments if a.alias_info is not None and a.alias_info.is_write)
+        self.mutated_inputs = tuple(inputs.index(name) for name in self.mutated)
+        if self.mutated and "training" not in inputs:
+            raise ValueError(f"{forward.name}: an op that updates inputs in place takes `bool training` (they are "
+                             "written only in training)")
+        self.training_input = inputs.index("training") if self.mutated else None
         # the backward's arguments after the gradient: ("input", i) or ("output", i) of the forward
         self.backward_sources = []
         for arg in backward.arguments[1:]:
@@ -292,18 +299,28 @@ class _SpecFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, spec, traced, layout, *flat):
-        """torch.func.vmap over a model whose normed weights are not batched (the batch is the
-        data's) runs the op once; the kernels take no batch of weights."""
-        _refuse_batched(spec.forward_name, [d is not None for d in in_dims[3:]])
-        outputs = _SpecFunction.forward(spec, traced, layout, *flat)
-        return outputs, (None,) * len(outputs) if isinstance(outputs, tuple) else None
+        """torch.func.vmap: where none of the op's own tensors is batched (vmap over the data
+        through a norm) the op runs once; otherwise (an ensemble's stacked weights, several
+        minibatches through a minibatch layer) once per batch element, since the kernels take
+        no batch dimension of their own."""
+        dims = in_dims[3:]
+        if all(d is None for d in dims):
+            outputs = _SpecFunction.forward(spec, traced, layout, *flat)
+            return outputs, (None,) * len(outputs) if isinstance(outputs, tuple) else None
+        positions = _flat_positions(layout.inputs)
+        mutated = [k for i in spec.mutated_inputs for k in _as_positions(positions[i])]
+        if mutated and _unflatten(flat, layout.inputs)[spec.training_input]:
+            if any(dims[k] is None for k in mutated):
+                raise unbatched_buffers_error(spec.forward_name)
+        outputs = _per_sample(info.batch_size, dims, flat,
+                              lambda sample: _SpecFunction.forward(spec, traced, layout, *sample))
+        return (outputs[0], 0) if len(outputs) == 1 else (outputs, (0,) * len(outputs))
 
     @staticmethod
     def backward(ctx, *flat_grads):
         spec = ctx.spec
         # a sparse gradient (nn.Embedding(sparse=True) on a normed weight): the kernels take dense
         flat_grads = tuple(g.to_dense() if g is not None and g.layout != torch.strided else g for g in flat_grads)
-        _refuse_batched(spec.backward_name, [_is_batched(g) for g in flat_grads if g is not None])
         result = [None] * len(ctx.needs_input_grad)  # spec, traced, layout, the flat inputs
         grads_in = flat_grads[:len(ctx.first_output)]
         if all(g is None for g in grads_in):
@@ -315,9 +332,16 @@ class _SpecFunction(torch.autograd.Function):
             grad = grads_in[0]
         saved = iter(ctx.saved_tensors)
         sources = _unflatten([next(saved) if s is _SAVED else s for s in ctx.flat_sources], ctx.source_lengths)
+        batched = any(_is_batched(g) for g in flat_grads if g is not None)
         if ctx.traced:
+            if batched:
+                raise NotImplementedError(
+                    f"{spec.backward_name}: torch.func.vmap of a gradient through torch.compile'd code is not "
+                    "supported; run it eagerly, where every op supports it")
             grads = _per_input(spec, spec.backward_op(grad, *sources, ctx.backend))
-        elif torch.is_grad_enabled():  # create_graph=True: R1/R2, WGAN-GP (and torch.func.grad)
+        elif torch.is_grad_enabled() or batched:
+            # create_graph=True: R1/R2, WGAN-GP, torch.func.grad; and a batch of gradients
+            # (per-sample gradients, jacrev), which _KernelGrads' vmap runs a sample at a time
             wrt_lists = [spec.backward_lists[p] for p in spec.differentiable_in_backward]
             flat_sources, lengths = _flatten(sources, spec.backward_lists)
             source_positions = _flat_positions(lengths)
@@ -352,13 +376,17 @@ def _is_batched(tensor) -> bool:
     return isinstance(tensor, torch.Tensor) and torch._C._functorch.is_batchedtensor(tensor)
 
 
-def _refuse_batched(name: str, batched: list[bool]) -> None:
-    if any(batched):
-        raise NotImplementedError(
-            f"{name}: torch.func.vmap with a batch in this op's own tensors (batched weights, minibatches "
-            "batched through a minibatch layer or penalty, or per-sample gradients through it) is not supported "
-            "by the kernel backends; vmap over the data through a norm (its weights unbatched) works, and "
-            "backend='reference' supports every transform")
+def _per_sample(batch_size, in_dims, values, run):
+    """A vmap rule for ops that take no batch: `run` once per batch element, on that element of
+    each batched value (the others as they are), its outputs stacked along a new first dim. An
+    element of a buffer the op updates in place is a view, so the update reaches the batch (the
+    ops' checks refuse a buffer whose elements are not contiguous)."""
+    results = []
+    for b in range(batch_size):
+        sample = [value if not isinstance(value, torch.Tensor) or dim is None else value.select(dim, b)
+                  for value, dim in zip(values, in_dims)]  # (a list's in_dims are a list)
+        results.append(_as_tuple(run(sample)))
+    return tuple(torch.stack(outputs) for outputs in zip(*results))
 
 
 def _per_input(spec, grads):
@@ -408,6 +436,15 @@ class _KernelGrads(torch.autograd.Function):
     @staticmethod
     def forward(kernel_grads, reference, n_grad_outputs, wrt, *values):
         return tuple(kernel_grads(values[:n_grad_outputs], values[n_grad_outputs:]))
+
+    @staticmethod
+    def vmap(info, in_dims, kernel_grads, reference, n_grad_outputs, wrt, *values):
+        """A batch of gradients (per-sample gradients, jacrev's rows): the kernel's backward
+        once per element."""
+        outputs = _per_sample(info.batch_size, in_dims[4:], values,
+                              lambda sample: _KernelGrads.forward(kernel_grads, reference, n_grad_outputs, wrt,
+                                                                  *sample))
+        return outputs, (0,) * len(outputs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -37,7 +37,7 @@ def check_settings(n_power_iterations, eps) -> tuple[int, float]:
     return checks.positive_int(n_power_iterations, "n_power_iterations"), checks.finite_number(eps, "eps")
 
 
-def _check_buffer_storage(name: str, buffer: torch.Tensor, weight: torch.Tensor) -> None:
+def check_buffer_storage(name: str, buffer: torch.Tensor, weight: torch.Tensor) -> None:
     """u or v (its shape already checked): the weight's dtype and device, contiguous."""
     if buffer.dtype != weight.dtype or buffer.device != weight.device:
         raise TypeError(f"{name} must have the weight's dtype and device ({weight.dtype}, {weight.device}), "
@@ -66,7 +66,7 @@ def check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma) 
         if buffer.shape != (size,):
             raise ValueError(f"{name} must have shape ({size},) for a weight of shape {tuple(weight.shape)} "
                              f"along dim {dim}, got {tuple(buffer.shape)}")
-        _check_buffer_storage(name, buffer, weight)
+        check_buffer_storage(name, buffer, weight)
     if sigma is not None and weight.is_complex():
         raise ValueError("sigma (a cached sigma) is not supported for complex weights")
     if sigma is not None and (not isinstance(sigma, torch.Tensor) or sigma.numel() != 1
@@ -320,7 +320,7 @@ def check_topk_args(weight, u, v, dim, n_power_iterations, eps) -> int:
             raise ValueError(f"{name} must have shape ({k}, {size}) for a weight of shape {tuple(weight.shape)} "
                              f"along dim {dim} and k = {k}, got "
                              f"{tuple(buffer.shape) if isinstance(buffer, torch.Tensor) else type(buffer).__name__}")
-        _check_buffer_storage(name, buffer, weight)
+        check_buffer_storage(name, buffer, weight)
     return dim
 
 
