@@ -31,7 +31,8 @@ constexpr int kTotalThreads = 64;  // the emulator's smaller block loops over th
 constexpr int kTotalThreads = 1024;  // cosine_total_kernel's one block
 #endif
 
-template <typename T> __device__ __forceinline__ T max_of(T a, T b) { return a > b ? a : b; }
+// max(a, b) keeping a NaN a, as torch's clamp_min
+template <typename T> __device__ __forceinline__ T max_of(T a, T b) { return a < b ? b : a; }
 
 template <typename scalar_t>
 __global__ void cosine_rows_kernel(
@@ -114,7 +115,7 @@ __global__ void cosine_backward_kernel(
   for (int d = threadIdx.x; GANNORM_LOOP(d < D); d += kWarpSize) dot += static_cast<acc>(x[d]) * s[d];
   dot = warp_sum(dot);
   // (f^ . s) where the guard leaves the norm alone; a guarded row's f^ = f / eps is linear in f
-  const acc projection = norm > eps ? dot / denominator : acc(1);
+  const acc projection = norm <= eps ? acc(1) : dot / denominator;
   for (int d = threadIdx.x; GANNORM_LOOP(d < D); d += kWarpSize) {
     const acc unit = static_cast<acc>(x[d]) / denominator;
     grad_f[int64_t(row) * D + d] = static_cast<scalar_t>(c / denominator * (s[d] - projection * unit));

@@ -48,7 +48,8 @@ constexpr int kMaxElementwiseBlocks = 4096;
 #endif
 enum ScaleMode { kTrain, kEval, kCached, kVector };
 
-template <typename T> __device__ __forceinline__ T max_acc(T a, T b) { return a > b ? a : b; }
+// max(a, b) keeping a NaN a, as torch's clamp_min (a > b ? a : b would return b for a NaN a)
+template <typename T> __device__ __forceinline__ T max_acc(T a, T b) { return a < b ? b : a; }
 template <typename T> __device__ __forceinline__ T abs_acc(T a) { return a < T(0) ? -a : a; }
 
 template <typename T> __device__ __forceinline__ T norm_denominator(T sum_of_squares, T eps) {
@@ -216,7 +217,7 @@ __global__ void sn_scale_kernel(
       sigma = norm_denominator(total, eps);
     }
   }
-  const acc denominator = abs_acc(sigma) > eps ? sigma : eps;
+  const acc denominator = abs_acc(sigma) <= eps ? eps : sigma;  // NaN stays NaN
   const int tid = threadIdx.x;
   // grid-stride loops in int64: numel, and h or w plus the stride, can pass 2^31
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + tid, stride = int64_t(gridDim.x) * blockDim.x;
@@ -264,7 +265,7 @@ __global__ void sn_backward_kernel(
     int64_t numel, int h, int B, int n_partials, acc_t<scalar_t> eps) {
   using acc = acc_t<scalar_t>;
   const acc sigma = *sigma_in;
-  const bool above_eps = abs_acc(sigma) > eps;
+  const bool above_eps = !(abs_acc(sigma) <= eps);  // true for NaN, which propagates
   const acc denominator = above_eps ? sigma : eps;
   // dW = (G - c P) / sigma, c = <G, W> / sigma, P = u v^T (kVector: W / sigma); a sigma below
   // eps was replaced by the constant eps, whose gradient is G / eps.
@@ -426,7 +427,7 @@ __global__ void sn_group_scale_kernel(
     t_denominator = norm_denominator(total, eps);
     sigma = total / t_denominator;
   }
-  const acc denominator = abs_acc(sigma) > eps ? sigma : eps;
+  const acc denominator = abs_acc(sigma) <= eps ? eps : sigma;  // NaN stays NaN
   const int64_t first = int64_t(local) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(g.start[1][layer + 1] - g.start[1][layer]) * blockDim.x;
   const scalar_t* weight = g.weight[layer];
@@ -482,7 +483,7 @@ __global__ void sn_group_backward_kernel(
   int local;
   const int layer = group_layer(g, 1, local);
   const acc sigma = sigmas[g.first_layer + layer];
-  const bool above_eps = abs_acc(sigma) > eps;
+  const bool above_eps = !(abs_acc(sigma) <= eps);  // true for NaN, which propagates
   const acc denominator = above_eps ? sigma : eps;
   const int dot_first = g.start[0][layer];
   const acc total = block_sum_of(partials + dot_first, g.start[0][layer + 1] - dot_first);
@@ -540,7 +541,7 @@ __device__ void block_cholesky(const double* __restrict__ grams, int n, double e
         residual[d] = G[c][d];
         for (int r = 0; GANNORM_LOOP(r < c); ++r) residual[d] -= R[r][c] * R[r][d];
       }
-      const double diag = residual[c] > 0 ? residual[c] : 0.0;
+      const double diag = residual[c] < 0 ? 0.0 : residual[c];  // NaN stays
       const double pivot = max_acc(sqrt(diag), eps);
       R[c][c] = pivot;
       for (int d = c + 1; GANNORM_LOOP(d < K); ++d) R[c][d] = residual[d] / pivot;
@@ -709,7 +710,7 @@ __global__ void sn_topk_scale_kernel(
   }
   const acc sigma = sigma_values[0];
   const acc eps_acc = static_cast<acc>(eps);
-  const acc denominator = abs_acc(sigma) > eps_acc ? sigma : eps_acc;
+  const acc denominator = abs_acc(sigma) <= eps_acc ? eps_acc : sigma;
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t e = first; GANNORM_LOOP(e < numel); e += stride) {
     out[e] = static_cast<scalar_t>(static_cast<acc>(weight[e]) / denominator);

@@ -146,10 +146,10 @@ __global__ void weight_norm_fwd_rows_kernel(
   // A zero direction gives a zero weight, not 0/0. fused: factor = rnorm; composite: s.
   acc factor;
   if (kFused) {
-    factor = norm > 0 ? acc(1) / norm : acc(0);
+    factor = norm != 0 ? acc(1) / norm : acc(0);
   } else {
     norm = round_to<scalar_t>(norm);
-    factor = norm > 0 ? round_to<scalar_t>(gc / norm) : acc(0);
+    factor = norm != 0 ? round_to<scalar_t>(gc / norm) : acc(0);
   }
   if (threadIdx.x == 0) norms[c] = norm;
   for (int k = threadIdx.x; GANNORM_LOOP(k < K); k += blockDim.x) {
@@ -184,7 +184,7 @@ __global__ void weight_norm_fwd_cols_kernel(
   for (int r = 0; GANNORM_LOOP(r < kColumnRows); ++r) total += partial[r][threadIdx.x];
   if (!active) return;
   const acc norm = sqrt_acc(total);
-  const acc rnorm = norm > 0 ? acc(1) / norm : acc(0);
+  const acc rnorm = norm != 0 ? acc(1) / norm : acc(0);
   const acc gc = static_cast<acc>(g[c]);
   if (threadIdx.y == 0) norms[c] = norm;
   for (int a = threadIdx.y; GANNORM_LOOP(a < A); a += kColumnRows) {
@@ -199,7 +199,7 @@ __device__ __forceinline__ scalar_t composite_grad_v(acc_t<scalar_t> dw, acc_t<s
                                                      acc_t<scalar_t> grad_n, acc_t<scalar_t> norm) {
   using acc = acc_t<scalar_t>;
   const acc direct = round_to<scalar_t>(mul_rn(dw, s));
-  const acc from_norm = norm > 0 ? round_to<scalar_t>(mul_rn(grad_n, round_to<scalar_t>(x / norm))) : acc(0);
+  const acc from_norm = norm != 0 ? round_to<scalar_t>(mul_rn(grad_n, round_to<scalar_t>(x / norm))) : acc(0);
   return static_cast<scalar_t>(add_rn(direct, from_norm));
 }
 
@@ -210,7 +210,7 @@ struct CompositeScalars {
   __device__ __forceinline__ CompositeScalars(acc_t<scalar_t> total, acc_t<scalar_t> g, acc_t<scalar_t> norm) {
     using acc = acc_t<scalar_t>;
     const acc grad_s = round_to<scalar_t>(total);
-    if (norm > 0) {
+    if (norm != 0) {
       s = round_to<scalar_t>(g / norm);
       grad_g = round_to<scalar_t>(grad_s / norm);
       grad_n = round_to<scalar_t>(mul_rn(-grad_s, round_to<scalar_t>(s / norm)));
@@ -246,7 +246,7 @@ __global__ void weight_norm_bwd_rows_kernel(
   const acc norm = norms[c];
   const acc gc = static_cast<acc>(g[c]);
   if (kFused) {
-    const acc rnorm = norm > 0 ? acc(1) / norm : acc(0);
+    const acc rnorm = norm != 0 ? acc(1) / norm : acc(0);
     const acc rnorm3 = rnorm * rnorm * rnorm;
     if (threadIdx.x == 0) grad_g[c] = static_cast<scalar_t>(dot * rnorm);
     for (int k = threadIdx.x; GANNORM_LOOP(k < K); k += blockDim.x) {
@@ -292,7 +292,7 @@ __global__ void weight_norm_bwd_cols_kernel(
   for (int r = 0; GANNORM_LOOP(r < kColumnRows); ++r) total += partial[r][threadIdx.x];
   if (!active) return;
   const acc norm = norms[c];
-  const acc rnorm = norm > 0 ? acc(1) / norm : acc(0);
+  const acc rnorm = norm != 0 ? acc(1) / norm : acc(0);
   const acc rnorm3 = rnorm * rnorm * rnorm;
   if (threadIdx.y == 0) grad_g[c] = static_cast<scalar_t>(total * rnorm);
   const acc gc = static_cast<acc>(g[c]);
@@ -344,7 +344,7 @@ __global__ void weight_norm_whole_fwd_kernel(
     int64_t n, int64_t chunk, int n_partials) {
   using acc = acc_t<scalar_t>;
   const acc norm = round_to<scalar_t>(sqrt_acc(whole_total(partials, n_partials)));
-  const acc s = norm > 0 ? round_to<scalar_t>(static_cast<acc>(g[0]) / norm) : acc(0);
+  const acc s = norm != 0 ? round_to<scalar_t>(static_cast<acc>(g[0]) / norm) : acc(0);
   if (blockIdx.x == 0 && threadIdx.x == 0) norms[0] = norm;
   const int64_t begin = int64_t(blockIdx.x) * chunk;
   const int64_t end = begin + chunk < n ? begin + chunk : n;

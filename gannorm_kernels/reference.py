@@ -60,7 +60,7 @@ def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Tensor:
     # (forward and autograd); the double where keeps 1/0 out of both the value and the
     # gradient of a zero channel (torch's norm backward is already 0 there).
     n = torch.norm_except_dim(v, 2, dim)
-    nonzero = n > 0
+    nonzero = n != 0  # (a NaN norm is not zero: it propagates, as in torch)
     scale = torch.where(nonzero, g.reshape(n.shape) / torch.where(nonzero, n, torch.ones_like(n)),
                         torch.zeros_like(n))
     return v * scale
@@ -109,7 +109,7 @@ def weight_norm_formula(v: torch.Tensor, g: torch.Tensor, dim: int) -> torch.Ten
     formula the kernel backends' double backward and forward mode differentiate."""
     x = v.to(acc_dtype(v.dtype))
     n = torch.norm_except_dim(x, 2, dim)
-    nonzero = n > 0
+    nonzero = n != 0  # (a NaN norm is not zero: it propagates, as in torch)
     scale = torch.where(nonzero, g.to(x.dtype).reshape(n.shape) / torch.where(nonzero, n, torch.ones_like(n)),
                         torch.zeros_like(n))
     return (x * scale).to(v.dtype)
@@ -121,7 +121,7 @@ def _fused_parts(v, g, dim):
     # rounded to fp32, which is exact rounding for both (torch's vectorised fp32 CPU sqrt is
     # not always). fp64 stays fp64.
     norm = _channel_sum(x.pow(2), _norm_dims(dim, v.dim())).double().sqrt()
-    nonzero = norm > 0
+    nonzero = norm != 0
     rnorm = torch.where(nonzero, 1 / torch.where(nonzero, norm.to(x.dtype).double(), torch.ones_like(norm)),
                         torch.zeros_like(norm)).to(x.dtype)
     return x, g.to(x.dtype).reshape(norm.shape), rnorm
@@ -164,7 +164,7 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: i
         spectral_power_method(weight_mat.detach(), u_used, v_used, n_power_iterations, eps)
         _write_buffers((u, v), (u_used, v_used))
     sigma = torch.vdot(u_used, torch.mv(weight_mat, v_used))
-    denominator = torch.where(sigma.abs() > eps, sigma, torch.full_like(sigma, eps))
+    denominator = torch.where(sigma.abs() <= eps, torch.full_like(sigma, eps), sigma)  # a NaN sigma stays
     return (weight.to(compute) / denominator).to(weight.dtype), sigma
 
 
@@ -233,7 +233,7 @@ def spectral_norm_topk(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d
         _write_buffers((u, v), (u_used, v_used))
     sigmas = ((u_used @ weight_mat) * v_used).sum(1)
     sigma = sigmas[0]
-    denominator = torch.where(sigma.abs() > eps, sigma, torch.full_like(sigma, eps))
+    denominator = torch.where(sigma.abs() <= eps, torch.full_like(sigma, eps), sigma)  # a NaN sigma stays
     return (weight.to(compute) / denominator).to(weight.dtype), sigmas
 
 

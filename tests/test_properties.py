@@ -9,8 +9,9 @@ import copy
 
 import pytest
 import torch
-from helpers import KERNEL_BACKENDS, backend_device
+from helpers import ALL_BACKENDS, KERNEL_BACKENDS, backend_device
 from torch import nn
+from torch.nn.utils import parametrizations
 
 import gannorm_kernels as gk
 from gannorm_kernels.ops.minibatch_stddev import MINIBATCH_STDDEV
@@ -258,3 +259,97 @@ def test_bytes_model_of_the_streaming_minibatch_ops():
     assert_model_brackets(MINIBATCH_STDDEV.cost(images.shape, torch.float32, 2), forward, "minibatch stddev")
     assert_model_brackets(MINIBATCH_STDDEV.cost(images.shape, torch.float32, 2, backward=True), backward,
                           "minibatch stddev, backward")
+
+
+def _torch_and_ours(make, backend):
+    """A module with torch's own norm, and its twin converted to ours."""
+    theirs = make()
+    return theirs, gk.convert(copy.deepcopy(theirs), backend=backend)
+
+
+def _nan_at(tensor, index=0):
+    with torch.no_grad():
+        tensor.view(-1)[index] = float("nan")
+
+
+def _assert_same_nans(theirs, ours, what):
+    assert torch.equal(theirs.isnan(), ours.isnan()), (
+        f"{what}: NaN at {ours.isnan().sum().item()} places where torch's has {theirs.isnan().sum().item()}")
+    finite = ~theirs.isnan()
+    torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-5, atol=1e-6, msg=what)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_nan_stays_a_nan(backend):
+    """A diverged layer must look diverged: wherever torch's own norms give NaN (a NaN weight,
+    direction or power-iteration buffer; eval and training; forward and gradients), ours give
+    NaN in the same places; a max(norm, eps) or |sigma| > eps guard must not turn it into a
+    finite value. The top-k sigmas and the cosine penalty, which torch lacks, against the
+    reference backend's plain torch ops."""
+    device = backend_device(backend)
+    x = torch.randn(3, 5, device=device)
+    sn = lambda: parametrizations.spectral_norm(nn.Linear(5, 4)).to(device)  # noqa: E731
+    legacy_sn = lambda: nn.utils.spectral_norm(nn.Linear(5, 4)).to(device)  # noqa: E731
+    cases = {  # name: (constructor, where the NaN goes, train)
+        "spectral norm, NaN u, eval": (sn, lambda m: m.parametrizations.weight[0]._u, False),
+        "spectral norm, NaN weight, eval": (sn, lambda m: m.parametrizations.weight.original, False),
+        "spectral norm, NaN v, training": (sn, lambda m: m.parametrizations.weight[0]._v, True),
+        "spectral norm, NaN weight, training": (sn, lambda m: m.parametrizations.weight.original, True),
+        "legacy spectral norm, NaN u, training": (legacy_sn, lambda m: m.weight_u, True),
+        "legacy spectral norm, NaN u, eval": (legacy_sn, lambda m: m.weight_u, False),
+    }
+    for dim in (0, 1, None):
+        cases[f"weight norm dim {dim}, NaN direction"] = (
+            lambda dim=dim: parametrizations.weight_norm(nn.Linear(5, 4), dim=dim).to(device),
+            lambda m: m.parametrizations.weight.original1, True)
+    # grouped: the NaN layer's buffers NaN, its neighbour's torch's
+    cases["grouped spectral norms, NaN weight, training"] = (
+        lambda: nn.Sequential(sn(), parametrizations.spectral_norm(nn.Linear(4, 3)).to(device)),
+        lambda m: m[0].parametrizations.weight.original, True)
+    for name, (make, where, train) in cases.items():
+        torch.manual_seed(0)
+        theirs, ours = _torch_and_ours(make, backend)
+        if name.startswith("grouped") and backend != "reference":
+            gk.group_spectral_norms(ours)
+        for model in (theirs, ours):
+            _nan_at(where(model), 1)
+            model.train(train)
+        outputs = [model(x) for model in (theirs, ours)]
+        _assert_same_nans(outputs[0].detach(), outputs[1].detach(), f"{name}: output")
+        for model, out in zip((theirs, ours), outputs):
+            out.square().sum().backward()
+        for (key, p), q in zip(theirs.named_parameters(), ours.parameters()):
+            _assert_same_nans(p.grad, q.grad, f"{name}: gradient of {key}")
+        for (key, b), c in zip(theirs.named_buffers(), ours.buffers()):
+            _assert_same_nans(b, c, f"{name}: buffer {key}")
+
+    # a 1-D weight, which torch divides by its norm
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.randn(4, device=device))
+    _nan_at(holder.weight, 1)
+    expected = parametrizations.spectral_norm(copy.deepcopy(holder)).weight
+    _assert_same_nans(expected.detach(), gk.spectral_norm(holder, backend=backend).weight.detach(), "1-D weight")
+
+    # top-k: every sigma of a NaN weight is NaN (a Cholesky pivot's max(.., 0) must keep it)
+    torch.manual_seed(0)
+    weight = torch.randn(6, 5, device=device)
+    _nan_at(weight, 7)
+    layer = gk.spectral_norm(nn.Linear(5, 6).to(device), num_svs=2, backend=backend)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(weight)
+    layer(x)
+    assert gk.sigmas(layer, k=2)["weight"].isnan().all(), "top-k sigmas of a NaN weight"
+
+    # the cosine penalty of a batch with a NaN row: NaN, and NaN gradients where plain torch has them
+    torch.manual_seed(0)
+    features = torch.randn(4, 6, device=device)
+    _nan_at(features[2:], 0)
+    grads = []
+    for name in ("reference", backend):
+        leaf = features.clone().requires_grad_()
+        penalty = gk.pairwise_similarity_penalty(leaf, "cosine", backend=name)
+        assert penalty.isnan(), f"{name}: the cosine penalty of a NaN row"
+        penalty.backward()
+        grads.append(leaf.grad)
+    _assert_same_nans(grads[0], grads[1], "cosine penalty gradient")

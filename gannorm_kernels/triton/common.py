@@ -153,6 +153,13 @@ def block_size(n: int, lo: int, hi: int) -> int:
 
 
 @triton.jit
+def at_least(x, floor):
+    # max(x, floor) that keeps a NaN x, as torch's clamp_min does: tl.maximum is fmax, which
+    # returns floor for a NaN x (a diverged weight would come out finite)
+    return tl.where(x < floor, floor, x)
+
+
+@triton.jit
 def matrix_row_offsets(i, B):
     # The int64 offset of row i in rows of B elements: a 64-bit multiply per row. For the
     # (h, A * B) matrix view of a (A, h, B) tensor, where row i's column 0 lies.

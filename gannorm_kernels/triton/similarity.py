@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETED, _acc, block_size, check_extent, check_grid, launch
+from .common import INTERPRETED, _acc, at_least, block_size, check_extent, check_grid, launch
 
 _PAIR_BLOCK = 16
 _FEATURE_BLOCK = 32
@@ -72,7 +72,7 @@ def _cosine_rows(
     norm = tl.sqrt(tl.sum(squares, axis=1))
     tl.store(norms_ptr + r, norm, mask=r_mask)
     s_partials_row = s_partials_ptr + pid.to(tl.int64) * D
-    denominator = tl.maximum(norm, eps)
+    denominator = at_least(norm, eps)
     for start in range(0, D, BLOCK_D):
         d = start + tl.arange(0, BLOCK_D)
         mask = r_mask[:, None] & (d < D)[None, :]
@@ -101,7 +101,7 @@ def _cosine_total(
     for start in range(0, N, BLOCK_N):
         i = start + tl.arange(0, BLOCK_N)
         norm = tl.load(norms_ptr + i, mask=i < N, other=0.0)
-        unit = norm / tl.maximum(norm, eps)
+        unit = norm / at_least(norm, eps)
         self_similarity += unit * unit
     penalty = (tl.sum(squares, axis=0) - tl.sum(self_similarity, axis=0)) / _ordered_pairs(N, ACC)
     tl.store(penalty_ptr, penalty.to(penalty_ptr.dtype.element_ty))
@@ -121,7 +121,7 @@ def _cosine_backward(
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = r < N
     norm = tl.load(norms_ptr + r, mask=r_mask, other=1.0)
-    denominator = tl.maximum(norm, eps)
+    denominator = at_least(norm, eps)
     c = tl.load(grad_penalty_ptr).to(ACC) * 2.0 / _ordered_pairs(N, ACC)
     row_offsets = r.to(tl.int64)[:, None] * D  # each row's start: int64, once per row
     dots = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
@@ -133,7 +133,7 @@ def _cosine_backward(
         dots += x * s[None, :]
     # (f^ . s) for rows whose norm the guard does not replace; a guarded row's f^ = f / eps is
     # linear in f and contributes s - f^ instead
-    projection = tl.where(norm > eps, tl.sum(dots, axis=1) / denominator, 1.0)
+    projection = tl.where(norm <= eps, 1.0, tl.sum(dots, axis=1) / denominator)
     for start in range(0, D, BLOCK_D):
         d = start + tl.arange(0, BLOCK_D)
         mask = r_mask[:, None] & (d < D)[None, :]

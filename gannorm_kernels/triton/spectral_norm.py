@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ..checks import matrix_sizes
-from .common import (INTERPRETED, acc_dtype, block_at, block_size, check_extent, device_table, launch,
+from .common import (INTERPRETED, acc_dtype, at_least, block_at, block_size, check_extent, device_table, launch,
                      matrix_column_offsets, triton_dtype,
                      matrix_row_offsets, torch_acc_dtype)
 
@@ -120,7 +120,7 @@ def _rows(
     i_mask = i < h
     v_denominator = 1.0
     if V_FROM_T:  # v = t / max(||t||, eps), normalised on the fly
-        v_denominator = tl.maximum(tl.sqrt(_sum_partials(t_partials_ptr, n_t_partials, BLOCK_P, ACC)), eps)
+        v_denominator = at_least(tl.sqrt(_sum_partials(t_partials_ptr, n_t_partials, BLOCK_P, ACC)), eps)
     rows = w_ptr + matrix_row_offsets(i, B)[:, None]  # the rows' starts: int64, once per row
     x_rows = _rows_times(rows, v_ptr, v_denominator, i_mask, h, w, B, OUTER, V_FROM_T, ACC, BLOCK_I, BLOCK_J)
     if EVAL:
@@ -147,7 +147,7 @@ def _cols(
     pid = tl.program_id(0)
     j = pid * BLOCK_J + tl.arange(0, BLOCK_J)
     j_mask = j < w
-    u_denominator = tl.maximum(tl.sqrt(_sum_partials(x_partials_ptr, n_x_partials, BLOCK_P, ACC)), eps)
+    u_denominator = at_least(tl.sqrt(_sum_partials(x_partials_ptr, n_x_partials, BLOCK_P, ACC)), eps)
     columns = w_ptr + matrix_column_offsets(j, h, B, OUTER)[None, :]  # once per column
     t_cols = _cols_times(columns, x_ptr, u_denominator, j_mask, h, B, ACC, BLOCK_I, BLOCK_J)
     tl.store(t_ptr + j, t_cols, mask=j_mask)
@@ -191,13 +191,13 @@ def _scale(
     else:
         total = _sum_partials(partials_ptr, n_partials, BLOCK_P, ACC)
         if MODE == 0:
-            t_denominator = tl.maximum(tl.sqrt(total), eps)
+            t_denominator = at_least(tl.sqrt(total), eps)
             sigma = total / t_denominator
         elif MODE == 1:
             sigma = total
         else:
-            sigma = tl.maximum(tl.sqrt(total), eps)
-    denominator = tl.where(tl.abs(sigma) > eps, sigma, eps)
+            sigma = at_least(tl.sqrt(total), eps)
+    denominator = tl.where(tl.abs(sigma) <= eps, eps, sigma)  # NaN stays
     _divide(out_ptr, w_ptr, denominator, numel, pid, programs, BLOCK, ACC)
     if pid == 0:
         tl.store(sigma_ptr, sigma)
@@ -259,11 +259,11 @@ def _backward(
 ):
     pid = tl.program_id(0)
     sigma = tl.load(sigma_ptr).to(ACC)
-    above_eps = tl.abs(sigma) > eps
-    denominator = tl.where(above_eps, sigma, eps)
+    small = tl.abs(sigma) <= eps  # (false for NaN, which propagates)
+    denominator = tl.where(small, eps, sigma)
     # dW = (G - c P) / sigma with c = <G, W> / sigma and P = u v^T (VECTOR: W / sigma); a sigma
     # below eps was replaced by the constant eps, whose gradient is G / eps.
-    c = tl.where(above_eps, _sum_partials(partials_ptr, n_partials, BLOCK_P, ACC) / denominator, 0.0)
+    c = tl.where(small, 0.0, _sum_partials(partials_ptr, n_partials, BLOCK_P, ACC) / denominator)
     for start in range(pid.to(tl.int64) * BLOCK, numel, tl.num_programs(0) * BLOCK):
         offsets, mask = block_at(start, numel, BLOCK)
         g = tl.load(grad_out_ptr + start + offsets, mask=mask, other=0.0).to(ACC)
@@ -439,7 +439,7 @@ def _group_rows(
         v_src = t_ptr + _field(sizes, _W_OFF, layer, L)
         cols_first = _field(sizes, _COLS, layer, L)
         n_t = (_field(sizes, _COLS, layer + 1, L) - cols_first).to(tl.int32)
-        v_denominator = tl.maximum(tl.sqrt(_sum_partials(t_partials_ptr + cols_first, n_t, BLOCK_P, ACC)), eps)
+        v_denominator = at_least(tl.sqrt(_sum_partials(t_partials_ptr + cols_first, n_t, BLOCK_P, ACC)), eps)
     else:
         v_src = _address(addresses, 2, layer, L, DTYPE)
     rows = _address(addresses, 0, layer, L, DTYPE) + matrix_row_offsets(i, B)[:, None]
@@ -471,7 +471,7 @@ def _group_cols(
     local = (tl.program_id(0) - first).to(tl.int32)
     rows_first = _field(sizes, _ROWS, layer, L)
     n_x = (_field(sizes, _ROWS, layer + 1, L) - rows_first).to(tl.int32)
-    u_denominator = tl.maximum(tl.sqrt(_sum_partials(x_partials_ptr + rows_first, n_x, BLOCK_P, ACC)), eps)
+    u_denominator = at_least(tl.sqrt(_sum_partials(x_partials_ptr + rows_first, n_x, BLOCK_P, ACC)), eps)
     x_ptr += _field(sizes, _H_OFF, layer, L)
     j = local * BLOCK_J + tl.arange(0, BLOCK_J)
     j_mask = j < w
@@ -513,11 +513,11 @@ def _group_scale(
         n_partials = (_field(sizes, _ROWS, layer + 1, L) - partials_first).to(tl.int32)
     total = _sum_partials(partials_ptr + partials_first, n_partials, BLOCK_P, ACC)
     if TRAIN:
-        t_denominator = tl.maximum(tl.sqrt(total), eps)
+        t_denominator = at_least(tl.sqrt(total), eps)
         sigma = total / t_denominator
     else:
         sigma = total
-    denominator = tl.where(tl.abs(sigma) > eps, sigma, eps)
+    denominator = tl.where(tl.abs(sigma) <= eps, eps, sigma)  # NaN stays
     _divide(_address(addresses, 3, layer, L, DTYPE), _address(addresses, 0, layer, L, DTYPE), denominator, numel,
             local, programs, BLOCK, ACC)
     if local == 0:
@@ -573,11 +573,11 @@ def _group_backward(
     h = _field(sizes, _H, layer, L).to(tl.int32)
     B = _field(sizes, _B, layer, L).to(tl.int32)
     sigma = tl.load(sigmas_ptr + layer)
-    above_eps = tl.abs(sigma) > eps
-    denominator = tl.where(above_eps, sigma, eps)
+    small = tl.abs(sigma) <= eps  # (false for NaN, which propagates)
+    denominator = tl.where(small, eps, sigma)
     dot_first = _field(sizes, _DOT, layer, L)
     n_partials = (_field(sizes, _DOT, layer + 1, L) - dot_first).to(tl.int32)
-    c = tl.where(above_eps, _sum_partials(partials_ptr + dot_first, n_partials, BLOCK_P, ACC) / denominator, 0.0)
+    c = tl.where(small, 0.0, _sum_partials(partials_ptr + dot_first, n_partials, BLOCK_P, ACC) / denominator)
     g_ptr = _address(addresses, 0, layer, L, DTYPE)
     u_ptr += _field(sizes, _H_OFF, layer, L)
     v_ptr += _field(sizes, _W_OFF, layer, L)
@@ -734,8 +734,8 @@ def _cholesky(G, eps, KB: tl.constexpr):
     for col in tl.static_range(KB):
         residual = G - tl.sum(R[:, :, None] * R[:, None, :], axis=0)
         row = tl.sum(tl.where(c[:, None] == col, residual, 0.0), axis=0)
-        diag = tl.maximum(tl.sum(tl.where(c == col, row, 0.0), axis=0), 0.0)
-        pivot = tl.maximum(tl.sqrt(diag), eps)
+        diag = at_least(tl.sum(tl.where(c == col, row, 0.0), axis=0), 0.0)
+        pivot = at_least(tl.sqrt(diag), eps)
         R = tl.where(c[:, None] == col, tl.where(c > col, row / pivot, tl.where(c == col, pivot, 0.0))[None, :], R)
         s = tl.where(c == col, diag / pivot, s)
     return R, s
@@ -863,7 +863,7 @@ def _topk_scale(
         for p in range(0, n_partials):
             sigmas += tl.load(partials_ptr + p * KB + c)
     sigma = tl.sum(tl.where(c == 0, sigmas, 0.0), axis=0)
-    denominator = tl.where(tl.abs(sigma) > eps, sigma, eps)
+    denominator = tl.where(tl.abs(sigma) <= eps, eps, sigma)  # NaN stays
     _divide(out_ptr, w_ptr, denominator, numel, pid, programs, BLOCK, ACC)
     if pid == 0:
         tl.store(sigmas_ptr + c, sigmas, mask=c_mask)

@@ -74,13 +74,13 @@ def _weight_norm_fwd_rows(
         sumsq += x * x
     norm = sqrt_ieee(tl.sum(sumsq, axis=0))
     g = tl.load(g_ptr + c).to(ACC)
-    safe = tl.where(norm > 0, norm, 1.0)  # zero direction: zero, not 0/0
+    safe = tl.where(norm != 0, norm, 1.0)  # zero direction: zero, not 0/0 (a NaN norm stays NaN)
     if FUSED:
-        factor = tl.where(norm > 0, div_ieee(tl.full([], 1.0, ACC), safe), 0.0)  # rnorm
+        factor = tl.where(norm != 0, div_ieee(tl.full([], 1.0, ACC), safe), 0.0)  # rnorm
     else:
         norm = round_to(norm, T)
-        safe = tl.where(norm > 0, norm, 1.0)
-        factor = tl.where(norm > 0, round_to(div_ieee(g, safe), T), 0.0)  # s
+        safe = tl.where(norm != 0, norm, 1.0)
+        factor = tl.where(norm != 0, round_to(div_ieee(g, safe), T), 0.0)  # s
     tl.store(norms_ptr + c, norm)
     for start in range(0, K, BLOCK):
         k = start + tl.arange(0, BLOCK)
@@ -113,7 +113,7 @@ def _weight_norm_fwd_cols(
         sumsq += x * x
     norm = sqrt_ieee(tl.sum(sumsq, axis=0))
     g = tl.load(g_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    rnorm = tl.where(norm > 0, div_ieee(tl.full([BLOCK_C], 1.0, ACC), tl.where(norm > 0, norm, 1.0)), 0.0)
+    rnorm = tl.where(norm != 0, div_ieee(tl.full([BLOCK_C], 1.0, ACC), tl.where(norm != 0, norm, 1.0)), 0.0)
     tl.store(norms_ptr + c, norm, mask=c_mask)
     for start in range(0, A, BLOCK_A):
         a = start + tl.arange(0, BLOCK_A)
@@ -153,7 +153,7 @@ def _weight_norm_bwd_rows(
     total = tl.sum(dot, axis=0)
     norm = tl.load(norms_ptr + c)
     g = tl.load(g_ptr + c).to(ACC)
-    nonzero = norm > 0
+    nonzero = norm != 0
     safe = tl.where(nonzero, norm, 1.0)
     if FUSED:
         rnorm = tl.where(nonzero, div_ieee(tl.full([], 1.0, ACC), safe), 0.0)
@@ -202,7 +202,7 @@ def _weight_norm_bwd_cols(
         dot += dw * x
     total = tl.sum(dot, axis=0)
     norm = tl.load(norms_ptr + c, mask=c_mask, other=0.0)
-    rnorm = tl.where(norm > 0, div_ieee(tl.full([BLOCK_C], 1.0, ACC), tl.where(norm > 0, norm, 1.0)), 0.0)
+    rnorm = tl.where(norm != 0, div_ieee(tl.full([BLOCK_C], 1.0, ACC), tl.where(norm != 0, norm, 1.0)), 0.0)
     rnorm3 = rnorm * rnorm * rnorm
     tl.store(grad_g_ptr + c, round_to(total * rnorm, T).to(T), mask=c_mask)
     g = tl.load(g_ptr + c, mask=c_mask, other=0.0).to(ACC)
@@ -264,7 +264,7 @@ def _whole_fwd_scale(
     pid = tl.program_id(0)
     norm = round_to(sqrt_ieee(_whole_total(partials_ptr, P, P_BLOCK)), T)
     g = tl.load(g_ptr).to(ACC)
-    s = tl.where(norm > 0, round_to(div_ieee(g, tl.where(norm > 0, norm, 1.0)), T), 0.0)
+    s = tl.where(norm != 0, round_to(div_ieee(g, tl.where(norm != 0, norm, 1.0)), T), 0.0)
     if pid == 0:
         tl.store(norms_ptr, norm)
     base = pid.to(tl.int64) * CHUNK
@@ -291,7 +291,7 @@ def _whole_bwd_scale(
     grad_s = round_to(_whole_total(partials_ptr, P, P_BLOCK), T)
     norm = tl.load(norms_ptr)
     g = tl.load(g_ptr).to(ACC)
-    nonzero = norm > 0
+    nonzero = norm != 0
     safe = tl.where(nonzero, norm, 1.0)
     s = tl.where(nonzero, round_to(div_ieee(g, safe), T), 0.0)
     grad_n = tl.where(nonzero, round_to(-grad_s * round_to(div_ieee(s, safe), T), T), 0.0)
