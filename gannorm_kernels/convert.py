@@ -77,8 +77,13 @@ def convert(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """
     plans = _plans(model)
     if not plans:
-        warnings.warn(f"convert: {type(model).__name__} has no torch weight or spectral norm to convert; "
-                      "nothing changed", stacklevel=2)
+        if _has_our_norms(model):
+            warnings.warn(f"convert: the norms of {type(model).__name__} are gannorm_kernels' already; nothing "
+                          "changed (to move them to another backend: revert(model), then convert(model, backend=...))",
+                          stacklevel=2)
+        else:
+            warnings.warn(f"convert: {type(model).__name__} has no torch weight or spectral norm to convert; "
+                          "nothing changed", stacklevel=2)
         return model
     backends.check_installed(backend)
     for kind, _, _, weight in plans:  # refuse before changing anything
@@ -111,6 +116,17 @@ def convert(model: nn.Module, *, backend: str = "auto") -> nn.Module:
 
 
 @torch.no_grad()
+def _has_our_norms(model: nn.Module) -> bool:
+    for module in model.modules():
+        if any(isinstance(h, (LegacyWeightNormKernels, LegacySpectralNormKernels))
+               for h in module._forward_pre_hooks.values()):
+            return True
+        if parametrize.is_parametrized(module) and any(
+                isinstance(p, (WeightNorm, SpectralNorm)) for chain in module.parametrizations.values() for p in chain):
+            return True
+    return False
+
+
 def parametrization_input(chain, index: int) -> torch.Tensor:
     """What the parametrization at `index` of a chain receives: the original tensor, or what
     the parametrizations before it make of the originals (weight norm, then spectral norm)."""
@@ -210,7 +226,15 @@ def revert(model: nn.Module) -> nn.Module:
     """Turns every weight and spectral norm of ours in ``model`` back into torch's own, in
     place, keeping every tensor (and so the state_dict): our parametrizations become torch's
     parametrizations, the legacy hooks :func:`convert` took over become torch's legacy hooks
-    again. Returns ``model``; warns if there is nothing to revert."""
+    again. Returns ``model``; warns if there is nothing to revert. A norm with no torch
+    equivalent (``num_svs > 1``, ``sigmas_buffer``) is refused before anything changes."""
+    for name, module in model.named_modules():
+        for chain_name, chain in (module.parametrizations.items() if parametrize.is_parametrized(module) else ()):
+            if any(isinstance(p, SpectralNorm) and (p.num_svs > 1 or hasattr(p, "_sigmas")) for p in chain):
+                where = f"{name}.{chain_name}" if name else chain_name
+                raise ValueError(f"revert: {where}: a spectral norm with num_svs > 1 or sigmas_buffer has no torch "
+                                 "equivalent (torch tracks one singular vector and keeps no sigma buffer); fold() it, "
+                                 "or rebuild the layer with torch's spectral_norm; nothing was changed")
     reverted = 0
     for module in model.modules():
         for key, hook in list(module._forward_pre_hooks.items()):
@@ -242,10 +266,6 @@ def revert(model: nn.Module) -> nn.Module:
 
 def _torch_spectral_norm(ours: SpectralNorm) -> nn.Module:
     """torch's _SpectralNorm holding our buffers (its constructor would draw new ones)."""
-    if ours.num_svs > 1 or hasattr(ours, "_sigmas"):
-        raise ValueError("revert: a spectral norm with num_svs > 1 or sigmas_buffer has no torch equivalent (torch "
-                         "tracks one singular vector and keeps no sigma buffer); fold() it, or rebuild the layer with "
-                         "torch's spectral_norm")
     theirs = torch_parametrizations._SpectralNorm.__new__(torch_parametrizations._SpectralNorm)
     nn.Module.__init__(theirs)
     theirs.dim, theirs.eps = ours.dim, ours.eps
@@ -314,8 +334,15 @@ def fold(model: nn.Module) -> nn.Module:
     computes). Training cannot resume from a folded model; fold a copy
     (``copy.deepcopy(G_ema)``) if you still need the original. A parametrization chain that
     mixes a norm with other parametrizations is refused (it cannot be folded in part); warns
-    if there is nothing to fold.
+    if there is nothing to fold, before anything changes.
     """
+    for module in model.modules():
+        for name, chain in (module.parametrizations.items() if parametrize.is_parametrized(module) else ()):
+            norms = [isinstance(p, _NORM_PARAMETRIZATIONS) for p in chain]
+            if any(norms) and not all(norms):
+                raise ValueError(f"fold: {type(module).__name__}.{name} has the parametrizations "
+                                 f"{[type(p).__name__ for p in chain]}; only a chain of weight and spectral "
+                                 "norms can be folded; nothing was changed")
     folded = 0
     with torch.no_grad():
         for module in model.modules():
@@ -329,13 +356,8 @@ def fold(model: nn.Module) -> nn.Module:
             if not parametrize.is_parametrized(module):
                 continue
             for name, chain in list(module.parametrizations.items()):
-                norms = [isinstance(p, _NORM_PARAMETRIZATIONS) for p in chain]
-                if not any(norms):
-                    continue
-                if not all(norms):
-                    raise ValueError(f"fold: {type(module).__name__}.{name} has the parametrizations "
-                                     f"{[type(p).__name__ for p in chain]}; only a chain of weight and spectral "
-                                     "norms can be folded")
+                if not any(isinstance(p, _NORM_PARAMETRIZATIONS) for p in chain):
+                    continue  # (a mixed chain was refused above)
                 for p in chain:
                     p.eval()  # spectral norm: W / (u^T W v) with the buffers as they are
                 # A deep copy shares its original's Parametrized<Layer> class, from which

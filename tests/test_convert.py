@@ -518,10 +518,14 @@ def test_convert_a_weight_norm_then_spectral_norm_chain(backend):
 
 
 def test_fold_refuses_a_mixed_chain_and_warns_on_nothing():
+    """The refusal comes before anything changes: a layer before the mixed one stays unfolded
+    (a notebook user who catches the error keeps a whole model)."""
     layer = gk.spectral_norm(nn.Linear(4, 4), backend="reference")
     parametrize.register_parametrization(layer, "weight", nn.Identity())
+    model = nn.Sequential(gk.weight_norm(nn.Linear(4, 4), backend="reference"), layer)
     with pytest.raises(ValueError, match=r"Linear.weight has the parametrizations \['SpectralNorm', 'Identity'\]"):
-        gk.fold(layer)
+        gk.fold(model)
+    assert parametrize.is_parametrized(model[0], "weight"), "fold changed a layer before refusing"
     with pytest.warns(UserWarning, match="no weight or spectral norm to fold"):
         gk.fold(nn.Linear(3, 3))
 

@@ -1270,6 +1270,10 @@ def test_topk_layer(backend):
     torch.testing.assert_close(eval_out, ours(x.to(device)))
     with pytest.raises(ValueError, match="num_svs > 1 or sigmas_buffer has no torch equivalent"):
         gk.revert(ours)
+    before = nn.Sequential(gk.spectral_norm(nn.Linear(3, 3), backend=backend), copy.deepcopy(ours))
+    with pytest.raises(ValueError, match=r"revert: 1.weight: a spectral norm with num_svs > 1"):
+        gk.revert(before)  # refused before anything changed: the first layer is still ours
+    assert isinstance(before[0].parametrizations.weight[0], gk.nn.SpectralNorm)
     folded = gk.fold(copy.deepcopy(ours))
     torch.testing.assert_close(folded(x.to(device)), eval_out, rtol=1e-12, atol=1e-12)
     u = ours.parametrizations.weight[0]._u

@@ -411,8 +411,11 @@ def test_convert_refuses_before_changing_anything():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gk.convert(model, backend="reference")
-    with pytest.warns(UserWarning, match="nothing changed"):
+    with pytest.warns(UserWarning, match=r"gannorm_kernels' already; nothing changed \(to move them to another "
+                                         r"backend: revert\(model\), then convert"):
         gk.convert(model, backend="reference")  # already ours: nothing left
+    with pytest.warns(UserWarning, match="has no torch weight or spectral norm to convert; nothing changed"):
+        gk.convert(nn.Linear(2, 2), backend="reference")
 
 
 def _func_model(seed=0):
