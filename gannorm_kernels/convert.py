@@ -220,6 +220,18 @@ def _replace_legacy_spectral_hook(module: nn.Module, key, old, new) -> None:
             inner = getattr(entry, "hook", entry)  # load hooks come wrapped in _WrappedHook
             if isinstance(inner, (SpectralNormStateDictHook, SpectralNormLoadStateDictPreHook)) and inner.fn is old:
                 inner.fn = new
+                if isinstance(inner, SpectralNormLoadStateDictPreHook):  # ours forgets the last sigma; torch's back
+                    inner.__class__ = (_LoadForgettingLastSigma if isinstance(new, LegacySpectralNormKernels)
+                                       else SpectralNormLoadStateDictPreHook)
+
+
+class _LoadForgettingLastSigma(SpectralNormLoadStateDictPreHook):
+    """torch's legacy load hook, which also drops the converted layer's last sigma: sigmas()
+    then reads the loaded tensors, not the forward before the load."""
+
+    def __call__(self, *args, **kwargs):
+        self.fn.last_sigma = None
+        return super().__call__(*args, **kwargs)
 
 
 def revert(model: nn.Module) -> nn.Module:

@@ -287,9 +287,14 @@ class SpectralNorm(nn.Module):
         if sigmas_buffer:  # for loggers that read checkpoints (BigGAN-PyTorch's sv0, sv1, ...)
             self.register_buffer("_sigmas", self.sigmas_of(weight))
 
-    # The sigma(s) of the last forward (sigmas() reads them); None until one has run.
+    # The sigma(s) of the last forward (sigmas() reads them); None until one has run, and after
+    # a load_state_dict or reset_spectral_norm (sigmas() then computes them from the tensors).
     last_sigma: torch.Tensor | None = None
     last_sigmas: torch.Tensor | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.last_sigma = self.last_sigmas = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def sigmas_of(self, weight: torch.Tensor) -> torch.Tensor:

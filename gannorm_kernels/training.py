@@ -75,9 +75,9 @@ def sigmas(model: nn.Module, k: int | None = None) -> dict[str, torch.Tensor]:
     every legacy ``torch.nn.utils.spectral_norm`` layer :func:`convert` took over.
 
     A layer's sigma is the one its last forward computed (a device tensor: no launch, no sync);
-    for a layer with no forward since it was built or converted, the sigma an eval forward would
-    use now, computed from its weight and buffers as they are (so a checkpoint loaded before
-    the first forward is seen). For 1-D weights, the norm they are divided by. ``k``: the top
+    for a layer with no forward since it was built, converted, loaded (``load_state_dict``) or
+    reset (:func:`reset_spectral_norm`), the sigma an eval forward would use now, computed from
+    its weight and buffers as they are (so a loaded checkpoint's sigmas are what it reads). For 1-D weights, the norm they are divided by. ``k``: the top
     ``k`` singular values of each layer instead, a (k,) tensor (layers with ``num_svs >= k``; any
     other raises, naming it).
     """
@@ -107,13 +107,15 @@ def sigmas(model: nn.Module, k: int | None = None) -> dict[str, torch.Tensor]:
 
 
 def _spectral_norms(model: nn.Module):
-    """(weight as a matrix, u, v, eps, legacy) for every spectral norm in `model`: ours,
-    torch's parametrization and torch's legacy hook (legacy: its iteration runs v first)."""
+    """(weight as a matrix, u, v, eps, legacy, owner) for every spectral norm in `model`: ours,
+    torch's parametrization and torch's legacy hook (legacy: its iteration runs v first);
+    owner: the hook or parametrization."""
     for module in model.modules():
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, LegacySpectralNorm):
                 matrix = hook.reshape_weight_to_matrix(getattr(module, hook.name + "_orig").detach())
-                yield matrix, getattr(module, hook.name + "_u"), getattr(module, hook.name + "_v"), hook.eps, True
+                yield (matrix, getattr(module, hook.name + "_u"), getattr(module, hook.name + "_v"), hook.eps, True,
+                       hook)
         if not parametrize.is_parametrized(module):
             continue
         for chain in module.parametrizations.values():
@@ -121,7 +123,7 @@ def _spectral_norms(model: nn.Module):
                 if isinstance(p, (SpectralNorm, torch_parametrizations._SpectralNorm)) and hasattr(p, "_u"):
                     # what the chain gives it: the original, or a weight norm's output before it
                     matrix = reference.weight_matrix(parametrization_input(chain, index).detach(), p.dim)
-                    yield matrix, p._u, p._v, p.eps, False
+                    yield matrix, p._u, p._v, p.eps, False, p
 
 
 @torch.no_grad()
@@ -138,7 +140,11 @@ def reset_spectral_norm(model: nn.Module, n_warmup: int = 15, *, generator: torc
     if isinstance(n_warmup, bool) or not isinstance(n_warmup, int) or n_warmup < 0:
         raise ValueError(f"n_warmup must be a non-negative int, got {n_warmup!r}")
     count = 0
-    for matrix, u, v, eps, legacy in list(_spectral_norms(model)):
+    for matrix, u, v, eps, legacy, owner in list(_spectral_norms(model)):
+        if isinstance(owner, (SpectralNorm, LegacySpectralNormKernels)):
+            owner.last_sigma = None  # sigmas() reads the new buffers, not the last forward
+            if isinstance(owner, SpectralNorm):
+                owner.last_sigmas = None
         compute = acc_dtype(matrix.dtype)
         matrix = matrix.to(compute)
         if u.dim() == 2:  # num_svs > 1: orthonormal rows, warmed up by block power iteration

@@ -523,7 +523,8 @@ def test_sigmas(backend):
 def test_sigmas_before_a_forward_are_those_of_the_tensors_as_they_are(backend):
     """A model loaded from a checkpoint (or placed, or re-initialised) and read before its first
     forward: sigmas() gives u^T W v of the loaded weights and buffers, not the sigma of the
-    random weights the layers were built with; the top k likewise."""
+    random weights the layers were built with, nor of a forward before the load; after
+    reset_spectral_norm, that of the new buffers; the top k likewise."""
     device = backend_device(backend)
     trained = discriminator(backend)
     x = torch.randn(2, 3, 6, 6, device=device)
@@ -537,13 +538,21 @@ def test_sigmas_before_a_forward_are_those_of_the_tensors_as_they_are(backend):
     with torch.no_grad():  # the fresh model's own weights, which its registration sigmas were of
         for p in fresh.parameters():
             p.mul_(2.0)
+    fresh(x)  # a forward before the load: its sigmas are not the loaded model's
     fresh.load_state_dict(trained.state_dict())
-    found = gk.sigmas(fresh)
-    for name, rows_along in (("0", 0), ("2", 1), ("4", 0)):
-        sn = fresh.get_submodule(name).parametrizations.weight
-        w = sn.original.detach().double().movedim(rows_along, 0).flatten(1)  # ConvTranspose: dim 1
-        expected = sn[0]._u.double() @ w @ sn[0]._v.double()
-        torch.testing.assert_close(found[f"{name}.weight"].double(), expected, rtol=1e-6, atol=0, msg=name)
+
+    def check(found, what):
+        for name, rows_along in (("0", 0), ("2", 1), ("4", 0)):
+            sn = fresh.get_submodule(name).parametrizations.weight
+            w = sn.original.detach().double().movedim(rows_along, 0).flatten(1)  # ConvTranspose: dim 1
+            expected = sn[0]._u.double() @ w @ sn[0]._v.double()
+            torch.testing.assert_close(found[f"{name}.weight"].double(), expected, rtol=1e-6, atol=0,
+                                       msg=f"{what}: {name}")
+
+    check(gk.sigmas(fresh), "after load_state_dict")
+    fresh(x)
+    gk.reset_spectral_norm(fresh, n_warmup=0)  # random u/v: far from the forward's sigma
+    check(gk.sigmas(fresh), "after reset_spectral_norm")
     topk = gk.spectral_norm(nn.Linear(6, 5), num_svs=2, backend=backend).to(device)
     with torch.no_grad():
         topk.parametrizations.weight.original.mul_(3.0)

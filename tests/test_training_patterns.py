@@ -345,6 +345,21 @@ def test_sigmas_cover_converted_legacy_layers():
     w = model.linear.weight_orig.detach()
     torch.testing.assert_close(gk.sigmas(model)["linear.weight"],
                                model.linear.weight_u @ w @ model.linear.weight_v)
+    # a checkpoint loaded after a forward (a resumed run's first log): the loaded layer's sigma,
+    # then after reset_spectral_norm the new buffers'
+    other = _legacy_discriminator(1)
+    model.load_state_dict(other.state_dict())
+    w = model.linear.weight_orig.detach()
+    expected = model.linear.weight_u @ w @ model.linear.weight_v
+    assert not torch.allclose(expected, found["linear.weight"])  # a different layer
+    torch.testing.assert_close(gk.sigmas(model)["linear.weight"], expected)
+    model(*_batch("cpu"))
+    gk.reset_spectral_norm(model, n_warmup=0)  # random u/v: far from the forward's sigma
+    torch.testing.assert_close(gk.sigmas(model)["linear.weight"],
+                               model.linear.weight_u @ model.linear.weight_orig.detach() @ model.linear.weight_v)
+    gk.revert(model)  # torch's own load hook again: the model pickles and loads without this package
+    assert all(type(getattr(h, "hook", h)).__module__.startswith("torch")
+               for m in model.modules() for h in m._load_state_dict_pre_hooks.values())
 
 
 def test_convert_refuses_complex_weights_for_a_kernel_backend_up_front():
