@@ -28,8 +28,9 @@ def positive_number(value, name: str) -> float:
 
 
 def finite_number(value, name: str) -> float:
-    """A finite real number (any real type), as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    """A finite real number (any real type), as a float. (Comparisons, not math.isfinite, which
+    torch.compile(dynamic=True) cannot trace on the symbolic float an `eps` attribute becomes.)"""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
