@@ -302,10 +302,11 @@ def test_a_nan_stays_a_nan(backend):
         cases[f"weight norm dim {dim}, NaN direction"] = (
             lambda dim=dim: parametrizations.weight_norm(nn.Linear(5, 4), dim=dim).to(device),
             lambda m: m.parametrizations.weight.original1, True)
-    # grouped: the NaN layer's buffers NaN, its neighbour's torch's
+    # grouped: the NaN layer's buffers NaN, its neighbour's torch's (the NaN in the last layer,
+    # so that the output shows which of its weights are NaN)
     cases["grouped spectral norms, NaN weight, training"] = (
         lambda: nn.Sequential(sn(), parametrizations.spectral_norm(nn.Linear(4, 3)).to(device)),
-        lambda m: m[0].parametrizations.weight.original, True)
+        lambda m: m[1].parametrizations.weight.original, True)
     for name, (make, where, train) in cases.items():
         torch.manual_seed(0)
         theirs, ours = _torch_and_ours(make, backend)

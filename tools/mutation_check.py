@@ -95,6 +95,10 @@ MUTATIONS = [
              "pivot = at_least(tl.sqrt(diag), eps)", "pivot = at_least(diag, eps)",
              ("tests/test_spectral_norm.py", "-k", "topk and triton"),
              "top-k spectral norm: the Cholesky pivot without its square root"),
+    Mutation("T12", "gannorm_kernels/triton/common.py",
+             "    return tl.where(x < floor, floor, x)", "    return tl.maximum(x, floor)",
+             ("tests/test_properties.py", "-k", "nan and triton"),
+             "max(norm, eps) as fmax, which drops a NaN (a diverged weight comes out finite)"),
     # ---- CUDA (run by cuda-emu) ----
     Mutation("C1", "csrc/common.cuh",
              "  __syncthreads();  // the previous call's readers are done with warp_totals\n",
@@ -142,6 +146,11 @@ MUTATIONS = [
              "value -= q[d] * static_cast<acc>(R[d][c]);", "value -= q[d] * static_cast<acc>(R[c][d]);",
              ("tests/test_spectral_norm.py", "-k", "topk and cuda-emu"),
              "top-k spectral norm: the triangular solve reads R transposed"),
+    Mutation("C13", "csrc/spectral_norm.cu",
+             "const acc denominator = abs_acc(sigma) <= eps ? eps : sigma;  // NaN stays NaN\n  const int64_t first",
+             "const acc denominator = abs_acc(sigma) > eps ? sigma : eps;  // NaN stays NaN\n  const int64_t first",
+             ("tests/test_properties.py", "-k", "nan and cuda-emu"),
+             "grouped spectral norm scale: the tiny-sigma guard sends a NaN sigma to eps"),
     # ---- Python glue ----
     Mutation("P1", "gannorm_kernels/nn.py",
              "spectral_norm(\n                weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, "
