@@ -35,6 +35,13 @@ def finite_number(value, name: str) -> float:
     return float(value)
 
 
+def flag(value, name: str) -> bool:
+    """A Python bool (a string such as "eval" is truthy: refused, not taken as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def positive_int(value, name: str) -> int:
     """``value`` as a Python int: any integer type (NumPy's, a 0-d integer tensor) as torch's
     layers take; bools and non-integers are refused."""

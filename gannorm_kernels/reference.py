@@ -147,14 +147,15 @@ def spectral_power_method(weight_mat: torch.Tensor, u: torch.Tensor, v: torch.Te
 
 
 def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int, n_power_iterations: int,
-                  eps: float, training: bool):
+                  eps: float, training: bool, cached_sigma: torch.Tensor | None = None):
     """(weight / sigma, sigma) with sigma = u^H W v, W the weight as a matrix along `dim`.
 
     Training first runs `n_power_iterations` of the power method on u and v, in fp32 (fp64
     for fp64 weights), and writes them back into the buffers in place; eval uses the buffers
     as they are. u and v are constants for the gradient, as in torch. A |sigma| <= eps is
-    replaced by eps (torch would divide by ~0). Complex weights work as in torch (sigma is
-    then complex, u^H W v).
+    replaced by eps (torch divides by sigma whatever it is). Complex weights work as in torch
+    (sigma is then complex, u^H W v). ``cached_sigma`` (eval): the value divided by, in place
+    of u^T W v, whose gradient it keeps (what the kernels do with a cached sigma).
     """
     compute = acc_dtype(weight.dtype)
     weight_mat = weight_matrix(weight, dim).to(compute)
@@ -164,6 +165,8 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: i
         spectral_power_method(weight_mat.detach(), u_used, v_used, n_power_iterations, eps)
         _write_buffers((u, v), (u_used, v_used))
     sigma = torch.vdot(u_used, torch.mv(weight_mat, v_used))
+    if cached_sigma is not None:
+        sigma = sigma + (cached_sigma.to(sigma.dtype) - sigma).detach()
     denominator = torch.where(sigma.abs() <= eps, torch.full_like(sigma, eps), sigma)  # a NaN sigma stays
     return (weight.to(compute) / denominator).to(weight.dtype), sigma
 

@@ -674,6 +674,40 @@ def test_bad_functional_arguments():
         gk.functional.spectral_norm(weight, u, v, training=False, sigma=torch.ones(2))
     with pytest.raises(ValueError, match="v must be contiguous"):
         gk.functional.spectral_norm(weight, u, torch.randn(3, 2)[:, 0])
+    for training in ("eval", 1.0, None):  # truthy or not, never taken for a bool
+        with pytest.raises(TypeError, match="training must be a bool"):
+            gk.functional.spectral_norm(weight, u, v, training=training)
+        with pytest.raises(TypeError, match="training must be a bool"):
+            gk.functional.spectral_norm_topk(weight, u[None], v[None], training=training)
+        with pytest.raises(TypeError, match="training must be a bool"):
+            gk.functional.spectral_norm_group([weight], [u], [v], [0], training=training)
+    with pytest.raises(ValueError, match=r"sigma \(a cached sigma\) is for eval only"):
+        gk.functional.spectral_norm(weight, u, v, training=True, sigma=torch.ones(1))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_cached_sigma_is_divided_by_as_given(backend):
+    """functional.spectral_norm(..., training=False, sigma=s) divides by s on every backend (the
+    reference too: a layer tested on the CPU must behave as on the GPU), |s| <= eps by eps, and
+    its gradient is that of W / (u^T W v) at the value s; the sigma returned is s."""
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    weight = torch.randn(5, 4, dtype=torch.float64, device=device)
+    u = torch.nn.functional.normalize(torch.randn(5, dtype=torch.float64, device=device), dim=0)
+    v = torch.nn.functional.normalize(torch.randn(4, dtype=torch.float64, device=device), dim=0)
+    grad_out = torch.randn(5, 4, dtype=torch.float64, device=device)
+    for given, divisor in ((3.0, 3.0), (-2.0, -2.0), (0.0, EPS)):
+        sigma = torch.tensor(given, dtype=torch.float64, device=device)
+        leaf = weight.clone().requires_grad_()
+        out, returned = gk.functional.spectral_norm(leaf, u, v, 0, 1, EPS, False, sigma=sigma, backend=backend)
+        torch.testing.assert_close(out, weight / divisor, rtol=1e-12, atol=0)
+        assert torch.equal(returned, sigma)
+        out.backward(grad_out)
+        # d/dW of W / s(W), s(W) = u^T W v, at s = divisor: (G - <G, W> / s u v^T) / s
+        expected = (grad_out - (grad_out * weight).sum() / divisor * torch.outer(u, v)) / divisor
+        if given == 0.0:
+            expected = grad_out / divisor  # below eps the divisor is the constant eps
+        torch.testing.assert_close(leaf.grad, expected, rtol=1e-10, atol=0, msg=f"sigma {given}")
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

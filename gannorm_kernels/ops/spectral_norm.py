@@ -166,8 +166,10 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor | None = None, v: torch.
             in place each time, as torch does.
         eps: guards every normalisation (and a sigma below it).
         training: iterate, or (eval) use ``u`` and ``v`` as they are.
-        sigma: eval only: the sigma a previous call returned for this same weight and these
-            same buffers, to skip recomputing it.
+        sigma: eval only (with ``training=True`` it raises): the sigma a previous call
+            returned for this same weight and these same buffers, to skip recomputing it. Every
+            backend then divides by it as given (|sigma| <= eps by eps), its gradient that of
+            u^T W v: a stale sigma gives a stale result.
         backend: "auto", "reference", "triton", "cuda" or "cuda-emu".
 
     ``sigma`` is returned for monitoring and carries no gradient; the weight's gradient treats
@@ -177,6 +179,8 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor | None = None, v: torch.
     n = 1), 1 in eval with a cached sigma (else 2), 2 backward.
     """
     dim = check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma)
+    if checks.flag(training, "training") and sigma is not None:
+        raise ValueError("sigma (a cached sigma) is for eval only (training=False): training recomputes it")
     name = complex_backend(backend) if weight.is_complex() else backends.resolve(backend, weight.device)
     eps = float(eps)
     if weight.dim() == 1:
@@ -185,8 +189,8 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor | None = None, v: torch.
             return out, denominator.detach()
         return SPECTRAL_NORM_VECTOR(weight, eps, name)
     if name == "reference":
-        out, sigma = reference.spectral_norm(weight, u, v, dim, n_power_iterations, eps, training)
-        return out, sigma.detach()
+        out, computed = reference.spectral_norm(weight, u, v, dim, n_power_iterations, eps, training, sigma)
+        return out, (computed if sigma is None else sigma).detach()
     cached = None if training else sigma
     args = (weight, u, v, cached, dim, n_power_iterations, eps, training, name)
     out, sigma, _, _ = SPECTRAL_NORM(*args)
@@ -283,6 +287,7 @@ def spectral_norm_group(weights, us, vs, dims, n_power_iterations: int = 1, eps:
     ``sigmas`` is a ``(len(weights),)`` tensor (fp32; fp64 for fp64 weights), no gradient.
     """
     dims = check_group_args(weights, us, vs, dims, n_power_iterations, eps)
+    checks.flag(training, "training")
     name = backends.resolve(backend, weights[0].device)
     eps = float(eps)
     if name == "reference":
@@ -382,6 +387,7 @@ def spectral_norm_topk(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d
     each pass reading the weight once for all k vectors.
     """
     dim = check_topk_args(weight, u, v, dim, n_power_iterations, eps)
+    checks.flag(training, "training")
     name = backends.resolve(backend, weight.device)
     eps = float(eps)
     if name == "reference":
