@@ -6,6 +6,8 @@ weight_norm rounds where torch's own weight norm rounds (so do its kernels). The
 every backend against these, evaluated in fp64.
 """
 
+import contextlib
+
 import torch
 
 from .checks import unbatched_buffers_error
@@ -248,6 +250,12 @@ def vector_normalize(weight: torch.Tensor, eps: float):
     return (x / denominator).to(weight.dtype), denominator
 
 
+def _without_autocast(device: torch.device):
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def pairwise_similarity_penalty(features: torch.Tensor, kernel: str, bandwidth: float, eps: float) -> torch.Tensor:
     """Mean over ordered pairs i != j of k(f_i, f_j), features flattened to (N, D), written the
     naive way: the whole N x N similarity matrix.
@@ -259,7 +267,8 @@ def pairwise_similarity_penalty(features: torch.Tensor, kernel: str, bandwidth: 
     n = f.shape[0]
     if kernel == "cosine":
         unit = torch.nn.functional.normalize(f, dim=1, eps=eps)
-        similarity = unit @ unit.T
+        with _without_autocast(f.device):  # fp32 math, as the kernels, under autocast too
+            similarity = unit @ unit.T
     else:
         squared_distance = (f[:, None, :] - f[None, :, :]).pow(2).sum(-1)
         similarity = torch.exp(-squared_distance / (2 * bandwidth ** 2))

@@ -130,6 +130,26 @@ def test_cosine_eps_near_the_row_norms_fp64(backend):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("kernel", ["cosine", "rbf"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_fp32_math_under_autocast(backend, kernel):
+    """fp32 features under autocast: the penalty and its gradient in fp32 on every backend, the
+    reference's N x N matmul included (autocast would run it in bf16/fp16: 4e-3 off)."""
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    features = torch.randn(64, 256, device=device) + 0.3
+    leaf = features.double().requires_grad_()
+    expected = reference.pairwise_similarity_penalty(leaf, kernel, 16.0, 1e-12)
+    expected.backward()
+    leaf32 = features.clone().requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16 if device == "cpu" else torch.float16):
+        penalty = gk.pairwise_similarity_penalty(leaf32, kernel, 16.0, backend=backend)
+    penalty.backward()
+    assert penalty.dtype == torch.float32
+    torch.testing.assert_close(penalty.double(), expected.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(leaf32.grad.double(), leaf.grad, rtol=1e-4, atol=1e-8)
+
+
 def test_cosine_identity_is_the_naive_mean():
     f = drawn((9, 6), torch.float64, "cpu", seed=3)
     unit = nn.functional.normalize(f, dim=1)
