@@ -271,8 +271,10 @@ def pairwise_similarity_penalty(features: torch.Tensor, kernel: str, bandwidth: 
             similarity = unit @ unit.T
     else:
         squared_distance = (f[:, None, :] - f[None, :, :]).pow(2).sum(-1)
-        similarity = torch.exp(-squared_distance / (2 * bandwidth ** 2))
-    off_diagonal = similarity.sum() - similarity.diagonal().sum()
+        # (b * b, not b ** 2: a huge bandwidth gives inf, not OverflowError)
+        similarity = torch.exp(-squared_distance / (2 * bandwidth * bandwidth))
+    # the pairs i != j only: for a bandwidth whose 2 b^2 is 0 in fp32 the diagonal is 0 / 0
+    off_diagonal = similarity.masked_fill(torch.eye(n, dtype=torch.bool, device=f.device), 0).sum()
     return (off_diagonal / (n * (n - 1))).to(features.dtype)
 
 

@@ -150,6 +150,17 @@ def test_fp32_math_under_autocast(backend, kernel):
     torch.testing.assert_close(leaf32.grad.double(), leaf.grad, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy, on the inf 1 / (2 b^2)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_rbf_extreme_bandwidths(backend):
+    """Any positive finite bandwidth: one whose 2 b^2 is 0 in fp32 gives 0 for distinct samples
+    (not the 0 / 0 of the diagonal), one whose b^2 overflows gives 1 (not an OverflowError)."""
+    features = torch.arange(12.0, device=backend_device(backend)).reshape(4, 3)
+    for bandwidth, expected in ((1e-30, 0.0), (1e200, 1.0)):
+        penalty = gk.pairwise_similarity_penalty(features, "rbf", bandwidth, backend=backend)
+        assert penalty.item() == expected, f"bandwidth {bandwidth}: {penalty.item()}"
+
+
 def test_cosine_identity_is_the_naive_mean():
     f = drawn((9, 6), torch.float64, "cpu", seed=3)
     unit = nn.functional.normalize(f, dim=1)
