@@ -21,8 +21,8 @@ def float_tensor(t, name: str) -> None:
 
 
 def positive_number(value, name: str) -> float:
-    """A positive finite int or float, as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    """A positive finite real number (any real type: NumPy's too), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -57,8 +57,13 @@ def positive_int(value, name: str) -> int:
 def matrix_dim(dim, ndim: int) -> int:
     """The rows' dim of a weight's matrix view, in [0, ndim) (negative dims count from the end).
     Weight norm's dim follows another rule (-1 is the whole tensor): ops.weight_norm.torch_dim."""
-    if isinstance(dim, bool) or not isinstance(dim, int):
+    try:
+        index = None if isinstance(dim, bool) else operator.index(dim)  # any integer type, as torch's
+    except TypeError:
+        index = None
+    if index is None:
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    dim = index
     if not -ndim <= dim < ndim:
         raise IndexError(f"dim={dim} is out of range for a {ndim}-d weight (expected a dim in [{-ndim}, {ndim - 1}])")
     return dim + ndim if dim < 0 else dim

@@ -3,6 +3,7 @@ generator's moving average) and `reset_spectral_norm` (redraw the power-iteratio
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections import defaultdict
 
@@ -57,7 +58,7 @@ def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
     torch's names). One multi-tensor ``torch._foreach_lerp_`` per (device, dtype) for the
     parameters and one ``_foreach_copy_`` for the buffers.
     """
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
     parameters = _matching("parameters", dict(ema_model.named_parameters()), dict(model.named_parameters()))
     buffers = _matching("buffers", dict(ema_model.named_buffers()), dict(model.named_buffers()))
@@ -137,8 +138,9 @@ def reset_spectral_norm(model: nn.Module, n_warmup: int = 15, *, generator: torc
     Returns how many were reset; warns if none.
 
     ``generator``: the random stream to draw from (default: torch's global one)."""
-    if isinstance(n_warmup, bool) or not isinstance(n_warmup, int) or n_warmup < 0:
+    if isinstance(n_warmup, bool) or not isinstance(n_warmup, numbers.Integral) or n_warmup < 0:
         raise ValueError(f"n_warmup must be a non-negative int, got {n_warmup!r}")
+    n_warmup = int(n_warmup)
     count = 0
     for matrix, u, v, eps, legacy, owner in list(_spectral_norms(model)):
         if isinstance(owner, (SpectralNorm, LegacySpectralNormKernels)):

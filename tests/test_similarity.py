@@ -7,6 +7,7 @@ all three minibatch ops (one graph: it does not split), kept whole here."""
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from functorch.compile import make_boxed_func
@@ -318,6 +319,9 @@ def test_bad_inputs():
         gk.pairwise_similarity_penalty(torch.randn(3, 4), kernel="rbf", bandwidth=0)
     with pytest.raises(ValueError, match="bandwidth must be a positive finite number, got -1.0"):
         gk.pairwise_similarity_penalty(torch.randn(3, 4), kernel="rbf", bandwidth=-1.0)
+    features = torch.randn(3, 4)
+    assert torch.equal(gk.pairwise_similarity_penalty(features, kernel="rbf", bandwidth=np.float32(2.0)),
+                       gk.pairwise_similarity_penalty(features, kernel="rbf", bandwidth=2.0))  # NumPy's floats
     with pytest.raises(TypeError, match="features must be float16"):
         gk.pairwise_similarity_penalty(torch.ones(3, 4, dtype=torch.int64))
 

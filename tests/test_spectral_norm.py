@@ -7,6 +7,7 @@ the Triton launchers on meta tensors, dims 0 and 1 and 1-D on a GPU against fp64
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from functorch.compile import make_boxed_func
@@ -681,6 +682,8 @@ def test_bad_functional_arguments():
             gk.functional.spectral_norm_topk(weight, u[None], v[None], training=training)
         with pytest.raises(TypeError, match="training must be a bool"):
             gk.functional.spectral_norm_group([weight], [u], [v], [0], training=training)
+    torch.testing.assert_close(gk.functional.spectral_norm(weight, u.clone(), v.clone(), np.int64(-2))[0],
+                               gk.functional.spectral_norm(weight, u.clone(), v.clone(), 0)[0])  # NumPy's ints
     with pytest.raises(ValueError, match=r"sigma \(a cached sigma\) is for eval only"):
         gk.functional.spectral_norm(weight, u, v, training=True, sigma=torch.ones(1))
 

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from helpers import ALL_BACKENDS, KERNEL_BACKENDS, backend_device
@@ -70,6 +71,7 @@ def test_ema_update_errors_name_what_differs():
     ema, model = discriminator(), discriminator()
     with pytest.raises(ValueError, match=r"decay must be a number in \[0, 1\]"):
         gk.ema_update(ema, model, 1.5)
+    gk.ema_update(ema, copy.deepcopy(ema), np.float32(0.9))  # NumPy's floats, as Python's
     gk.apply_norm(model := nn.Sequential(nn.Linear(3, 3)), "weight", backend="reference")
     with pytest.raises(ValueError, match=r"only in model: \['0.parametrizations.weight.original0'"):
         gk.ema_update(nn.Sequential(nn.Linear(3, 3)), model, 0.9)
@@ -194,6 +196,15 @@ def test_reset_spectral_norm_of_a_chain(convert):
 def test_reset_spectral_norm_arguments():
     with pytest.raises(ValueError, match="n_warmup must be a non-negative int"):
         gk.reset_spectral_norm(nn.Linear(2, 2), n_warmup=-1)
+    with pytest.raises(ValueError, match="n_warmup must be a non-negative int"):
+        gk.reset_spectral_norm(nn.Linear(2, 2), n_warmup=2.0)
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        layers.append(gk.spectral_norm(nn.Linear(4, 3), backend="reference"))
+    for layer, n_warmup in zip(layers, (3, np.int64(3))):  # NumPy's integers, as Python's
+        gk.reset_spectral_norm(layer, n_warmup, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(layers[0].parametrizations.weight[0]._u, layers[1].parametrizations.weight[0]._u)
     with pytest.warns(UserWarning, match="no spectral norm"):
         assert gk.reset_spectral_norm(nn.Linear(2, 2)) == 0
 
