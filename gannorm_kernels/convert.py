@@ -115,7 +115,6 @@ def convert(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     return model
 
 
-@torch.no_grad()
 def _has_our_norms(model: nn.Module) -> bool:
     for module in model.modules():
         if any(isinstance(h, (LegacyWeightNormKernels, LegacySpectralNormKernels))
@@ -127,6 +126,7 @@ def _has_our_norms(model: nn.Module) -> bool:
     return False
 
 
+@torch.no_grad()
 def parametrization_input(chain, index: int) -> torch.Tensor:
     """What the parametrization at `index` of a chain receives: the original tensor, or what
     the parametrizations before it make of the originals (weight norm, then spectral norm)."""

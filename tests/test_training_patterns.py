@@ -483,6 +483,17 @@ def test_torch_func_transforms_on_a_converted_model(backend, grouped):
     batched = {k: torch.stack([p, 2 * p]) for k, p in params.items()}
     _assert_close(vmap(lambda p: functional_call(theirs, p, (x,)))(batched),
                   vmap(lambda p: functional_call(ours, p, (x,)))(batched), "vmap over batched weights")
+    # gradients through that vmap: torch.autograd outside it, and torch.func.grad outside it
+    grads = []
+    for model in (theirs, ours):
+        leaves = {k: p.clone().requires_grad_() for k, p in batched.items()}
+        vmap(lambda p: functional_call(model, p, (x,)))(leaves).square().sum().backward()
+        grads.append(leaves)
+        outer = grad(lambda b: vmap(lambda p: functional_call(model, p, (x,)))(b).square().sum())(batched)
+        grads.append(outer)
+    for key in batched:
+        _assert_close(grads[0][key].grad, grads[2][key].grad, f"backward() through vmap: {key}")
+        _assert_close(grads[1][key], grads[3][key], f"grad of vmap: {key}")
 
     def per_sample(model):  # the batch's gradients one sample at a time (DP-SGD's, influence functions')
         loss = lambda p, x: functional_call(model, p, (x[None],)).square().sum()  # noqa: E731

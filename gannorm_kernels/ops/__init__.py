@@ -299,21 +299,19 @@ class _SpecFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, spec, traced, layout, *flat):
-        """torch.func.vmap: where none of the op's own tensors is batched (vmap over the data
-        through a norm) the op runs once; otherwise (an ensemble's stacked weights, several
-        minibatches through a minibatch layer) once per batch element, since the kernels take
-        no batch dimension of their own."""
+        """torch.func.vmap with the op's own tensors batched (an ensemble's stacked weights,
+        several minibatches through a minibatch layer): the op once per batch element, since
+        the kernels take no batch dimension of their own. (torch runs the op itself where none
+        of its tensors is batched.) Each element goes through apply, so that autograd and the
+        transforms outside this vmap see the Function."""
         dims = in_dims[3:]
-        if all(d is None for d in dims):
-            outputs = _SpecFunction.forward(spec, traced, layout, *flat)
-            return outputs, (None,) * len(outputs) if isinstance(outputs, tuple) else None
         positions = _flat_positions(layout.inputs)
         mutated = [k for i in spec.mutated_inputs for k in _as_positions(positions[i])]
         if mutated and _unflatten(flat, layout.inputs)[spec.training_input]:
             if any(dims[k] is None for k in mutated):
                 raise unbatched_buffers_error(spec.forward_name)
         outputs = _per_sample(info.batch_size, dims, flat,
-                              lambda sample: _SpecFunction.forward(spec, traced, layout, *sample))
+                              lambda sample: _SpecFunction.apply(spec, traced, layout, *sample))
         return (outputs[0], 0) if len(outputs) == 1 else (outputs, (0,) * len(outputs))
 
     @staticmethod
@@ -381,10 +379,12 @@ def _per_sample(batch_size, in_dims, values, run):
     each batched value (the others as they are), its outputs stacked along a new first dim. An
     element of a buffer the op updates in place is a view, so the update reaches the batch (the
     ops' checks refuse a buffer whose elements are not contiguous)."""
+    if batch_size == 0:
+        raise NotImplementedError("gannorm_kernels ops: torch.func.vmap over a batch of size 0 is not supported")
     results = []
     for b in range(batch_size):
         sample = [value if not isinstance(value, torch.Tensor) or dim is None else value.select(dim, b)
-                  for value, dim in zip(values, in_dims)]  # (a list's in_dims are a list)
+                  for value, dim in zip(values, in_dims)]
         results.append(_as_tuple(run(sample)))
     return tuple(torch.stack(outputs) for outputs in zip(*results))
 
@@ -442,8 +442,8 @@ class _KernelGrads(torch.autograd.Function):
         """A batch of gradients (per-sample gradients, jacrev's rows): the kernel's backward
         once per element."""
         outputs = _per_sample(info.batch_size, in_dims[4:], values,
-                              lambda sample: _KernelGrads.forward(kernel_grads, reference, n_grad_outputs, wrt,
-                                                                  *sample))
+                              lambda sample: _KernelGrads.apply(kernel_grads, reference, n_grad_outputs, wrt,
+                                                                *sample))
         return outputs, (0,) * len(outputs)
 
     @staticmethod

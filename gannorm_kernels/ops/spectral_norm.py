@@ -181,6 +181,9 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor | None = None, v: torch.
     dim = check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma)
     if checks.flag(training, "training") and sigma is not None:
         raise ValueError("sigma (a cached sigma) is for eval only (training=False): training recomputes it")
+    if weight.dim() == 1 and sigma is not None:
+        raise ValueError("sigma (a cached sigma) is for weights of 2 or more dims (a 1-D weight is divided by its "
+                         "norm, recomputed each call)")
     name = complex_backend(backend) if weight.is_complex() else backends.resolve(backend, weight.device)
     eps = float(eps)
     if weight.dim() == 1:
