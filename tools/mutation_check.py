@@ -166,10 +166,10 @@ MUTATIONS = [
              "leaves[:n],\n                                        create_graph=False, allow_unused=True)",
              GLUE, "double backward: the first derivative no longer differentiable"),
     Mutation("P4", "gannorm_kernels/reference.py",
-             "u^H W v).\n    \"\"\"\n    compute = acc_dtype(weight.dtype)\n    weight_mat = weight_matrix(weight, dim).to("
-             "compute)\n    u_used = u.detach().to(compute).clone()",
-             "u^H W v).\n    \"\"\"\n    compute = acc_dtype(weight.dtype)\n    weight_mat = weight_matrix(weight, dim).to("
-             "compute)\n    u_used = u.detach().to(compute)",
+             "a cached sigma).\n    \"\"\"\n    compute = acc_dtype(weight.dtype)\n    weight_mat = weight_matrix(weight, dim)"
+             ".to(compute)\n    u_used = u.detach().to(compute).clone()",
+             "a cached sigma).\n    \"\"\"\n    compute = acc_dtype(weight.dtype)\n    weight_mat = weight_matrix(weight, dim)"
+             ".to(compute)\n    u_used = u.detach().to(compute)",
              GLUE, "reference spectral norm: u used without a copy"),
     Mutation("P5", "gannorm_kernels/ops/spectral_norm.py",
              "        weight, u_used, v_used, dim, 1, eps, training=False)[0],",
