@@ -78,7 +78,8 @@ def sigmas(model: nn.Module, k: int | None = None) -> dict[str, torch.Tensor]:
     A layer's sigma is the one its last forward computed (a device tensor: no launch, no sync);
     for a layer with no forward since it was built, converted, loaded (``load_state_dict``) or
     reset (:func:`reset_spectral_norm`), the sigma an eval forward would use now, computed from
-    its weight and buffers as they are (so a loaded checkpoint's sigmas are what it reads). For 1-D weights, the norm they are divided by. ``k``: the top
+    its weight and buffers as they are (so a loaded checkpoint's sigmas are what it reads).
+    For 1-D weights, the norm they are divided by. ``k``: the top
     ``k`` singular values of each layer instead, a (k,) tensor (layers with ``num_svs >= k``; any
     other raises, naming it).
     """
