@@ -11,6 +11,12 @@ import torch
 
 from .dtypes import FLOAT_DTYPES
 
+try:
+    import numpy
+    _BOOLS: tuple[type, ...] = (bool, numpy.bool_)
+except ImportError:  # numpy is optional for torch
+    _BOOLS = (bool,)
+
 
 def float_tensor(t, name: str) -> None:
     """`t` is a tensor of one of FLOAT_DTYPES."""
@@ -36,10 +42,11 @@ def finite_number(value, name: str) -> float:
 
 
 def flag(value, name: str) -> bool:
-    """A Python bool (a string such as "eval" is truthy: refused, not taken as True)."""
-    if not isinstance(value, bool):
+    """A bool (Python's or NumPy's), as a Python bool; anything else, though truthy or falsy (a
+    string such as "eval", 1, None), is refused, not taken for one."""
+    if not isinstance(value, _BOOLS):
         raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value
+    return bool(value)
 
 
 def positive_int(value, name: str) -> int:

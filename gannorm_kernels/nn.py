@@ -250,6 +250,7 @@ class SpectralNorm(nn.Module):
         super().__init__()
         n_power_iterations, eps = spectral_norm_ops.check_settings(n_power_iterations, eps)
         num_svs = checks.positive_int(num_svs, "num_svs")
+        sigmas_buffer = checks.flag(sigmas_buffer, "sigmas_buffer")
         if num_svs > spectral_norm_ops.MAX_SVS:
             raise ValueError(f"num_svs must be at most {spectral_norm_ops.MAX_SVS}, got {num_svs}")
         if (num_svs > 1 or sigmas_buffer) and (weight.ndim < 2 or weight.is_complex()):

@@ -301,9 +301,14 @@ def test_global_batch_under_ddp(backend, kernel, tmp_path):
         torch.testing.assert_close(grad, 2 * whole.grad.chunk(2)[rank], rtol=1e-5, atol=1e-7)
 
 
-def test_global_batch_needs_a_process_group():
+def test_global_batch_needs_a_process_group_and_a_bool():
     with pytest.raises(RuntimeError, match="global_batch=True needs an initialised torch.distributed"):
         gk.pairwise_similarity_penalty(torch.randn(4, 3), global_batch=True)
+    with pytest.raises(RuntimeError, match="global_batch=True needs an initialised torch.distributed"):
+        gk.pairwise_similarity_penalty(torch.randn(4, 3), global_batch=np.True_)
+    for not_a_bool in ("no", 0, None):  # "no" is truthy: it would gather
+        with pytest.raises(TypeError, match="global_batch must be a bool"):
+            gk.pairwise_similarity_penalty(torch.randn(4, 3), global_batch=not_a_bool)
 
 
 # ---- bad input ----

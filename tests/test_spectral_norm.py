@@ -689,6 +689,38 @@ def test_bad_functional_arguments():
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_numpy_bools_are_bools(backend):
+    """NumPy's bools (what a config loaded with NumPy gives) are taken for Python's by every
+    spectral-norm functional and layer flag: the same result as the Python bool; any other
+    truthy value is refused."""
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    weight = torch.randn(5, 4, device=device)
+    u, v = torch.randn(5, device=device), torch.randn(4, device=device)
+    uk, vk = torch.randn(2, 5, device=device), torch.randn(2, 4, device=device)
+    for numpy_bool, python_bool in ((np.True_, True), (np.False_, False)):
+        calls = (
+            lambda t, b: gk.functional.spectral_norm(weight, *t, training=b, backend=backend),
+            lambda t, b: gk.functional.spectral_norm_group([weight], [t[0]], [t[1]], [0], training=b,
+                                                           backend=backend),
+        )
+        for call in calls:
+            theirs, ours = (u.clone(), v.clone()), (u.clone(), v.clone())
+            expected, got = call(theirs, python_bool), call(ours, numpy_bool)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        theirs, ours = (uk.clone(), vk.clone()), (uk.clone(), vk.clone())
+        expected = gk.functional.spectral_norm_topk(weight, *theirs, training=python_bool, backend=backend)
+        got = gk.functional.spectral_norm_topk(weight, *ours, training=numpy_bool, backend=backend)
+        torch.testing.assert_close((got, ours), (expected, theirs), rtol=0, atol=0)
+    layer = gk.spectral_norm(nn.Linear(4, 5), num_svs=2, sigmas_buffer=np.True_, backend=backend).to(device)
+    assert "parametrizations.weight.0._sigmas" in layer.state_dict()
+    for not_a_bool in (1, "yes", None):
+        with pytest.raises(TypeError, match="sigmas_buffer must be a bool"):
+            gk.spectral_norm(nn.Linear(4, 5), num_svs=2, sigmas_buffer=not_a_bool, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_a_cached_sigma_is_divided_by_as_given(backend):
     """functional.spectral_norm(..., training=False, sigma=s) divides by s on every backend (the
     reference too: a layer tested on the CPU must behave as on the GPU), |s| <= eps by eps, and

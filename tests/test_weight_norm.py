@@ -504,6 +504,8 @@ def test_functional_argument_errors():
         gk.functional.weight_norm(v.long(), torch.ones(4, 1))
     with pytest.raises(TypeError, match="g must have v's dtype"):
         gk.functional.weight_norm(v, torch.ones(4, 1, dtype=torch.float64))
+    with pytest.raises(TypeError, match="g must be on v's device cpu, got meta"):  # as spectral norm's u, v
+        gk.functional.weight_norm(v, torch.ones(4, 1, device="meta"))
     with pytest.raises(ValueError, match=r"g must have one element per channel of dim 0 .* \(4\)"):
         gk.functional.weight_norm(v, torch.ones(3, 1))
     with pytest.raises(IndexError, match="dim=2 is out of range for a 2-d weight"):

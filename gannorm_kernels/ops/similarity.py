@@ -99,7 +99,7 @@ def pairwise_similarity_penalty(features: torch.Tensor, kernel: str = "cosine", 
         raise ValueError(f"unknown kernel {kernel!r}: expected 'cosine' or 'rbf'")
     bandwidth = checks.positive_number(bandwidth, "bandwidth")
     eps = checks.positive_number(eps, "eps")
-    if global_batch:
+    if checks.flag(global_batch, "global_batch"):
         features = _gather_global_batch(features)
     if features.shape[0] < 2:
         raise ValueError(f"features must hold at least 2 samples to form pairs, got N={features.shape[0]}")

@@ -179,7 +179,8 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor | None = None, v: torch.
     n = 1), 1 in eval with a cached sigma (else 2), 2 backward.
     """
     dim = check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma)
-    if checks.flag(training, "training") and sigma is not None:
+    training = checks.flag(training, "training")
+    if training and sigma is not None:
         raise ValueError("sigma (a cached sigma) is for eval only (training=False): training recomputes it")
     if weight.dim() == 1 and sigma is not None:
         raise ValueError("sigma (a cached sigma) is for weights of 2 or more dims (a 1-D weight is divided by its "
@@ -290,7 +291,7 @@ def spectral_norm_group(weights, us, vs, dims, n_power_iterations: int = 1, eps:
     ``sigmas`` is a ``(len(weights),)`` tensor (fp32; fp64 for fp64 weights), no gradient.
     """
     dims = check_group_args(weights, us, vs, dims, n_power_iterations, eps)
-    checks.flag(training, "training")
+    training = checks.flag(training, "training")
     name = backends.resolve(backend, weights[0].device)
     eps = float(eps)
     if name == "reference":
@@ -390,7 +391,7 @@ def spectral_norm_topk(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d
     each pass reading the weight once for all k vectors.
     """
     dim = check_topk_args(weight, u, v, dim, n_power_iterations, eps)
-    checks.flag(training, "training")
+    training = checks.flag(training, "training")
     name = backends.resolve(backend, weight.device)
     eps = float(eps)
     if name == "reference":

@@ -50,7 +50,7 @@ def check_weight_norm_args(v, g, dim) -> int:
     if g.dtype != v.dtype:
         raise TypeError(f"g must have v's dtype {v.dtype}, got {g.dtype}")
     if g.device != v.device:
-        raise ValueError(f"g must be on v's device {v.device}, got {g.device}")
+        raise TypeError(f"g must be on v's device {v.device}, got {g.device}")
     dim = torch_dim(dim, v.dim())
     channels = _channels(v.shape, dim)
     if g.numel() != channels:
