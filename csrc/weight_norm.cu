@@ -58,8 +58,8 @@ struct ChannelLayout {
 };
 
 ChannelLayout channel_layout(const at::Tensor& v, int64_t dim) {
-  TORCH_CHECK(dim >= -v.dim() && dim < v.dim(), "dim must be -1 (the whole tensor) or in [", -v.dim(), ", ",
-              v.dim(), ") for a ", v.dim(), "-d v, got ", dim);
+  TORCH_CHECK(dim == -1 || (dim >= -v.dim() && dim < v.dim()), "dim must be -1 (the whole tensor) or in [",
+              -v.dim(), ", ", v.dim(), ") for a ", v.dim(), "-d v, got ", dim);
   if (dim == -1) return {1, 1, 1, true, false};
   const bool fused = dim == 0 || dim == v.dim() - 1;
   if (dim < 0) dim += v.dim();

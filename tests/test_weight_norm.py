@@ -804,3 +804,30 @@ def test_past_2_31_elements_on_the_gpu(backend):
     (_weight_norm_at_scale)."""
     with large_gpu_memory(gib=28):
         _weight_norm_at_scale(backend, LARGE_V, dims=list(LAYOUT_KERNELS))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_empty_and_0d_weights(backend):
+    """A weight with a zero-size dim: every channel's direction is empty, so by the zero-direction
+    rule (test_zero_direction_gives_zero_not_nan) grad_g is 0, never NaN or uninitialised memory
+    (torch gives NaN for dim 0 and crashes with SIGFPE for dim 1 of a (3, 0) weight). A 0-d weight,
+    which torch's weight norm cannot take either, is refused by name on every backend (the
+    reference and Triton computed it, the CUDA kernel refused it with a message contradicting
+    itself)."""
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    for v_shape, g_shape, dim in [((3, 0), (3, 1), 0), ((3, 0), (1, 0), 1), ((0, 3), (0, 1), 0),
+                                  ((0, 3), (), None), ((2, 0, 4), (1, 1, 4), 2)]:
+        v = torch.randn(v_shape, dtype=torch.float64, device=device, requires_grad=True)
+        g = (torch.rand(g_shape, dtype=torch.float64, device=device) + 0.5).requires_grad_()
+        w = gk.functional.weight_norm(v, g, dim, backend=backend)
+        w.backward(torch.randn(v_shape, dtype=torch.float64, device=device))
+        case = f"v {v_shape}, dim {dim}"
+        assert w.shape == v.shape and v.grad.shape == v.shape, case
+        torch.testing.assert_close(g.grad, torch.zeros_like(g), rtol=0, atol=0, msg=case)
+    scalar = torch.ones((), device=device)
+    with pytest.raises(IndexError):  # torch's own
+        torch._weight_norm(scalar, scalar, -1)
+    for dim in (None, -1, 0):
+        with pytest.raises(ValueError, match="v must have at least one dim, got a 0-d tensor"):
+            gk.functional.weight_norm(scalar, scalar, dim, backend=backend)

@@ -47,6 +47,8 @@ def check_weight_norm_args(v, g, dim) -> int:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if v.dtype not in FLOAT_DTYPES:
         raise TypeError(f"v must be float16, bfloat16, float32 or float64, got {v.dtype}")
+    if v.dim() == 0:  # torch's weight norm cannot take one either
+        raise ValueError("v must have at least one dim, got a 0-d tensor")
     if g.dtype != v.dtype:
         raise TypeError(f"g must have v's dtype {v.dtype}, got {g.dtype}")
     if g.device != v.device:
