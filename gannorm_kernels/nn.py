@@ -7,6 +7,8 @@ backend's launcher -> the kernel.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import warnings
 import weakref
 
@@ -169,7 +171,7 @@ def adaptive_weight_norm(module: nn.Module, name: str = "weight", dim: int = 0, 
 
     Args:
         module, name: as in :func:`weight_norm`.
-        dim: the channel dim when ``per="channel"``.
+        dim: the channel dim when ``per="channel"``; left out for ``per="layer"``.
         init_scale: the initial magnitude, > 0.
         per: ``"channel"``: one g per channel along ``dim``, each channel of w has norm g;
             ``"layer"``: one g for the layer, ``||w|| = g`` over the whole tensor.
@@ -182,6 +184,8 @@ def adaptive_weight_norm(module: nn.Module, name: str = "weight", dim: int = 0, 
     if per == "channel" and dim is None:
         raise ValueError("per='channel' needs a channel dim, got dim=None; per='layer' gives the whole tensor "
                          "one magnitude")
+    if per == "layer" and dim not in (0, None):  # 0: the default, left as it is
+        raise ValueError(f"per='layer' gives the whole tensor one magnitude: leave dim out, got dim={dim!r}")
     init_scale = checks.positive_number(init_scale, "init_scale")
     parametrization = AdaptiveWeightNorm(dim if per == "channel" else None, backend, init_scale, per)
     _register_weight_norm(module, name, parametrization)
@@ -197,7 +201,7 @@ def scale_param_groups(model: nn.Module, scale_lr: float) -> list[dict]:
     pass to any ``torch.optim`` optimizer (the first group takes the optimizer's defaults).
     Raises ValueError if ``model`` has no :func:`adaptive_weight_norm` layer.
     """
-    if isinstance(scale_lr, bool) or not isinstance(scale_lr, (int, float)) or not scale_lr >= 0:
+    if isinstance(scale_lr, bool) or not isinstance(scale_lr, numbers.Real) or not 0 <= scale_lr < math.inf:
         raise ValueError(f"scale_lr must be a non-negative number, got {scale_lr!r}")
     scales = []
     for module in model.modules():
@@ -210,7 +214,7 @@ def scale_param_groups(model: nn.Module, scale_lr: float) -> list[dict]:
         raise ValueError(f"{type(model).__name__} has no adaptive_weight_norm layer: nothing to give scale_lr")
     scale_ids = {id(p) for p in scales}
     others = [p for p in model.parameters() if id(p) not in scale_ids]
-    return [{"params": others}, {"params": scales, "lr": scale_lr}]
+    return [{"params": others}, {"params": scales, "lr": float(scale_lr)}]
 
 
 def saved_tensor_hooks_active() -> bool:

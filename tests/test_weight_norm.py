@@ -6,6 +6,7 @@ layout on a GPU against fp64)."""
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from cuda_loop_coverage import CudaLoopCoverage, assert_every_cuda_loop_iterates
@@ -456,8 +457,15 @@ def test_adaptive_weight_norm_bad_arguments():
         gk.adaptive_weight_norm(nn.Linear(2, 2), per="row")
     with pytest.raises(ValueError, match="init_scale"):
         gk.adaptive_weight_norm(nn.Linear(2, 2), init_scale=0)
-    with pytest.raises(ValueError, match="scale_lr"):
-        gk.scale_param_groups(nn.Linear(2, 2), scale_lr=-1)
+    for scale_lr in (-1, float("inf"), float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="scale_lr must be a non-negative number"):
+            gk.scale_param_groups(gk.adaptive_weight_norm(nn.Linear(2, 2)), scale_lr=scale_lr)
+    with pytest.raises(ValueError, match=r"per='layer' gives the whole tensor one magnitude: leave dim out, got dim=1"):
+        gk.adaptive_weight_norm(nn.Linear(2, 2), dim=1, per="layer")
+    # NumPy's float32 (a config read with NumPy) is a number: the magnitudes' group gets it
+    model = gk.adaptive_weight_norm(nn.Linear(2, 2))
+    groups = gk.scale_param_groups(model, scale_lr=np.float32(0.25))
+    assert type(groups[1]["lr"]) is float and groups[1]["lr"] == 0.25 and groups[1]["params"] == [model.parametrizations.weight.original0]
 
 
 # ---- bad input: errors that name the problem ----
