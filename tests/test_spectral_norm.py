@@ -689,6 +689,39 @@ def test_bad_functional_arguments():
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_buffers_sharing_memory_are_refused_in_training(backend):
+    """Training writes u and v in place: u = v (a square weight), or a buffer that is a row of
+    the weight, would silently change the other (every backend ran it); refused in the
+    functional, grouped and top-k forms, naming the two. Buffers side by side in one storage
+    are apart: accepted, the result that of separate tensors. Eval writes nothing: accepted."""
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    weight = torch.randn(4, 4, device=device)
+    storage = torch.randn(8, device=device)
+    shared = [("u", "v", (weight, storage[:4], storage[:4])), ("weight", "u", (weight, weight[1], storage[4:])),
+              ("weight", "v", (weight.t(), storage[:4], weight[3]))]  # the weight strided
+    for first, second, (w, u, v) in shared:
+        message = f"{first} and {second} share memory"
+        with pytest.raises(ValueError, match=message):
+            gk.functional.spectral_norm(w, u, v, training=True, backend=backend)
+        with pytest.raises(ValueError, match=f"layer 1: {message}"):
+            gk.functional.spectral_norm_group([w, w], [storage[4:].clone(), u], [storage[:4].clone(), v], [0, 0],
+                                              backend=backend)
+        with pytest.raises(ValueError, match=message):
+            gk.functional.spectral_norm_topk(w, u[None], v[None], training=True, backend=backend)
+        before = (weight.clone(), storage.clone())
+        out, _ = gk.functional.spectral_norm(w, u, v, training=False, backend=backend)
+        torch.testing.assert_close(out, gk.functional.spectral_norm(w, u.clone(), v.clone(), training=False,
+                                                                    backend=backend)[0], rtol=0, atol=0)
+        torch.testing.assert_close((weight, storage), before, rtol=0, atol=0)
+    u, v = storage[:4], storage[4:]
+    separate = (storage[:4].clone(), storage[4:].clone())
+    out, _ = gk.functional.spectral_norm(weight, u, v, training=True, backend=backend)
+    expected, _ = gk.functional.spectral_norm(weight, *separate, training=True, backend=backend)
+    torch.testing.assert_close((out, u, v), (expected, *separate), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_numpy_bools_are_bools(backend):
     """NumPy's bools (what a config loaded with NumPy gives) are taken for Python's by every
     spectral-norm functional and layer flag: the same result as the Python bool; any other

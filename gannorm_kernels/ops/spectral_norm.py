@@ -46,6 +46,29 @@ def check_buffer_storage(name: str, buffer: torch.Tensor, weight: torch.Tensor) 
         raise ValueError(f"{name} must be contiguous: it is updated in place")
 
 
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) bytes of memory `t` can touch (strides are never negative in torch)."""
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+def check_buffers_apart(weight, u, v, where: str = "") -> None:
+    """A training call writes u and v in place: refuses u, v and the weight sharing memory (u = v
+    for a square weight, a buffer that is a row of the weight), which would change the other
+    silently. Spans, not elements: a buffer inside a strided weight's gaps is refused too. Not
+    checked under torch.compile or a torch.func transform (no data pointers there)."""
+    tensors = (("weight", weight), ("u", u), ("v", v))
+    if torch.compiler.is_compiling() or any(t.numel() == 0 or torch._C._functorch.is_functorch_wrapped_tensor(t)
+                                            for _, t in tensors):
+        return
+    spans = [(name, _byte_span(t)) for name, t in tensors]
+    for i, (a, (a_start, a_end)) in enumerate(spans):
+        for b, (b_start, b_end) in spans[i + 1:]:
+            if a_start < b_end and b_start < a_end:
+                raise ValueError(f"{where}{a} and {b} share memory: training writes u and v in place, so one would "
+                                 "silently change the other (give each its own tensor, e.g. a .clone())")
+
+
 def check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma) -> int:
     """Validates the arguments, naming the bad one; returns the normalised dim."""
     if not isinstance(weight, torch.Tensor):
@@ -182,6 +205,8 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor | None = None, v: torch.
     training = checks.flag(training, "training")
     if training and sigma is not None:
         raise ValueError("sigma (a cached sigma) is for eval only (training=False): training recomputes it")
+    if training and weight.dim() > 1:
+        check_buffers_apart(weight, u, v)
     if weight.dim() == 1 and sigma is not None:
         raise ValueError("sigma (a cached sigma) is for weights of 2 or more dims (a 1-D weight is divided by its "
                          "norm, recomputed each call)")
@@ -292,6 +317,9 @@ def spectral_norm_group(weights, us, vs, dims, n_power_iterations: int = 1, eps:
     """
     dims = check_group_args(weights, us, vs, dims, n_power_iterations, eps)
     training = checks.flag(training, "training")
+    if training:
+        for k, (weight, u, v) in enumerate(zip(weights, us, vs)):
+            check_buffers_apart(weight, u, v, f"layer {k}: ")
     name = backends.resolve(backend, weights[0].device)
     eps = float(eps)
     if name == "reference":
@@ -392,6 +420,8 @@ def spectral_norm_topk(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d
     """
     dim = check_topk_args(weight, u, v, dim, n_power_iterations, eps)
     training = checks.flag(training, "training")
+    if training:
+        check_buffers_apart(weight, u, v)
     name = backends.resolve(backend, weight.device)
     eps = float(eps)
     if name == "reference":
