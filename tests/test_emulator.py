@@ -18,6 +18,7 @@ from cuda_loop_coverage import CudaLoopCoverage, every_device_loop, kernel_sourc
 
 import gannorm_kernels as gk
 from gannorm_kernels import backends
+from gannorm_kernels.ops import SPECS
 
 _REASON = backends.unavailable_reason("cuda-emu", "cpu")
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"backend 'cuda-emu': {_REASON}")
@@ -205,7 +206,12 @@ def test_out_of_bounds_read_is_caught(asan_library):
 
 
 def test_every_kernel_stays_in_bounds_under_asan(asan_library):
-    """Every CUDA kernel, forward and backward, on awkward shapes: no access outside its tensors."""
+    """Every CUDA kernel, forward and backward, on awkward shapes: no access outside its tensors.
+    Every op spec's forward and backward operator is among those the sweep ran (the grouped and
+    top-k ones were missing)."""
     run = _under_asan(asan_library)
     assert run.returncode == 0 and "AddressSanitizer" not in run.stderr, run.stderr[-4000:]
     assert "clean" in run.stdout
+    called = next(line for line in run.stdout.splitlines() if line.startswith("operators called:")).split()[2:]
+    expected = {name for spec in SPECS.values() for name in (spec.forward_name, spec.backward_name)}
+    assert not expected - set(called), f"the sweep never ran {sorted(expected - set(called))}"

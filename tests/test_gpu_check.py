@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gannorm_kernels.ops import SPECS
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "data" / "bench_cpu_smoke.json"
 NO_GPU_LINE = "make gpu-check: no CUDA GPU is visible here"
@@ -199,14 +201,18 @@ def test_per_test_deadline_fails_a_slow_test_and_goes_on(tmp_path):
 
 
 def test_sanitize_program_runs_every_op_under_the_emulation():
-    """tools/sanitize_run.py (what the sanitizers run on a GPU) on the cuda-emu backend here."""
+    """tools/sanitize_run.py (what the sanitizers run on a GPU) on the cuda-emu backend here, with
+    its coverage check: every op spec's forward and backward operator is called (the grouped and
+    top-k ones were not, so their 8 kernels escaped the sanitizers and the GPU coverage check
+    would have failed the stage)."""
     from gannorm_kernels import backends
     reason = backends.unavailable_reason("cuda-emu", "cpu")
     if reason:
         pytest.skip(f"cuda-emu: {reason}")
-    result = subprocess.run([sys.executable, "tools/sanitize_run.py", "--backend", "cuda-emu", "--dtypes", "float32"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "tools/sanitize_run.py", "--backend", "cuda-emu", "--dtypes", "float32",
+                             "--check-coverage"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "backend cuda-emu on cpu" in result.stdout
+    assert f"every one of the {len(SPECS)} op specs' forward and backward operators was called" in result.stdout
     names = gpu_check.cuda_kernel_names()
     assert len(names) >= 15 and "sn_rows_kernel" in names and "weight_norm_bwd_cols_kernel" in names
