@@ -87,7 +87,7 @@ bench: build
 # - Stages as separate calls share the build and GPU_CHECK_OUT (default
 #   bench/results/<gpu>-<commit>/, at most 8 files of at most 16 MB: environment.json,
 #   build.log, tests.xml, tests.txt, sanitizer.txt, bench.json, bench.md, bench.png).
-#   No STAGE: all four in one call (aimed at < 8 minutes on 16 cores).
+#   No STAGE: all five in one call (more than one 10-minute call since STAGE=large).
 # - `make gpu-check DRY_RUN=1` prints each stage's commands for a pretended sm_90 device.
 # tools/gpu_check.py holds the details; tests/test_gpu_check.py runs this target offline.
 STAGE ?= all

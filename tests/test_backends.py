@@ -208,3 +208,28 @@ def test_every_planted_bug_still_finds_its_line():
     counts = {m.id: (root / m.path).read_text().count(m.find) for m in mutation_check.MUTATIONS}
     assert counts == dict.fromkeys(counts, 1)
     assert len(counts) == len(mutation_check.MUTATIONS) >= 20
+
+
+def test_readme_lists_the_whole_public_api():
+    """README's "The whole public API" table names every export of gannorm_kernels and nothing
+    else, with every parameter of each function or class in its row; every export has a
+    docstring."""
+    import inspect
+    import re
+    text = (ROOT / "README.md").read_text()
+    table = text.split("### The whole public API", 1)[1].split("\n\n|", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.splitlines()[2:]:  # past the header and its rule
+        first_cell = line.split(" | ")[0].lstrip("| ")
+        for name in re.findall(r"`(\w+)", first_cell):
+            rows[name] = line
+    assert set(rows) == set(gk.__all__), (sorted(set(gk.__all__) - set(rows)), sorted(set(rows) - set(gk.__all__)))
+    for name in gk.__all__:
+        obj = getattr(gk, name)
+        assert (obj.__doc__ or "").strip(), f"{name} has no docstring"
+        if inspect.isfunction(obj) or name in ("MinibatchDiscrimination", "MinibatchStdDev"):
+            for parameter in inspect.signature(obj).parameters:
+                assert re.search(rf"\b{parameter}\b", rows[name]), f"README's row for {name} lacks {parameter!r}"
+    functional_row = rows["functional"]
+    for name in (n for n in dir(gk.functional) if not n.startswith("_") and callable(getattr(gk.functional, n))):
+        assert f"`{name}" in functional_row, f"README's functional row lacks {name}"

@@ -11,12 +11,14 @@ build (gannorm_kernels/*.so) and the output folder:
   build     the extension for this GPU; the environment and what was built
   test      every test in tests/ (cuda and triton backends on the GPU), in parallel shards,
             each test under a time limit (tools/pytest_deadline.py; pytest-timeout is absent)
+  large     the tests of 2^31+ element tensors (marker large_tensor), one at a time
   sanitize  tools/sanitize_run.py (every CUDA kernel once, small shapes) under
             compute-sanitizer memcheck, racecheck, initcheck and synccheck, and the Triton
-            kernels under memcheck; first a plain run that checks every __global__ ran
+            kernels under memcheck; first a plain run that checks every op spec's operator was
+            called and every __global__ ran
   bench     bench/ on the GPU (ours vs torch eager vs torch.compile, the discriminator step
             eager / compiled / CUDA-graphed), one pytest run per suite, merged
-  all       the four in order (the default); a failed build stops it, a failed test does not
+  all       the five in order (the default); a failed build stops it, a failed test does not
 
 Everything lands in one folder, GPU_CHECK_OUT (default bench/results/<gpu>-<commit>/), at
 most 8 files of at most 16 MB each (logs are cut in the middle to fit):

@@ -84,7 +84,8 @@ def pairwise_similarity_penalty(features: torch.Tensor, kernel: str = "cosine", 
         bandwidth: the rbf kernel's width, > 0.
         eps: the cosine kernel's guard against zero rows.
         global_batch: under torch.distributed, take the penalty over every rank's features
-            (gathered with autograd, so each rank's gradient covers its own samples' part).
+            (gathered with autograd: each rank's gradient is world_size times its own samples'
+            share, which DistributedDataParallel's averaging of gradients divides out).
         backend: "auto", "reference", "triton", "cuda" or "cuda-emu".
 
     Returns a scalar of the features' dtype (computed in fp32 for fp16/bf16). Memory stays

@@ -305,7 +305,8 @@ def spectral_norm_group(weights, us, vs, dims, n_power_iterations: int = 1, eps:
     """The spectral norms of many weights at once: returns ``([w / sigma(w) for w in weights],
     sigmas)``, each layer exactly as :func:`spectral_norm` would compute it (the same power
     iteration on its own ``u``, ``v``, updated in place when ``training``), in one launch set
-    for all of them: 2 n + 1 launches to train, 2 in eval, 2 backward, however many weights.
+    for all of them: 2 n + 1 launches to train, 2 in eval, 2 backward, however many weights (the
+    CUDA backend: that per 24 weights, which its kernels carry in their parameters).
 
     Args:
         weights: real tensors of 2 or more dims, one dtype and device.

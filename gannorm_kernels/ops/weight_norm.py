@@ -105,7 +105,8 @@ def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int | None = 0, *, backen
             :mod:`gannorm_kernels.backends`).
 
     A channel whose direction is all zeros gets a zero weight and zero gradients, not NaN.
-    fp16/bf16 are computed in fp32. Kernel backends: one launch forward, one backward.
+    fp16/bf16 are computed in fp32. Kernel backends: one launch forward, one backward (two each
+    for the whole tensor).
     """
     dim = check_weight_norm_args(v, g, dim)
     name = backends.resolve(backend, v.device)
