@@ -108,6 +108,28 @@ def test_converted_model_trains_as_torchs(backend):
         torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_convert_keeps_each_layers_settings(backend):
+    """n_power_iterations, eps and dim of each torch spectral norm (both APIs) carry over: two
+    training forwards give torch's outputs and buffers (fp64; 15 warm-up iterations leave u and v
+    far enough from converged that a wrong iteration count shows)."""
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    theirs = nn.Sequential(parametrizations.spectral_norm(nn.Linear(6, 5), n_power_iterations=3, eps=1e-6),
+                           nn.utils.spectral_norm(nn.Linear(5, 4), n_power_iterations=2, eps=1e-5),
+                           nn.Unflatten(1, (4, 1)),
+                           parametrizations.spectral_norm(nn.ConvTranspose1d(4, 3, 2), n_power_iterations=2)).double()
+    ours = gk.convert(copy.deepcopy(theirs), backend=backend).to(device)
+    ours_new, ours_transposed = ours[0].parametrizations.weight[0], ours[3].parametrizations.weight[0]
+    assert (ours_new.n_power_iterations, ours_new.eps) == (3, 1e-6)
+    assert (ours_transposed.n_power_iterations, ours_transposed.dim) == (2, 1)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    for _ in range(2):
+        torch.testing.assert_close(ours(x.to(device)).cpu(), theirs(x), rtol=1e-10, atol=1e-12)
+        for (name, theirs_buffer), ours_buffer in zip(theirs.named_buffers(), ours.buffers()):
+            torch.testing.assert_close(ours_buffer.cpu(), theirs_buffer, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_revert_gives_torchs_own_norms():
     original = discriminator()
     model = gk.convert(copy.deepcopy(original), backend="reference")

@@ -1154,6 +1154,35 @@ def test_group_launch_budget(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_group_past_24_layers_matches_fp64_reference(backend):
+    """30 layers: the CUDA kernels take them in two launch sets of up to 24 (their parameters),
+    so the second set's layers are indexed from its first layer. Every layer's output, sigma,
+    buffers and gradient against the fp64 reference of that layer alone (a second set writing
+    its sigmas over the first set's gave wrong gradients, the outputs right)."""
+    device = backend_device(backend)
+    generator = torch.Generator().manual_seed(0)
+    layers = 30
+    weights = [torch.randn(3 + k % 4, 5, generator=generator, dtype=torch.float64) for k in range(layers)]
+    us = [nn.functional.normalize(torch.randn(w.shape[0], generator=generator, dtype=torch.float64), dim=0)
+          for w in weights]
+    vs = [nn.functional.normalize(torch.randn(5, generator=generator, dtype=torch.float64), dim=0) for _ in weights]
+    grads = [torch.randn(w.shape, generator=generator, dtype=torch.float64) for w in weights]
+    leaves = [w.to(device, copy=True).requires_grad_() for w in weights]
+    our_us, our_vs = [u.to(device, copy=True) for u in us], [v.to(device, copy=True) for v in vs]
+    outs, sigmas = gk.functional.spectral_norm_group(leaves, our_us, our_vs, [0] * layers, 1, EPS, True,
+                                                     backend=backend)
+    torch.autograd.backward(outs, [g.to(device) for g in grads])
+    for k in range(layers):
+        leaf, u, v = weights[k].clone().requires_grad_(), us[k].clone(), vs[k].clone()
+        out, sigma = reference.spectral_norm(leaf, u, v, 0, 1, EPS, True)
+        out.backward(grads[k])
+        for what, ours_, expected in (("out", outs[k], out), ("sigma", sigmas[k], sigma), ("u", our_us[k], u),
+                                      ("v", our_vs[k], v), ("grad", leaves[k].grad, leaf.grad)):
+            torch.testing.assert_close(ours_.detach().cpu(), expected.detach(), rtol=1e-10, atol=1e-12,
+                                       msg=f"layer {k} {what}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_group_opcheck(backend):
     device = backend_device(backend)
     inputs = [make_inputs(shape, dim, torch.float32, device, seed=k) for k, (shape, dim) in enumerate(CASES[:4])]
@@ -1336,6 +1365,52 @@ def test_topk_launch_budget(backend, k):
     with count_launches() as backward:
         out.backward(grad_out)
     assert (backward.ours, backward.aten_ops) == (2, [])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_topk_of_a_rank_deficient_weight(backend):
+    """k = 2 on a rank-1 weight and on a zero one (a zero-initialised layer): the Gram matrix of
+    the second vectors is ~0, and rounding can make its Cholesky residual slightly negative,
+    which the kernels must clamp to 0 (else NaN). Sigmas, output and the first vectors as the
+    fp64 reference's; the second sigma ~0 and every buffer finite."""
+    device = backend_device(backend)
+    generator = torch.Generator().manual_seed(0)
+    for seed in range(4):
+        rank_one = (torch.randn(12, 1, generator=generator, dtype=torch.float64)
+                    @ torch.randn(1, 9, generator=generator, dtype=torch.float64))
+        for weight in (rank_one, torch.zeros(12, 9, dtype=torch.float64)):
+            u = reference.orthonormalize(torch.randn(2, 12, generator=generator, dtype=torch.float64), EPS)[0]
+            v = reference.orthonormalize(torch.randn(2, 9, generator=generator, dtype=torch.float64), EPS)[0]
+            ours_u, ours_v = u.to(device, copy=True), v.to(device, copy=True)
+            out, sigmas = gk.functional.spectral_norm_topk(weight.to(device), ours_u, ours_v, 0, 2, EPS, True,
+                                                           backend=backend)
+            expected_out, expected = reference.spectral_norm_topk(weight, u, v, 0, 2, EPS, True)
+            case = f"seed {seed}, {'rank 1' if weight.any() else 'zero'}"
+            for t in (out, sigmas, ours_u, ours_v):
+                assert torch.isfinite(t).all(), case
+            torch.testing.assert_close(sigmas[0].cpu(), expected[0], rtol=1e-10, atol=0, msg=case)
+            assert sigmas[1].abs() <= 1e-12 * max(sigmas[0].item(), 1.0), case
+            torch.testing.assert_close(out.cpu(), expected_out, rtol=1e-10, atol=1e-12, msg=case)
+            torch.testing.assert_close((ours_u[0].cpu(), ours_v[0].cpu()), (u[0], v[0]), rtol=1e-10, atol=1e-12,
+                                       msg=case)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_topk_layer_warms_up_as_torch_registers(backend):
+    """A num_svs=k layer's buffers after registration: drawn as torch draws u and v (the global
+    stream, u then v), orthonormalised, then 15 warm-up iterations plus the n of the forward
+    torch's registration runs, computed here with the fp64 reference op."""
+    torch.manual_seed(0)
+    layer = nn.Linear(7, 6).double()
+    torch.manual_seed(1)
+    ours = gk.spectral_norm(copy.deepcopy(layer), num_svs=2, n_power_iterations=3, backend=backend)
+    torch.manual_seed(1)
+    weight = layer.weight.detach()
+    u = reference.orthonormalize(weight.new_empty(2, 6).normal_(0, 1), EPS)[0]
+    v = reference.orthonormalize(weight.new_empty(2, 7).normal_(0, 1), EPS)[0]
+    reference.spectral_norm_topk(weight, u, v, 0, 15 + 3, EPS, True)
+    parametrization = ours.parametrizations.weight[0]
+    torch.testing.assert_close((parametrization._u, parametrization._v), (u, v), rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

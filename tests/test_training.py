@@ -364,6 +364,43 @@ def test_group_rules(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_grouped_layers_keep_their_own_mode_and_sigmas_buffer(backend):
+    """Each grouped layer follows its own train/eval mode, not the model's (a layer put in eval
+    inside a training model does not iterate), and a sigmas_buffer layer's _sigmas is written
+    by training forwards only: buffers equal to an ungrouped twin's (fp64) either way."""
+    device = backend_device(backend)
+    x = torch.randn(2, 4, dtype=torch.float64).to(device)
+
+    def model_and_twin(sigmas_buffer):
+        torch.manual_seed(0)
+        model = nn.Sequential(gk.spectral_norm(nn.Linear(4, 5), backend=backend, sigmas_buffer=sigmas_buffer),
+                              nn.ReLU(), gk.spectral_norm(nn.Linear(5, 3), backend=backend,
+                                                          sigmas_buffer=sigmas_buffer)).double().to(device)
+        return model, copy.deepcopy(model)
+
+    def assert_same_buffers(model, twin, what):
+        for (name, ours), theirs in zip(model.named_buffers(), twin.buffers()):
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14, msg=f"{what}: {name}")
+
+    model, twin = model_and_twin(False)
+    gk.group_spectral_norms(model)
+    for m in (model, twin):
+        m.train()
+        m[2].eval()
+        m(x)
+    assert_same_buffers(model, twin, "one layer in eval")
+    model, twin = model_and_twin(True)
+    gk.group_spectral_norms(model)
+    for m in (model, twin):
+        m(x).sum().backward()  # training: _sigmas written
+        with torch.no_grad():
+            m[0].parametrizations.weight.original.mul_(1.5)
+        m.eval()
+        m(x)  # eval: _sigmas left as the last training forward wrote them
+    assert_same_buffers(model, twin, "sigmas_buffer after eval")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_grouped_model_in_user_patterns(backend):
     """What GAN code does around a grouped model: sampling under inference_mode, checkpoints both
     ways with an ungrouped twin (grouping adds no state), ema_update into the twin, and writes

@@ -46,6 +46,13 @@ SIM_EMU = ("tests/test_similarity.py", "tests/test_emulator.py", "-k", "cuda-emu
 DISC_EMU = ("tests/test_minibatch_discrimination.py", "tests/test_emulator.py", "-k", "cuda-emu or emulator")
 STD_TRITON = ("tests/test_minibatch_stddev.py", "-k", "triton")
 STD_EMU = ("tests/test_minibatch_stddev.py", "tests/test_emulator.py", "-k", "cuda-emu or emulator")
+SN_TRITON_LOWP = ("tests/test_spectral_norm.py", "-k", "triton and (float16 or bfloat16)")
+TOPK_TRITON = ("tests/test_spectral_norm.py", "tests/test_properties.py", "-k", "(topk or nan) and triton")
+GROUP_EMU = ("tests/test_spectral_norm.py", "-k", "group and cuda-emu")
+GLUE_TRAINING = ("tests/test_training.py", "tests/test_training_patterns.py", "-k", "not triton and not built_where_nvcc")
+GLUE_CONVERT = ("tests/test_convert.py", "tests/test_training_patterns.py", "tests/test_torch_parametrization.py",
+                "-k", "not triton and not built_where_nvcc")
+GLUE_TOPK = ("tests/test_spectral_norm.py", "tests/test_properties.py", "-k", "topk and not triton")
 GLUE = ("tests/test_training_patterns.py", "tests/test_spectral_norm.py", "tests/test_double_backward.py",
         "tests/test_backends.py", "tests/test_torch_parametrization.py",
         "-k", "not triton and not built_where_nvcc")  # the scratch copy builds the emulator only
@@ -99,6 +106,31 @@ MUTATIONS = [
              "    return tl.where(x < floor, floor, x)", "    return tl.maximum(x, floor)",
              ("tests/test_properties.py", "-k", "nan and triton"),
              "max(norm, eps) as fmax, which drops a NaN (a diverged weight comes out finite)"),
+    # T13-T16, C14-C18, P8-P13: planted by an independent audit (helper session)
+    Mutation("T13", "gannorm_kernels/triton/spectral_norm.py",
+             "    total = tl.zeros([BLOCK], dtype=ACC)\n"
+             "    for start in range(pid.to(tl.int64) * BLOCK, numel, tl.num_programs(0) * BLOCK):\n"
+             "        offsets, mask = block_at(start, numel, BLOCK)\n"
+             "        a = tl.load(a_ptr + start + offsets, mask=mask, other=0.0).to(ACC)\n"
+             "        b = tl.load(b_ptr + start + offsets, mask=mask, other=0.0).to(ACC)\n",
+             "    total = tl.zeros([BLOCK], dtype=a_ptr.dtype.element_ty)\n"
+             "    for start in range(pid.to(tl.int64) * BLOCK, numel, tl.num_programs(0) * BLOCK):\n"
+             "        offsets, mask = block_at(start, numel, BLOCK)\n"
+             "        a = tl.load(a_ptr + start + offsets, mask=mask, other=0.0)\n"
+             "        b = tl.load(b_ptr + start + offsets, mask=mask, other=0.0)\n",
+             SN_TRITON_LOWP, "spectral norm <G, W> / ||w||^2 partials accumulated in the weight's dtype (fp16/bf16)"),
+    Mutation("T14", "gannorm_kernels/triton/spectral_norm.py",
+             "diag = at_least(tl.sum(tl.where(c == col, row, 0.0), axis=0), 0.0)",
+             "diag = tl.sum(tl.where(c == col, row, 0.0), axis=0)",
+             TOPK_TRITON, "top-k Cholesky: the clamp of a negative residual to 0 dropped (rank-deficient W: NaN)"),
+    Mutation("T15", "gannorm_kernels/triton/weight_norm.py",
+             "        rnorm3 = rnorm * rnorm * rnorm\n        grad_g = total * rnorm",
+             "        rnorm3 = rnorm * rnorm\n        grad_g = total * rnorm",
+             WN_TRITON, "weight norm fused rows backward: rnorm^3 term written rnorm^2"),
+    Mutation("T16", "gannorm_kernels/triton/minibatch_stddev.py",
+             "coefficient = tl.sum(statistic_grad, axis=0) / (tl.cast(span, ACC) * G)",
+             "coefficient = tl.sum(statistic_grad, axis=0) / (tl.cast(HW, ACC) * G)",
+             STD_TRITON, "minibatch stddev backward: statistic averaged over H W instead of the group's span"),
     # ---- CUDA (run by cuda-emu) ----
     Mutation("C1", "csrc/common.cuh",
              "  __syncthreads();  // the previous call's readers are done with warp_totals\n",
@@ -151,6 +183,25 @@ MUTATIONS = [
              "const acc denominator = abs_acc(sigma) > eps ? sigma : eps;  // NaN stays NaN\n  const int64_t first",
              ("tests/test_properties.py", "-k", "nan and cuda-emu"),
              "grouped spectral norm scale: the tiny-sigma guard sends a NaN sigma to eps"),
+    Mutation("C14", "csrc/spectral_norm.cu",
+             "if (local == 0 && threadIdx.x == 0) sigmas[g.first_layer + layer] = sigma;",
+             "if (local == 0 && threadIdx.x == 0) sigmas[layer] = sigma;",
+             GROUP_EMU, "grouped spectral norm (> 24 layers: chunks): a chunk's sigmas written at its local index"),
+    Mutation("C15", "csrc/minibatch_stddev.cu",
+             "      const int64_t sample = int64_t(g) * L.groups + m;\n      const scalar_t value",
+             "      const int64_t sample = int64_t(m) * L.G + g;\n      const scalar_t value",
+             STD_EMU, "minibatch stddev forward: groups of consecutive samples instead of strided ones"),
+    Mutation("C16", "csrc/minibatch_discrimination.cu",
+             "      __syncwarp();  // the previous chunk's weights are read\n", "",
+             DISC_EMU, "minibatch discrimination backward: the warp barrier before the weights are overwritten dropped"),
+    Mutation("C17", "csrc/similarity.cu",
+             "  const int rows = remaining < kRowsPerBlock ? remaining : kRowsPerBlock;",
+             "  const int rows = kRowsPerBlock;",
+             SIM_EMU, "cosine rows: the last block sums rows past N"),
+    Mutation("C18", "csrc/weight_norm.cu",
+             "  acc sumsq = 0;\n  if (active) {",
+             "  scalar_t sumsq = 0;\n  if (active) {",
+             WN_EMU, "weight norm columns (last dim): sum of squares accumulated in fp16/bf16"),
     # ---- Python glue ----
     Mutation("P1", "gannorm_kernels/nn.py",
              "spectral_norm(\n                weight, self._u, self._v, self.dim, self.n_power_iterations, self.eps, "
@@ -184,6 +235,30 @@ MUTATIONS = [
              "            out, self.grouped = self.grouped, None\n", "            out = self.grouped\n",
              ("tests/test_training.py", "-k", "group and cuda-emu"),
              "grouped spectral norm: a layer's second use in a forward reuses the grouped weight (torch iterates)"),
+    Mutation("P8", "gannorm_kernels/training.py",
+             '                if training and hasattr(owner, "_sigmas"):',
+             '                if hasattr(owner, "_sigmas"):',
+             GLUE_TRAINING, "grouped spectral norm: the _sigmas buffer also overwritten by eval forwards"),
+    Mutation("P9", "gannorm_kernels/training.py",
+             "                buffer_names = (\"_u\", \"_v\")\n                training = owner.training",
+             "                buffer_names = (\"_u\", \"_v\")\n                training = model.training",
+             GLUE_TRAINING, "grouped spectral norm: a layer iterates by the model's mode, not its own"),
+    Mutation("P10", "gannorm_kernels/convert.py",
+             'getattr(theirs, "n_power_iterations", 1), theirs.dim, theirs.eps,',
+             '1, theirs.dim, theirs.eps,',
+             GLUE_CONVERT, "convert: torch's parametrization's n_power_iterations dropped (becomes 1)"),
+    Mutation("P11", "gannorm_kernels/nn.py",
+             "reference.spectral_norm_topk(weight_mat, u, v, 0, 15 + n_power_iterations, eps, True)",
+             "reference.spectral_norm_topk(weight_mat, u, v, 0, 15, eps, True)",
+             GLUE_TOPK, "num_svs > 1 layer: the registration forward's n iterations left out of the warm-up"),
+    Mutation("P12", "gannorm_kernels/training.py",
+             "reference.spectral_power_method(matrix.t(), new_v, new_u, n_warmup, eps)",
+             "reference.spectral_power_method(matrix, new_u, new_v, n_warmup, eps)",
+             GLUE_TRAINING, "reset_spectral_norm: a legacy hook warmed up in the new API's order (u first)"),
+    Mutation("P13", "gannorm_kernels/training.py",
+             "torch._foreach_lerp_(targets, sources, 1.0 - decay)",
+             "torch._foreach_lerp_(targets, sources, decay)",
+             GLUE_TRAINING, "ema_update: decay and 1 - decay swapped"),
 ]
 
 
