@@ -474,6 +474,15 @@ def test_fold_then_torchscript():
         torch.jit.save(compiled, buffer)
         buffer.seek(0)
         torch.testing.assert_close(torch.jit.load(buffer)(x), folded(x), rtol=0, atol=0)
+    # unfolded, as README says: the trace runs (our autograd Functions are called as Python),
+    # but cannot be saved
+    unfolded, _ = folded_pair("reference", convert=True)
+    unfolded.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(unfolded, (x,), check_trace=False)
+        torch.testing.assert_close(traced(x), unfolded(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="Could not export Python function"):
+        torch.jit.save(traced, io.BytesIO())
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

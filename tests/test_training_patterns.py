@@ -452,7 +452,7 @@ def test_torch_func_transforms_on_a_converted_model(backend, grouped):
     penalty), vmap over the data, jvp along the parameters, vmap over batched weights,
     per-sample gradients (vmap of grad) and jacrev; each equal to torch's own norms, with the
     spectral norms grouped or not."""
-    from torch.func import functional_call, grad, jacrev, jvp, vmap
+    from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
     device = backend_device(backend)
     theirs, ours = _func_model().to(device), gk.convert(_func_model(), backend=backend).to(device)
     if grouped:
@@ -505,6 +505,19 @@ def test_torch_func_transforms_on_a_converted_model(backend, grouped):
     jacobians = [jacrev(lambda p: functional_call(m, p, (x,)).squeeze(1))(params) for m in (theirs, ours)]
     for key in jacobians[0]:
         _assert_close(jacobians[0][key], jacobians[1][key], f"jacrev {key}")
+    if backend != "reference":  # what README says the kernel backends refuse, each with a clear error
+        def objective(p):
+            return functional_call(ours, p, (x,)).square().sum()
+
+        with pytest.raises(NotImplementedError, match="jacrev of jacrev also asks for"):
+            jacrev(jacrev(objective))(params)
+        with pytest.raises(RuntimeError, match="jvp"):  # torch's: forward mode over the double backward
+            jacfwd(jacrev(objective))(params)
+        # vmap over 0 weights: the ops' own error (grouped, torch's reshape refuses first)
+        refusal = pytest.raises(RuntimeError, match="cannot reshape tensor of 0 elements") if grouped else \
+            pytest.raises(NotImplementedError, match="vmap over a batch of size 0 is not supported")
+        with refusal:
+            vmap(lambda p: functional_call(ours, p, (x,)))({k: p[:0] for k, p in batched.items()})
 
 
 @pytest.mark.filterwarnings(r"ignore:`torch\.jit\.script` is deprecated:FutureWarning")  # torch.func's import

@@ -457,7 +457,8 @@ class _KernelGrads(torch.autograd.Function):
     def backward(ctx, *grad_grads):
         if torch.is_grad_enabled():  # asked for a differentiable second derivative
             raise NotImplementedError("gannorm_kernels ops support gradients of first and second order; a third "
-                                      "order (create_graph=True through a second derivative) is not supported")
+                                      "order (create_graph=True through a second derivative, which torch.func's "
+                                      "jacrev of jacrev also asks for) is not supported")
         saved = iter(ctx.saved_tensors)
         values = [next(saved) if v is _SAVED else v for v in ctx.values]
         n = ctx.n_grad_outputs
