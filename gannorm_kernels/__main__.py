@@ -1,4 +1,4 @@
-"""`python -m gannorm_kernels`: prints what this install can do (gannorm_kernels.info)."""
+"""`python -m gannorm_kernels` (or `python -m gannorm_kernels.info`): prints what this install can do."""
 
 from .info import main
 

@@ -6,7 +6,7 @@
 | triton    | CUDA tensors; CPU tensors under TRITON_INTERPRET=1 |
 | cuda      | CUDA tensors, with the compiled extension `_C` |
 | cuda-emu  | CPU tensors: the CUDA kernels under host emulation (`_emu`) |
-| auto      | CUDA tensor: cuda if it was built, else triton; CPU tensor: reference |
+| auto      | CUDA tensor: cuda if built for this GPU, else triton, else reference; CPU: reference |
 
 The choice: the `backend=` argument; where that is "auto", the GANNORM_BACKEND environment
 variable; else the auto rule. An explicit backend runs or raises; it never falls back.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -61,8 +62,39 @@ def extension_error(backend: str) -> str | None:
                      else (info.EMU_EXTENSION, info.EMU_EXTENSION_REASON))
     if not built:
         return f"the {backend} kernels were not built: {reason}"
+    # C++ extensions are tied to the torch they were compiled against (a build that pip made in an
+    # isolated environment used whatever torch it downloaded): another minor version may load and
+    # then crash, so it is refused by name
+    built_with, running = _minor_version(info.TORCH_VERSION), _minor_version(torch.__version__)
+    if built_with != running:
+        return (f"the {backend} kernels were built but do not load with this torch: built against torch "
+                f"{info.TORCH_VERSION}, running {torch.__version__}; rebuild (`pip install --no-build-isolation .`)")
     _, error = _import(_EXTENSION_MODULE[backend])
     return None if error is None else f"the {backend} kernels were built but do not load: {error}"
+
+
+def _minor_version(version: str) -> tuple[str, ...]:
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+def arch_mismatch(archs: str, capability: tuple[int, int]) -> str | None:
+    """Why CUDA kernels built for `archs` (TORCH_CUDA_ARCH_LIST's form, "8.0;9.0+PTX") cannot run
+    on a GPU of compute `capability`, or None when they can: machine code runs on its own major
+    version at an equal or higher minor one ("9.0a": on 9.0 only), PTX on any GPU at or above its
+    arch (compiled by the driver). An entry of another form is not judged (None)."""
+    for entry in re.split(r"[;\s]+", archs.strip()):
+        match = re.fullmatch(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?", entry)
+        if match is None:
+            return None
+        arch = (int(match.group(1)), int(match.group(2)))
+        if match.group(3):
+            runs = arch == capability
+        else:
+            runs = (arch[0] == capability[0] and arch[1] <= capability[1]) or (match.group(4) and arch <= capability)
+        if runs:
+            return None
+    return (f"the cuda kernels were built for compute capabilities {archs}, not this GPU's "
+            f"{capability[0]}.{capability[1]} (rebuild with TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]})")
 
 
 @dataclass(frozen=True)
@@ -74,7 +106,9 @@ class Backend:
     device_types: tuple[str, ...]
     description: str
 
-    def not_supported_reasons(self, device_type: str) -> list[str]:
+    def not_supported_reasons(self, device_type: str, index: int | None = None) -> list[str]:
+        """`index`: the CUDA device (default: the current one), whose compute capability the
+        cuda kernels must have been built for."""
         if device_type == "cuda" and not torch.cuda.is_available():
             return ["no CUDA device is available"]
         if self.name == "reference":
@@ -93,7 +127,12 @@ class Backend:
             runs, other, other_runs = ("CUDA", "cuda-emu", "CPU") if self.name == "cuda" else ("CPU", "cuda", "CUDA")
             return [f"it runs {runs} tensors only, not {device_type} ones (use {other!r} for {other_runs} tensors)"]
         error = extension_error(self.name)
-        return [] if error is None else [error]
+        if error is not None:
+            return [error]
+        if self.name == "cuda":
+            mismatch = arch_mismatch(build_info().CUDA_ARCHS, torch.cuda.get_device_capability(index))
+            return [] if mismatch is None else [mismatch]
+        return []
 
 
 RECORDS = {
@@ -131,14 +170,15 @@ def requested(backend: str) -> str:
     return backend
 
 
-def auto(device_type: str) -> str:
+def auto(device_type: str, index: int | None = None) -> str:
     """The auto rule: the first of AUTO_CANDIDATES that can run (anything but CUDA tensors: the
     reference). A compiled extension that was built but does not load is an error, never a
-    reason to pick the next candidate. Raises with every candidate's reason if none can run."""
+    reason to pick the next candidate; one built for other GPUs than this one is such a reason.
+    Raises with every candidate's reason if none can run."""
     candidates = AUTO_CANDIDATES.get(device_type, ("reference",))
     reasons = {}
     for name in candidates:
-        found = RECORDS[name].not_supported_reasons(device_type)
+        found = RECORDS[name].not_supported_reasons(device_type, index)
         if not found:
             return name
         if name in OPS_NAMESPACE and "built but do not load" in " ".join(found):
@@ -152,8 +192,8 @@ def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend that runs an op on tensors of `device`; raises if it cannot run."""
     name = requested(backend)
     if name == "auto":
-        return auto(device.type)
-    reason = unavailable_reason(name, device.type)
+        return auto(device.type, device.index)
+    reason = "; ".join(RECORDS[name].not_supported_reasons(device.type, device.index)) or None
     if reason is not None:
         raise RuntimeError(f"backend {name!r} cannot run on this {device.type} tensor: {reason}")
     return name

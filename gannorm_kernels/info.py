@@ -73,3 +73,7 @@ def main() -> None:
         else:
             print(f"{key}: {json.dumps(value)}")
 
+
+
+if __name__ == "__main__":  # python -m gannorm_kernels.info, as python -m gannorm_kernels
+    main()
