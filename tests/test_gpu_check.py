@@ -216,3 +216,17 @@ def test_sanitize_program_runs_every_op_under_the_emulation():
     assert f"every one of the {len(SPECS)} op specs' forward and backward operators was called" in result.stdout
     names = gpu_check.cuda_kernel_names()
     assert len(names) >= 15 and "sn_rows_kernel" in names and "weight_norm_bwd_cols_kernel" in names
+
+
+def test_stages_name_the_modules_they_lack(monkeypatch, tmp_path):
+    """The GPU machines come with torch and triton; nothing can be installed there. A stage whose
+    tools are missing fails at once naming them, instead of deep inside a subprocess."""
+    assert gpu_check.lacking(("json",), "test") is None
+    absent = {"pytest_benchmark"}
+    real = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name, *a: None if name in absent else real(name))
+    status, detail = gpu_check.stage_bench(tmp_path)
+    assert status == "failed" and "lacks ['pytest_benchmark'], which the bench stage needs" in detail["reason"]
+    absent = {"pytest", "numpy"}
+    status, detail = gpu_check.stage_test(tmp_path, 4)
+    assert status == "failed" and "lacks ['pytest', 'numpy'], which the test stage needs" in detail["reason"]
