@@ -1200,6 +1200,14 @@ def test_group_opcheck(backend):
     grads = [torch.randn_like(o) for o in outs]
     torch.library.opcheck(torch.ops.gannorm_kernels.spectral_norm_group_bwd.default,
                           (grads, [w.detach() for w in weights], u_used, v_used, sigmas, dims, EPS, backend))
+    if backend in backends.OPS_NAMESPACE:  # the compiled operators themselves
+        ops = getattr(torch.ops, backends.OPS_NAMESPACE[backend])
+        plain = [w.detach() for w in weights]
+        for training in (True, False):
+            torch.library.opcheck(ops.spectral_norm_group_fwd.default,
+                                  (plain, [u.clone() for u in us], [v.clone() for v in vs], dims, 1, EPS, training),
+                                  test_utils=checks)
+        torch.library.opcheck(ops.spectral_norm_group_bwd.default, (grads, plain, u_used, v_used, sigmas, dims, EPS))
 
 
 def test_group_bad_arguments():
@@ -1422,6 +1430,11 @@ def test_topk_opcheck(backend):
                                                            2, EPS, training, backend))
     _, sigmas, u_used, v_used = ops.spectral_norm_topk_fwd(weight, u.clone(), v.clone(), 1, 1, EPS, True, backend)
     torch.library.opcheck(ops.spectral_norm_topk_bwd, (grad_out, weight, u_used, v_used, sigmas, 1, EPS, backend))
+    if backend in backends.OPS_NAMESPACE:  # the compiled operators themselves
+        compiled = getattr(torch.ops, backends.OPS_NAMESPACE[backend])
+        for training in (True, False):
+            torch.library.opcheck(compiled.spectral_norm_topk_fwd, (weight, u.clone(), v.clone(), 1, 2, EPS, training))
+        torch.library.opcheck(compiled.spectral_norm_topk_bwd, (grad_out, weight, u_used, v_used, sigmas, 1, EPS))
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
