@@ -1,15 +1,16 @@
 """Non-contiguous and channels_last inputs, every op and backend, against the fp64 reference
-evaluated on the same view. The launchers make their inputs contiguous (one documented copy
-each way, not in the launch budgets, which are for contiguous inputs); this holds that the
-copy is there and that each backend reads the view's elements, not its storage order."""
+evaluated on the same view. The launchers make their inputs contiguous (documented copies, not
+in the launch budgets, which are for contiguous inputs; counted below for the norms); this holds
+that the copy is there and that each backend reads the view's elements, not its storage order."""
 
 import pytest
 import torch
-from helpers import ALL_BACKENDS, assert_close_to_reference, backend_device
+from helpers import ALL_BACKENDS, KERNEL_BACKENDS, assert_close_to_reference, backend_device
 
 import gannorm_kernels as gk
 from gannorm_kernels import reference
 from gannorm_kernels.ops.minibatch_discrimination import MINIBATCH_DISCRIMINATION
+from gannorm_kernels.tools.launches import count_launches
 
 # name -> (make the base tensor's shape, the view): the view is what the op sees
 VIEWS_2D = {
@@ -108,3 +109,25 @@ def test_minibatch_discrimination_views(backend, layout):
 def test_minibatch_stddev_views(backend, layout):
     shape, view = VIEWS_4D[layout]
     check(backend, lambda x, name: gk.functional.minibatch_stddev(x, 2, 1, backend=name), shape, view)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_channels_last_weights_cost_what_readme_says(backend):
+    """A channels_last weight: the norms' budgets plus one copy forward (the weight made
+    contiguous) and one backward (the incoming gradient made contiguous), and autograd's copy of
+    the contiguous gradient into the weight's layout (AccumulateGrad), as README says."""
+    device = backend_device(backend)
+    weight = torch.randn(8, 4, 3, 3, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.rand(8, 1, 1, 1, device=device).add(0.5).requires_grad_()
+    u, v = torch.randn(8, device=device), torch.randn(36, device=device)
+    for name, op, budget in (("weight norm", lambda: gk.functional.weight_norm(weight, g, 0, backend=backend), (1, 1)),
+                             ("spectral norm", lambda: gk.functional.spectral_norm(weight, u, v, backend=backend)[0],
+                              (3, 2))):
+        with count_launches() as forward:
+            out = op()
+        grad = torch.randn_like(out)
+        weight.grad = None
+        with count_launches() as backward:
+            out.backward(grad)
+        assert (forward.ours, forward.aten_ops) == (budget[0], ["clone"]), name
+        assert (backward.ours, sorted(backward.aten_ops)) == (budget[1], ["clone", "copy_"]), name
