@@ -14,6 +14,7 @@ variable; else the auto rule. An explicit backend runs or raises; it never falls
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import re
@@ -77,6 +78,7 @@ def _minor_version(version: str) -> tuple[str, ...]:
     return tuple(version.split("+")[0].split(".")[:2])
 
 
+@functools.lru_cache(maxsize=None)  # asked on every op call on a CUDA tensor
 def arch_mismatch(archs: str, capability: tuple[int, int]) -> str | None:
     """Why CUDA kernels built for `archs` (TORCH_CUDA_ARCH_LIST's form, "8.0;9.0+PTX") cannot run
     on a GPU of compute `capability`, or None when they can: machine code runs on its own major
@@ -130,7 +132,7 @@ class Backend:
         if error is not None:
             return [error]
         if self.name == "cuda":
-            mismatch = arch_mismatch(build_info().CUDA_ARCHS, torch.cuda.get_device_capability(index))
+            mismatch = arch_mismatch(build_info().CUDA_ARCHS, tuple(torch.cuda.get_device_capability(index)))
             return [] if mismatch is None else [mismatch]
         return []
 

@@ -74,6 +74,5 @@ def main() -> None:
             print(f"{key}: {json.dumps(value)}")
 
 
-
 if __name__ == "__main__":  # python -m gannorm_kernels.info, as python -m gannorm_kernels
     main()
