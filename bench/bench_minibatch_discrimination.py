@@ -6,14 +6,13 @@ set runs."""
 
 import pytest
 import torch
-from gan_layers import BATCHES, DEVICE, FEATURES, run, step_of
+from gan_layers import BATCHES, DEVICE, FEATURES, minibatch_backends, minibatch_fn, run, step_of
 
 import gannorm_kernels as gk
-from gannorm_kernels import backends
 from gannorm_kernels.ops.minibatch_discrimination import MINIBATCH_DISCRIMINATION
 
 DISCRIMINATION = (100, 5) if DEVICE == "cuda" else (8, 5)  # Salimans et al.'s num_kernels, kernel_dim
-BACKENDS = [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
+BACKENDS = minibatch_backends()
 MODES = ["forward", "forward+backward"]
 
 
@@ -22,9 +21,11 @@ MODES = ["forward", "forward+backward"]
 @pytest.mark.parametrize("mode", MODES)
 def test_minibatch_discrimination(benchmark, mode, backend, n):
     b, c = DISCRIMINATION
-    layer = gk.MinibatchDiscrimination(FEATURES, b, c, backend=backend).to(DEVICE)
+    layer = gk.MinibatchDiscrimination(FEATURES, b, c, backend="reference" if backend == "torch-compile" else backend)
+    layer = layer.to(DEVICE)
     with torch.no_grad():
         layer.T.mul_(0.05)  # keep L1 distances of order 1
+    layer = minibatch_fn(lambda name: layer, backend, n)
     x = torch.randn(n, FEATURES, device=DEVICE, requires_grad=True)
     cost = MINIBATCH_DISCRIMINATION.cost(n, b, c, torch.float32)
     if mode == "forward+backward":

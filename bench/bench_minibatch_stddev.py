@@ -5,14 +5,13 @@ forward+backward. Each row carries measured launches and the modelled bytes and 
 
 import pytest
 import torch
-from gan_layers import BATCHES, DEVICE, run, step_of
+from gan_layers import BATCHES, DEVICE, minibatch_backends, minibatch_fn, run, step_of
 
 import gannorm_kernels as gk
-from gannorm_kernels import backends
 from gannorm_kernels.ops.minibatch_stddev import MINIBATCH_STDDEV
 
 STDDEV = (512, 4, 4) if DEVICE == "cuda" else (8, 4, 4)
-BACKENDS = [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
+BACKENDS = minibatch_backends()
 MODES = ["forward", "forward+backward"]
 
 
@@ -25,5 +24,5 @@ def test_minibatch_stddev(benchmark, mode, backend, n):
     cost = MINIBATCH_STDDEV.cost(shape, torch.float32)
     if mode == "forward+backward":
         cost = cost + MINIBATCH_STDDEV.cost(shape, torch.float32, backward=True)
-    layer = gk.MinibatchStdDev(backend=backend)
+    layer = minibatch_fn(lambda name: gk.MinibatchStdDev(backend=name), backend, n)
     run(benchmark, step_of(layer, x, mode), "minibatch_stddev", mode, backend, f"N={n}", shape, cost)

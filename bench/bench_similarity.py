@@ -5,13 +5,12 @@ forward and forward+backward. Each row carries measured launches and the modelle
 
 import pytest
 import torch
-from gan_layers import BATCHES, DEVICE, FEATURES, run, step_of
+from gan_layers import BATCHES, DEVICE, FEATURES, minibatch_backends, minibatch_fn, run, step_of
 
 import gannorm_kernels as gk
-from gannorm_kernels import backends
 from gannorm_kernels.ops.similarity import SIMILARITY_COSINE
 
-BACKENDS = [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
+BACKENDS = minibatch_backends()
 MODES = ["forward", "forward+backward"]
 
 
@@ -24,5 +23,7 @@ def test_similarity_penalty(benchmark, mode, backend, n, kernel):
     cost = SIMILARITY_COSINE.cost(n, FEATURES, torch.float32, kernel)
     if mode == "forward+backward":
         cost = cost + SIMILARITY_COSINE.cost(n, FEATURES, torch.float32, kernel, backward=True)
-    step = step_of(lambda f: gk.pairwise_similarity_penalty(f, kernel, 16.0, backend=backend), features, mode)
+    penalty = minibatch_fn(lambda name: lambda f: gk.pairwise_similarity_penalty(f, kernel, 16.0, backend=name),
+                           backend, n)
+    step = step_of(penalty, features, mode)
     run(benchmark, step, f"similarity_{kernel}", mode, backend, f"N={n}", (n, FEATURES), cost)

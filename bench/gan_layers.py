@@ -110,12 +110,40 @@ def peak_memory(step):
 
 BATCHES = (64, 256, 1024) if DEVICE == "cuda" else (64,)
 FEATURES = 512 if DEVICE == "cuda" else 32
+# Their compiled competitor: torch.compile of the naive formulation (inductor can fuse the pairwise
+# reductions without materialising them), what a user would try first; each case costs a
+# compilation, so on a GPU only and at the largest batch.
+COMPILED_BATCH = BATCHES[-1]
+
+
+def minibatch_backends():
+    """Our backends that run here, and "torch-compile" (the naive formulation compiled) on a GPU."""
+    from gannorm_kernels import backends
+    ours = [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
+    return ours + (["torch-compile"] if DEVICE == "cuda" else [])
+
+
+def minibatch_fn(make, backend, n):
+    """`make(backend)` (the op as a callable); for "torch-compile", the reference backend's
+    compiled, at COMPILED_BATCH only."""
+    if backend != "torch-compile":
+        return make(backend)
+    if n != COMPILED_BATCH:
+        import pytest
+        pytest.skip(f"torch.compile of the naive formulation is timed at N={COMPILED_BATCH} (compilation time)")
+    return torch.compile(make("reference"), fullgraph=True, dynamic=False)
 
 
 def run(benchmark, step, op, mode, backend, workload, shape, cost):
-    with count_launches() as launches:
-        step()
-    describe(benchmark, op, mode, backend, workload, shape, torch.float32, cost, launches.total, peak_memory(step))
+    if backend == "torch-compile":  # the dispatcher-level count cannot see inside the graph
+        step()  # the compilation
+        launches = None
+    else:
+        with count_launches() as counted:
+            step()
+        launches = counted.total
+    describe(benchmark, op, mode, backend, workload, shape, torch.float32, cost, launches, peak_memory(step),
+             kernels=gpu_kernels(step) if backend == "torch-compile" else None)
     benchmark(step)
 
 

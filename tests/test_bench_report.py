@@ -31,3 +31,22 @@ def test_report_renders_a_benchmark_run(tmp_path):
     assert f"{ours_us:.1f} ({torch_us / ours_us:.2f}x)" in row, row
     assert "torch 1, reference" in row
     assert (tmp_path / "results" / written[2]).read_bytes().startswith(b"\x89PNG")
+
+
+def test_minibatch_ops_compiled_competitor(monkeypatch):
+    """The minibatch suites' "torch-compile" rows (GPU only, at the largest batch): the naive
+    formulation compiled fullgraph, equal to it; other batches skip. Run here on the CPU."""
+    import pytest
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gan_layers
+
+    import gannorm_kernels as gk
+    make = lambda name: gk.MinibatchStdDev(backend=name)  # noqa: E731
+    x = torch.randn(8, 6, 3, 3)
+    compiled = gan_layers.minibatch_fn(make, "torch-compile", gan_layers.COMPILED_BATCH)
+    torch.testing.assert_close(compiled(x), make("reference")(x))  # inductor fuses: fp32 rounding apart
+    assert gan_layers.minibatch_fn(make, "reference", 1) is not None
+    with pytest.raises(pytest.skip.Exception, match="timed at N="):
+        gan_layers.minibatch_fn(make, "torch-compile", gan_layers.COMPILED_BATCH + 1)
