@@ -23,10 +23,12 @@ $(VENV)/.requirements: requirements.txt
 
 setup: $(VENV)/.requirements
 
-# Editable install: builds gannorm_kernels._C (CUDA, when nvcc is present) and ._emu in place;
-# ninja's object cache under build/ makes a rebuild compile only what changed.
+# Editable install: builds gannorm_kernels._C (CUDA, when nvcc is present) and ._emu in place
+# (the emulator needs only a host compiler: GANNORM_EMU=1 builds it without nvcc too, so the CUDA
+# kernels' tests run on any machine); ninja's object cache under build/ makes a rebuild compile
+# only what changed.
 $(VENV)/.built: $(VENV)/.requirements $(BUILD_INPUTS)
-	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	GANNORM_EMU=$${GANNORM_EMU:-1} $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	@touch $@
 
 build: $(VENV)/.built
