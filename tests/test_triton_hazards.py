@@ -30,8 +30,9 @@ if kernels.INTERPRETED:
         pid = tl.program_id(0)
         offsets = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
-        if BUG:  # the last program forgets its block
-            mask = mask & (pid < tl.num_programs(0) - 1)
+        if BUG:  # the last program forgets its block (a block-wide comparison: triton 3.9's interpreter
+            # refuses a mask and-ed with a scalar)
+            mask = mask & (offsets < (tl.num_programs(0) - 1) * BLOCK)
         tl.store(out_ptr + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
 
     @triton.jit
