@@ -14,7 +14,6 @@ variable; else the auto rule. An explicit backend runs or raises; it never falls
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import re
@@ -66,19 +65,23 @@ def extension_error(backend: str) -> str | None:
     # C++ extensions are tied to the torch they were compiled against (a build that pip made in an
     # isolated environment used whatever torch it downloaded): another minor version may load and
     # then crash, so it is refused by name
-    built_with, running = _minor_version(info.TORCH_VERSION), _minor_version(torch.__version__)
-    if built_with != running:
+    if not _same_minor_version(info.TORCH_VERSION):
         return (f"the {backend} kernels were built but do not load with this torch: built against torch "
                 f"{info.TORCH_VERSION}, running {torch.__version__}; rebuild (`pip install --no-build-isolation .`)")
     _, error = _import(_EXTENSION_MODULE[backend])
     return None if error is None else f"the {backend} kernels were built but do not load: {error}"
 
 
-def _minor_version(version: str) -> tuple[str, ...]:
-    return tuple(version.split("+")[0].split(".")[:2])
+_SAME_MINOR: dict[str, bool] = {}  # plain dicts, not lru_cache: torch.compile traces these calls
 
 
-@functools.lru_cache(maxsize=None)  # asked on every op call on a CUDA tensor
+def _same_minor_version(built: str) -> bool:
+    """Whether torch `built` (a version string) has the running torch's major.minor version."""
+    if built not in _SAME_MINOR:
+        _SAME_MINOR[built] = built.split("+")[0].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
+    return _SAME_MINOR[built]
+
+
 def arch_mismatch(archs: str, capability: tuple[int, int]) -> str | None:
     """Why CUDA kernels built for `archs` (TORCH_CUDA_ARCH_LIST's form, "8.0;9.0+PTX") cannot run
     on a GPU of compute `capability`, or None when they can: machine code runs on its own major
@@ -132,9 +135,22 @@ class Backend:
         if error is not None:
             return [error]
         if self.name == "cuda":
-            mismatch = arch_mismatch(build_info().CUDA_ARCHS, tuple(torch.cuda.get_device_capability(index)))
+            mismatch = _cuda_arch_verdict(index)
             return [] if mismatch is None else [mismatch]
         return []
+
+
+# (built archs, CUDA device index) -> arch_mismatch's verdict: asked on every op call on a CUDA
+# tensor, so the device's capability is queried once per device
+_CUDA_ARCH_VERDICTS: dict[tuple[str, int], str | None] = {}
+
+
+def _cuda_arch_verdict(index: int | None) -> str | None:
+    index = torch.cuda.current_device() if index is None else index
+    key = (build_info().CUDA_ARCHS, index)
+    if key not in _CUDA_ARCH_VERDICTS:
+        _CUDA_ARCH_VERDICTS[key] = arch_mismatch(key[0], tuple(torch.cuda.get_device_capability(index)))
+    return _CUDA_ARCH_VERDICTS[key]
 
 
 RECORDS = {

@@ -253,7 +253,9 @@ def test_cuda_kernels_built_for_other_gpus_are_not_picked():
 def _pretend_a_gpu(monkeypatch, capability):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(backends, "_CUDA_ARCH_VERDICTS", {})  # a new GPU: its verdict not yet known
 
 
 def test_auto_passes_over_cuda_kernels_this_gpu_cannot_run(monkeypatch):

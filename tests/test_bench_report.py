@@ -47,6 +47,6 @@ def test_minibatch_ops_compiled_competitor(monkeypatch):
     x = torch.randn(8, 6, 3, 3)
     compiled = gan_layers.minibatch_fn(make, "torch-compile", gan_layers.COMPILED_BATCH)
     torch.testing.assert_close(compiled(x), make("reference")(x))  # inductor fuses: fp32 rounding apart
-    assert gan_layers.minibatch_fn(make, "reference", 1) is not None
+    assert isinstance(gan_layers.minibatch_fn(make, "reference", 1), gk.MinibatchStdDev)  # ours: as made
     with pytest.raises(pytest.skip.Exception, match="timed at N="):
         gan_layers.minibatch_fn(make, "torch-compile", gan_layers.COMPILED_BATCH + 1)

@@ -230,3 +230,23 @@ def test_stages_name_the_modules_they_lack(monkeypatch, tmp_path):
     absent = {"pytest", "numpy"}
     status, detail = gpu_check.stage_test(tmp_path, 4)
     assert status == "failed" and "lacks ['pytest', 'numpy'], which the test stage needs" in detail["reason"]
+
+
+def test_packaging_without_matplotlib(tmp_path, monkeypatch):
+    """No matplotlib on the GPU machine: the bench stage still writes its JSON and table, the
+    table saying why there is no chart (an ImportError escaped the stage before, after minutes
+    of device time)."""
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    out = tmp_path / "out"
+    out.mkdir()
+    gpu_check.package_bench([FIXTURE], out, note="recorded")
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md"]
+    assert (out / "bench.md").read_text().startswith("recorded (no chart: No module named 'matplotlib')\n")

@@ -232,10 +232,9 @@ def lacking(modules, stage):
 
 
 def stage_build(out, arch, record):
-    if lacks := lacking(("setuptools",), "build"):
+    # ninja: without it torch compiles one file at a time, past the stage's time limit
+    if lacks := lacking(("setuptools", "ninja"), "build"):
         return "failed", lacks
-    # without ninja torch builds one file at a time: slower, not wrong
-    record.data["ninja"] = importlib.util.find_spec("ninja") is not None
     cmd, env = build_command(arch)
     code, text = run(cmd, env=env, timeout=STAGE_TIMEOUT["build"])
     (out / FILES["build"]).write_text(cap(f"$ TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']} {' '.join(cmd)}\n"
@@ -473,8 +472,11 @@ def package_bench(raw_paths, out: Path, note: str = "") -> dict:
             bench.get("stats", {}).pop("data", None)
         text = json.dumps(data)
     (out / FILES["bench_json"]).write_text(text)
+    try:  # the chart is a convenience: its matplotlib may be absent on the GPU machines
+        report.chart(data, out / FILES["bench_png"])
+    except ImportError as error:
+        note += f"{' ' if note else ''}(no chart: {error})"
     (out / FILES["bench_md"]).write_text((note + "\n\n" if note else "") + report.markdown(data))
-    report.chart(data, out / FILES["bench_png"])
     return data
 
 

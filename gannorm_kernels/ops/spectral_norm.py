@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import backends, checks, reference
 from ..dtypes import FLOAT_DTYPES, acc_dtype, element_size
@@ -46,29 +47,65 @@ def check_buffer_storage(name: str, buffer: torch.Tensor, weight: torch.Tensor) 
         raise ValueError(f"{name} must be contiguous: it is updated in place")
 
 
-def check_buffers_apart(weight, u, v, where: str = "") -> None:
+def _byte_span(t: torch.Tensor) -> tuple[int, int] | None:
+    """[first, last + 1) bytes `t` can touch (strides are never negative in torch: the last
+    element is at sum((size - 1) * stride)); None for no memory to compare (empty; meta and fake
+    tensors and wrapper subclasses, whose data_ptr() is 0)."""
+    start = t.data_ptr()
+    if t.numel() == 0 or start == 0:
+        return None
+    extent = t.numel() if t.is_contiguous() else sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    return start, start + extent * t.element_size()
+
+
+def _without_pointers(tensors) -> bool:
+    """No data pointers to compare: under torch.compile or a torch.func transform, meta and fake
+    tensors (whose data_ptr() warns)."""
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return torch.compiler.is_compiling() or any(is_wrapped(t) or t.is_meta or isinstance(t, FakeTensor)
+                                                for t in tensors)
+
+
+def _shared_memory_error(a: str, b: str) -> ValueError:
+    return ValueError(f"{a} and {b} share memory: training writes u and v in place, so one would silently change "
+                      "the other (give each its own tensor, e.g. a .clone())")
+
+
+def check_buffers_apart(weight, u, v) -> None:
     """A training call writes u and v in place: refuses u, v and the weight sharing memory (u = v
     for a square weight, a buffer that is a row of the weight), which would change the other
     silently. Byte spans, not elements: a buffer inside a strided weight's gaps is refused too.
-    Not checked under torch.compile or a torch.func transform (no data pointers there). Every
-    training forward of a layer runs it: a few microseconds of host time (3.5 on this project's
-    2-core development machine)."""
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    if torch.compiler.is_compiling() or is_wrapped(weight) or is_wrapped(u) or is_wrapped(v):
+    Not checked under torch.compile, a torch.func transform, or for tensors without data pointers
+    (meta and fake tensors, wrapper subclasses). Every training forward of a layer runs it: a few
+    microseconds of host time (3.5 on this project's 2-core development machine)."""
+    if _without_pointers((weight, u, v)):
         return
-    spans = []
-    for t in (weight, u, v):
-        if t.numel() == 0:
-            return
-        # strides are never negative in torch: the last element is at sum((size - 1) * stride)
-        extent = t.numel() if t.is_contiguous() else sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
-        spans.append((t.data_ptr(), t.data_ptr() + extent * t.element_size()))
+    spans = [_byte_span(t) for t in (weight, u, v)]
+    if None in spans:
+        return
     (w0, w1), (u0, u1), (v0, v1) = spans
     for a, b, overlap in (("weight", "u", w0 < u1 and u0 < w1), ("weight", "v", w0 < v1 and v0 < w1),
                           ("u", "v", u0 < v1 and v0 < u1)):
         if overlap:
-            raise ValueError(f"{where}{a} and {b} share memory: training writes u and v in place, so one would "
-                             "silently change the other (give each its own tensor, e.g. a .clone())")
+            raise _shared_memory_error(a, b)
+
+
+def check_group_buffers_apart(weights, us, vs) -> None:
+    """check_buffers_apart for a group: every u and v apart from every other u, v and weight,
+    across layers too (two layers given one u would both write it: on a GPU, whichever writes
+    last wins). Weights may share memory (tied weights are only read)."""
+    tensors = [*weights, *us, *vs]
+    if _without_pointers(tensors):
+        return
+    named = [(f"{kind}[{k}]", kind != "weights", t) for kind, group in (("weights", weights), ("us", us), ("vs", vs))
+             for k, t in enumerate(group)]
+    spans = sorted((span, name, is_buffer) for name, is_buffer, t in named if (span := _byte_span(t)) is not None)
+    for i, ((start, end), name, is_buffer) in enumerate(spans):
+        for (other_start, _), other, other_is_buffer in spans[i + 1:]:
+            if other_start >= end:
+                break
+            if is_buffer or other_is_buffer:
+                raise _shared_memory_error(name, other)
 
 
 def check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma) -> int:
@@ -259,7 +296,9 @@ def check_group_args(weights, us, vs, dims, n_power_iterations, eps) -> list[int
 
 def group_cost(shapes, dtype, dims, mode: str = "train", n_power_iterations: int = 1) -> Cost:
     """A group's launches do every layer's work at once: the layers' bytes added up, the
-    launches those of one weight (train 2 n + 1, eval 2, backward 2)."""
+    launches those of one weight (train 2 n + 1, eval 2, backward 2). One launch set: the CUDA
+    backend runs a set per 24 layers (its kernels carry the layers in their parameters), so past
+    24 its launches are this times ceil(layers / 24) (test_group_launch_budget holds both)."""
     costs = [cost(shape, dtype, dim, mode, n_power_iterations) for shape, dim in zip(shapes, dims)]
     return Cost(costs[0].launches, sum(c.bytes for c in costs), sum(c.flops for c in costs))
 
@@ -321,8 +360,7 @@ def spectral_norm_group(weights, us, vs, dims, n_power_iterations: int = 1, eps:
     dims = check_group_args(weights, us, vs, dims, n_power_iterations, eps)
     training = checks.flag(training, "training")
     if training:
-        for k, (weight, u, v) in enumerate(zip(weights, us, vs)):
-            check_buffers_apart(weight, u, v, f"layer {k}: ")
+        check_group_buffers_apart(weights, us, vs)
     name = backends.resolve(backend, weights[0].device)
     eps = float(eps)
     if name == "reference":
