@@ -66,46 +66,30 @@ def _without_pointers(tensors) -> bool:
                                                 for t in tensors)
 
 
-def _shared_memory_error(a: str, b: str) -> ValueError:
-    return ValueError(f"{a} and {b} share memory: training writes u and v in place, so one would silently change "
-                      "the other (give each its own tensor, e.g. a .clone())")
-
-
-def check_buffers_apart(weight, u, v) -> None:
-    """A training call writes u and v in place: refuses u, v and the weight sharing memory (u = v
-    for a square weight, a buffer that is a row of the weight), which would change the other
-    silently. Byte spans, not elements: a buffer inside a strided weight's gaps is refused too.
-    Not checked under torch.compile, a torch.func transform, or for tensors without data pointers
-    (meta and fake tensors, wrapper subclasses). Every training forward of a layer runs it: a few
-    microseconds of host time (3.5 on this project's 2-core development machine)."""
-    if _without_pointers((weight, u, v)):
+def check_buffers_apart(weights, us, vs) -> None:
+    """A training call writes u and v in place: refuses a u or v sharing memory with any other u,
+    v or weight of the call (u = v for a square weight, a buffer that is a row of the weight, two
+    grouped layers given one u: on a GPU whichever writes last wins), which would change the
+    other silently; weights may share memory (tied weights are only read). Byte spans, not
+    elements: a buffer inside a strided weight's gaps is refused too. Not checked under
+    torch.compile, a torch.func transform, or for tensors without data pointers (meta and fake
+    tensors, wrapper subclasses). Every training forward of a layer runs it: a few microseconds
+    of host time (4 on this project's 2-core development machine). One layer's tensors are
+    named weight, u and v; a group's weights[k], us[k] and vs[k]."""
+    if _without_pointers([*weights, *us, *vs]):
         return
-    spans = [_byte_span(t) for t in (weight, u, v)]
-    if None in spans:
-        return
-    (w0, w1), (u0, u1), (v0, v1) = spans
-    for a, b, overlap in (("weight", "u", w0 < u1 and u0 < w1), ("weight", "v", w0 < v1 and v0 < w1),
-                          ("u", "v", u0 < v1 and v0 < u1)):
-        if overlap:
-            raise _shared_memory_error(a, b)
-
-
-def check_group_buffers_apart(weights, us, vs) -> None:
-    """check_buffers_apart for a group: every u and v apart from every other u, v and weight,
-    across layers too (two layers given one u would both write it: on a GPU, whichever writes
-    last wins). Weights may share memory (tied weights are only read)."""
-    tensors = [*weights, *us, *vs]
-    if _without_pointers(tensors):
-        return
-    named = [(f"{kind}[{k}]", kind != "weights", t) for kind, group in (("weights", weights), ("us", us), ("vs", vs))
-             for k, t in enumerate(group)]
+    kinds = (("weight", weights), ("u", us), ("v", vs)) if len(weights) == 1 else \
+        (("weights", weights), ("us", us), ("vs", vs))
+    named = [(name if len(weights) == 1 else f"{name}[{k}]", name not in ("weight", "weights"), t)
+             for name, group in kinds for k, t in enumerate(group)]
     spans = sorted((span, name, is_buffer) for name, is_buffer, t in named if (span := _byte_span(t)) is not None)
     for i, ((start, end), name, is_buffer) in enumerate(spans):
         for (other_start, _), other, other_is_buffer in spans[i + 1:]:
-            if other_start >= end:
+            if other_start >= end:  # sorted by start: nothing later overlaps this one
                 break
             if is_buffer or other_is_buffer:
-                raise _shared_memory_error(name, other)
+                raise ValueError(f"{name} and {other} share memory: training writes u and v in place, so one "
+                                 "would silently change the other (give each its own tensor, e.g. a .clone())")
 
 
 def check_spectral_norm_args(weight, u, v, dim, n_power_iterations, eps, sigma) -> int:
@@ -245,7 +229,7 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor | None = None, v: torch.
     if training and sigma is not None:
         raise ValueError("sigma (a cached sigma) is for eval only (training=False): training recomputes it")
     if training and weight.dim() > 1:
-        check_buffers_apart(weight, u, v)
+        check_buffers_apart([weight], [u], [v])
     if weight.dim() == 1 and sigma is not None:
         raise ValueError("sigma (a cached sigma) is for weights of 2 or more dims (a 1-D weight is divided by its "
                          "norm, recomputed each call)")
@@ -360,7 +344,7 @@ def spectral_norm_group(weights, us, vs, dims, n_power_iterations: int = 1, eps:
     dims = check_group_args(weights, us, vs, dims, n_power_iterations, eps)
     training = checks.flag(training, "training")
     if training:
-        check_group_buffers_apart(weights, us, vs)
+        check_buffers_apart(weights, us, vs)
     name = backends.resolve(backend, weights[0].device)
     eps = float(eps)
     if name == "reference":
@@ -462,7 +446,7 @@ def spectral_norm_topk(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d
     dim = check_topk_args(weight, u, v, dim, n_power_iterations, eps)
     training = checks.flag(training, "training")
     if training:
-        check_buffers_apart(weight, u, v)
+        check_buffers_apart([weight], [u], [v])
     name = backends.resolve(backend, weight.device)
     eps = float(eps)
     if name == "reference":
