@@ -235,6 +235,15 @@ def saved_tensor_hooks_active() -> bool:
         return top() is not None
 
 
+class _LastSigmas:
+    """A layer's last sigma(s), in an object of their own: nn.DataParallel's replicas are shallow
+    copies of the layer, so their forwards write here too (sigmas() of the model sees them)."""
+
+    def __init__(self) -> None:
+        self.sigma: torch.Tensor | None = None
+        self.sigmas: torch.Tensor | None = None
+
+
 class SpectralNorm(nn.Module):
     """The spectral-norm parametrization, ``W / sigma``: torch's ``_SpectralNorm`` with kernels.
 
@@ -252,6 +261,7 @@ class SpectralNorm(nn.Module):
         way); by default they are drawn and warmed up as torch does. ``num_svs`` > 1: see
         :func:`spectral_norm`."""
         super().__init__()
+        self._last = _LastSigmas()
         n_power_iterations, eps = spectral_norm_ops.check_settings(n_power_iterations, eps)
         num_svs = checks.positive_int(num_svs, "num_svs")
         sigmas_buffer = checks.flag(sigmas_buffer, "sigmas_buffer")
@@ -294,8 +304,21 @@ class SpectralNorm(nn.Module):
 
     # The sigma(s) of the last forward (sigmas() reads them); None until one has run, and after
     # a load_state_dict or reset_spectral_norm (sigmas() then computes them from the tensors).
-    last_sigma: torch.Tensor | None = None
-    last_sigmas: torch.Tensor | None = None
+    @property
+    def last_sigma(self) -> torch.Tensor | None:
+        return self._last.sigma
+
+    @last_sigma.setter
+    def last_sigma(self, value: torch.Tensor | None) -> None:
+        self._last.sigma = value
+
+    @property
+    def last_sigmas(self) -> torch.Tensor | None:
+        return self._last.sigmas
+
+    @last_sigmas.setter
+    def last_sigmas(self, value: torch.Tensor | None) -> None:
+        self._last.sigmas = value
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.last_sigma = self.last_sigmas = None

@@ -71,13 +71,21 @@ def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
         torch._foreach_copy_(targets, sources)
 
 
+def _current(last: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
+    """A layer's last sigma if it is on the device of its weight (or of the first tensor of its
+    parametrization chain): not from before a move (``model.to``), nor from an nn.DataParallel
+    replica on another GPU."""
+    return last if last is not None and last.device == weight.device else None
+
+
 def sigmas(model: nn.Module, k: int | None = None) -> dict[str, torch.Tensor]:
     """``{qualified weight name: sigma}`` for every :func:`spectral_norm` in ``model``, and
     every legacy ``torch.nn.utils.spectral_norm`` layer :func:`convert` took over.
 
-    A layer's sigma is the one its last forward computed (a device tensor: no launch, no sync);
-    for a layer with no forward since it was built, converted, loaded (``load_state_dict``) or
-    reset (:func:`reset_spectral_norm`), the sigma an eval forward would use now, computed from
+    A layer's sigma is the one its last forward computed (a device tensor: no launch, no sync;
+    under nn.DataParallel, a replica's); for a layer with no forward since it was built,
+    converted, moved to another device, loaded (``load_state_dict``) or reset
+    (:func:`reset_spectral_norm`), the sigma an eval forward would use now, computed from
     its weight and buffers as they are (so a loaded checkpoint's sigmas are what it reads).
     For 1-D weights, the norm they are divided by. ``k``: the top
     ``k`` singular values of each layer instead, a (k,) tensor (layers with ``num_svs >= k``; any
@@ -90,14 +98,16 @@ def sigmas(model: nn.Module, k: int | None = None) -> dict[str, torch.Tensor]:
         prefix = f"{module_name}." if module_name else ""
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, LegacySpectralNormKernels):
-                found[prefix + hook.name] = (hook.last_sigma.reshape(1) if hook.last_sigma is not None
-                                             else hook.sigmas_of(module))
+                last = _current(hook.last_sigma, getattr(module, hook.name + "_orig"))
+                found[prefix + hook.name] = last.reshape(1) if last is not None else hook.sigmas_of(module)
         if not parametrize.is_parametrized(module):
             continue
         for tensor_name, chain in module.parametrizations.items():
             for index, p in enumerate(chain):
                 if isinstance(p, SpectralNorm):
-                    found[prefix + tensor_name] = (p.last_sigmas if p.last_sigmas is not None
+                    first = chain.original if hasattr(chain, "original") else chain.original0
+                    last = _current(p.last_sigmas, first)
+                    found[prefix + tensor_name] = (last if last is not None
                                                    else p.sigmas_of(parametrization_input(chain, index)))
     if k is None:
         return {name: values[0] for name, values in found.items()}
@@ -196,6 +206,9 @@ class SpectralNormGroup:
         from .ops.spectral_norm import SPECTRAL_NORM_GROUP, check_buffer_storage
         if torch.compiler.is_compiling():
             return  # torch cannot functionalize an operator mutating a Tensor[]: each layer runs its own
+        if model is not self.model:  # a copy sharing the hooks: its layers are not the members
+            self._warn_not_grouped(model)
+            return
         self._drop_removed()
         buckets = defaultdict(list)
         for member in self._members:
@@ -253,7 +266,19 @@ class SpectralNormGroup:
             self._members = kept
             self.layers = [name for name, *_ in kept]
 
+    def _warn_not_grouped(self, model) -> None:
+        if "" not in self._warned:
+            self._warned.add("")
+            how = ("an nn.DataParallel replica" if getattr(model, "_is_replica", False)
+                   else "a shallow copy sharing its hooks")
+            warnings.warn(f"group_spectral_norms: this forward ran on {how} of the grouped {type(model).__name__}, "
+                          "whose layers compute their own spectral norms (as torch's, ungrouped); a group "
+                          "computes those of the module it was made for (DistributedDataParallel runs that one)",
+                          UserWarning, stacklevel=3)
+
     def _after(self, model, args, output) -> None:
+        if model is not self.model:
+            return
         for name, _, owner, _ in self._members:
             if owner.grouped is not None:  # computed for this forward, never used
                 owner.grouped = None
@@ -297,7 +322,9 @@ def group_spectral_norms(model: nn.Module, *, exclude: str | tuple[str, ...] = (
     launches are then its own eval ones. Layers are grouped
     by backend, device, dtype, ``n_power_iterations``, ``eps`` and train/eval mode, one launch
     set each. A layer used twice in one forward runs its second use on its own (a second power
-    iteration, as torch). Called on its own (``model.layer(x)``), a layer computes its own norm.
+    iteration, as torch). Called on its own (``model.layer(x)``), a layer computes its own norm,
+    and so do nn.DataParallel's replicas of ``model`` (warned once; DistributedDataParallel runs
+    ``model`` itself, grouped).
 
     A grouped layer that the forward does not use had its power iteration run anyway (torch's
     would not): warned once; pass its name in ``exclude``. Legacy layers with ``dim != 0``

@@ -9,6 +9,7 @@ The bar is "nothing changes but speed": equal within fp32 rounding, on every bac
 
 import io
 import sys
+import threading
 import warnings
 
 import pytest
@@ -611,3 +612,127 @@ def test_torch_func_grad_through_a_topk_layer(backend):
     for name, p in twin.named_parameters():
         _assert_close(p.grad, grads[name], f"func.grad {name}")
     _assert_states_equal(twin, ours, "buffers written inside func.grad")
+
+
+def _data_parallel(model, monkeypatch, *inputs, replicas=2):
+    """What nn.DataParallel(model)(*inputs) computes over `replicas` GPUs (BigGAN-PyTorch's
+    multi-GPU training), on one device: torch's own replicate(), its broadcast made on that
+    device (replica 0 gets the model's own tensors, as a broadcast to the source GPU does; the
+    others copies), each replica run on its chunk of the batch in a thread of its own as
+    parallel_apply runs them (one after the other here, so that the result is deterministic),
+    the outputs concatenated."""
+    replicate_module = sys.modules["torch.nn.parallel.replicate"]
+
+    def broadcast(tensors, devices, detach=False):
+        if not tensors:
+            return []
+        first = [t if detach else t.view_as(t) for t in tensors]  # Broadcast's outputs on the source GPU
+        return [first] + [[t.detach().clone() if detach else t.clone() for t in tensors] for _ in devices[1:]]
+
+    monkeypatch.setattr(replicate_module, "_broadcast_coalesced_reshape", broadcast)
+    monkeypatch.setattr(replicate_module, "_get_device_index", lambda device, optional=False: 0)
+    copies = replicate_module.replicate(model, [0] * replicas)
+    chunks = list(zip(*(x.chunk(replicas) for x in inputs)))
+    outputs, errors = [None] * replicas, []
+
+    def run(k):
+        try:
+            outputs[k] = copies[k](*chunks[k])
+        except Exception as error:  # noqa: BLE001 (raised below, in the test's thread)
+            errors.append(error)
+
+    for k in range(replicas):
+        thread = threading.Thread(target=run, args=(k,))
+        thread.start()
+        thread.join()
+    if errors:
+        raise errors[0]
+    return torch.cat(outputs)
+
+
+def _parametrized_discriminator(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    sn = parametrizations.spectral_norm
+    return nn.Sequential(sn(nn.Conv2d(3, 8, 3, padding=1)), nn.LeakyReLU(0.2),
+                         sn(nn.Conv2d(8, 4, 3), n_power_iterations=2), nn.Flatten(), sn(nn.Linear(64, 1)))
+
+
+@pytest.mark.parametrize("api", ["parametrizations", "legacy"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_data_parallel_trains_as_torch(backend, api, monkeypatch):
+    """nn.DataParallel, as BigGAN-PyTorch trains on several GPUs: replicas (shallow copies of
+    the model) run the forward, replica 0 on the model's own buffers. Converted and grouped
+    models train as torch's own does (outputs, gradients, buffers, 3 steps); a group leaves the
+    replicas' layers to compute their own norms, and says so; sigmas() of the model reads the
+    replicas' forward, not one from before."""
+    device = backend_device(backend)
+    make = (lambda: _legacy_discriminator(0)) if api == "legacy" else (lambda: _parametrized_discriminator(0))
+    theirs = make().to(device)
+    ours = gk.convert(make().to(device), backend=backend)
+    grouped = gk.convert(make().to(device), backend=backend)
+    group = gk.group_spectral_norms(grouped)
+    models = {"theirs": theirs, "ours": ours, "grouped": grouped}
+    optimizers = {name: torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.0, 0.9))
+                  for name, model in models.items()}
+    batch = (lambda: _batch(device, n=6)) if api == "legacy" else (lambda: _batch(device, n=6)[:1])
+    for model in models.values():
+        model(*batch())  # a forward before: sigmas() must not read its sigma afterwards
+    for step in range(4):
+        inputs, outputs = batch(), {}
+        for name, model in models.items():
+            optimizers[name].zero_grad()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = _data_parallel(model, monkeypatch, *inputs)
+            said = [str(w.message) for w in caught if "group_spectral_norms" in str(w.message)]
+            if name == "grouped" and step == 0:
+                assert len(said) == 1 and "nn.DataParallel replica" in said[0], said
+            else:
+                assert not said, f"{name}, step {step}: {said}"
+            nn.functional.softplus(out).mean().backward()
+            outputs[name] = (out.detach(), [p.grad.clone() for p in model.parameters()])
+        for name in ("ours", "grouped"):
+            _assert_close(outputs["theirs"][0], outputs[name][0], f"{name}, step {step}: outputs")
+            for (key, _), a, b in zip(theirs.named_parameters(), outputs["theirs"][1], outputs[name][1]):
+                _assert_close(a, b, f"{name}, step {step}: gradient of {key}")
+            _assert_states_equal(theirs, models[name], f"{name}, step {step}")
+        if step == 3:
+            break  # the last forward's sigmas, before a step changes the weights
+        for optimizer in optimizers.values():
+            optimizer.step()
+    expected = {}  # u^T W v of torch's layers, in fp64: what their last forward divided by
+    for module_name, module in theirs.named_modules():
+        if hasattr(module, "weight_orig"):
+            u, w, v = module.weight_u, module.weight_orig, module.weight_v
+            if isinstance(module, nn.ConvTranspose2d):
+                w = w.transpose(0, 1)
+        elif _is_torch_spectral_norm(module):
+            chain = module.parametrizations.weight
+            u, w, v = chain[0]._u, chain.original, chain[0]._v
+        else:
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        expected[prefix + "weight"] = u.double() @ w.detach().double().flatten(1) @ v.double()
+    for name in ("ours", "grouped"):
+        found = gk.sigmas(models[name])
+        assert set(found) == set(expected), name
+        for key, sigma in expected.items():
+            _assert_close(sigma.float(), found[key].reshape(()), f"{name}: sigmas()[{key!r}]")
+    group.remove()
+
+
+def _is_torch_spectral_norm(module: nn.Module) -> bool:
+    return (nn.utils.parametrize.is_parametrized(module, "weight")
+            and type(module.parametrizations.weight[0]).__name__ == "_SpectralNorm")
+
+
+def test_sigmas_after_the_model_moves():
+    """A forward, then model.to(device): sigmas() gives the moved weight's sigma, on its device,
+    not the last forward's from before the move (the meta device here: any move will do)."""
+    model = _parametrized_discriminator(0)
+    legacy = gk.convert(_legacy_discriminator(0), backend="reference")
+    ours = gk.convert(model, backend="reference")
+    ours(_batch("cpu")[0]), legacy(*_batch("cpu"))
+    assert all(s.device.type == "cpu" for s in [*gk.sigmas(ours).values(), *gk.sigmas(legacy).values()])
+    for moved in (ours.to("meta"), legacy.to("meta")):
+        assert all(s.device.type == "meta" for s in gk.sigmas(moved).values())
