@@ -39,10 +39,16 @@ def find_cuda_home():
 
 if not os.environ.get("CUDA_HOME") and find_cuda_home():
     os.environ["CUDA_HOME"] = find_cuda_home()
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():  # unset, or set empty (as `export VAR=`)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ImportError:  # pyproject.toml leaves torch out of the build requirements on purpose
+    raise SystemExit("gannorm_kernels: torch is not importable where the build runs. Build against the torch "
+                     "you will run, without pip's isolated build environment: install torch first, then "
+                     "`pip install --no-build-isolation .`") from None
 from setuptools import setup  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
@@ -79,6 +85,13 @@ def write_if_changed(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
+
+
+def kernel_headers():
+    """What the sources include: listed as dependencies, so that an edit rebuilds the extension
+    without ninja too (setuptools then decides by timestamps, and the emulator's generated
+    wrappers never change)."""
+    return sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*") if p.suffix in {".h", ".cuh", ".cu", ".cpp"})
 
 
 def kernel_sources():
@@ -122,6 +135,7 @@ if build_cuda:
         cpp_extension.CUDAExtension(
             "gannorm_kernels._C",
             sources=kernel_sources(),
+            depends=kernel_headers(),
             include_dirs=[str(CSRC)],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
         )
@@ -131,6 +145,7 @@ if build_emu:
         cpp_extension.CppExtension(
             "gannorm_kernels._emu",
             sources=emu_sources(),
+            depends=kernel_headers(),
             include_dirs=[str(CSRC)],
             extra_compile_args=["-O1" if ASAN else "-O2", "-DGANNORM_EMU=1"] + asan_flags,
             extra_link_args=["-pthread"] + asan_flags,
@@ -153,4 +168,8 @@ if not build_cuda and not ASAN:
     print(f"gannorm_kernels: not building the CUDA extension: {cuda_reason}; "
           "the triton and reference backends remain.")
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension})
+# A compiled extension works with the torch minor version it was built against only (the package
+# refuses another at import): the wheel says so. Without one, any torch the tests have passed on.
+torch_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+requires = [f"torch=={torch_minor}.*"] if ext_modules and not ASAN else ["torch>=2.11,<2.16"]
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension}, install_requires=requires)

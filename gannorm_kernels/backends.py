@@ -18,6 +18,7 @@ import importlib
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -69,7 +70,16 @@ def extension_error(backend: str) -> str | None:
         return (f"the {backend} kernels were built but do not load with this torch: built against torch "
                 f"{info.TORCH_VERSION}, running {torch.__version__}; rebuild (`pip install --no-build-isolation .`)")
     _, error = _import(_EXTENSION_MODULE[backend])
-    return None if error is None else f"the {backend} kernels were built but do not load: {error}"
+    if error is None:
+        return None
+    where = Path(__file__).resolve().parent
+    if error.startswith("ModuleNotFoundError") and (where.parent / "setup.py").exists():
+        # a source checkout on sys.path (scripts run from the clone) hides the installed package;
+        # setup.py's build info is written into the checkout, the compiled modules went elsewhere
+        error += (f" (gannorm_kernels was imported from the source checkout {where.parent}, not from the "
+                  "installed package: run outside the checkout, or build in place: "
+                  "`pip install --no-build-isolation -e .`)")
+    return f"the {backend} kernels were built but do not load: {error}"
 
 
 _SAME_MINOR: dict[str, bool] = {}  # plain dicts, not lru_cache: torch.compile traces these calls

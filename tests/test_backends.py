@@ -116,11 +116,7 @@ def test_extension_holds_the_default_archs():
 def test_build_without_cuda_says_why(tmp_path, without):
     """GANNORM_NO_CUDA=1, or a machine without nvcc, installs the Triton and reference paths,
     and both the build and info() say why the compiled backends are missing."""
-    for name in ("setup.py", "pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
-    shutil.copytree(ROOT / "gannorm_kernels", tmp_path / "gannorm_kernels",
-                    ignore=shutil.ignore_patterns("*.so", "_build_info.py", "__pycache__"))
+    _source_copy(tmp_path)
     if without == "GANNORM_NO_CUDA":
         env, reason = {**os.environ, "GANNORM_NO_CUDA": "1"}, "GANNORM_NO_CUDA=1"
     else:  # no toolkit where CUDA_HOME points, none on PATH
@@ -139,6 +135,119 @@ def test_build_without_cuda_says_why(tmp_path, without):
     assert built is False and reason in error
     assert "were not built" in emu_reason
     assert auto_cpu == "reference"
+
+
+def _source_copy(tmp_path) -> Path:
+    """The files a build reads, copied (setup.py writes its build info beside itself)."""
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "CMakeLists.txt"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    shutil.copytree(ROOT / "gannorm_kernels", tmp_path / "gannorm_kernels",
+                    ignore=shutil.ignore_patterns("*.so", "_build_info.py", "__pycache__"))
+    return tmp_path
+
+
+_SETUP_ARGUMENTS = """
+import json, runpy, setuptools, sys
+captured = {}
+setuptools.setup = lambda **kwargs: captured.update(kwargs)
+sys.argv = ["setup.py", "--version"]
+runpy.run_path("setup.py", run_name="__main__")
+print(json.dumps({"install_requires": captured["install_requires"],
+                  "extensions": {e.name: e.depends for e in captured["ext_modules"]}}))
+"""
+
+
+@pytest.mark.parametrize("build", ["extensions", "none"])
+def test_setup_pins_torch_and_lists_headers(tmp_path, build):
+    """What setup.py hands setuptools: a wheel with a compiled extension requires the torch
+    minor version it was built against (another is refused at import); every header and .cu is a
+    dependency of both extensions (without ninja, setuptools decides by timestamps: a header
+    edit must rebuild); a TORCH_CUDA_ARCH_LIST set empty builds the default archs."""
+    source = _source_copy(tmp_path)
+    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": ""}
+    if build == "none":
+        env.update(GANNORM_NO_CUDA="1", GANNORM_EMU="0")
+    else:
+        env.update(GANNORM_EMU="1")
+    out = subprocess.run([sys.executable, "-c", _SETUP_ARGUMENTS], cwd=source, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    if build == "none":
+        assert found == {"install_requires": ["torch>=2.11,<2.16"], "extensions": {}}
+        return
+    minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    assert found["install_requires"] == [f"torch=={minor}.*"]
+    headers = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in {".h", ".cuh"}}
+    assert headers and "csrc/common.cuh" in headers
+    assert found["extensions"], "no extension planned"
+    for name, depends in found["extensions"].items():
+        assert headers <= set(depends), f"{name}: {sorted(headers - set(depends))}"
+    info = (source / "gannorm_kernels" / "_build_info.py").read_text()
+    if "CUDA_EXTENSION = True" in info:
+        assert "CUDA_ARCHS = '8.0;9.0+PTX'" in info, info
+
+
+def test_an_isolated_build_stops_with_what_to_do(tmp_path):
+    """pip's default isolated build has no torch (pyproject.toml leaves it out, or pip would
+    download another torch and build against it): setup.py stops and says to build without
+    isolation."""
+    import tomllib
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert not [r for r in requires if r.startswith("torch")], requires
+    source = _source_copy(tmp_path)
+    probe = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
+             "runpy.run_path('setup.py', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=source, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "torch is not importable" in out.stderr and "pip install --no-build-isolation ." in out.stderr
+
+
+def test_sdist_has_every_source_the_build_needs(tmp_path):
+    """The source distribution (MANIFEST.in) holds every file under csrc/ (headers included:
+    without them the sdist does not build) and CMakeLists.txt, and no build output."""
+    (tmp_path / "src").mkdir()
+    source = _source_copy(tmp_path / "src")
+    out = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=source,
+                         env={**os.environ, "GANNORM_NO_CUDA": "1", "GANNORM_EMU": "0"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import tarfile
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    needed = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()}
+    needed |= {"CMakeLists.txt", "setup.py", "pyproject.toml", "README.md", "gannorm_kernels/triton/common.py"}
+    assert needed <= names, sorted(needed - names)
+    assert not [n for n in names if n.endswith((".so", "_build_info.py")) or n.startswith("tests/")], names
+
+
+def test_triton_without_numpy_is_still_triton(tmp_path):
+    """triton installed on a GPU machine does not pull numpy; only its interpreter needs it. The
+    triton backend must not be reported as unimportable there."""
+    probe = ("import sys; sys.modules['numpy'] = None\n"
+             "import gannorm_kernels as gk\n"
+             "print(gk.info()['backends']['triton']['cpu'])")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "set TRITON_INTERPRET=1" in out.stdout and "cannot be imported" not in out.stdout, out.stdout
+
+
+def test_a_checkout_on_the_path_says_so(tmp_path):
+    """Run from a clone after a non-editable install, the unbuilt checkout is what Python
+    imports: a missing compiled module says where the package came from and what to do."""
+    source = _source_copy(tmp_path)
+    (source / "gannorm_kernels" / "_build_info.py").write_text(
+        "CUDA_EXTENSION = False\nCUDA_EXTENSION_REASON = 'GANNORM_NO_CUDA=1'\nCUDA_ARCHS = ''\nNVCC_VERSION = ''\n"
+        f"EMU_EXTENSION = True\nEMU_EXTENSION_REASON = ''\nTORCH_VERSION = {torch.__version__!r}\n")
+    probe = ("import sys\n"  # as a non-editable install: this venv's editable finder would map the modules
+             "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+             "from gannorm_kernels import backends; print(backends.extension_error('cuda-emu'))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=source, capture_output=True, text=True, check=True)
+    assert "No module named 'gannorm_kernels._emu'" in out.stdout
+    assert f"imported from the source checkout {source.resolve()}" in out.stdout
+    assert "pip install --no-build-isolation -e ." in out.stdout
 
 
 def test_gpu_check_refuses_without_a_gpu():

@@ -7,7 +7,11 @@ import torch
 import triton
 import triton.language as tl
 from torch.utils._python_dispatch import _disable_current_modes
-from triton.runtime.interpreter import InterpretedFunction
+
+try:  # the interpreter's module imports numpy, which triton on a GPU does not need
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:
+    InterpretedFunction = ()  # no interpreter: nothing is an InterpretedFunction
 
 from ..dtypes import acc_dtype as torch_acc_dtype
 
