@@ -25,9 +25,12 @@ def test_minibatch_discrimination(benchmark, mode, backend, n):
     layer = layer.to(DEVICE)
     with torch.no_grad():
         layer.T.mul_(0.05)  # keep L1 distances of order 1
+    naive = gk.MinibatchDiscrimination(FEATURES, b, c, backend="reference").to(DEVICE, torch.float64)
+    naive.load_state_dict(layer.state_dict())  # the fp64 reference the first step is checked against
     layer = minibatch_fn(lambda name: layer, backend, n)
     x = torch.randn(n, FEATURES, device=DEVICE, requires_grad=True)
     cost = MINIBATCH_DISCRIMINATION.cost(n, b, c, torch.float32)
     if mode == "forward+backward":
         cost = cost + MINIBATCH_DISCRIMINATION.cost(n, b, c, torch.float32, backward=True)
-    run(benchmark, step_of(layer, x, mode), "minibatch_discrimination", mode, backend, f"N={n}", (n, b, c), cost)
+    run(benchmark, step_of(layer, x, mode), "minibatch_discrimination", mode, backend, f"N={n}", (n, b, c), cost, x,
+        reference=naive)

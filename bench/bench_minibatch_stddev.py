@@ -25,4 +25,5 @@ def test_minibatch_stddev(benchmark, mode, backend, n):
     if mode == "forward+backward":
         cost = cost + MINIBATCH_STDDEV.cost(shape, torch.float32, backward=True)
     layer = minibatch_fn(lambda name: gk.MinibatchStdDev(backend=name), backend, n)
-    run(benchmark, step_of(layer, x, mode), "minibatch_stddev", mode, backend, f"N={n}", shape, cost)
+    run(benchmark, step_of(layer, x, mode), "minibatch_stddev", mode, backend, f"N={n}", shape, cost, x,
+        reference=gk.MinibatchStdDev(backend="reference"))

@@ -26,4 +26,5 @@ def test_similarity_penalty(benchmark, mode, backend, n, kernel):
     penalty = minibatch_fn(lambda name: lambda f: gk.pairwise_similarity_penalty(f, kernel, 16.0, backend=name),
                            backend, n)
     step = step_of(penalty, features, mode)
-    run(benchmark, step, f"similarity_{kernel}", mode, backend, f"N={n}", (n, FEATURES), cost)
+    run(benchmark, step, f"similarity_{kernel}", mode, backend, f"N={n}", (n, FEATURES), cost, features,
+        reference=lambda f: gk.pairwise_similarity_penalty(f, kernel, 16.0, backend="reference"))

@@ -12,8 +12,8 @@ import math
 
 import pytest
 import torch
-from gan_layers import COMPETITORS, DEVICE, DTYPES, LAYERS, describe, gpu_kernels, layer_id, skip_compile_case, \
-    synchronize
+from gan_layers import COMPETITORS, DEVICE, DTYPES, LAYERS, assert_matches, compiled, describe, gpu_kernels, \
+    layer_id, peak_memory, skip_compile_case, synchronize
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -32,14 +32,35 @@ def cost(mode, shape, dtype):
     return SPECTRAL_NORM.cost(shape, dtype, mode="train" if mode == "train-forward" else "eval")
 
 
-def layer_with_weight(shape, dtype, backend):
+def _holder(shape, dtype):
     torch.manual_seed(0)
     holder = nn.Module()
     holder.weight = nn.Parameter(torch.randn(shape, dtype=dtype))
-    holder = holder.to(DEVICE)
+    return holder.to(DEVICE)
+
+
+def layer_with_weight(shape, dtype, backend):
+    holder = _holder(shape, dtype)
     if backend in ("torch", "torch-compile"):
         return parametrizations.spectral_norm(holder)
     return gk.spectral_norm(holder, backend=backend)
+
+
+def check_step(step, module, twin, backward, grad, dtype):
+    """Runs one step of `module` (the warm-up) and the same step of `twin`, an fp64 copy of its
+    state (torch's own spectral norm: the oracle; for top-k, the reference backend's BigGAN
+    algorithm), and compares W / sigma, the buffers the step leaves and the weight's gradient."""
+    twin.load_state_dict(module.state_dict())
+    weight = step()
+    expected = twin.weight
+    if backward:
+        expected.backward(grad.double())
+    assert_matches("W / sigma", weight, expected, dtype)
+    ours, theirs = module.parametrizations.weight, twin.parametrizations.weight
+    for name in ("_u", "_v"):
+        assert_matches(name, getattr(ours[0], name), getattr(theirs[0], name), dtype)
+    if backward:
+        assert_matches("grad W", ours.original.grad, theirs.original.grad, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -53,28 +74,32 @@ def test_spectral_norm(benchmark, mode, backend, layer, dtype):
         module.eval()
     get_weight = (lambda: module.weight)
     if backend == "torch-compile":
-        get_weight = torch.compile(get_weight, fullgraph=True, dynamic=False)
+        get_weight = compiled(get_weight)
     grad = torch.randn(layer[2], dtype=dtype, device=DEVICE)
     backward = mode == "train-forward+backward"
+    original = module.parametrizations.weight.original
 
     def step():
         weight = get_weight()
         if backward:
+            original.grad = None  # as an optimizer's zero_grad: the gradient written, not added
             weight.backward(grad)
         synchronize()
         return weight
 
-    step()  # warm-up (and, for torch-compile, the compilation)
+    twin = parametrizations.spectral_norm(_holder(layer[2], torch.float64))
+    if mode == "eval-forward":
+        twin.eval()
+    check_step(step, module, twin, backward, grad, dtype)  # the warm-up (torch-compile: the compilation)
     if backend == "torch-compile":  # the dispatcher-level count cannot see inside the graph
-        launches, weight = None, step()
+        launches = None
     else:
         with count_launches() as counted:
-            weight = step()
+            step()
         launches = counted.total
     describe(benchmark, "spectral_norm", mode, backend, layer_id(layer), layer[2], dtype, cost(mode, layer[2], dtype),
-             launches, kernels=gpu_kernels(step))
+             launches, peak_memory(step), kernels=gpu_kernels(step))
     benchmark(step)
-    assert torch.isfinite(weight).all()
 
 
 
@@ -91,24 +116,23 @@ def test_spectral_norm_topk(benchmark, backend, layer, dtype):
     all four."""
     if min(layer[2][0], math.prod(layer[2][1:])) < 4:
         pytest.skip("fewer than 4 rows or columns: no 4 singular values")
-    torch.manual_seed(0)
-    holder = nn.Module()
-    holder.weight = nn.Parameter(torch.randn(layer[2], dtype=dtype))
-    module = gk.spectral_norm(holder.to(DEVICE), num_svs=4, backend=backend)
+    module = gk.spectral_norm(_holder(layer[2], dtype), num_svs=4, backend=backend)
     grad = torch.randn(layer[2], dtype=dtype, device=DEVICE)
+    original = module.parametrizations.weight.original
 
     def step():
         weight = module.weight
+        original.grad = None
         weight.backward(grad)
         synchronize()
         return weight
 
-    step()
+    check_step(step, module, gk.spectral_norm(_holder(layer[2], torch.float64), num_svs=4, backend="reference"),
+               True, grad, dtype)
     with count_launches() as counted:
-        weight = step()
+        step()
     spec = gk.ops.spectral_norm.SPECTRAL_NORM_TOPK
     cost = spec.cost(layer[2], dtype, 0, "train", 1, 4) + spec.cost(layer[2], dtype, 0, "backward")
     describe(benchmark, "spectral_norm_topk", "train-forward+backward, k=4", backend, layer_id(layer), layer[2], dtype,
-             cost, counted.total, kernels=gpu_kernels(step))
+             cost, counted.total, peak_memory(step), kernels=gpu_kernels(step))
     benchmark(step)
-    assert torch.isfinite(weight).all()

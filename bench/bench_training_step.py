@@ -9,7 +9,7 @@ forward and backward); and the whole step (both forwards, backward, a capturable
 in one CUDA graph and replayed. Each row compares ours with torch's run the same way.
 
 Discriminators: DCGAN 64x64 (ndf 64, batch 64) and the SNGAN CIFAR "standard CNN" (batch 64) on a
-GPU; on a CPU a DCGAN at ndf 4, batch 2 as a smoke test. No lower bound: the perf model covers
+GPU; on a CPU a DCGAN at ndf 4, batch 2 as a smoke test. No model time: the perf model covers
 the norm kernels, not the convolutions.
 """
 

@@ -10,8 +10,8 @@ limit (see gan_layers.py for the layers and the CPU smoke set).
 import pytest
 import torch
 
-from gan_layers import COMPETITORS, DEVICE, DTYPES, LAYERS, describe, gpu_kernels, layer_id, skip_compile_case, \
-    synchronize
+from gan_layers import COMPETITORS, DEVICE, DTYPES, LAYERS, assert_matches, compiled, describe, gpu_kernels, \
+    layer_id, peak_memory, skip_compile_case, synchronize
 
 from gannorm_kernels import backends
 from gannorm_kernels.functional import weight_norm
@@ -26,8 +26,18 @@ def make_op(backend, dim):
     if backend == "torch":
         return lambda v, g: torch._weight_norm(v, g, dim)
     if backend == "torch-compile":
-        return torch.compile(lambda v, g: torch._weight_norm(v, g, dim), fullgraph=True, dynamic=False)
+        return compiled(lambda v, g: torch._weight_norm(v, g, dim))
     return lambda v, g: weight_norm(v, g, dim, backend=backend)
+
+
+def weight_norm_fp64(v, g, dim, grad_w):
+    """v * g / ||v|| (norms over every dim but `dim`) in fp64, its gradients for grad_w, and the
+    size of the two terms v's gradient is the difference of (g / ||v|| grad_w and its projection)."""
+    v64, g64 = v.detach().double().requires_grad_(), g.detach().double().requires_grad_()
+    scale = g64 / v64.square().sum([d for d in range(v.ndim) if d != dim], keepdim=True).sqrt()
+    w = v64 * scale
+    w.backward(grad_w.double())
+    return w, v64.grad, g64.grad, (scale * grad_w.double()).abs().max().item()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -51,21 +61,26 @@ def test_weight_norm(benchmark, mode, backend, layer, dim, dtype):
     def step():
         w = op(v, g)
         if backward:
+            v.grad = g.grad = None  # as an optimizer's zero_grad: the gradients written, not added
             w.backward(grad_w)
         synchronize()
         return w
 
-    if backend == "torch-compile":
-        step()  # compiles
-        launches, w = None, step()
+    w = step()  # the warm-up (torch-compile: the compilation), checked
+    expected = weight_norm_fp64(v, g, dim, grad_w)
+    assert_matches("w", w, expected[0], dtype)
+    if backward:
+        assert_matches("grad v", v.grad, expected[1], dtype, scale=expected[3])
+        assert_matches("grad g", g.grad, expected[2], dtype)
+    if backend == "torch-compile":  # the dispatcher-level count cannot see inside the graph
+        launches = None
     else:
         with count_launches() as counted:
-            w = step()
+            step()
         launches = counted.total
     cost = WEIGHT_NORM.cost(shape, dtype, dim)
     if backward:
         cost = cost + WEIGHT_NORM.cost(shape, dtype, dim, backward=True)
     describe(benchmark, "weight_norm", f"{mode} dim {dim}", backend, layer_id(layer), shape, dtype, cost,
-             launches, kernels=gpu_kernels(step))
+             launches, peak_memory(step), kernels=gpu_kernels(step))
     benchmark(step)
-    assert torch.isfinite(w).all()

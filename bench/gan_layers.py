@@ -26,6 +26,31 @@ def skip_compile_case(backend, layer, dtype):
         pytest.skip("torch.compile is timed in fp32 on one layer per model (compilation time)")
 
 
+def compiled(fn, **options):
+    """torch.compile(fn) from a clean dynamo state: every case compiles a lambda of the same code,
+    which dynamo would count as recompiles of one function (the ninth raises under fullgraph:
+    its recompile limit is 8), each call also running the earlier cases' guards."""
+    torch._dynamo.reset()
+    return torch.compile(fn, **{"fullgraph": True, "dynamic": False, **options})
+
+
+# A gate before timing (tests/ hold each op to its own bounds): a fast wrong result must not be
+# reported as a speedup. |actual - expected| <= TOLERANCE x max|expected|, expected in fp64: a
+# dtype's rounding over a GAN layer's reductions, with margin; a wrong normalisation, a skipped
+# power iteration or a gradient of the wrong term is off by far more.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def assert_matches(what, actual, expected, dtype, scale=None):
+    """scale: the size of the terms `expected` is a difference of, where they can cancel (a
+    gradient that is 0 in exact arithmetic is their rounding); max|expected| by default."""
+    expected, actual = expected.detach().double(), actual.detach().double().to(expected.device)
+    bound = TOLERANCE[dtype] * (expected.abs().max().item() if scale is None else scale)
+    error = (actual - expected).abs().max().item()
+    if not error <= bound:  # NaN fails too
+        raise AssertionError(f"{what}: off by {error:.3g} from the fp64 reference (bound {bound:.3g}); not timed")
+
+
 def layer_id(layer):
     return f"{layer[0]}-{layer[1]}"
 
@@ -131,12 +156,20 @@ def minibatch_fn(make, backend, n):
     if n != COMPILED_BATCH:
         import pytest
         pytest.skip(f"torch.compile of the naive formulation is timed at N={COMPILED_BATCH} (compilation time)")
-    return torch.compile(make("reference"), fullgraph=True, dynamic=False)
+    return compiled(make("reference"))
 
 
-def run(benchmark, step, op, mode, backend, workload, shape, cost):
+def run(benchmark, step, op, mode, backend, workload, shape, cost, x, reference):
+    """Checks one step against `reference` (the naive formulation as a callable) in fp64 (output,
+    and x's gradient for forward+backward), counts the next step's launches, times the step."""
+    y = step()  # the warm-up (torch-compile: the compilation), checked
+    x64 = x.detach().double().requires_grad_()
+    y64 = reference(x64)
+    assert_matches(f"{op} output", y, y64, torch.float32)
+    if mode == "forward+backward":
+        y64.backward(torch.ones_like(y64))
+        assert_matches(f"{op} gradient", x.grad, x64.grad, torch.float32)
     if backend == "torch-compile":  # the dispatcher-level count cannot see inside the graph
-        step()  # the compilation
         launches = None
     else:
         with count_launches() as counted:
@@ -148,9 +181,15 @@ def run(benchmark, step, op, mode, backend, workload, shape, cost):
 
 
 def step_of(fn, x, mode):
+    """One call of fn on x (forward+backward: x's gradient set to None first, as an optimizer's
+    zero_grad does, and the output gradient made once, outside the step)."""
+    ones = torch.ones_like(fn(x).detach())
+
     def step():
         y = fn(x)
         if mode == "forward+backward":
-            y.backward(torch.ones_like(y))
+            x.grad = None
+            y.backward(ones)
         synchronize()
+        return y
     return step

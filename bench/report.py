@@ -1,7 +1,7 @@
 """Turns a pytest-benchmark JSON file into bench/results/<device>-<commit>.json, a markdown
-table and a PNG chart beside it: per op, mode, layer and dtype, each backend's mean time, its
+table and a PNG chart beside it: per op, mode, layer and dtype, each backend's median time, its
 speedup over torch's own op (or the naive formulation), over torch.compile of torch's op where
-that ran (GPU), and its fraction of the lower bound (gannorm_kernels.tools.perf_model); the launches
+that ran (GPU), and its fraction of the model time (gannorm_kernels.tools.perf_model); the launches
 column gives the dispatcher-level launch count and, on a GPU, the kernels the profiler saw
 (`gpu N`: for torch-compile, the kernels inductor generated).
 
@@ -29,20 +29,21 @@ def commit() -> str:
 
 
 def table(data):
-    """{(op, mode, layer, dtype): {backend: (mean us, bound us, launches, peak bytes, gpu kernels)}}, device."""
+    """{(op, mode, layer, dtype): {backend: (median us, bound us, launches, peak bytes, gpu kernels)}}, device.
+    The median of the rounds: a mean takes in every stall of a shared machine."""
     rows = defaultdict(dict)
     device = "?"
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         device = info.get("device", device)
         key = (info["op"], info["mode"], info["layer"], info["dtype"].replace("torch.", ""))
-        rows[key][info["backend"]] = (bench["stats"]["mean"] * 1e6, info.get("bound_us"), info.get("launches"),
+        rows[key][info["backend"]] = (bench["stats"]["median"] * 1e6, info.get("bound_us"), info.get("launches"),
                                       info.get("peak_bytes"), info.get("gpu_kernels"))
     return rows, device
 
 
 def chart(data, path: Path) -> None:
-    """Mean time per row and backend, log scale: one horizontal bar group per row."""
+    """Median time per row and backend, log scale: one horizontal bar group per row."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -59,7 +60,7 @@ def chart(data, path: Path) -> None:
     ax.set_yticks([k + 0.4 - height / 2 for k in range(len(keys))])
     ax.set_yticklabels([" ".join(key) for key in keys], fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("mean time per call (us, log scale)")
+    ax.set_xlabel("median time per call (us, log scale)")
     ax.set_title(f"gannorm_kernels on {device}")
     ax.invert_yaxis()
     ax.legend()
@@ -78,32 +79,32 @@ def launch_cell(cell) -> str:
 def markdown(data) -> str:
     rows, device = table(data)
     backends = [b for b in BACKEND_ORDER if any(b in r for r in rows.values())]
-    lines = [f"Device: {device}. Each cell: mean time in microseconds (speedup over torch's own op; over "
-             "torch.compile of it, where that ran; lower bound / mean, where the GPU's peaks are known; peak memory "
+    lines = [f"Device: {device}. Each cell: median time in microseconds (speedup over torch's own op; over "
+             "torch.compile of it, where that ran; model time / median, where the GPU's peaks are known; peak memory "
              "on a GPU); launches per call in the last column (`gpu N`: kernels the profiler saw, inductor's for "
              "torch-compile). The minibatch ops compare with their naive formulation, the reference backend.", "",
              "| op | mode | layer | dtype | " + " | ".join(backends) + " | launches |",
              "| --- | --- | --- | --- | " + " | ".join("---" for _ in backends) + " | --- |"]
     for key in sorted(rows):
         cells = rows[key]
-        torch_mean = cells.get("torch", (None,))[0]
-        compiled_mean = cells.get("torch-compile", (None,))[0]
+        torch_time = cells.get("torch", (None,))[0]
+        compiled_time = cells.get("torch-compile", (None,))[0]
         shown = []
         for backend in backends:
             if backend not in cells:
                 shown.append("")
                 continue
-            mean, bound, _, peak, _ = cells[backend]
+            time, bound, _, peak, _ = cells[backend]
             notes = []
-            if torch_mean and backend != "torch":
-                notes.append(f"{torch_mean / mean:.2f}x")
-            if compiled_mean and backend not in COMPETITORS:
-                notes.append(f"{compiled_mean / mean:.2f}x vs compiled")
+            if torch_time and backend != "torch":
+                notes.append(f"{torch_time / time:.2f}x")
+            if compiled_time and backend not in COMPETITORS:
+                notes.append(f"{compiled_time / time:.2f}x vs compiled")
             if bound:
-                notes.append(f"{bound / mean:.2f} of bound")
+                notes.append(f"{bound / time:.2f} of model")
             if peak is not None:
                 notes.append(f"peak {peak / 2 ** 20:.1f} MiB")
-            shown.append(f"{mean:.1f}" + (f" ({', '.join(notes)})" if notes else ""))
+            shown.append(f"{time:.1f}" + (f" ({', '.join(notes)})" if notes else ""))
         launches = ", ".join(f"{b} {launch_cell(cells[b])}" for b in backends if b in cells)
         lines.append(f"| {' | '.join(map(str, key))} | " + " | ".join(shown) + f" | {launches} |")
     return "\n".join(lines) + "\n"

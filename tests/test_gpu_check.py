@@ -122,6 +122,8 @@ def test_dry_run_shows_each_stage_for_the_device_present():
     assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in out
     suites = [line for line in out.splitlines() if line.startswith("[bench] ")]
     assert len(suites) == len(list((ROOT / "bench").glob("bench_*.py")))
+    first = [next(w for w in line.split() if w.startswith("bench/")) for line in suites[:3]]
+    assert first == ["bench/bench_weight_norm.py", "bench/bench_spectral_norm.py", "bench/bench_training_step.py"]
     assert not Path("/nonexistent/out").exists()
 
 
@@ -134,7 +136,7 @@ def test_packaging_of_a_recorded_run(tmp_path):
                                           if b["extra_info"]["backend"] == "torch"
                                           and b["extra_info"]["mode"] == "forward dim 0")))
     compiled["extra_info"].update(backend="torch-compile", launches=None, gpu_kernels=2)
-    compiled["stats"]["mean"] *= 2
+    compiled["stats"]["median"] *= 2
     second = tmp_path / "second.json"
     second.write_text(json.dumps({"benchmarks": [compiled]}))
     out = tmp_path / "out"
@@ -147,10 +149,10 @@ def test_packaging_of_a_recorded_run(tmp_path):
     table = (out / "bench.md").read_text()
     assert table.startswith("recorded\n")
     row = next(line for line in table.splitlines() if line.startswith("| weight_norm | forward dim 0 | sngan"))
-    means = {b["extra_info"]["backend"]: b["stats"]["mean"] * 1e6 for b in data["benchmarks"]
-             if b["extra_info"]["mode"] == "forward dim 0"}
-    emu = means["cuda-emu"]
-    assert f"{emu:.1f} ({means['torch'] / emu:.2f}x, {means['torch-compile'] / emu:.2f}x vs compiled)" in row, row
+    medians = {b["extra_info"]["backend"]: b["stats"]["median"] * 1e6 for b in data["benchmarks"]
+               if b["extra_info"]["mode"] == "forward dim 0"}
+    emu = medians["cuda-emu"]
+    assert f"{emu:.1f} ({medians['torch'] / emu:.2f}x, {medians['torch-compile'] / emu:.2f}x vs compiled)" in row, row
     assert "torch-compile gpu 2" in row
 
 
@@ -230,6 +232,44 @@ def test_stages_name_the_modules_they_lack(monkeypatch, tmp_path):
     absent = {"pytest", "numpy"}
     status, detail = gpu_check.stage_test(tmp_path, 4)
     assert status == "failed" and "lacks ['pytest', 'numpy'], which the test stage needs" in detail["reason"]
+
+
+def test_each_finished_benchmark_is_written_as_it_finishes(tmp_path):
+    """GANNORM_BENCH_PARTIAL (bench/conftest.py): every benchmark is appended as it finishes,
+    the same rows pytest-benchmark's JSON holds at the end."""
+    partial, final = tmp_path / "partial.jsonl", tmp_path / "final.json"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/bench_weight_norm.py",
+                          "-k", "reference and dim0", "--benchmark-max-time=0.001", "--benchmark-min-rounds=1",
+                          f"--benchmark-json={final}", f"--benchmark-storage={tmp_path}"],
+                         cwd=ROOT, env={**os.environ, "GANNORM_BENCH_PARTIAL": str(partial)}, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stdout[-2000:]
+    rows = [json.loads(line) for line in partial.read_text().splitlines()]
+    expected = json.loads(final.read_text())["benchmarks"]
+    assert len(rows) >= 2 and [r["name"] for r in rows] == [b["name"] for b in expected]
+    assert [r["stats"]["mean"] for r in rows] == [b["stats"]["mean"] for b in expected]
+
+
+def test_a_suite_cut_short_keeps_its_finished_rows(tmp_path, monkeypatch):
+    """A suite stopped at the stage's time limit (exit 124) leaves no pytest-benchmark JSON: the
+    rows it finished are packaged from its partial file, and the note says it was cut short."""
+    recorded = json.loads(FIXTURE.read_text())["benchmarks"][:2]
+    script = ("import json, os, sys\n"
+              f"rows = {json.dumps(recorded)!r}\n"
+              "with open(os.environ['GANNORM_BENCH_PARTIAL'], 'a') as f:\n"
+              "    f.writelines(json.dumps(r) + '\\n' for r in json.loads(rows))\n"
+              "sys.exit(124)\n")
+    monkeypatch.setattr(gpu_check, "WORK", tmp_path / "work")
+    (tmp_path / "work").mkdir()
+    monkeypatch.setattr(gpu_check, "bench_commands", lambda: ([("bench_weight_norm", [sys.executable, "-c", script])],
+                                                               dict(os.environ)))
+    out = tmp_path / "out"
+    out.mkdir()
+    status, detail = gpu_check.stage_bench(out)
+    assert status == "failed" and detail["bench_weight_norm"]["partial"] == 2
+    table = (out / "bench.md").read_text()
+    assert "bench_weight_norm (exit 124; cut short: the 2 rows it finished)" in table
+    assert len(json.loads((out / "bench.json").read_text())["benchmarks"]) == 2
 
 
 def test_packaging_without_matplotlib(tmp_path, monkeypatch):
