@@ -343,7 +343,8 @@ def fold(model: nn.Module) -> nn.Module:
     weight-normed convolutions recomputes every weight per audio chunk otherwise), its
     state_dict has plain ``weight`` keys, and it exports like any model. Spectral norm folds to
     ``W / sigma`` with sigma from the current ``u`` and ``v``, no power iteration (what eval
-    computes). Training cannot resume from a folded model; fold a copy
+    computes), whether the model is in train or eval mode; a frozen weight (``requires_grad``
+    False) stays frozen. Training cannot resume from a folded model; fold a copy
     (``copy.deepcopy(G_ema)``) if you still need the original. A parametrization chain that
     mixes a norm with other parametrizations is refused (it cannot be folded in part); warns
     if there is nothing to fold, before anything changes.
@@ -359,12 +360,16 @@ def fold(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for module in model.modules():
             for hook in list(module._forward_pre_hooks.values()):
+                if not isinstance(hook, (LegacyWeightNorm, LegacySpectralNorm)):
+                    continue
+                originals = ("_g", "_v") if isinstance(hook, LegacyWeightNorm) else ("_orig",)
+                trainable = any(getattr(module, hook.name + suffix).requires_grad for suffix in originals)
                 if isinstance(hook, LegacyWeightNorm):
                     torch.nn.utils.remove_weight_norm(module, hook.name)
-                    folded += 1
-                elif isinstance(hook, LegacySpectralNorm):
+                else:
                     torch.nn.utils.remove_spectral_norm(module, hook.name)  # eval weight: no iteration
-                    folded += 1
+                getattr(module, hook.name).requires_grad_(trainable)  # torch's removal makes it trainable
+                folded += 1
             if not parametrize.is_parametrized(module):
                 continue
             for name, chain in list(module.parametrizations.items()):

@@ -455,6 +455,77 @@ def test_fold_uses_the_buffers_as_they_are():
     torch.testing.assert_close(layer.weight.detach(), original / sigma, rtol=1e-6, atol=0)
 
 
+def _unconverged(model):
+    """Each spectral norm's u and v redrawn without warm-up (fp64): far from converged, so that
+    one power iteration more or less shows."""
+    generator = torch.Generator().manual_seed(5)
+    for name, buffer in model.named_buffers():
+        if name.endswith(("_u", "_v")):
+            buffer.copy_(nn.functional.normalize(torch.randn(buffer.shape, generator=generator, dtype=buffer.dtype),
+                                                 dim=0))
+    return model
+
+
+def _fp64_sn_twins(api):
+    torch.manual_seed(0)
+    register = (lambda m, n: parametrizations.spectral_norm(m, n_power_iterations=n)) if api == "parametrizations" \
+        else (lambda m, n: nn.utils.spectral_norm(m, n_power_iterations=n))
+    model = nn.Sequential(register(nn.Linear(6, 5), 3), nn.Tanh(), register(nn.Linear(5, 4), 1)).double()
+    with torch.no_grad():
+        return _unconverged(model)
+
+
+@pytest.mark.parametrize("api", ["parametrizations", "legacy"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_convert_an_eval_model_and_revert_it(backend, api):
+    """convert() of a model in eval (G_ema): our layers are in eval too, its forward runs no
+    power iteration and gives torch's eval output; revert() gives back torch's norms with their
+    n_power_iterations, training as torch's own (fp64, from unconverged buffers)."""
+    device = backend_device(backend)
+    theirs = _fp64_sn_twins(api).eval()
+    ours = gk.convert(copy.deepcopy(theirs), backend=backend).to(device)
+    assert all(not m.training for m in ours.modules())
+    x = torch.randn(3, 6, dtype=torch.float64)
+    buffers = [b.clone() for b in ours.buffers()]
+    torch.testing.assert_close(ours(x.to(device)).cpu(), theirs(x), rtol=1e-12, atol=1e-14)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, ours.buffers())), "an eval forward changed u or v"
+    gk.revert(ours.cpu())
+    theirs.train(), ours.train()
+    if api == "parametrizations":
+        assert [ours[i].parametrizations.weight[0].n_power_iterations for i in (0, 2)] == [3, 1]
+    for _ in range(2):
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-14)
+        for (name, a), b in zip(theirs.named_buffers(), ours.buffers()):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("api", ["parametrizations", "legacy"])
+@pytest.mark.parametrize("convert", [False, True], ids=["torch-norms", "converted"])
+def test_fold_of_a_training_model_with_a_frozen_layer(convert, api):
+    """fold() of a model left in train mode folds W / (u^T W v) from the buffers as they are (no
+    power iteration: fp64 from the tensors before), and a frozen layer stays frozen (its
+    requires_grad kept; torch's removal functions would make it trainable)."""
+    model = _fp64_sn_twins(api)
+    model[0].requires_grad_(False)
+    if convert:
+        gk.convert(model, backend="reference")
+    expected = []
+    for layer in (model[0], model[2]):
+        if api == "legacy":
+            u, w, v = layer.weight_u, layer.weight_orig, layer.weight_v
+        else:
+            chain = layer.parametrizations.weight
+            u, w, v = chain[0]._u, chain.original, chain[0]._v
+        expected.append((w / (u @ w @ v)).detach().clone())
+    assert model.training
+    gk.fold(model)
+    for layer, weight in zip((model[0], model[2]), expected):
+        torch.testing.assert_close(layer.weight.detach(), weight, rtol=1e-13, atol=0)
+        assert isinstance(layer.weight, nn.Parameter)
+    assert [model[0].weight.requires_grad, model[2].weight.requires_grad] == [False, True]
+    assert [model[0].bias.requires_grad, model[2].bias.requires_grad] == [False, True]
+
+
 def test_fold_exports():
     _, folded = folded_pair("reference", convert=True)
     x = images(seed=2)

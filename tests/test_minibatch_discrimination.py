@@ -106,7 +106,7 @@ def test_gradcheck_fp64(backend):
 def test_opcheck(backend):
     device = backend_device(backend)
     ops = torch.ops.gannorm_kernels
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):  # fakes' dtypes too
         m = drawn((5, 3, 4), dtype, device, seed=2, scale=0.3)
         cases = [
             (ops.minibatch_discrimination_fwd, (m.clone().requires_grad_(),)),

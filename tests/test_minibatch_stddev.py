@@ -141,7 +141,7 @@ def test_gradcheck_fp64(backend):
 def test_opcheck(backend):
     device = backend_device(backend)
     ops = torch.ops.gannorm_kernels
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):  # fakes' dtypes too
         x = drawn((4, 4, 2, 3), dtype, device, seed=3)
         cases = [
             (ops.minibatch_stddev_fwd, (x.clone().requires_grad_(), 2, 2)),

@@ -187,7 +187,7 @@ def test_gradcheck_fp64(backend):
 def test_opcheck(backend):
     device = backend_device(backend)
     ops = torch.ops.gannorm_kernels
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):  # fakes' dtypes too
         f = drawn((6, 5), dtype, device, seed=1)
         grad = torch.ones((), dtype=dtype, device=device)
         _, s, norms = ops.similarity_cosine_fwd(f, 1e-12, backend)

@@ -258,7 +258,7 @@ def test_opcheck(backend):
     device = backend_device(backend)
     ops = torch.ops.gannorm_kernels
     compiled = getattr(torch.ops, backends.OPS_NAMESPACE[backend]) if backend in backends.OPS_NAMESPACE else None
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):  # fakes' dtypes too
         for shape, dim in [((4, 3, 2), 0), ((4, 3, 2), 1), ((5, 6), 0)]:
             weight, u, v, grad_out = make_inputs(shape, dim, dtype, device)
             for training in (True, False):
@@ -579,6 +579,28 @@ def test_loads_legacy_checkpoint(backend, kind):
     ours.load_state_dict(state, strict=True)
     ours.eval()
     torch.testing.assert_close(ours(x.to(backend_device(backend))).cpu(), legacy(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_loads_a_legacy_checkpoint_of_another_parameter(backend):
+    """A legacy spectral-norm checkpoint of a parameter not named `weight` (an RNN's recurrent
+    weight: `weight_hh_l0_orig`, `_u`, `_v`) loads into ours and gives the legacy layer's eval
+    weight."""
+    name = "weight_hh_l0"
+    torch.manual_seed(0)
+    legacy = nn.utils.spectral_norm(nn.GRU(5, 4), name=name)
+    x = torch.randn(3, 2, 5)
+    for _ in range(3):  # move u and v away from their initial values
+        legacy(x)
+    legacy.eval()
+    state = legacy.state_dict()
+    assert {name + "_orig", name + "_u", name + "_v"} <= set(state)
+    ours = gk.spectral_norm(nn.GRU(5, 4), name=name, backend=backend).to(backend_device(backend)).eval()
+    ours.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        legacy._forward_pre_hooks[next(iter(legacy._forward_pre_hooks))](legacy, None)  # recomputes it
+    torch.testing.assert_close(getattr(ours, name).detach().cpu(), getattr(legacy, name).detach(),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("eps", [0.0, -1.0])
@@ -1201,10 +1223,11 @@ def test_group_past_24_layers_matches_fp64_reference(backend):
                                        msg=f"layer {k} {what}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # bf16: the fakes' fp32 outputs
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_group_opcheck(backend):
+def test_group_opcheck(backend, dtype):
     device = backend_device(backend)
-    inputs = [make_inputs(shape, dim, torch.float32, device, seed=k) for k, (shape, dim) in enumerate(CASES[:4])]
+    inputs = [make_inputs(shape, dim, dtype, device, seed=k) for k, (shape, dim) in enumerate(CASES[:4])]
     weights = [w.clone().requires_grad_() for w, *_ in inputs]
     us, vs = [u.clone() for _, u, *_ in inputs], [v.clone() for _, _, v, _ in inputs]
     dims = [dim for _, dim in CASES[:4]]
@@ -1441,9 +1464,10 @@ def test_topk_layer_warms_up_as_torch_registers():
     torch.testing.assert_close((parametrization._u, parametrization._v), (u, v), rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)  # bf16: the fakes' fp32 outputs
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_topk_opcheck(backend):
-    weight, u, v, grad_out = make_topk_inputs((6, 4, 2), 1, 3, torch.float64, backend_device(backend))
+def test_topk_opcheck(backend, dtype):
+    weight, u, v, grad_out = make_topk_inputs((6, 4, 2), 1, 3, dtype, backend_device(backend))
     ops = torch.ops.gannorm_kernels
     for training in (True, False):
         torch.library.opcheck(ops.spectral_norm_topk_fwd, (weight.clone().requires_grad_(), u.clone(), v.clone(), 1,

@@ -52,6 +52,7 @@ GROUP_EMU = ("tests/test_spectral_norm.py", "-k", "group and cuda-emu")
 GLUE_TRAINING = ("tests/test_training.py", "tests/test_training_patterns.py", "-k", "not triton and not built_where_nvcc")
 GLUE_CONVERT = ("tests/test_convert.py", "tests/test_training_patterns.py", "tests/test_torch_parametrization.py",
                 "-k", "not triton and not built_where_nvcc")
+WN_GLUE = ("tests/test_weight_norm.py", "-k", "not triton and not built_where_nvcc")
 GLUE_TOPK = ("tests/test_spectral_norm.py", "tests/test_properties.py", "-k", "topk and not triton")
 GLUE = ("tests/test_training_patterns.py", "tests/test_spectral_norm.py", "tests/test_double_backward.py",
         "tests/test_backends.py", "tests/test_torch_parametrization.py",
@@ -259,6 +260,38 @@ MUTATIONS = [
              "torch._foreach_lerp_(targets, sources, 1.0 - decay)",
              "torch._foreach_lerp_(targets, sources, decay)",
              GLUE_TRAINING, "ema_update: decay and 1 - decay swapped"),
+    # planted by a second independent audit (the Python layer), each a hole a test now closes
+    Mutation("P14", "gannorm_kernels/nn.py",
+             "if isinstance(parametrizations[0], AdaptiveWeightNorm):",
+             "if isinstance(parametrizations[0], WeightNorm):",
+             WN_GLUE, "scale_param_groups: every weight norm's g (not only adaptive ones) gets scale_lr"),
+    Mutation("P15", "gannorm_kernels/convert.py",
+             "            ours[id(theirs)].train(theirs.training)\n", "",
+             GLUE_CONVERT, "convert: the new parametrizations left in training mode in an eval model"),
+    Mutation("P16", "gannorm_kernels/convert.py",
+             "theirs.n_power_iterations = ours.n_power_iterations", "theirs.n_power_iterations = 1",
+             GLUE_CONVERT, "revert: n_power_iterations dropped (becomes 1)"),
+    Mutation("P17", "gannorm_kernels/convert.py",
+             "module.register_parameter(name, nn.Parameter(value, original.requires_grad))",
+             "module.register_parameter(name, nn.Parameter(value))",
+             GLUE_CONVERT, "fold: a frozen (requires_grad=False) weight becomes trainable"),
+    Mutation("P18", "gannorm_kernels/convert.py",
+             "                for p in chain:\n                    p.eval()  # spectral norm: W / (u^T W v) with the "
+             "buffers as they are\n", "",
+             GLUE_CONVERT, "fold: a model in training mode folds after one more power iteration"),
+    Mutation("P19", "gannorm_kernels/nn.py",
+             "module._register_load_state_dict_pre_hook(functools.partial(_load_legacy_weight_norm, name))",
+             'module._register_load_state_dict_pre_hook(functools.partial(_load_legacy_weight_norm, "weight"))',
+             WN_GLUE, "weight_norm: the legacy-checkpoint load hook maps weight_g/v whatever the parameter's name"),
+    Mutation("P20", "gannorm_kernels/ops/weight_norm.py",
+             "v.new_empty((_channels(v.shape, dim),), dtype=acc_dtype(v.dtype))),",
+             "v.new_empty((_channels(v.shape, dim),), dtype=v.dtype)),",
+             ("tests/test_weight_norm.py", "-k", "opcheck and cuda-emu"),
+             "weight norm's fake kernel: norms in v's dtype, not fp32 (fp16/bf16 under torch.compile)"),
+    Mutation("P21", "gannorm_kernels/training.py",
+             "            key = (backend, weight.device, weight.dtype, owner.n_power_iterations, owner.eps, training)",
+             "            key = (backend, weight.device, weight.dtype, 1, owner.eps, training)",
+             GLUE_TRAINING, "grouped spectral norm: every layer iterates once, whatever its n_power_iterations"),
 ]
 
 
