@@ -15,7 +15,7 @@ the norm kernels, not the convolutions.
 
 import pytest
 import torch
-from gan_layers import DEVICE, describe, gpu_kernels, peak_memory, synchronize
+from gan_layers import DEVICE, assert_matches, describe, gpu_kernels, peak_memory, synchronize
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -59,6 +59,20 @@ def discriminator(model, norm, backend):
     return net, image
 
 
+def check_first_step(net, loss, model, norm, real, fake):
+    """Our first step's loss and gradients against torch's norms doing the same step (the same
+    weights and buffers: `discriminator` seeds both). A gate against a wrong result being timed:
+    fp32 convolutions may run in TF32 on a GPU, so the bound is wide (1e-2 of the largest
+    gradient), still far below what a wrong norm gives."""
+    theirs, _ = discriminator(model, norm, "torch")
+    their_loss = nn.functional.softplus(-theirs(real)).mean() + nn.functional.softplus(theirs(fake)).mean()
+    their_loss.backward()
+    assert_matches("loss", loss, their_loss, torch.float32, tolerance=1e-2)
+    ours = dict(net.named_parameters())
+    for name, p in theirs.named_parameters():
+        assert_matches(f"gradient of {name}", ours[name].grad, p.grad, torch.float32, tolerance=1e-2)
+
+
 def graphed(step, warmup=3):
     """The step captured in a CUDA graph (after warm-up on a side stream, as torch's docs do);
     returns its replay."""
@@ -93,6 +107,8 @@ def test_discriminator_step(benchmark, norm, backend, model, variant):
     real = torch.randn(batch, *image, generator=gen).to(DEVICE)
     fake = torch.randn(batch, *image, generator=gen).to(DEVICE)
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.0, 0.9), capturable=variant == "cudagraph")
+    if variant == "compile":
+        torch._dynamo.reset()  # each case compiles afresh (as gan_layers.compiled)
     forward = torch.compile(net) if variant == "compile" else net
 
     def loss_and_update():
@@ -107,7 +123,9 @@ def test_discriminator_step(benchmark, norm, backend, model, variant):
         synchronize()
         return loss
 
-    step()  # warm-up: Adam's state, cuDNN's algorithm choice, the compilation
+    loss = step()  # warm-up: Adam's state, cuDNN's algorithm choice, the compilation; checked
+    if backend != "torch":
+        check_first_step(net, loss, model, norm, real, fake)
     if variant == "cudagraph":
         step = graphed(loss_and_update)
     if variant == "eager":
