@@ -197,7 +197,8 @@ class SpectralNormGroup:
         self.layers = [name for name, *_ in members]
         for _, _, owner, _ in members:
             owner.in_group = True
-        self._warned: set[str] = set()
+        self._warned: set[str] = set()  # the unused layers warned about
+        self._warned_copy = False  # a copy of the model (nn.DataParallel's replicas) warned about
         self._handles = [model.register_forward_pre_hook(self._before),
                          model.register_forward_hook(self._after, always_call=True)]
 
@@ -267,8 +268,8 @@ class SpectralNormGroup:
             self.layers = [name for name, *_ in kept]
 
     def _warn_not_grouped(self, model) -> None:
-        if "" not in self._warned:
-            self._warned.add("")
+        if not self._warned_copy:
+            self._warned_copy = True
             how = ("an nn.DataParallel replica" if getattr(model, "_is_replica", False)
                    else "a shallow copy sharing its hooks")
             warnings.warn(f"group_spectral_norms: this forward ran on {how} of the grouped {type(model).__name__}, "
