@@ -111,6 +111,70 @@ def test_minibatch_stddev_views(backend, layout):
     check(backend, lambda x, name: gk.functional.minibatch_stddev(x, 2, 1, backend=name), shape, view)
 
 
+# The gradient arriving at an op's output, as autograd can hand it over: from `w.sum()` (one
+# value expanded, stride 0), from a transposed use of the output, or a slice of a larger one.
+INCOMING = {  # (the storage's shape, the view of it)
+    "expanded": (lambda shape: (1,) * len(shape), lambda t, shape: t.expand(shape)),
+    "transposed": (lambda shape: shape[::-1], lambda t, shape: t.permute(*range(len(shape) - 1, -1, -1))),
+    "sliced": (lambda shape: (*shape[:-1], 2 * shape[-1]), lambda t, shape: t[..., ::2]),
+}
+
+
+def _incoming_cases():
+    def weight_norm(dim):
+        def fn(v, name):
+            channels = 1 if dim is None else v.shape[dim]
+            g = torch.linspace(0.5, 1.5, channels, dtype=v.dtype, device=v.device)
+            g = g.reshape(()) if dim is None else g.reshape([-1 if i == dim else 1 for i in range(v.dim())])
+            return gk.functional.weight_norm(v, g, dim, backend=name)
+        return fn
+
+    def spectral_norm(w, name):
+        gen = torch.Generator().manual_seed(3)
+        u = torch.nn.functional.normalize(torch.randn(w.shape[0], generator=gen, dtype=torch.float64), dim=0)
+        v = torch.nn.functional.normalize(torch.randn(w[0].numel(), generator=gen, dtype=torch.float64), dim=0)
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        u, v = u.to(w.device, acc), v.to(w.device, acc)
+        return gk.functional.spectral_norm(w, u, v, 0, 1, 1e-12, True, backend=name)[0]
+
+    def discrimination(m, name):
+        return reference.minibatch_discrimination_features(m) if name == "reference" else \
+            MINIBATCH_DISCRIMINATION(m, name)[0]
+
+    return {"weight_norm-dim0": ((6, 4, 3, 2), weight_norm(0)), "weight_norm-dim1": ((6, 4, 3, 2), weight_norm(1)),
+            "weight_norm-whole": ((6, 4, 3, 2), weight_norm(None)), "spectral_norm": ((6, 4, 3, 2), spectral_norm),
+            "minibatch_discrimination": ((6, 3, 4), discrimination),
+            "minibatch_stddev": ((4, 3, 2, 5), lambda x, name: gk.functional.minibatch_stddev(x, 2, 1, backend=name))}
+
+
+@pytest.mark.parametrize("incoming", list(INCOMING))
+@pytest.mark.parametrize("op", list(_incoming_cases()))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_strided_incoming_gradients(backend, op, incoming):
+    """Every op's backward given a gradient that is not contiguous (the launchers make it so):
+    the input's gradient equals the fp64 reference's for the same incoming values."""
+    shape, fn = _incoming_cases()[op]
+    device = backend_device(backend)
+    base = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    if op == "minibatch_discrimination":
+        base = 0.3 * base
+
+    def gradient(name, dtype):
+        leaf = base.to(device, dtype).detach().requires_grad_()
+        out = fn(leaf, name)
+        storage, view = INCOMING[incoming]
+        values = torch.randn(storage(tuple(out.shape)), generator=torch.Generator().manual_seed(2),
+                             dtype=torch.float64)
+        grad = view(values.to(device, dtype), tuple(out.shape))
+        assert not grad.is_contiguous()
+        out.backward(grad)
+        return leaf.grad
+
+    ours, ref64, same = gradient(backend, torch.float32), gradient("reference", torch.float64), \
+        gradient("reference", torch.float32)
+    assert_close_to_reference(ours, ref64, same, f"{op} gradient", scale=max(ref64.abs().max().item(), 1.0))
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_channels_last_weights_cost_what_readme_says(backend):
     """A channels_last weight: the norms' budgets plus one copy forward (the weight made

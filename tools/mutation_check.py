@@ -260,6 +260,11 @@ MUTATIONS = [
              "torch._foreach_lerp_(targets, sources, 1.0 - decay)",
              "torch._foreach_lerp_(targets, sources, decay)",
              GLUE_TRAINING, "ema_update: decay and 1 - decay swapped"),
+    Mutation("T17", "gannorm_kernels/triton/weight_norm.py",
+             "    grad_w, v, g, norms = grad_w.contiguous(), v.contiguous(), g.contiguous(), norms.contiguous()",
+             "    v, g, norms = v.contiguous(), g.contiguous(), norms.contiguous()",
+             ("tests/test_weight_norm.py", "tests/test_layouts.py", "-k", "triton"),
+             "weight norm backward launcher: the incoming gradient not made contiguous (read in storage order)"),
     # planted by a second independent audit (the Python layer), each a hole a test now closes
     Mutation("P14", "gannorm_kernels/nn.py",
              "if isinstance(parametrizations[0], AdaptiveWeightNorm):",
