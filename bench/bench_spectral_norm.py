@@ -12,8 +12,8 @@ import math
 
 import pytest
 import torch
-from gan_layers import COMPETITORS, DEVICE, DTYPES, LAYERS, assert_matches, compiled, describe, gpu_kernels, \
-    layer_id, peak_memory, skip_compile_case, synchronize
+from gan_layers import COMPETITORS, DEVICE, DTYPES, LAYERS, assert_matches, compiled, describe, dtype_id, \
+    gpu_kernels, layer_id, peak_memory, skip_compile_case, synchronize
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -63,7 +63,7 @@ def check_step(step, module, twin, backward, grad, dtype):
         assert_matches("grad W", ours.original.grad, theirs.original.grad, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("layer", LAYERS, ids=layer_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
@@ -106,7 +106,7 @@ def test_spectral_norm(benchmark, mode, backend, layer, dtype):
 TOPK_BACKENDS = [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("layer", LAYERS, ids=layer_id)
 @pytest.mark.parametrize("backend", TOPK_BACKENDS)
 def test_spectral_norm_topk(benchmark, backend, layer, dtype):

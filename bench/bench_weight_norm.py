@@ -10,8 +10,8 @@ limit (see gan_layers.py for the layers and the CPU smoke set).
 import pytest
 import torch
 
-from gan_layers import COMPETITORS, DEVICE, DTYPES, LAYERS, assert_matches, compiled, describe, gpu_kernels, \
-    layer_id, peak_memory, skip_compile_case, synchronize
+from gan_layers import COMPETITORS, DEVICE, DTYPES, LAYERS, assert_matches, compiled, describe, dtype_id, \
+    gpu_kernels, layer_id, peak_memory, skip_compile_case, synchronize
 
 from gannorm_kernels import backends
 from gannorm_kernels.functional import weight_norm
@@ -40,7 +40,7 @@ def weight_norm_fp64(v, g, dim, grad_w):
     return w, v64.grad, g64.grad, (scale * grad_w.double()).abs().max().item()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("dim", DIMS, ids=lambda d: f"dim{d}")
 @pytest.mark.parametrize("layer", LAYERS, ids=layer_id)
 @pytest.mark.parametrize("backend", BACKENDS)

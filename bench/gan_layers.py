@@ -52,6 +52,10 @@ def assert_matches(what, actual, expected, dtype, scale=None, tolerance=None):
         raise AssertionError(f"{what}: off by {error:.3g} from the reference (bound {bound:.3g}); not timed")
 
 
+def dtype_id(dtype):
+    return str(dtype).removeprefix("torch.")  # "float32": `-k torch` then selects torch's rows only
+
+
 def layer_id(layer):
     return f"{layer[0]}-{layer[1]}"
 
@@ -112,6 +116,7 @@ def describe(benchmark, op, mode, backend, workload, shape, dtype, cost, launche
     flops = perf_model.peak_fp32(device_name()) if DEVICE == "cuda" else None
     latency = launch_seconds()
     bound = cost.lower_bound_seconds(bandwidth, flops, latency) * 1e6 if bandwidth and cost else None
+    benchmark.group = f"{op} | {mode} | {workload} | {str(dtype).removeprefix('torch.')}"  # torch's row beside ours
     benchmark.extra_info.update(
         op=op, mode=mode, backend=backend, layer=workload, shape=list(shape), dtype=str(dtype),
         launches=launches, gpu_kernels=kernels, bytes=cost and cost.bytes, flops=cost and cost.flops,

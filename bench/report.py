@@ -20,10 +20,17 @@ BACKEND_ORDER = ["torch", "torch-compile", "cuda", "triton", "cuda-emu", "refere
 COMPETITORS = ("torch", "torch-compile")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def commit() -> str:
+    """The commit the results are of: HEAD, with "-dirty" where tracked files differ from it."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
