@@ -87,8 +87,8 @@ def write_if_changed(path, text):
         path.write_text(text)
 
 
-def kernel_headers():
-    """What the sources include: listed as dependencies, so that an edit rebuilds the extension
+def kernel_dependencies():
+    """Every header and source under csrc/, as the extensions' dependencies: an edit rebuilds them
     without ninja too (setuptools then decides by timestamps, and the emulator's generated
     wrappers never change)."""
     return sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*") if p.suffix in {".h", ".cuh", ".cu", ".cpp"})
@@ -135,7 +135,7 @@ if build_cuda:
         cpp_extension.CUDAExtension(
             "gannorm_kernels._C",
             sources=kernel_sources(),
-            depends=kernel_headers(),
+            depends=kernel_dependencies(),
             include_dirs=[str(CSRC)],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
         )
@@ -145,7 +145,7 @@ if build_emu:
         cpp_extension.CppExtension(
             "gannorm_kernels._emu",
             sources=emu_sources(),
-            depends=kernel_headers(),
+            depends=kernel_dependencies(),
             include_dirs=[str(CSRC)],
             extra_compile_args=["-O1" if ASAN else "-O2", "-DGANNORM_EMU=1"] + asan_flags,
             extra_link_args=["-pthread"] + asan_flags,

@@ -116,7 +116,7 @@ def describe(benchmark, op, mode, backend, workload, shape, dtype, cost, launche
     flops = perf_model.peak_fp32(device_name()) if DEVICE == "cuda" else None
     latency = launch_seconds()
     bound = cost.lower_bound_seconds(bandwidth, flops, latency) * 1e6 if bandwidth and cost else None
-    benchmark.group = f"{op} | {mode} | {workload} | {str(dtype).removeprefix('torch.')}"  # torch's row beside ours
+    benchmark.group = f"{op} | {mode} | {workload} | {dtype_id(dtype)}"  # torch's row beside ours
     benchmark.extra_info.update(
         op=op, mode=mode, backend=backend, layer=workload, shape=list(shape), dtype=str(dtype),
         launches=launches, gpu_kernels=kernels, bytes=cost and cost.bytes, flops=cost and cost.flops,
