@@ -10,7 +10,9 @@ CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 export CUDA_HOME
 
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh csrc/emu/*)
-PYTEST_FLAGS ?= -q
+# make test runs one pytest-xdist worker per core, at most 8 (each imports torch: ~0.5 GB).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 8 ? n : 8 )))
+PYTEST_FLAGS ?= -q -n $(TEST_WORKERS)
 
 .PHONY: all setup build test demo bench cmake-check static-check gpu-check compat-check asan-emu mutation-check clean
 

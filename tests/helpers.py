@@ -13,6 +13,14 @@ from gannorm_kernels import backends
 from gannorm_kernels.tools.launches import count_launches
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def child_env(**extra):
+    """os.environ for a pytest run in a subprocess, without pytest-xdist's worker variables
+    (make test runs the tests in xdist workers: pytest-benchmark in a child that sees them takes
+    itself for a worker, disables itself and writes no JSON)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST_")}
+    return {**env, **extra}
 # Every layer type the parametrizations support: (constructor, input shape or None for Embedding)
 LAYER_MODULES = {
     "Linear": (lambda: nn.Linear(5, 7), (3, 5)),

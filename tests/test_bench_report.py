@@ -2,12 +2,12 @@
 and the commit, the markdown table with each backend's speedup over torch's, and the chart."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ def test_report_renders_a_benchmark_run(tmp_path):
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/bench_weight_norm.py",
                     "-k", "forward and not backward and sngan and dim0 and (torch- or reference-)",
                     f"--benchmark-json={raw}", "--benchmark-max-time=0.01", "--benchmark-min-rounds=2",
-                    "--benchmark-warmup=off"], cwd=ROOT, check=True, capture_output=True, text=True)
+                    "--benchmark-warmup=off"], cwd=ROOT, env=child_env(), check=True, capture_output=True, text=True)
     benchmarks = json.loads(raw.read_text())["benchmarks"]
     assert sorted(b["extra_info"]["backend"] for b in benchmarks) == ["reference", "torch"]
     out = subprocess.run([sys.executable, "bench/report.py", str(raw), "--out-dir", str(tmp_path / "results")],
@@ -97,10 +97,10 @@ def test_a_wrong_result_is_not_timed(tmp_path, bug):
     (tmp_path / "wrong_result.py").write_text(plugin)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", suite, "-k", selection,
                "--benchmark-disable"]
-    control = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    control = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True)
     assert control.returncode == 0, control.stdout[-2000:]
     planted = subprocess.run(command + ["-p", "wrong_result"], cwd=ROOT, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(tmp_path)})
+                             env=child_env(PYTHONPATH=str(tmp_path)))
     assert planted.returncode == 1 and "from the reference" in planted.stdout and "not timed" in planted.stdout, \
         planted.stdout[-3000:]
 

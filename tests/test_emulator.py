@@ -5,6 +5,7 @@ kernels (csrc/emu/hazard_demos.cpp); every real CUDA kernel is run under several
 against the reference, and under ASan. Every loop of the kernels is one the emulator counts
 (the op tests' test_every_cuda_loop_runs_twice)."""
 
+import fcntl
 import glob
 import os
 import shutil
@@ -188,8 +189,11 @@ def asan_library():
     if not os.path.isabs(LIBASAN) or not os.path.exists(LIBASAN):
         pytest.skip("gcc's libasan is not installed here")
     env = dict(os.environ, GANNORM_EMU_ASAN="1")
-    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", "build/asan"], cwd=ROOT, env=env,
-                   check=True, capture_output=True)
+    (ROOT / "build").mkdir(exist_ok=True)
+    with open(ROOT / "build" / "asan.lock", "w") as lock:  # pytest-xdist workers build one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", "build/asan"], cwd=ROOT,
+                       env=env, check=True, capture_output=True)
     return glob.glob(str(ROOT / "build" / "asan" / "gannorm_kernels" / "_emu*.so"))[0]
 
 

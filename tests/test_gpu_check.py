@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import child_env
 
 from gannorm_kernels.ops import SPECS
 
@@ -51,7 +52,7 @@ def offline_python(tmp_path_factory):
 
 
 def offline_env(bin_dir=None):
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "MAKEFLAGS", "MFLAGS")}
+    env = {k: v for k, v in child_env().items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "MAKEFLAGS", "MFLAGS")}
     env.update(PIP_NO_INDEX="1", PIP_FIND_LINKS="", PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL="http://0.0.0.0:9/",
                PIP_EXTRA_INDEX_URL="", HTTP_PROXY="http://0.0.0.0:9", HTTPS_PROXY="http://0.0.0.0:9")
     if bin_dir:
@@ -194,7 +195,7 @@ def test_shards_cover_every_test_file_once():
 def test_per_test_deadline_fails_a_slow_test_and_goes_on(tmp_path):
     (tmp_path / "test_slow.py").write_text("import time\n\ndef test_slow():\n    time.sleep(30)\n\n"
                                            "def test_next():\n    pass\n")
-    env = {**os.environ, "GANNORM_TEST_TIMEOUT": "1", "PYTHONPATH": str(ROOT / "tools")}
+    env = child_env(GANNORM_TEST_TIMEOUT="1", PYTHONPATH=str(ROOT / "tools"))
     result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "pytest_deadline", "-q",
                              str(tmp_path / "test_slow.py")], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=60)
@@ -241,7 +242,7 @@ def test_each_finished_benchmark_is_written_as_it_finishes(tmp_path):
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/bench_weight_norm.py",
                           "-k", "reference and dim0", "--benchmark-max-time=0.001", "--benchmark-min-rounds=1",
                           f"--benchmark-json={final}", f"--benchmark-storage={tmp_path}"],
-                         cwd=ROOT, env={**os.environ, "GANNORM_BENCH_PARTIAL": str(partial)}, capture_output=True,
+                         cwd=ROOT, env=child_env(GANNORM_BENCH_PARTIAL=str(partial)), capture_output=True,
                          text=True)
     assert run.returncode == 0, run.stdout[-2000:]
     rows = [json.loads(line) for line in partial.read_text().splitlines()]
