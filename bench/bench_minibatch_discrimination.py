@@ -20,6 +20,7 @@ MODES = ["forward", "forward+backward"]
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_minibatch_discrimination(benchmark, mode, backend, n):
+    torch.manual_seed(n)
     b, c = DISCRIMINATION
     layer = gk.MinibatchDiscrimination(FEATURES, b, c, backend="reference" if backend == "torch-compile" else backend)
     layer = layer.to(DEVICE)

@@ -19,6 +19,7 @@ MODES = ["forward", "forward+backward"]
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_minibatch_stddev(benchmark, mode, backend, n):
+    torch.manual_seed(n)
     shape = (n, *STDDEV)
     x = torch.randn(shape, device=DEVICE, requires_grad=True)
     cost = MINIBATCH_STDDEV.cost(shape, torch.float32)

@@ -86,6 +86,16 @@ def wrong(x, group_size, num_channels):
     return out
 kernels.minibatch_stddev_fwd = wrong
 """),
+    # the penalty of random features is ~0 (a difference of two terms): a bound at the size of
+    # those terms must still see a sign
+    "cosine penalty of the wrong sign": ("bench/bench_similarity.py", "triton and cosine", """
+from gannorm_kernels.triton import similarity as kernels
+real = kernels.similarity_cosine_fwd
+def wrong(features, eps):
+    penalty, s, norms = real(features, eps)
+    return -penalty, s, norms
+kernels.similarity_cosine_fwd = wrong
+"""),
 }
 
 
