@@ -183,7 +183,7 @@ def run(benchmark, step, op, mode, backend, workload, shape, cost, x, reference,
             step()
         launches = counted.total
     describe(benchmark, op, mode, backend, workload, shape, torch.float32, cost, launches, peak_memory(step),
-             kernels=gpu_kernels(step) if backend == "torch-compile" else None)
+             kernels=gpu_kernels(step))
     benchmark(step)
 
 
