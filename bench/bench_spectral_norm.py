@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from gan_layers import COMPETITORS, DEVICE, DTYPES, LAYERS, assert_matches, compiled, describe, dtype_id, \
-    gpu_kernels, layer_id, peak_memory, skip_compile_case, synchronize
+    counted_launches, gpu_kernels, layer_id, peak_memory, skip_compile_case, synchronize
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -91,14 +91,8 @@ def test_spectral_norm(benchmark, mode, backend, layer, dtype):
     if mode == "eval-forward":
         twin.eval()
     check_step(step, module, twin, backward, grad, dtype)  # the warm-up (torch-compile: the compilation)
-    if backend == "torch-compile":  # the dispatcher-level count cannot see inside the graph
-        launches = None
-    else:
-        with count_launches() as counted:
-            step()
-        launches = counted.total
     describe(benchmark, "spectral_norm", mode, backend, layer_id(layer), layer[2], dtype, cost(mode, layer[2], dtype),
-             launches, peak_memory(step), kernels=gpu_kernels(step))
+             counted_launches(step, backend), peak_memory(step), kernels=gpu_kernels(step))
     benchmark(step)
 
 

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from gan_layers import COMPETITORS, DEVICE, DTYPES, LAYERS, assert_matches, compiled, describe, dtype_id, \
-    gpu_kernels, layer_id, peak_memory, skip_compile_case, synchronize
+    counted_launches, gpu_kernels, layer_id, peak_memory, skip_compile_case, synchronize
 
 from gannorm_kernels import backends
 from gannorm_kernels.functional import weight_norm
 from gannorm_kernels.ops.weight_norm import WEIGHT_NORM
-from gannorm_kernels.tools.launches import count_launches
 
 DIMS = [0, 1]
 BACKENDS = COMPETITORS + [b for b in backends.BACKENDS if backends.unavailable_reason(b, DEVICE) is None]
@@ -72,15 +71,9 @@ def test_weight_norm(benchmark, mode, backend, layer, dim, dtype):
     if backward:
         assert_matches("grad v", v.grad, expected[1], dtype, scale=expected[3])
         assert_matches("grad g", g.grad, expected[2], dtype)
-    if backend == "torch-compile":  # the dispatcher-level count cannot see inside the graph
-        launches = None
-    else:
-        with count_launches() as counted:
-            step()
-        launches = counted.total
     cost = WEIGHT_NORM.cost(shape, dtype, dim)
     if backward:
         cost = cost + WEIGHT_NORM.cost(shape, dtype, dim, backward=True)
     describe(benchmark, "weight_norm", f"{mode} dim {dim}", backend, layer_id(layer), shape, dtype, cost,
-             launches, peak_memory(step), kernels=gpu_kernels(step))
+             counted_launches(step, backend), peak_memory(step), kernels=gpu_kernels(step))
     benchmark(step)

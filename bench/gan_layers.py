@@ -91,6 +91,16 @@ def launch_seconds():
     return _LAUNCH_SECONDS[0]
 
 
+def counted_launches(step, backend):
+    """Launches of one more call of step, counted at the dispatcher; None for torch-compile (the
+    count cannot see inside the graph)."""
+    if backend == "torch-compile":
+        return None
+    with count_launches() as counted:
+        step()
+    return counted.total
+
+
 def gpu_kernels(step):
     """GPU kernels one call of step runs, counted by torch.profiler (memcpy/memset left out):
     what the dispatcher-level count cannot see inside an inductor graph. None on a CPU."""
@@ -176,13 +186,8 @@ def run(benchmark, step, op, mode, backend, workload, shape, cost, x, reference,
     if mode == "forward+backward":
         y64.backward(torch.ones_like(y64))
         assert_matches(f"{op} gradient", x.grad, x64.grad, torch.float32)
-    if backend == "torch-compile":  # the dispatcher-level count cannot see inside the graph
-        launches = None
-    else:
-        with count_launches() as counted:
-            step()
-        launches = counted.total
-    describe(benchmark, op, mode, backend, workload, shape, torch.float32, cost, launches, peak_memory(step),
+    describe(benchmark, op, mode, backend, workload, shape, torch.float32, cost, counted_launches(step, backend),
+             peak_memory(step),
              kernels=gpu_kernels(step))
     benchmark(step)
 

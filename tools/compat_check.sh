@@ -10,7 +10,8 @@
 #
 # COMPAT_ARCHS (default 9.0): TORCH_CUDA_ARCH_LIST of the build (one arch: half the nvcc time;
 # the build's compile/link against this torch's headers is what is being checked).
-# COMPAT_BENCH=0 leaves out the bench/ smoke run (the suite in tests/ always runs).
+# COMPAT_BENCH=0 leaves out the bench/ smoke run (the suite in tests/ always runs). The tests run
+# in TEST_WORKERS pytest-xdist workers, by default as make test's (one per core, at most 8).
 set -euo pipefail
 TORCH_VERSION=${1:?usage: tools/compat_check.sh TORCH_VERSION}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,7 +27,7 @@ if [ ! -f "$DIR/venv/.installed" ]; then
     rm -rf "$DIR/venv"
     "$PYTHON" -m venv "$DIR/venv"
     "$DIR/venv/bin/python" -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy pytest \
-        pytest-benchmark ninja matplotlib tqdm pybind11 "setuptools>=70" wheel >> "$LOG" 2>&1 \
+        pytest-benchmark pytest-xdist ninja matplotlib tqdm pybind11 "setuptools>=70" wheel >> "$LOG" 2>&1 \
         || { tail -20 "$LOG"; say "FAIL: pip could not install torch==$TORCH_VERSION"; exit 1; }
     # Triton before 3.7: its interpreter (TRITON_INTERPRET=1, how the CPU suite runs the Triton
     # kernels) calls int() on 1-element arrays, an error since numpy 2.4: pin numpy below it.
@@ -37,6 +38,8 @@ if [ ! -f "$DIR/venv/.installed" ]; then
     touch "$DIR/venv/.installed"
 fi
 PY=$DIR/venv/bin/python
+# a venv made before make test ran its tests in parallel
+"$PY" -c "import xdist" 2>/dev/null || "$PY" -m pip install -q --disable-pip-version-check pytest-xdist >> "$LOG" 2>&1
 say "$("$PY" -c 'import sys, numpy, torch, triton; print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, numpy {numpy.__version__}")')"
 
 say "copying the working tree to $DIR/src"
@@ -52,12 +55,13 @@ say "building the extension (TORCH_CUDA_ARCH_LIST=${COMPAT_ARCHS:-9.0})"
 "$PY" -c "import sys; sys.path.insert(0, '$DIR/src'); import gannorm_kernels as gk; r = gk.info(); \
 print('cuda extension built:', r['cuda_extension_built'], r.get('cuda_extension_error') or '', '| emu built:', r['emu_extension_built'])" | tee -a "$LOG"
 
+WORKERS=${TEST_WORKERS:-$(n=$(nproc 2>/dev/null || echo 1); echo $(( n < 8 ? n : 8 )))}  # as make test's
 PATHS="tests"
 if [ "${COMPAT_BENCH:-1}" = 1 ]; then PATHS="tests bench --benchmark-disable"; fi
 say "running pytest $PATHS"
 set +e
 # built in place, not installed: the examples the tests run as scripts find the package this way
-(cd "$DIR/src" && PYTHONPATH="$DIR/src" "$PY" -m pytest -q -p no:cacheprovider $PATHS >> "$LOG" 2>&1)
+(cd "$DIR/src" && PYTHONPATH="$DIR/src" "$PY" -m pytest -q -p no:cacheprovider -n "$WORKERS" $PATHS >> "$LOG" 2>&1)
 status=$?
 set -e
 tail -25 "$LOG" | grep -E "passed|failed|error|FAILED|ERROR" || true
