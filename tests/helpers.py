@@ -21,6 +21,8 @@ def child_env(**extra):
     itself for a worker, disables itself and writes no JSON)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST_")}
     return {**env, **extra}
+
+
 # Every layer type the parametrizations support: (constructor, input shape or None for Embedding)
 LAYER_MODULES = {
     "Linear": (lambda: nn.Linear(5, 7), (3, 5)),

@@ -394,3 +394,19 @@ def test_an_extension_built_against_another_torch_is_refused(monkeypatch):
     _pretend_a_gpu(monkeypatch, (9, 0))
     with pytest.raises(RuntimeError, match="backend 'auto' would use 'cuda' .*" + message):
         backends.resolve("auto", torch.device("cuda", 0))
+
+
+def test_parallel_workers_launch_table_reaches_the_summary():
+    """make test runs pytest-xdist workers: the launch-budget rows each worker measured are
+    printed by the controller at the end, as a one-process run prints them."""
+    pytest.importorskip("xdist", reason="pytest-xdist is make test's (not installed here)")
+    if backends.unavailable_reason("cuda-emu", "cpu") is not None:
+        pytest.skip("the launch-budget tests it runs need cuda-emu")
+    from helpers import child_env
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
+                             "tests/test_minibatch_stddev.py", "tests/test_weight_norm.py", "-k",
+                             "launch_budget and cuda-emu"], cwd=ROOT, env=child_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "kernel launches, measured" in result.stdout
+    assert "minibatch_stddev forward / backward" in result.stdout
+    assert "weight_norm dim=0 forward / backward" in result.stdout
