@@ -108,10 +108,11 @@ gpu-check:
 	"$$py" tools/gpu_check.py --stage "$(STAGE)" $(if $(GPU_CHECK_OUT),--out "$(GPU_CHECK_OUT)") $(if $(DRY_RUN),--dry-run)
 
 # ---------------------------------------------------------------------------------------------
-# make compat-check TORCH=X.Y.Z: the CPU test suite against another torch (what
-# `pip install torch==X.Y.Z` gives, with the triton it pins) in its own venv under
-# build/compat-X.Y.Z/, on a copy of the working tree (the main build is untouched); the log
-# is build/compat-X.Y.Z/log. COMPAT_BENCH=0 leaves out the bench/ smoke run. Needs the network.
+# make compat-check TORCH=X.Y.Z [PYTHON=python3.12]: the CPU test suite against another torch
+# (what `pip install torch==X.Y.Z` gives, with the triton it pins) and Python, in its own venv
+# under build/compat-X.Y.Z-pyA.B/, on a copy of the working tree (the main build is untouched);
+# the log is build/compat-X.Y.Z-pyA.B/log. COMPAT_BENCH=0 leaves out the bench/ smoke run.
+# Needs the network.
 compat-check:
 	@if [ -z "$(TORCH)" ]; then echo "usage: make compat-check TORCH=2.11.0"; exit 2; fi
 	PYTHON=$(PYTHON) tools/compat_check.sh $(TORCH)

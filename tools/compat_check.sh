@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # make compat-check TORCH=X.Y.Z: the CPU test suite against another torch, in its own venv.
 #
-#   build/compat-X.Y.Z/venv   python -m venv + `pip install torch==X.Y.Z` and the test tools
-#                             (what `pip install torch==X` gives here: the CUDA 13.0 build,
-#                             with the triton it pins)
-#   build/compat-X.Y.Z/src    a copy of the working tree (tracked and untracked, not ignored),
-#                             built in place there, so the main checkout's build is untouched
-#   build/compat-X.Y.Z/log    pip, build and pytest output; the last line says pass or fail
+# PYTHON (default python3) makes the venv (`make compat-check TORCH=2.11.0 PYTHON=python3.12`:
+# the GPU machines' Python and torch); everything lives in build/compat-X.Y.Z-pyA.B/:
+#
+#   venv   python -m venv + `pip install torch==X.Y.Z` and the test tools (what
+#          `pip install torch==X` gives here: the CUDA 13.0 build, with the triton it pins)
+#   src    a copy of the working tree (tracked and untracked, not ignored), built in place
+#          there, so the main checkout's build is untouched
+#   log    pip, build and pytest output; the last line says pass or fail
 #
 # COMPAT_ARCHS (default 9.0): TORCH_CUDA_ARCH_LIST of the build (one arch: half the nvcc time;
 # the build's compile/link against this torch's headers is what is being checked).
@@ -15,8 +17,9 @@
 set -euo pipefail
 TORCH_VERSION=${1:?usage: tools/compat_check.sh TORCH_VERSION}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-DIR=$ROOT/build/compat-$TORCH_VERSION
 PYTHON=${PYTHON:-python3}
+PYTHON_VERSION=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+DIR=$ROOT/build/compat-$TORCH_VERSION-py$PYTHON_VERSION
 mkdir -p "$DIR"
 LOG=$DIR/log
 : > "$LOG"
