@@ -392,8 +392,16 @@ def fold(model: nn.Module) -> nn.Module:
                         module.register_parameter(name, nn.Parameter(value, original.requires_grad))
                     else:
                         module.register_buffer(name, value)
-                else:  # weight norm's two originals: torch makes a new tensor of the weight
+                else:  # weight norm's two originals (g, v): a new tensor of the weight
+                    value, originals = getattr(module, name), (chain.original0, chain.original1)
+                    # (torch's removal would leave a buffer here, under no_grad)
                     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+                    delattr(module, name)
+                    if any(isinstance(t, nn.Parameter) for t in originals):
+                        trainable = any(t.requires_grad for t in originals)
+                        module.register_parameter(name, nn.Parameter(value, trainable))
+                    else:
+                        module.register_buffer(name, value)
                 folded += 1
     if not folded:
         warnings.warn(f"fold: {type(model).__name__} has no weight or spectral norm to fold; nothing changed",

@@ -412,6 +412,9 @@ def test_fold_keeps_the_eval_output_and_leaves_plain_weights(backend, convert):
         assert not module._forward_pre_hooks, module
     keys = set(folded.state_dict())
     assert all(k.rsplit(".", 1)[1] in ("weight", "bias") for k in keys), keys
+    # every weight a trainable Parameter again, as the layers were (not a buffer: fine-tuning a
+    # folded model must train it)
+    assert {k for k, p in folded.named_parameters() if p.requires_grad} == keys
     assert {k.rsplit(".", 1)[0] for k in keys} == {k.split(".")[0] for k in model.state_dict()}
     # the model it came from still runs its norms (fold worked on the copy)
     assert parametrize.is_parametrized(model[4]) and model[0]._forward_pre_hooks
@@ -524,6 +527,28 @@ def test_fold_of_a_training_model_with_a_frozen_layer(convert, api):
         assert isinstance(layer.weight, nn.Parameter)
     assert [model[0].weight.requires_grad, model[2].weight.requires_grad] == [False, True]
     assert [model[0].bias.requires_grad, model[2].bias.requires_grad] == [False, True]
+
+
+@pytest.mark.parametrize("api", ["parametrizations", "legacy", "ours"])
+def test_fold_keeps_weight_norms_trainable_or_frozen(api):
+    """A weight-normed layer folds to a Parameter equal to g v / ||v||, trainable if g or v was
+    (the legacy hooks' removal, and torch's parametrization removal under no_grad, decide by
+    other rules), frozen if both were."""
+    torch.manual_seed(0)
+    register = {"parametrizations": parametrizations.weight_norm, "legacy": nn.utils.weight_norm,
+                "ours": lambda m: gk.weight_norm(m, backend="reference")}[api]
+    model = nn.Sequential(*(register(nn.Linear(4, 3)) for _ in range(3)))
+    frozen = {"parametrizations": lambda m: m.parametrizations.weight, "legacy": lambda m: m,
+              "ours": lambda m: m.parametrizations.weight}[api]
+    g_name = "original0" if api != "legacy" else "weight_g"
+    getattr(frozen(model[1]), g_name).requires_grad_(False)  # v still trainable
+    model[2].requires_grad_(False)
+    expected = [layer.weight.detach().clone() for layer in model]
+    gk.fold(model)
+    for layer, weight in zip(model, expected):
+        assert isinstance(layer.weight, nn.Parameter)
+        torch.testing.assert_close(layer.weight.detach(), weight, rtol=0, atol=0)
+    assert [layer.weight.requires_grad for layer in model] == [True, True, False]
 
 
 def test_fold_exports():
