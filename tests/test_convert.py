@@ -128,6 +128,14 @@ def test_convert_keeps_each_layers_settings(backend):
         torch.testing.assert_close(ours(x.to(device)).cpu(), theirs(x), rtol=1e-10, atol=1e-12)
         for (name, theirs_buffer), ours_buffer in zip(theirs.named_buffers(), ours.buffers()):
             torch.testing.assert_close(ours_buffer.cpu(), theirs_buffer, rtol=1e-10, atol=1e-12, msg=name)
+    # and back (revert): torch's own objects with the same settings
+    legacy_hook = next(iter(ours[1]._forward_pre_hooks.values()))
+    assert (legacy_hook.n_power_iterations, legacy_hook.eps) == (2, 1e-5)
+    gk.revert(ours)
+    legacy_hook = next(iter(ours[1]._forward_pre_hooks.values()))
+    assert type(legacy_hook) is nn.utils.spectral_norm.__globals__["SpectralNorm"]
+    reverted = [ours[0].parametrizations.weight[0], legacy_hook, ours[3].parametrizations.weight[0]]
+    assert [(r.n_power_iterations, r.eps, r.dim) for r in reverted] == [(3, 1e-6, 0), (2, 1e-5, 0), (2, 1e-12, 1)]
 
 
 def test_revert_gives_torchs_own_norms():

@@ -67,6 +67,33 @@ def test_ema_update_keeps_the_ema_eval_output_of_the_copied_buffers():
         torch.testing.assert_close(ema.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-6)
 
 
+def test_ema_update_across_dtypes_and_kinds():
+    """A bf16 G into an fp32 G_ema (the average kept in fp32), complex parameters averaged too,
+    an integer parameter copied (it cannot be averaged), decay 1 leaving the averages as they
+    were."""
+    def holder(dtype):
+        module = nn.Module()
+        module.real = nn.Parameter(torch.zeros(5, dtype=dtype))
+        module.complex = nn.Parameter(torch.zeros(3, dtype=torch.cfloat))
+        module.steps = nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
+        return module
+    ema, model = holder(torch.float32), holder(torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ema.real.copy_(torch.randn(5)), ema.complex.copy_(torch.randn(3, dtype=torch.cfloat))
+        model.real.copy_(torch.randn(5)), model.complex.copy_(torch.randn(3, dtype=torch.cfloat))
+        model.steps.copy_(torch.tensor([3, 7]))
+    before = {name: p.detach().clone() for name, p in ema.named_parameters()}
+    gk.ema_update(ema, model, 1.0)
+    assert torch.equal(ema.real, before["real"]) and torch.equal(ema.complex, before["complex"])
+    gk.ema_update(ema, model, 0.75)
+    for name in ("real", "complex"):
+        expected = 0.75 * before[name].to(torch.complex128) + 0.25 * getattr(model, name).detach().to(torch.complex128)
+        got = getattr(ema, name).detach().to(torch.complex128)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    assert ema.real.dtype == torch.float32 and torch.equal(ema.steps, model.steps)
+
+
 def test_ema_update_errors_name_what_differs():
     ema, model = discriminator(), discriminator()
     with pytest.raises(ValueError, match=r"decay must be a number in \[0, 1\]"):
