@@ -387,6 +387,9 @@ def test_an_extension_built_against_another_torch_is_refused(monkeypatch):
     refused by name, by an explicit backend and by auto alike (never passed over)."""
     if backends.extension_error("cuda-emu") is not None:
         pytest.skip("needs the emulator built")
+    running = torch.__version__.split("+")[0].split(".")
+    monkeypatch.setattr(backends.build_info(), "TORCH_VERSION", f"{running[0]}.{running[1]}.99+cu999")
+    assert backends.resolve("cuda-emu", torch.device("cpu")) == "cuda-emu"  # another patch release: the same ABI
     monkeypatch.setattr(backends.build_info(), "TORCH_VERSION", "2.13.0+cu128")
     message = r"built against torch 2.13.0\+cu128, running " + torch.__version__.replace("+", r"\+")
     with pytest.raises(RuntimeError, match=message):

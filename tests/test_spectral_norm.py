@@ -1504,6 +1504,8 @@ def test_topk_layer(backend):
     sigmas = gk.sigmas(ours, k=3)["weight"]
     torch.testing.assert_close(ours.parametrizations.weight[0]._sigmas, sigmas)
     torch.testing.assert_close(gk.sigmas(ours)["weight"], sigmas[0])
+    layer = ours.parametrizations.weight[0]
+    assert torch.equal(layer.last_sigma, layer.last_sigmas[0])  # the largest: the one W is divided by
     ours.eval()
     before = ours.parametrizations.weight[0]._sigmas.clone()
     with torch.no_grad():
