@@ -158,16 +158,19 @@ print(json.dumps({"install_requires": captured["install_requires"],
 """
 
 
-@pytest.mark.parametrize("build", ["extensions", "none"])
+@pytest.mark.parametrize("build", ["extensions", "emulator only", "none"])
 def test_setup_pins_torch_and_lists_headers(tmp_path, build):
-    """What setup.py hands setuptools: a wheel with a compiled extension requires the torch
-    minor version it was built against (another is refused at import); every header and .cu is a
-    dependency of both extensions (without ninja, setuptools decides by timestamps: a header
-    edit must rebuild); a TORCH_CUDA_ARCH_LIST set empty builds the default archs."""
+    """What setup.py hands setuptools: a wheel with a compiled extension (either) requires the
+    torch minor version it was built against (another is refused when its backends are used);
+    every header, .cu and .cpp is a dependency of both extensions (without ninja, setuptools
+    decides by timestamps: an edit must rebuild, and the emulator's generated wrappers never
+    change); a TORCH_CUDA_ARCH_LIST set empty builds the default archs."""
     source = _source_copy(tmp_path)
     env = {**os.environ, "TORCH_CUDA_ARCH_LIST": ""}
     if build == "none":
         env.update(GANNORM_NO_CUDA="1", GANNORM_EMU="0")
+    elif build == "emulator only":
+        env.update(GANNORM_NO_CUDA="1", GANNORM_EMU="1")
     else:
         env.update(GANNORM_EMU="1")
     out = subprocess.run([sys.executable, "-c", _SETUP_ARGUMENTS], cwd=source, env=env, capture_output=True,
@@ -179,11 +182,14 @@ def test_setup_pins_torch_and_lists_headers(tmp_path, build):
         return
     minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
     assert found["install_requires"] == [f"torch=={minor}.*"]
-    headers = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in {".h", ".cuh"}}
-    assert headers and "csrc/common.cuh" in headers
+    sources = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*")
+               if p.suffix in {".h", ".cuh", ".cu", ".cpp"}}
+    assert {"csrc/common.cuh", "csrc/ops.cpp", "csrc/weight_norm.cu"} <= sources
     assert found["extensions"], "no extension planned"
+    if build == "emulator only":
+        assert list(found["extensions"]) == ["gannorm_kernels._emu"], found["extensions"].keys()
     for name, depends in found["extensions"].items():
-        assert headers <= set(depends), f"{name}: {sorted(headers - set(depends))}"
+        assert sources <= set(depends), f"{name}: {sorted(sources - set(depends))}"
     info = (source / "gannorm_kernels" / "_build_info.py").read_text()
     if "CUDA_EXTENSION = True" in info:
         assert "CUDA_ARCHS = '8.0;9.0+PTX'" in info, info
