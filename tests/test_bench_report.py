@@ -86,6 +86,18 @@ def wrong(x, group_size, num_channels):
     return out
 kernels.minibatch_stddev_fwd = wrong
 """),
+    # a forward that is right and a gradient that is not: NaN (which a `>` comparison would let
+    # through), or scaled
+    "minibatch stddev gradient NaN": ("bench/bench_minibatch_stddev.py", "backward and triton", """
+from gannorm_kernels.triton import minibatch_stddev as kernels
+kernels.minibatch_stddev_bwd = lambda grad_out, x, group_size, num_channels: x * float("nan")
+"""),
+    "spectral norm gradient scaled": ("bench/bench_spectral_norm.py",
+                                      "train-forward+backward and triton and not topk", """
+from gannorm_kernels.triton import spectral_norm as kernels
+real = kernels.spectral_norm_bwd
+kernels.spectral_norm_bwd = lambda *args: real(*args) * 1.5
+"""),
     # the penalty of random features is ~0 (a difference of two terms): a bound at the size of
     # those terms must still see a sign
     "cosine penalty of the wrong sign": ("bench/bench_similarity.py", "triton and cosine", """
