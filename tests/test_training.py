@@ -225,13 +225,19 @@ def test_reset_spectral_norm_arguments():
         gk.reset_spectral_norm(nn.Linear(2, 2), n_warmup=-1)
     with pytest.raises(ValueError, match="n_warmup must be a non-negative int"):
         gk.reset_spectral_norm(nn.Linear(2, 2), n_warmup=2.0)
-    layers = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        layers.append(gk.spectral_norm(nn.Linear(4, 3), backend="reference"))
-    for layer, n_warmup in zip(layers, (3, np.int64(3))):  # NumPy's integers, as Python's
-        gk.reset_spectral_norm(layer, n_warmup, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(layers[0].parametrizations.weight[0]._u, layers[1].parametrizations.weight[0]._u)
+    # the generator alone decides the draws (the global stream moves between); with no warm-up
+    # u is the draw itself (a warm-up recomputes it from v)
+    for num_svs, warmup in ((1, 3), (2, 3), (2, 0)):
+        layers = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            layers.append(gk.spectral_norm(nn.Linear(4, 3), num_svs=num_svs, backend="reference"))
+        for layer, n_warmup in zip(layers, (warmup, np.int64(warmup))):  # NumPy's integers, as Python's
+            torch.randn(5)
+            gk.reset_spectral_norm(layer, n_warmup, generator=torch.Generator().manual_seed(0))
+        for name in ("_u", "_v"):
+            first, second = (getattr(layer.parametrizations.weight[0], name) for layer in layers)
+            assert torch.equal(first, second), (num_svs, warmup, name)
     with pytest.warns(UserWarning, match="no spectral norm"):
         assert gk.reset_spectral_norm(nn.Linear(2, 2)) == 0
 
