@@ -388,6 +388,19 @@ def test_auto_passes_over_cuda_kernels_this_gpu_cannot_run(monkeypatch):
     assert backends.resolve("auto", torch.device("cuda", 0)) == "cuda"
 
 
+def test_each_gpu_of_a_mixed_machine_gets_its_own_arch_verdict(monkeypatch):
+    """An H100 as device 0 and a T4 as device 1: the default build runs on the first only (the
+    verdict is cached per device, not once for the machine)."""
+    if backends.extension_error("cuda") is not None:
+        pytest.skip("needs the CUDA extension built")
+    monkeypatch.setattr(backends.build_info(), "CUDA_ARCHS", "8.0;9.0+PTX")
+    _pretend_a_gpu(monkeypatch, None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: {0: (9, 0), 1: (7, 5)}[device])
+    assert backends.resolve("cuda", torch.device("cuda", 0)) == "cuda"
+    with pytest.raises(RuntimeError, match=r"not this GPU's 7.5"):
+        backends.resolve("cuda", torch.device("cuda", 1))
+
+
 def test_an_extension_built_against_another_torch_is_refused(monkeypatch):
     """A build made against another torch minor version (pip's isolated build downloads one) is
     refused by name, by an explicit backend and by auto alike (never passed over)."""
