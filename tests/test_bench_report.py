@@ -72,9 +72,9 @@ ops.spectral_norm = lambda w, u=None, v=None, dim=0, n=1, eps=1e-12, training=Tr
                                                 """
 from gannorm_kernels.ops import spectral_norm as ops
 real = ops.spectral_norm
-def wrong(weight, *args, **kwargs):
+def wrong(weight, *args, **kwargs):  # 5% off: the step's bound (1e-2 for TF32) must see it
     out, sigma = real(weight, *args, **kwargs)
-    return out * 1.5, sigma
+    return out * 1.05, sigma
 ops.spectral_norm = wrong
 """),
     "minibatch stddev kernel scaling its statistic": ("bench/bench_minibatch_stddev.py", "triton", """
@@ -97,6 +97,12 @@ kernels.minibatch_stddev_bwd = lambda grad_out, x, group_size, num_channels: x *
 from gannorm_kernels.triton import spectral_norm as kernels
 real = kernels.spectral_norm_bwd
 kernels.spectral_norm_bwd = lambda *args: real(*args) * 1.5
+"""),
+    "spectral norm leaving v as it was": ("bench/bench_spectral_norm.py",
+                                          "train-forward and triton and not topk and not backward", """
+from gannorm_kernels.triton import spectral_norm as kernels
+real = kernels.spectral_norm_fwd
+kernels.spectral_norm_fwd = lambda weight, u, v, *args: real(weight, u, v.clone(), *args)
 """),
     # the penalty of random features is ~0 (a difference of two terms): a bound at the size of
     # those terms must still see a sign
