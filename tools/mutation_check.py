@@ -297,6 +297,28 @@ MUTATIONS = [
              "            key = (backend, weight.device, weight.dtype, owner.n_power_iterations, owner.eps, training)",
              "            key = (backend, weight.device, weight.dtype, 1, owner.eps, training)",
              GLUE_TRAINING, "grouped spectral norm: every layer iterates once, whatever its n_power_iterations"),
+    # planted by a third independent audit (this session's Python and bench code), and the fold
+    # bug it found; each a hole a test now closes
+    Mutation("P22", "gannorm_kernels/convert.py",
+             "                        module.register_parameter(name, nn.Parameter(value, trainable))",
+             "                        module.register_buffer(name, value)",
+             ("tests/test_convert.py", "-k", "fold"), "fold: a weight-normed layer left as a buffer, not a Parameter"),
+    Mutation("P23", "gannorm_kernels/training.py",
+             "        sources.append(source.to(device=target.device, dtype=target.dtype))",
+             "        sources.append(source.to(device=target.device))",
+             ("tests/test_training.py", "-k", "ema_update"), "ema_update: a bf16 G into an fp32 G_ema not cast"),
+    Mutation("P24", "gannorm_kernels/convert.py",
+             "    theirs.dim, theirs.eps = ours.dim, ours.eps",
+             "    theirs.dim, theirs.eps = ours.dim, 1e-12",
+             ("tests/test_convert.py", "-k", "settings and reference"), "revert: a spectral norm's eps reset"),
+    Mutation("P25", "setup.py",
+             'requires = [f"torch=={torch_minor}.*"] if ext_modules and not ASAN else ["torch>=2.11,<2.16"]',
+             'requires = [f"torch=={torch_minor}.*"] if build_cuda and not ASAN else ["torch>=2.11,<2.16"]',
+             ("tests/test_backends.py", "-k", "pins_torch"), "setup.py: an emulator-only wheel not pinned to its torch"),
+    Mutation("P26", "bench/gan_layers.py",
+             "    if not error <= bound:  # NaN fails too",
+             "    if error > bound:  # NaN fails too",
+             ("tests/test_bench_report.py", "-k", "wrong_result"), "bench check before timing: a NaN passes"),
 ]
 
 
