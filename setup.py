@@ -169,7 +169,8 @@ if not build_cuda and not ASAN:
           "the triton and reference backends remain.")
 
 # A compiled extension works with the torch minor version it was built against only (the package
-# refuses another when its compiled backends are used): the wheel says so. Without one, any torch the tests have passed on.
+# refuses another when its compiled backends are used): the wheel says so. Without one, any torch
+# the tests have passed on.
 torch_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
 requires = [f"torch=={torch_minor}.*"] if ext_modules and not ASAN else ["torch>=2.11,<2.16"]
 setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension}, install_requires=requires)

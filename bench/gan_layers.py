@@ -187,8 +187,7 @@ def run(benchmark, step, op, mode, backend, workload, shape, cost, x, reference,
         y64.backward(torch.ones_like(y64))
         assert_matches(f"{op} gradient", x.grad, x64.grad, torch.float32)
     describe(benchmark, op, mode, backend, workload, shape, torch.float32, cost, counted_launches(step, backend),
-             peak_memory(step),
-             kernels=gpu_kernels(step))
+             peak_memory(step), kernels=gpu_kernels(step))
     benchmark(step)
 
 
