@@ -543,7 +543,7 @@ def test_fold_keeps_weight_norms_trainable_or_frozen(api):
     (the legacy hooks' removal, and torch's parametrization removal under no_grad, decide by
     other rules), frozen if both were."""
     torch.manual_seed(0)
-    register = {"parametrizations": parametrizations.weight_norm, "legacy": nn.utils.weight_norm,
+    register = {"parametrizations": parametrizations.weight_norm, "legacy": legacy_weight_norm,
                 "ours": lambda m: gk.weight_norm(m, backend="reference")}[api]
     model = nn.Sequential(*(register(nn.Linear(4, 3)) for _ in range(3)))
     frozen = {"parametrizations": lambda m: m.parametrizations.weight, "legacy": lambda m: m,
